@@ -1,0 +1,308 @@
+"""Attention variants as small specs shared by the reference and the kernels.
+
+Every variant computes logits of one form and normalises them over the visible keys:
+
+.. math::
+
+  z_{ij} = c_i \\, (a \\, q_i \\cdot k_j + b_j + \\text{bias}_{ij}), \\qquad
+  p_{i\\cdot} = \\text{normalise}(z_{i\\cdot})
+
+* ``a`` -- :meth:`Variant.logit_scale`, a scalar (``scale``, or ``2 gamma`` for RBF);
+* ``b_j`` -- :meth:`Variant.key_bias`, a per-key bias (``-gamma ||k_j||^2`` for RBF);
+* ``c_i`` -- :meth:`Variant.query_scale`, a per-query scale (``1/theta``, ``s log n_i``, ``beta_i``),
+  which may need a statistics sweep first (:attr:`Variant.needs_stats`);
+* ``normalise`` -- softmax, hardmax or top-k (:attr:`Variant.normalizer`).
+
+Variants are frozen dataclasses registered as pytrees: numeric hyper-parameters are leaves (they
+may be traced arrays, e.g. a learned ``s``), structural ones are static.
+"""
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Variant",
+    "Softmax",
+    "AdaptiveTemperature",
+    "ScalableSoftmax",
+    "RBF",
+    "Hardmax",
+    "TopK",
+    "VARIANT_NAMES",
+    "get_variant",
+    "ADAPTIVE_TEMPERATURE_COEFFS",
+]
+
+# The paper's polynomial, highest power first (numpy.polyval order).
+ADAPTIVE_TEMPERATURE_COEFFS = (-0.037, 0.481, -2.3, 4.917, -1.791)
+
+
+def _is_concrete(x) -> bool:
+    return isinstance(x, (int, float, np.ndarray, np.generic)) or (
+        isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    )
+
+
+def _check_positive(name: str, value) -> None:
+    """Raises ValueError if a concrete `value` has an entry <= 0 (traced values are not checked)."""
+    if value is None or not _is_concrete(value):
+        return
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if np.any(~np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
+def _register(cls, data_fields):
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in data_fields]
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Base spec. Subclasses override the hooks they need; the defaults give plain softmax."""
+
+    name: ClassVar[str] = "base"
+    normalizer: ClassVar[str] = "softmax"  # "softmax" | "hardmax" | "topk"
+    needs_stats: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
+
+    def logit_scale(self, scale):
+        """The scalar ``a`` multiplying ``q . k``."""
+        return scale
+
+    def key_bias(self, key, scale):
+        """Per-key bias ``b_j`` as float32 ``[B, S, K]``, or None. ``key`` is ``[B, S, K, H]``."""
+        del key, scale
+        return None
+
+    def query_offset(self, query, scale):
+        """Per-query constant dropped from the logits (it cancels in the weights), ``[B, T, N]``.
+
+        Only the reported logsumexp uses it, so that it is the logsumexp of the logits as the
+        variant defines them.
+        """
+        del query, scale
+        return None
+
+    def query_scale(self, num_visible, entropy):
+        """Per-query scale ``c_i``, broadcastable to ``[B, N, T]``, or None for 1.
+
+        Args:
+          num_visible: int32 ``[B, N, T]``, the keys each query can attend after masking.
+          entropy: float32 ``[B, N, T]`` entropy of ``softmax(z / c)`` when :attr:`needs_stats`,
+            else None.
+        """
+        del num_visible, entropy
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax(Variant):
+    """Softmax attention at temperature ``theta``: ``p = softmax((scale q.k + bias) / theta)``.
+
+    Args:
+      temperature: ``theta > 0``; a float or a traced scalar.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxattn
+      >>> q = k = v = jnp.ones((1, 4, 2, 8))
+      >>> jaxattn.attention(q, k, v, variant=jaxattn.variants.Softmax(0.5)).shape
+      (1, 4, 2, 8)
+    """
+
+    temperature: Any = 1.0
+    name: ClassVar[str] = "softmax"
+
+    def __post_init__(self):
+        _check_positive("temperature", self.temperature)
+
+    def query_scale(self, num_visible, entropy):
+        if _is_concrete(self.temperature) and np.all(np.asarray(self.temperature) == 1.0):
+            return None
+        return 1.0 / jnp.asarray(self.temperature, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveTemperature(Variant):
+    """Adaptive-temperature softmax (Velickovic et al., 2025).
+
+    .. math::
+
+      H_i = -\\sum_j p_{ij} \\log(p_{ij} + \\epsilon), \\quad p = \\text{softmax}(z) \\\\
+      \\beta_i = \\max(1, \\text{polyval}(\\text{coeffs}, H_i)) \\text{ if } H_i > h_0 \\text{ else } 1
+      \\\\ \\text{out} = \\text{softmax}(\\beta_i z_i) \\, V
+
+    Args:
+      coeffs: polynomial coefficients, highest power first (``numpy.polyval`` order).
+      threshold: entropy ``h_0`` (nats) above which the temperature adapts.
+      entropy_eps: the ``epsilon`` inside the paper's entropy (1e-9).
+      stop_gradient_beta: if True, no gradient flows through ``beta`` (the paper's code has none).
+
+    References:
+      Velickovic, Perivolaropoulos, Barbero, Pascanu. "softmax is not enough (for sharp size
+      generalisation)". ICML 2025. https://arxiv.org/abs/2410.01104
+    """
+
+    coeffs: tuple = ADAPTIVE_TEMPERATURE_COEFFS
+    threshold: float = 0.5
+    entropy_eps: float = 1e-9
+    stop_gradient_beta: bool = False
+    name: ClassVar[str] = "adaptive_temperature"
+    needs_stats: ClassVar[bool] = True
+
+    def __post_init__(self):
+        coeffs = tuple(float(c) for c in self.coeffs)
+        if not coeffs:
+            raise ValueError("coeffs must hold at least one coefficient")
+        object.__setattr__(self, "coeffs", coeffs)
+        if not self.entropy_eps >= 0:
+            raise ValueError(f"entropy_eps must be >= 0, got {self.entropy_eps}")
+
+    def beta(self, entropy):
+        """``beta(H)``: the paper's inverse temperature for entropy ``H`` (nats)."""
+        poly = jnp.polyval(jnp.asarray(self.coeffs, entropy.dtype), entropy)
+        beta = jnp.where(entropy > self.threshold, jnp.maximum(poly, 1.0), 1.0)
+        return jax.lax.stop_gradient(beta) if self.stop_gradient_beta else beta
+
+    def query_scale(self, num_visible, entropy):
+        return self.beta(entropy)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalableSoftmax(Variant):
+    """Scalable-Softmax (SSMax): logits times ``s log n_i``, ``n_i`` = keys query ``i`` can attend.
+
+    .. math:: p_{ij} = \\text{softmax}_j(s \\log(n_i) \\, z_{ij})
+
+    Args:
+      s: a scalar or one value per query head (shape ``[N]``); may be a traced (learned) array.
+
+    References:
+      Nakanishi. "Scalable-Softmax Is Superior for Attention". 2025.
+      https://arxiv.org/abs/2501.19399
+    """
+
+    s: Any = 0.43
+    name: ClassVar[str] = "scalable_softmax"
+
+    def __post_init__(self):
+        if _is_concrete(self.s) and np.ndim(self.s) > 1:
+            raise ValueError(f"s must be a scalar or one value per query head [N], got shape "
+                             f"{np.shape(self.s)}")
+
+    def query_scale(self, num_visible, entropy):
+        s = jnp.asarray(self.s, jnp.float32)
+        if s.ndim == 1:
+            if s.shape[0] != num_visible.shape[1]:
+                raise ValueError(f"s has {s.shape[0]} values but there are {num_visible.shape[1]} "
+                                 "query heads")
+            s = s[None, :, None]
+        # log(n) with n >= 1; rows with n = 0 are fully masked and give zeros anyway.
+        return s * jnp.log(jnp.maximum(num_visible, 1).astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class RBF(Variant):
+    """RBF (distance) attention: ``z_ij = -gamma ||q_i - k_j||^2``.
+
+    Softmax is shift-invariant per query, so this is dot-product attention at scale ``2 gamma``
+    with the per-key bias ``-gamma ||k_j||^2``; the ``-gamma ||q_i||^2`` term cancels.
+
+    Args:
+      gamma: ``> 0``; None uses the call's ``scale`` (which defaults to ``1/sqrt(H)``).
+
+    References:
+      Pisoni. "Scaled RBF Attention". 2026. Code: https://github.com/4rtemi5/rbf_attention
+    """
+
+    gamma: Any = None
+    name: ClassVar[str] = "rbf"
+
+    def __post_init__(self):
+        _check_positive("gamma", self.gamma)
+
+    def _gamma(self, scale):
+        return scale if self.gamma is None else self.gamma
+
+    def logit_scale(self, scale):
+        return 2.0 * self._gamma(scale)
+
+    def key_bias(self, key, scale):
+        k = key.astype(jnp.promote_types(key.dtype, jnp.float32))
+        return -self._gamma(scale) * jnp.einsum("BSKH,BSKH->BSK", k, k)
+
+    def query_offset(self, query, scale):
+        q = query.astype(jnp.promote_types(query.dtype, jnp.float32))
+        return -self._gamma(scale) * jnp.einsum("BTNH,BTNH->BTN", q, q)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardmax(Variant):
+    """Hardmax attention: uniform weight over each query's maximal logits (ties share equally).
+
+    The limit ``beta -> infinity`` of ``softmax(beta z)``. Forward-only: differentiating raises.
+    """
+
+    name: ClassVar[str] = "hardmax"
+    normalizer: ClassVar[str] = "hardmax"
+    differentiable: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(Variant):
+    """Top-k attention: softmax over each query's ``k`` largest visible logits, zero elsewhere.
+
+    Ties are broken deterministically by key index: among equal logits the lower index is kept
+    (``jax.lax.top_k`` order), with registers counted before the sequence keys. A query with fewer
+    than ``k`` visible keys keeps all of them. Forward-only: differentiating raises.
+
+    Args:
+      k: a static int in ``[1, S]``.
+    """
+
+    k: int = 1
+    name: ClassVar[str] = "topk"
+    normalizer: ClassVar[str] = "topk"
+    differentiable: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
+            raise TypeError(f"k must be a static int, got {self.k!r}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+
+Softmax = _register(Softmax, ["temperature"])
+AdaptiveTemperature = _register(AdaptiveTemperature, [])
+ScalableSoftmax = _register(ScalableSoftmax, ["s"])
+RBF = _register(RBF, ["gamma"])
+Hardmax = _register(Hardmax, [])
+TopK = _register(TopK, [])
+
+_BY_NAME = {
+    "softmax": Softmax,
+    "adaptive_temperature": AdaptiveTemperature,
+    "scalable_softmax": ScalableSoftmax,
+    "rbf": RBF,
+    "hardmax": Hardmax,
+}
+VARIANT_NAMES = tuple(_BY_NAME)
+
+
+def get_variant(variant) -> Variant:
+    """Returns the spec for a name (see :data:`VARIANT_NAMES`) or passes a :class:`Variant` through."""
+    if isinstance(variant, Variant):
+        return variant
+    if isinstance(variant, str):
+        if variant not in _BY_NAME:
+            raise ValueError(f"variant must be one of {list(VARIANT_NAMES)} or a "
+                             f"jaxattn.variants.Variant, got {variant!r}")
+        return _BY_NAME[variant]()
+    raise TypeError(f"variant must be a name (one of {list(VARIANT_NAMES)}) or a "
+                    f"jaxattn.variants.Variant, got {type(variant).__name__}")
