@@ -1,0 +1,106 @@
+"""What the forward and backward kernels share: the mask spec and the kernel-level oracle.
+
+Kernel-level problem (all arrays batched, ``jax.nn.dot_product_attention`` layout):
+
+.. math::
+
+  u_{ij} = a \\, q_i \\cdot k_j + b_j, \\qquad z_{ij} = c_i \\, u_{ij}, \\qquad
+  p_{ij} = \\text{softmax}_j(z_{ij} \\text{ over visible } j), \\qquad o_i = \\sum_j p_{ij} v_j
+
+* ``q`` ``[B, T, N, H]``, ``k`` ``[B, S, K, H]``, ``v`` ``[B, S, K, Hv]``, ``N % K == 0``; query head
+  ``n`` reads kv head ``n // (N // K)``.
+* ``a``: python float (``logit_scale``); ``c``: float32 ``[B, N, T]`` or None (= 1), the per-query
+  scale; ``b``: float32 ``[B, K, S]`` or None (= 0), the per-key bias.
+* Visibility (:class:`MaskSpec`): the first ``num_registers`` keys are registers, visible to every
+  valid query; sequence key ``j`` (position ``j - num_registers``) is visible from query ``i``
+  when ``i < q_lengths[b]``, ``pos < kv_lengths[b]``, ``pos <= i`` (causal),
+  ``i - left <= pos <= i + right`` (window), ``q_segment_ids[b, i] == kv_segment_ids[b, pos]``.
+* ``lse`` ``[B, N, T]`` float32 = ``log sum_j exp(z_ij)`` over visible keys (0 for a row with none).
+
+Backward, with ``dP = dO V^T``, ``delta_i = sum_j p_ij dP_ij = dO_i . o_i`` and
+``dZ = P * (dP - delta)``:
+``dq_i = a c_i sum_j dZ_ij k_j``, ``dk_j = a sum_i c_i dZ_ij q_i`` (summed over the query heads of
+the group), ``dv_j = sum_i p_ij dO_i`` (same), ``dc_i = sum_j dZ_ij u_ij``,
+``db_j = sum_i c_i dZ_ij`` (summed over the group's query heads).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["MaskSpec", "visible", "flash_reference"]
+
+NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Structured visibility: static flags plus small index arrays (no ``T x S`` mask)."""
+
+    q_lengths: jax.Array | None = None  # int32 [B]
+    kv_lengths: jax.Array | None = None  # int32 [B]
+    q_segment_ids: jax.Array | None = None  # int32 [B, T]
+    kv_segment_ids: jax.Array | None = None  # int32 [B, S - num_registers]
+    is_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    local_window_size: tuple[int, int] | None = dataclasses.field(
+        default=None, metadata=dict(static=True))
+    num_registers: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+
+def visible(spec: MaskSpec, b_idx, q_idx, k_idx):
+    """Bool visibility of keys ``k_idx`` (incl. registers) from queries ``q_idx`` in batch ``b_idx``.
+
+    Index arrays broadcast against each other (e.g. ``q_idx[:, None]``, ``k_idx[None, :]``);
+    usable inside kernels on tiles and in XLA.
+    """
+    R = spec.num_registers
+    pos = k_idx - R
+    ok = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(k_idx)), bool)
+    seq = pos >= 0
+    if spec.is_causal:
+        ok = ok & (pos <= q_idx)
+    if spec.local_window_size is not None:
+        left, right = spec.local_window_size
+        ok = ok & (pos >= q_idx - left) & (pos <= q_idx + right)
+    if spec.kv_lengths is not None:
+        ok = ok & (pos < spec.kv_lengths[b_idx])
+    if spec.q_segment_ids is not None:
+        qs = spec.q_segment_ids[b_idx, q_idx]
+        ks = spec.kv_segment_ids[b_idx, jnp.maximum(pos, 0)]
+        ok = ok & (qs == ks)
+    ok = jnp.where(seq, ok, True)
+    if spec.q_lengths is not None:
+        ok = ok & (q_idx < spec.q_lengths[b_idx])
+    return ok
+
+
+def flash_reference(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
+                    mask: MaskSpec = MaskSpec()):
+    """Pure-jnp oracle of the kernel-level problem: returns ``(out [B,T,N,Hv], lse [B,N,T])``.
+
+    Differentiable in ``q, k, v, query_scale, key_bias``; use ``jax.vjp`` of it to check the
+    backward kernels.
+    """
+    B, T, N, _ = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    qg = q.astype(jnp.float32).reshape(B, T, K, G, -1)
+    u = logit_scale * jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32),
+                                 precision=jax.lax.Precision.HIGHEST)
+    if key_bias is not None:
+        u = u + key_bias[:, :, None, None, :]
+    u = u.reshape(B, N, T, S)
+    z = u if query_scale is None else query_scale[..., None] * u
+    vis = visible(mask, jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None],
+                  jnp.arange(S)[None, None, :])[:, None]  # [B, 1, T, S]
+    zm = jnp.where(vis, z, NEG)
+    m = jax.lax.stop_gradient(jnp.max(zm, axis=-1, keepdims=True))
+    e = jnp.where(vis, jnp.exp(zm - m), 0.0)
+    tot = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(tot > 0, tot, 1.0)
+    lse = jnp.where(tot > 0, m + jnp.log(jnp.where(tot > 0, tot, 1.0)), 0.0)[..., 0]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.reshape(B, K, G, T, S), v.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST).reshape(B, T, N, -1)
+    return out.astype(q.dtype), lse
