@@ -33,3 +33,7 @@ __all__ = [
     "VARIANT_NAMES",
     "get_variant",
 ]
+
+from jaxattn.modules import MultiHeadAttention, attention_fn  # noqa: E402
+
+__all__ += ["MultiHeadAttention", "attention_fn"]

@@ -1,0 +1,167 @@
+"""Flax integration: an NNX multi-head attention module and a drop-in ``attention_fn``."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn import variants as V
+from jaxattn.api import attention, attention_weights
+
+__all__ = ["MultiHeadAttention", "attention_fn"]
+
+
+def _sow(module, weights):
+    if isinstance(module, nnx.Module):
+        module.sow(nnx.Intermediate, "attention_weights", weights)
+    else:  # flax.linen
+        module.sow("intermediates", "attention_weights", weights)
+
+
+def attention_fn(variant="softmax", **options):
+    """A drop-in ``attention_fn`` for nnx ``MultiHeadAttention`` and linen ``MultiHeadDotProductAttention``.
+
+    Args:
+      variant: a variant name or :class:`jaxattn.variants.Variant` (hyper-parameters are bound here).
+      **options: further keyword arguments of :func:`jaxattn.attention` (e.g. ``implementation``,
+        ``local_window_size``, ``scale``).
+
+    Returns:
+      ``fn(query, key, value, bias=None, mask=None, ...)`` with flax's keyword arguments. Attention
+      dropout is not supported: a positive ``dropout_rate`` outside deterministic mode raises.
+      With ``module`` given (``sow_weights=True``), the ``[B, N, T, S]`` weights are sown as
+      ``attention_weights`` (``nnx.Intermediate`` / linen ``intermediates``).
+
+    Examples:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, jaxattn
+      >>> mha = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False,
+      ...                              attention_fn=jaxattn.attention_fn("rbf"), rngs=nnx.Rngs(0))
+      >>> mha(jnp.ones((1, 5, 8))).shape
+      (1, 5, 8)
+    """
+    variant = V.get_variant(variant)
+
+    def fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+           dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
+           is_causal=False, **kwargs):
+        del broadcast_dropout, dropout_rng, precision, kwargs
+        if dropout_rate > 0.0 and not deterministic:
+            raise NotImplementedError("jaxattn.attention_fn does not implement attention dropout; "
+                                      "set dropout_rate=0.0 or deterministic=True")
+        if dtype is not None:
+            query, key, value = (x.astype(dtype) for x in (query, key, value))
+        args = dict(variant=variant, bias=bias, mask=mask, is_causal=is_causal, **options)
+        if module is not None:
+            args.pop("implementation", None)
+            _sow(module, attention_weights(query, key, **args))
+        return attention(query, key, value, **args)
+
+    return fn
+
+
+def _register_init(variant, shape, dtype, rngs):
+    if isinstance(variant, V.RBF):  # the origin is the sink every query can fall back to
+        return jnp.zeros(shape, dtype)
+    return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention with a :mod:`jaxattn` variant and its learnable parameters.
+
+    Forked from ``flax.nnx.MultiHeadAttention`` (as the flax maintainers advise for custom
+    attention) so that it can own the variant's parameters: SSMax's ``s`` per query head, and
+    ``num_registers`` learnable key/value registers (attention sinks) per layer, visible to every
+    query, zero-initialised for RBF (the origin is the universal sink) and small random otherwise.
+
+    Args:
+      num_heads: query heads ``N``.
+      in_features: input feature size.
+      qkv_features: total q/k/v features (default ``in_features``); head dim = qkv / N.
+      out_features: output size (default ``in_features``).
+      num_kv_heads: key/value heads ``K`` (default ``N``; ``N % K == 0``).
+      variant: name or :class:`jaxattn.variants.Variant`.
+      num_registers: learnable register tokens per layer.
+      dtype: computation dtype (default: inferred from inputs and params).
+      param_dtype: parameter dtype.
+      implementation: passed to :func:`jaxattn.attention`.
+      rngs: ``nnx.Rngs``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, jaxattn
+      >>> mha = jaxattn.MultiHeadAttention(4, 32, variant="scalable_softmax", num_registers=1,
+      ...                                  rngs=nnx.Rngs(0))
+      >>> mha(jnp.ones((2, 7, 32)), is_causal=True).shape
+      (2, 7, 32)
+    """
+
+    def __init__(self, num_heads: int, in_features: int, *, qkv_features: int | None = None,
+                 out_features: int | None = None, num_kv_heads: int | None = None,
+                 variant="softmax", num_registers: int = 0, dtype=None,
+                 param_dtype=jnp.float32, implementation=None, rngs: nnx.Rngs):
+        qkv_features = qkv_features or in_features
+        out_features = out_features or in_features
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads <= 0 or qkv_features % num_heads:
+            raise ValueError(f"qkv_features={qkv_features} must be a positive multiple of "
+                             f"num_heads={num_heads}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
+        self.variant = V.get_variant(variant)
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = qkv_features // num_heads
+        self.dtype, self.implementation = dtype, implementation
+        dense = functools.partial(nnx.LinearGeneral, in_features=in_features, use_bias=False,
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = dense(out_features=(num_heads, self.head_dim))
+        self.key = dense(out_features=(num_kv_heads, self.head_dim))
+        self.value = dense(out_features=(num_kv_heads, self.head_dim))
+        self.out = nnx.LinearGeneral(in_features=(num_heads, self.head_dim),
+                                     out_features=out_features, axis=(-2, -1), use_bias=False,
+                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ssmax_s = key_registers = value_registers = None
+        if isinstance(self.variant, V.ScalableSoftmax):
+            s = jnp.broadcast_to(jnp.asarray(self.variant.s, param_dtype), (num_heads,))
+            ssmax_s = nnx.Param(s)
+        if num_registers:
+            shape = (num_registers, num_kv_heads, self.head_dim)
+            key_registers = nnx.Param(_register_init(self.variant, shape, param_dtype, rngs))
+            value_registers = nnx.Param(_register_init(self.variant, shape, param_dtype, rngs))
+        self.ssmax_s = nnx.data(ssmax_s)
+        self.key_registers = nnx.data(key_registers)
+        self.value_registers = nnx.data(value_registers)
+
+    def _current_variant(self):
+        if self.ssmax_s is not None:
+            return V.ScalableSoftmax(s=self.ssmax_s[...])
+        return self.variant
+
+    def __call__(self, inputs_q, inputs_kv=None, *, mask=None, is_causal: bool = False,
+                 segment_ids=None, return_stats: bool = False):
+        """Attends ``inputs_q [B, T, F]`` to ``inputs_kv`` (default: itself).
+
+        Args:
+          mask: bool, broadcastable to ``[B, N, T, S]`` (True = attend).
+          is_causal: causal self-attention.
+          segment_ids: int ``[B, T]`` for packed sequences (self-attention only).
+          return_stats: also return :class:`jaxattn.AttentionStats`.
+        """
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        q, k, v = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
+        registers = None
+        if self.key_registers is not None:
+            registers = (self.key_registers[...].astype(q.dtype),
+                         self.value_registers[...].astype(q.dtype))
+        out = attention(q, k, v, variant=self._current_variant(), mask=mask, is_causal=is_causal,
+                        q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                        registers=registers, implementation=self.implementation,
+                        return_stats=return_stats)
+        if return_stats:
+            out, stats = out
+            return self.out(out), stats
+        return self.out(out)
