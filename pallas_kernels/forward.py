@@ -1,0 +1,700 @@
+"""Fused flash-attention forward on the Pallas Mosaic GPU backend (Hopper: TMA, wgmma, 2+1 warpgroups).
+
+Computes the kernel-level problem of :mod:`pallas_kernels.common`:
+
+.. math::
+
+  z_{ij} = c_i \\, (a \\, q_i \\cdot k_j + b_j), \\qquad
+  o_i = \\sum_j \\text{softmax}_j(z_{i\\cdot})_j \\, v_j, \\qquad
+  \\text{lse}_i = \\log \\sum_j e^{z_{ij}}
+
+over the keys visible under a :class:`~pallas_kernels.common.MaskSpec`, with an online softmax in
+float32 (base 2: ``log2(e)`` is folded into the per-row factor ``r_i = a c_i log2(e)``) and O(T + S)
+extra memory.
+
+Structure (one CTA = one query head, ``2 * block_q`` queries, one batch entry): two compute
+warpgroups each own ``block_q`` query rows; a third warpgroup streams K/V tiles (and a small
+``[n, block_kv]`` float32 strip of per-key data: the bias ``b_j / a`` and a key id used for
+lengths and segment masks) by TMA into a ``max_concurrent_steps``-deep ring. A schedule barrier
+ping-pongs the compute warpgroups so one runs its softmax while the other's wgmma runs
+(FlashAttention-3). Key blocks that no query of a tile can see (causal, sliding window) are never
+loaded; blocks every query sees run without mask arithmetic.
+
+Statistics: with ``return_stats`` the kernel also streams ``V_i = sum_j p_ij (z_ij - m_i)`` (base 2,
+rescaled like ``l_i``) and returns the exact entropy ``H_i = ln 2 (log2 l_i - V_i / l_i)`` and the
+max weight ``1 / l_i`` (``m_i`` is the exact row max). :func:`flash_stats` runs the same sweep
+without V (no P @ V), for adaptive temperature.
+
+Masked logits are set to ``-1e30`` (base 2), never ``-inf``; a row whose running max stays there has
+no visible key and gives zeros (lse, entropy and max weight 0). Visible logits below ``-5e29`` would
+be mistaken for masked ones.
+
+CPU testing: under the Mosaic GPU interpreter (``plgpu.InterpretGPUParams``, chosen automatically
+when ``jax.default_backend() == "cpu"``) the one step the interpreter cannot run -- wgmma with P in
+registers -- is replaced by ``jnp.dot(p, v_smem[...])``, which the GPU compiler rejects in turn
+(:func:`_pv`). Everything else is the same code on both sides.
+
+References:
+  Shah et al. "FlashAttention-3: Fast and Accurate Attention with Asynchrony and Low-precision".
+  2024. https://arxiv.org/abs/2407.08608 (and jax's ``pallas/ops/gpu/attention_mgpu.py``).
+"""
+
+import contextlib
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common import MaskSpec
+
+__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "flash_forward", "flash_stats", "count_visible",
+           "segment_ranks"]
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MASKED = -1e30  # base-2 logit of a hidden key
+_EMPTY = 0.5 * MASKED  # a final row max at or below this: no visible key
+_COMPUTE_WGS = 2
+_REG_ID = -3.0  # key id of a register: visible to every valid query
+_PAD_ID = -2.0  # key id of a padded / out-of-length key: visible to none
+_BAD_Q_ID = -1.0  # query id of a row past its length
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the forward kernel.
+
+    Attributes:
+      block_q: query rows per compute warpgroup (a CTA holds ``2 * block_q``); multiple of 64.
+      block_kv: keys per pipeline step; multiple of 64.
+      max_concurrent_steps: depth of the K/V shared-memory ring (>= 2).
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    max_concurrent_steps: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val <= 0 or val % 64:
+                raise ValueError(f"{name} must be a positive multiple of 64, got {val!r}")
+        if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
+            raise ValueError(f"max_concurrent_steps must be an int >= 2, got "
+                             f"{self.max_concurrent_steps!r}")
+
+
+# Per padded head dim. Shared memory: Q 2*block_q*D + K/V 2*steps*block_kv*D (2 bytes each) must fit
+# in 227 KiB. Chosen as jax's attention_mgpu benchmark does (largest block_kv that fits); see
+# pallas_kernels/NOTES.md for the measurements.
+DEFAULT_BLOCK_SIZES = {
+    64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2),
+    128: BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2),
+    192: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
+    256: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one kernel launch."""
+
+    blocks: BlockSizes
+    head_dim: int  # padded
+    dtype: jnp.dtype
+    group: int  # query heads per kv head
+    num_registers: int
+    seq_kv: int  # real sequence keys (without registers)
+    causal: bool
+    window: tuple[int, int] | None
+    row_const: float | None  # r_i when it is one constant, else None (row vector)
+    has_bias: bool
+    has_kid: bool
+    has_qid: bool
+    stats: bool
+    with_pv: bool
+    interpret: bool
+
+    @property
+    def num_row_vecs(self):
+        return int(self.row_const is None) + int(self.has_qid)
+
+    @property
+    def num_key_vecs(self):
+        return int(self.has_bias) + int(self.has_kid)
+
+    @property
+    def always_masked(self):
+        return self.has_kid
+
+
+def _cdiv(x, d):
+    return lax.div(x + (d - 1), jnp.int32(d))
+
+
+def _key_range(plan, q0, rows):
+    """Key-block steps ``(lo, full_lo, full_hi, hi)`` for queries ``[q0, q0 + rows)``.
+
+    Blocks outside ``[lo, hi)`` are hidden from every row; blocks in ``[full_lo, full_hi)`` are
+    visible to every row (no mask needed).
+    """
+    bkv, R, S = plan.blocks.block_kv, plan.num_registers, plan.seq_kv
+    last = q0 + (rows - 1)
+    hi_j = jnp.int32(R + S)
+    fh_j = jnp.int32(R + S)
+    lo_j = jnp.int32(0)
+    fl_j = jnp.int32(0)
+    if plan.causal:
+        hi_j = jnp.minimum(hi_j, R + last + 1)
+        fh_j = jnp.minimum(fh_j, R + q0 + 1)
+    if plan.window is not None:
+        left, right = plan.window
+        hi_j = jnp.minimum(hi_j, R + last + right + 1)
+        fh_j = jnp.minimum(fh_j, R + q0 + right + 1)
+        fl_j = R + jnp.maximum(last - left, 0)
+        if R == 0:
+            lo_j = jnp.maximum(q0 - left, 0)
+    lo = lax.div(lo_j, jnp.int32(bkv))
+    hi = jnp.maximum(_cdiv(hi_j, bkv), lo)
+    if plan.always_masked:
+        return lo, hi, hi, hi
+    full_lo = jnp.clip(_cdiv(fl_j, bkv), lo, hi)
+    full_hi = jnp.clip(lax.div(fh_j, jnp.int32(bkv)), full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _pv(acc, p16, v_smem, interpret):
+    """``acc + p16 @ v``: register-operand wgmma on the GPU, ``jnp.dot`` in the interpreter.
+
+    The 0.11.2 interpreter cannot run wgmma with a register LHS, and the GPU compiler cannot lower
+    ``dot_general``; this is the one step that differs between the two.
+    """
+    if interpret:
+        return acc + jnp.dot(p16, v_smem[...], preferred_element_type=jnp.float32)
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _visible(plan, q0, step, kid, qid):
+    """Bool ``[block_q, block_kv]`` visibility of the tile at key step ``step``."""
+    bq, bkv, R = plan.blocks.block_q, plan.blocks.block_kv, plan.num_registers
+    shape = (bq, bkv)
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + q0
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + step * bkv
+    pos = cols - R
+    ok = pos < plan.seq_kv
+    if plan.causal:
+        ok = ok & (pos <= rows)
+    if plan.window is not None:
+        left, right = plan.window
+        ok = ok & (pos >= rows - left) & (pos <= rows + right)
+    if R:
+        ok = ok | (cols < R)
+    if plan.has_kid:
+        kid = lax.broadcast_in_dim(kid, shape, [1])
+        if plan.has_qid:
+            qid = lax.broadcast_in_dim(qid, shape, [0])
+            key_ok = (kid == qid) | ((kid == _REG_ID) & (qid >= 0))
+        else:
+            key_ok = (kid >= 0) | (kid == _REG_ID)
+        ok = ok & key_ok
+    return ok
+
+
+def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref, mw_ref,
+            smem, bars):
+    bq, bkv = plan.blocks.block_q, plan.blocks.block_kv
+    steps = plan.blocks.max_concurrent_steps
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    kv_head = lax.div(head, jnp.int32(plan.group))
+    cta_q0 = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq)
+    lo, _, _, hi = _key_range(plan, cta_q0, _COMPUTE_WGS * bq)
+
+    def slot_of(step):
+        return lax.rem(step - lo, jnp.int32(steps))
+
+    def schedule():
+        plgpu.barrier_arrive(bars["sched"])
+        plgpu.barrier_wait(bars["sched"])
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q0 = cta_q0 + wg * bq
+        q_smem = smem["q"].at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, bq), head], q_smem, bars["q"].at[wg])
+        if plan.num_row_vecs:
+            plgpu.copy_gmem_to_smem(rv_ref.at[batch, head, :, pl.ds(q0, bq)], smem["rv"].at[wg],
+                                    bars["q"].at[wg])
+        plgpu.barrier_wait(bars["q"].at[wg])
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        r = qid = None
+        if plan.row_const is None:
+            r = plgpu.load(smem["rv"].at[wg, 0], layout=row_layout)
+        if plan.has_qid:
+            qid = plgpu.load(smem["rv"].at[wg, plan.num_row_vecs - 1], layout=row_layout)
+
+        def step_fn(step, carry, masked):
+            acc, m, den, ent = carry
+            slot = slot_of(step)
+            plgpu.barrier_wait(bars["k"].at[slot])
+
+            def compute_qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, smem["k"].at[slot].transpose((1, 0)))
+                schedule()
+                return acc_ref[...]
+
+            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+            key_layout = plgpu.Layout.WGMMA.reduce(0)
+            kb = kid = None
+            if plan.has_bias:
+                kb = plgpu.load(smem["kv"].at[slot, 0], layout=key_layout)
+            if plan.has_kid:
+                kid = plgpu.load(smem["kv"].at[slot, plan.num_key_vecs - 1], layout=key_layout)
+            plgpu.barrier_arrive(bars["k_done"].at[slot])
+            if kb is not None:
+                s = s + lax.broadcast_in_dim(kb, s.shape, [1])
+            if r is None:
+                z = s * plan.row_const
+            else:
+                z = s * lax.broadcast_in_dim(r, s.shape, [0])
+            if masked:
+                z = jnp.where(_visible(plan, q0, step, kid, qid), z, MASKED)
+            m_new = jnp.maximum(m, z.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            d = z - lax.broadcast_in_dim(m_new, z.shape, [0])
+            p = jnp.exp2(d)
+            if plan.stats:
+                ent = alpha * (ent + den * (m - m_new)) + (p * d).sum(axis=1)
+            den = den * alpha
+            if not plan.with_pv:
+                den = den + p.sum(axis=1)
+                schedule()
+                return acc, m_new, den, ent
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(plan.dtype)
+
+            def end_softmax():
+                plgpu.barrier_arrive(bars["sched"])
+                plgpu.barrier_wait(bars["v"].at[slot])
+                plgpu.barrier_wait(bars["sched"])
+
+            if plan.head_dim <= 128:
+                den = den + p.sum(axis=1)
+                acc, den, m_new, p16 = lax.optimization_barrier((acc, den, m_new, p16))
+                end_softmax()
+            else:
+                end_softmax()
+                den = den + p.sum(axis=1)
+            acc = _pv(acc, p16, smem["v"].at[slot], plan.interpret)
+            plgpu.barrier_arrive(bars["v_done"].at[slot])
+            return acc, m_new, den, ent
+
+        def skip_fn(step, _):
+            slot = slot_of(step)
+            plgpu.barrier_wait(bars["k"].at[slot])
+            plgpu.barrier_arrive(bars["k_done"].at[slot])
+            schedule()
+            if plan.with_pv:
+                plgpu.barrier_wait(bars["v"].at[slot])
+                plgpu.barrier_arrive(bars["v_done"].at[slot])
+            schedule()
+
+        def row_vec(value):
+            return plgpu.layout_cast(jnp.full((bq,), value, jnp.float32), row_layout)
+
+        acc = None
+        if plan.with_pv:
+            acc = plgpu.layout_cast(jnp.zeros((bq, plan.head_dim), jnp.float32),
+                                    plgpu.Layout.WGMMA)
+        carry = (acc, row_vec(MASKED), row_vec(0.0), row_vec(0.0) if plan.stats else None)
+        my_lo, full_lo, full_hi, my_hi = _key_range(plan, q0, bq)
+        my_lo = jnp.clip(my_lo, lo, hi)
+        my_hi = jnp.clip(my_hi, my_lo, hi)
+        full_lo = jnp.clip(full_lo, my_lo, my_hi)
+        full_hi = jnp.clip(full_hi, full_lo, my_hi)
+        pl.when(wg == 1)(schedule)
+        lax.fori_loop(lo, my_lo, skip_fn, None)
+        masked_step = functools.partial(step_fn, masked=True)
+        carry = lax.fori_loop(my_lo, full_lo, masked_step, carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(step_fn, masked=False), carry)
+        carry = lax.fori_loop(full_hi, my_hi, masked_step, carry)
+        lax.fori_loop(my_hi, hi, skip_fn, None)
+        pl.when(wg == 0)(schedule)
+        acc, m, den, ent = carry
+
+        empty = m <= _EMPTY
+        inv = 1.0 / jnp.where(empty, 1.0, den)
+        log2_l = jnp.log(jnp.where(empty, 1.0, den)) * (1.0 / LN2)
+        if plan.with_pv:
+            scale = jnp.where(empty, 0.0, inv)
+            acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
+            q_smem[...] = acc.astype(plan.dtype)
+        smem["lse"].at[wg][...] = jnp.where(empty, 0.0, (m + log2_l) * LN2)
+        if plan.stats:
+            smem["ent"].at[wg][...] = jnp.where(empty, 0.0, (log2_l - ent * inv) * LN2)
+            smem["mw"].at[wg][...] = jnp.where(empty, 0.0, inv)
+        plgpu.commit_smem()
+        if plan.with_pv:
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q0, bq), head])
+        rows = pl.ds(q0, bq)
+        plgpu.copy_smem_to_gmem(smem["lse"].at[wg], lse_ref.at[batch, head, rows])
+        if plan.stats:
+            plgpu.copy_smem_to_gmem(smem["ent"].at[wg], ent_ref.at[batch, head, rows])
+            plgpu.copy_smem_to_gmem(smem["mw"].at[wg], mw_ref.at[batch, head, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def issue_k(step, slot):
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(step * bkv, bkv), kv_head],
+                                    smem["k"].at[slot], bars["k"].at[slot])
+            if plan.num_key_vecs:
+                plgpu.copy_gmem_to_smem(kv_ref.at[batch, kv_head, :, pl.ds(step * bkv, bkv)],
+                                        smem["kv"].at[slot], bars["k"].at[slot])
+
+        def issue_v(step, slot):
+            plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(step * bkv, bkv), kv_head],
+                                    smem["v"].at[slot], bars["v"].at[slot])
+
+        for i in range(steps):
+            @pl.when(lo + i < hi)
+            def _prologue(i=i):
+                issue_k(lo + i, i)
+                if plan.with_pv:
+                    issue_v(lo + i, i)
+
+        @pl.loop(lo + steps, hi)
+        def _stream(step):
+            slot = slot_of(step)
+            plgpu.barrier_wait(bars["k_done"].at[slot])
+            issue_k(step, slot)
+            if plan.with_pv:
+                plgpu.barrier_wait(bars["v_done"].at[slot])
+                issue_v(step, slot)
+
+        # Observe the last consumptions too, so every barrier phase has been waited on when the
+        # barriers are freed (the interpreter checks this; on the GPU it costs an idle wait).
+        @pl.loop(jnp.maximum(lo, hi - steps), hi)
+        def _drain(step):
+            slot = slot_of(step)
+            plgpu.barrier_wait(bars["k_done"].at[slot])
+            if plan.with_pv:
+                plgpu.barrier_wait(bars["v_done"].at[slot])
+
+
+def _scratch(plan):
+    bq, bkv, steps = plan.blocks.block_q, plan.blocks.block_kv, plan.blocks.max_concurrent_steps
+    D, cw = plan.head_dim, _COMPUTE_WGS
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    smem = dict(
+        q=plgpu.SMEM((cw, bq, D), plan.dtype, transforms=transforms),
+        k=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms),
+        v=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms) if plan.with_pv else None,
+        rv=plgpu.SMEM((cw, plan.num_row_vecs, bq), jnp.float32) if plan.num_row_vecs else None,
+        kv=plgpu.SMEM((steps, plan.num_key_vecs, bkv), jnp.float32) if plan.num_key_vecs else None,
+        lse=plgpu.SMEM((cw, bq), jnp.float32),
+        ent=plgpu.SMEM((cw, bq), jnp.float32) if plan.stats else None,
+        mw=plgpu.SMEM((cw, bq), jnp.float32) if plan.stats else None,
+    )
+    bars = dict(
+        q=plgpu.Barrier(num_arrivals=1 + int(plan.num_row_vecs > 0), num_barriers=cw),
+        k=plgpu.Barrier(num_arrivals=1 + int(plan.num_key_vecs > 0), num_barriers=steps),
+        v=plgpu.Barrier(num_barriers=steps) if plan.with_pv else None,
+        k_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
+        v_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps) if plan.with_pv else None,
+        sched=plgpu.Barrier(num_arrivals=cw),
+    )
+    return smem, bars
+
+
+def _launch(plan, q, k, v, row_vecs, key_vecs):
+    """Runs the kernel on padded operands; returns (out|None, lse, ent|None, mw|None)."""
+    B, Tp, N, D = q.shape
+    cw_rows = _COMPUTE_WGS * plan.blocks.block_q
+    f32 = jnp.float32
+    out_types = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype) if plan.with_pv else None,
+        jax.ShapeDtypeStruct((B, N, Tp), f32),
+        jax.ShapeDtypeStruct((B, N, Tp), f32) if plan.stats else None,
+        jax.ShapeDtypeStruct((B, N, Tp), f32) if plan.stats else None,
+    ]
+    inputs = [x for x in (q, k, v, row_vecs, key_vecs) if x is not None]
+    present = [x is not None for x in (q, k, v, row_vecs, key_vecs)]
+
+    def entry(*refs):
+        refs = list(refs)
+        ins = [refs.pop(0) if here else None for here in present]
+        outs = [refs.pop(0) if t is not None else None for t in out_types]
+        smem_types, bar_types = _scratch(plan)
+        pl.run_scoped(lambda smem, bars: _kernel(plan, *ins, *outs, smem, bars),
+                      smem_types, bar_types, collective_axes="wg")
+
+    interpret = plgpu.InterpretGPUParams() if plan.interpret else None
+    call = plgpu.kernel(
+        entry,
+        out_type=tuple(t for t in out_types if t is not None),
+        grid=(N, Tp // cw_rows, B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )
+    with _interpret_context(plan.interpret):
+        results = list(call(*inputs))
+    return tuple(results.pop(0) if t is not None else None for t in out_types)
+
+
+@contextlib.contextmanager
+def _interpret_context(interpret):
+    """An abstract H100 mesh for the Mosaic GPU interpreter (it queries the device kind)."""
+    if not interpret:
+        yield
+        return
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
+                                         num_cores=8)
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        yield
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def segment_ranks(q_segment_ids, kv_segment_ids):
+    """Dense ranks of segment ids, equal exactly where the ids are equal, in ``[0, T + S)``.
+
+    Lets the kernel compare ids as float32 (exact below 2^24) whatever their int range.
+
+    Args:
+      q_segment_ids: int ``[B, T]``.
+      kv_segment_ids: int ``[B, S]``.
+
+    Returns:
+      ``(q_ranks [B, T], kv_ranks [B, S])`` int32.
+    """
+    T = q_segment_ids.shape[1]
+    both = jnp.concatenate([q_segment_ids, kv_segment_ids.astype(q_segment_ids.dtype)], axis=1)
+    ranks = jax.vmap(lambda x: jnp.searchsorted(jnp.sort(x), x, side="left"))(both)
+    ranks = ranks.astype(jnp.int32)
+    return ranks[:, :T], ranks[:, T:]
+
+
+def count_visible(mask: MaskSpec, batch: int, q_len: int, kv_len: int, block: int = 512):
+    """Number of keys (registers included) each query sees, int32 ``[B, T]``, without a T x S array.
+
+    Closed form for causal / window / lengths; with segment ids, a loop over key blocks of
+    ``block`` keys (``[B, T, block]`` at a time).
+
+    Args:
+      mask: the visibility spec.
+      batch: ``B``.
+      q_len: ``T``.
+      kv_len: ``S``, keys including the ``mask.num_registers`` registers.
+      block: key block of the segment-id loop.
+
+    Returns:
+      int32 ``[B, T]``; 0 for queries past their length.
+    """
+    R = mask.num_registers
+    S = kv_len - R
+    i = jnp.arange(q_len, dtype=jnp.int32)[None, :]
+    hi = jnp.full((batch, 1), S, jnp.int32)
+    if mask.kv_lengths is not None:
+        hi = jnp.minimum(hi, mask.kv_lengths.astype(jnp.int32)[:, None])
+    lo = jnp.zeros((batch, 1), jnp.int32)
+    if mask.is_causal:
+        hi = jnp.minimum(hi, i + 1)
+    if mask.local_window_size is not None:
+        left, right = mask.local_window_size
+        lo = jnp.maximum(lo, i - left)
+        hi = jnp.minimum(hi, i + right + 1)
+    lo, hi = jnp.broadcast_to(lo, (batch, q_len)), jnp.broadcast_to(hi, (batch, q_len))
+    if mask.q_segment_ids is None:
+        count = jnp.maximum(hi - lo, 0)
+    else:
+        count = _count_same_segment(mask.q_segment_ids, mask.kv_segment_ids, lo, hi, block)
+    count = count + R
+    if mask.q_lengths is not None:
+        count = jnp.where(i < mask.q_lengths[:, None], count, 0)
+    return count.astype(jnp.int32)
+
+
+def _count_same_segment(q_seg, kv_seg, lo, hi, block):
+    """``#{j in [lo, hi): kv_seg[j] == q_seg[i]}`` per (b, i), looping over key blocks."""
+    B, S = kv_seg.shape
+    Sp = _round_up(S, block)
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, Sp - S)))
+
+    def body(n, count):
+        j = n * block + jnp.arange(block, dtype=jnp.int32)  # [blk]
+        ks = lax.dynamic_slice_in_dim(kv_seg, n * block, block, axis=1)  # [B, blk]
+        hit = (q_seg[:, :, None] == ks[:, None, :]) & (j >= lo[..., None]) & (j < hi[..., None])
+        return count + jnp.sum(hit, axis=-1, dtype=jnp.int32)
+
+    return lax.fori_loop(0, Sp // block, body, jnp.zeros(q_seg.shape, jnp.int32))
+
+
+def _check_inputs(q, k, v, logit_scale):
+    if q.ndim != 4 or k.ndim != 4 or (v is not None and v.ndim != 4):
+        raise ValueError("q, k, v must be [B, T, N, H], [B, S, K, H], [B, S, K, Hv]")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x is None:
+            continue
+        if x.dtype not in (jnp.bfloat16, jnp.float16):
+            raise NotImplementedError(
+                f"the Pallas forward kernel takes bfloat16 or float16 {name}, got {x.dtype} "
+                "(wgmma has no float32 path here; cast explicitly or use the XLA reference)")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {x.dtype} differs from q dtype {q.dtype}")
+    B, T, N, H = q.shape
+    if k.shape[0] != B or k.shape[3] != H or N % k.shape[2]:
+        raise ValueError(f"k shape {k.shape} does not match q shape {q.shape}")
+    if v is not None and v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v shape {v.shape} does not match k shape {k.shape}")
+    if not isinstance(logit_scale, (int, float)) or isinstance(logit_scale, bool):
+        raise TypeError(f"logit_scale must be a python float, got {type(logit_scale).__name__}")
+    if not math.isfinite(logit_scale) or logit_scale == 0:
+        raise NotImplementedError(f"logit_scale must be finite and nonzero, got {logit_scale}")
+    head_dim = max(H, v.shape[3] if v is not None else H)
+    if head_dim > 256:
+        raise NotImplementedError(f"head dims above 256 are not supported, got {head_dim}")
+
+
+def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, with_pv):
+    """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    Hv = v.shape[3] if v is not None else H
+    D = _round_up(max(H, Hv), 64)
+    blocks = config or DEFAULT_BLOCK_SIZES[D]
+    Tp = _round_up(T, _COMPUTE_WGS * blocks.block_q)
+    Sp = _round_up(S, blocks.block_kv)
+    R = mask.num_registers
+    pad4 = lambda x, n, n_to: jnp.pad(x, ((0, 0), (0, n_to - n), (0, 0), (0, D - x.shape[3])))
+    q_p = pad4(q, T, Tp)
+    k_p = pad4(k, S, Sp)
+    v_p = pad4(v, S, Sp) if v is not None else None
+
+    has_qid = mask.q_lengths is not None or mask.q_segment_ids is not None
+    has_kid = has_qid or mask.kv_lengths is not None
+    row_vecs = []
+    row_const = None
+    if query_scale is None:
+        row_const = float(logit_scale * LOG2E)
+    else:
+        c = jnp.broadcast_to(jnp.asarray(query_scale, jnp.float32), (B, N, T))
+        row_vecs.append(jnp.pad(c * (logit_scale * LOG2E), ((0, 0), (0, 0), (0, Tp - T))))
+    q_seg = kv_seg = None
+    if mask.q_segment_ids is not None:
+        q_seg, kv_seg = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
+    if has_qid:
+        qid = jnp.zeros((B, T), jnp.float32) if q_seg is None else q_seg.astype(jnp.float32)
+        if mask.q_lengths is not None:
+            qid = jnp.where(jnp.arange(T)[None] < mask.q_lengths[:, None], qid, _BAD_Q_ID)
+        qid = jnp.pad(qid, ((0, 0), (0, Tp - T)), constant_values=_BAD_Q_ID)
+        row_vecs.append(jnp.broadcast_to(qid[:, None], (B, N, Tp)))
+    key_vecs = []
+    if key_bias is not None:
+        kb = jnp.broadcast_to(jnp.asarray(key_bias, jnp.float32), (B, K, S)) / logit_scale
+        key_vecs.append(jnp.pad(kb, ((0, 0), (0, 0), (0, Sp - S))))
+    if has_kid:
+        pos = jnp.arange(S - R, dtype=jnp.int32)[None]
+        kid = jnp.zeros((B, S - R), jnp.float32) if kv_seg is None else kv_seg.astype(jnp.float32)
+        if mask.kv_lengths is not None:
+            kid = jnp.where(pos < mask.kv_lengths[:, None], kid, _PAD_ID)
+        kid = jnp.pad(kid, ((0, 0), (R, Sp - S)), constant_values=_PAD_ID)
+        kid = kid.at[:, :R].set(_REG_ID)
+        key_vecs.append(jnp.broadcast_to(kid[:, None], (B, K, Sp)))
+    stack = lambda xs: jnp.stack(xs, axis=2) if xs else None
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    plan = _Plan(
+        blocks=blocks, head_dim=D, dtype=jnp.dtype(q.dtype), group=N // K, num_registers=R,
+        seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
+        has_bias=key_bias is not None, has_kid=has_kid, has_qid=has_qid, stats=stats,
+        with_pv=with_pv, interpret=bool(interpret))
+    return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs))
+
+
+def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
+                  mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
+                  return_stats: bool = False):
+    """Fused attention forward for the kernel-level problem of :mod:`pallas_kernels.common`.
+
+    .. math::
+
+      z_{ij} = c_i (a \\, q_i \\cdot k_j + b_j), \\quad
+      o_i = \\sum_j \\text{softmax}_j(z_{i\\cdot}) v_j, \\quad \\text{lse}_i = \\log \\sum_j e^{z_{ij}}
+
+    Args:
+      q: ``[B, T, N, H]`` bfloat16 or float16.
+      k: ``[B, S, K, H]`` (registers first, see ``mask.num_registers``), ``N % K == 0``.
+      v: ``[B, S, K, Hv]``.
+      logit_scale: the python float ``a`` (nonzero).
+      query_scale: ``c``, float32 broadcastable to ``[B, N, T]``, or None for 1.
+      key_bias: ``b``, float32 ``[B, K, S]``, or None for 0.
+      mask: a :class:`~pallas_kernels.common.MaskSpec`.
+      config: :class:`BlockSizes`; None picks :data:`DEFAULT_BLOCK_SIZES` by head dim.
+      interpret: run in the Mosaic GPU interpreter; None = when the default backend is the CPU.
+      return_stats: also return the entropy and max weight per query.
+
+    Returns:
+      ``(out [B, T, N, Hv] in q's dtype, lse [B, N, T] float32)``, and with ``return_stats``
+      also ``entropy`` and ``max_weight`` (float32 ``[B, N, T]``). Rows with no visible key give
+      zeros everywhere.
+
+    Raises:
+      NotImplementedError: float32 inputs, head dims above 256, or a zero logit scale.
+    """
+    _check_inputs(q, k, v, logit_scale)
+    mask = MaskSpec() if mask is None else mask
+    plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
+                            stats=return_stats, with_pv=True)
+    out, lse, ent, mw = _run(plan, *arrays)
+    T, Hv = q.shape[1], v.shape[3]
+    out = out[:, :T, :, :Hv]
+    lse = lse[..., :T]
+    if return_stats:
+        return out, lse, ent[..., :T], mw[..., :T]
+    return out, lse
+
+
+def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
+                mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None):
+    """The statistics sweep: ``(lse, entropy)`` of ``softmax(z)`` per query, QK^T only (no P @ V).
+
+    The entropy is streamed exactly, ``H_i = lse_i - sum_j p_ij z_ij`` (in nats); the paper's
+    ``-sum p log(p + eps)`` differs from it by at most ``n_i * eps`` nats.
+
+    Args: as :func:`flash_forward` (without ``v``).
+
+    Returns:
+      ``(lse, entropy)``, float32 ``[B, N, T]``; zeros for rows with no visible key.
+    """
+    _check_inputs(q, k, None, logit_scale)
+    mask = MaskSpec() if mask is None else mask
+    plan, arrays = _prepare(q, k, None, logit_scale, query_scale, key_bias, mask, config,
+                            interpret, stats=True, with_pv=False)
+    _, lse, ent, _ = _run(plan, *arrays)
+    T = q.shape[1]
+    return lse[..., :T], ent[..., :T]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run(plan, q, k, v, row_vecs, key_vecs):
+    return _launch(plan, q, k, v, row_vecs, key_vecs)
