@@ -19,7 +19,7 @@ __all__ = ["visibility_mask", "query_valid"]
 
 def query_valid(batch: int, q_len: int, query_seq_lengths):
     """Bool ``[B, T]``: the query rows inside each sequence's length."""
-    rows = jnp.arange(q_len)[None, :]
+    rows = jnp.arange(q_len)[None, :]  # [1, T]
     if query_seq_lengths is None:
         return jnp.ones((batch, q_len), bool)
     return rows < query_seq_lengths[:, None]
@@ -43,8 +43,8 @@ def visibility_mask(
 
     The first ``num_registers`` columns are the registers; the others are the sequence keys.
     """
-    i = jnp.arange(q_len)[:, None]  # [T, 1]
-    j = jnp.arange(kv_len)[None, :]  # [1, S]
+    i = jnp.arange(q_len)[None, None, :, None]  # [1, 1, T, 1]
+    j = jnp.arange(kv_len)[None, None, None, :]  # [1, 1, 1, S]
     vis = jnp.ones((batch, 1, q_len, kv_len), bool)  # [B, 1, T, S]
     if mask is not None:
         vis = vis & mask

@@ -66,7 +66,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, *, return_stats=False):
         """``tokens [B, T]`` -> logits ``[B, T, V]`` (and per-layer :class:`jaxattn.AttentionStats`)."""
-        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        x = self.embed(tokens) + self.pos[None, : tokens.shape[1]]
         all_stats = []
         for block in self.blocks:
             x, stats = block(x, return_stats=True)

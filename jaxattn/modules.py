@@ -50,6 +50,8 @@ def attention_fn(variant="softmax", **options):
         if dropout_rate > 0.0 and not deterministic:
             raise NotImplementedError("jaxattn.attention_fn does not implement attention dropout; "
                                       "set dropout_rate=0.0 or deterministic=True")
+        if mask is not None and mask.dtype != jnp.bool_:
+            mask = mask != 0  # flax's make_*_mask helpers return 0/1 floats
         if dtype is not None:
             query, key, value = (x.astype(dtype) for x in (query, key, value))
         args = dict(variant=variant, bias=bias, mask=mask, is_causal=is_causal, **options)
