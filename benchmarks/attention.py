@@ -1,0 +1,197 @@
+"""Attention speed on one GPU, every implementation in one process: ``python benchmarks/attention.py``.
+
+Measures, bf16, ``B * N = 16384`` tokens, ``H = 16`` heads, head dims D and sequence lengths N:
+
+* ours: ``jaxattn.attention(..., implementation="pallas")`` for softmax, temperature (0.7),
+  scalable_softmax, rbf and adaptive_temperature (stop_gradient_beta=True);
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (no mask array);
+* ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
+* ``mgpu``: jax's ``pallas/ops/gpu/attention_mgpu.attention`` (float16 inputs, its only dtype);
+* ``cudnn_rbf``: RBF through cuDNN with the key norm folded into extra head dims
+  (``q' = [q, 1, 0..]``, ``k' = [2 gamma k, -gamma ||k||^2, 0..]``, scale 1).
+
+FLOPs: forward ``4 B H N^2 D`` (halved when causal), forward+backward 3.5x that. Time: median of
+``--reps`` jitted calls after a warm-up call, each synchronised with ``block_until_ready``. Prints
+TFLOP/s and the ratios to cuDNN and to our softmax, and writes JSON (device, versions, rows).
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jaxattn  # noqa: E402
+from jaxattn import variants  # noqa: E402
+
+HEADS = 16
+TOKENS = 16384
+OURS = {
+    "softmax": variants.Softmax(),
+    "temperature": variants.Softmax(0.7),
+    "ssmax": variants.ScalableSoftmax(0.43),
+    "rbf": variants.RBF(),
+    "adaptive": variants.AdaptiveTemperature(stop_gradient_beta=True),
+}
+
+
+def _ours(variant):
+    def f(q, k, v, causal):
+        return jaxattn.attention(q, k, v, variant=variant, is_causal=causal,
+                                 implementation="pallas")
+    return f
+
+
+def _cudnn(q, k, v, causal):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+
+def _xla(q, k, v, causal):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+
+def _cudnn_rbf(q, k, v, causal):
+    H = q.shape[-1]
+    gamma = 1.0 / math.sqrt(H)
+    kf = k.astype(jnp.float32)
+    norm = -gamma * jnp.sum(kf * kf, axis=-1, keepdims=True)
+    pad = 8
+    ones = jnp.ones(q.shape[:-1] + (1,), q.dtype)
+    q2 = jnp.concatenate([q, ones, jnp.zeros(q.shape[:-1] + (pad - 1,), q.dtype)], axis=-1)
+    k2 = jnp.concatenate([(2 * gamma * kf).astype(k.dtype), norm.astype(k.dtype),
+                          jnp.zeros(k.shape[:-1] + (pad - 1,), k.dtype)], axis=-1)
+    v2 = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, pad)))
+    out = jax.nn.dot_product_attention(q2, k2, v2, scale=1.0, is_causal=causal,
+                                       implementation="cudnn")
+    return out[..., :H]
+
+
+def _mgpu(D):
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+    block_kv = {64: 256, 128: 128, 256: 64}[D]
+
+    def f(q, k, v, causal):
+        cfg = am.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=causal,
+                              block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+        return am.attention(q.astype(jnp.float16) * (1.0 / math.sqrt(D)), k.astype(jnp.float16),
+                            v.astype(jnp.float16), cfg)
+    return f
+
+
+def _time(fn, args, reps):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _fwd_bwd(f):
+    def loss(q, k, v, causal):
+        return jnp.sum(f(q, k, v, causal).astype(jnp.float32) ** 2)
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    return grad
+
+
+def measure(name, f, q, k, v, causal, mode, reps):
+    fn = f if mode == "fwd" else _fwd_bwd(f)
+    jitted = jax.jit(functools.partial(fn, causal=causal))
+    try:
+        return _time(jitted, (q, k, v), reps), None
+    except Exception as e:  # noqa: BLE001 - a failing implementation is a table entry, not a crash
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", default="64,128,256")
+    parser.add_argument("--lengths", default="1024,4096,16384")
+    parser.add_argument("--causal", default="0,1")
+    parser.add_argument("--modes", default="fwd,fwdbwd")
+    parser.add_argument("--impls", default="softmax,temperature,ssmax,rbf,adaptive,cudnn,xla,mgpu,"
+                                           "cudnn_rbf")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    impls = args.impls.split(",")
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
+    rows = []
+    for D in map(int, args.dims.split(",")):
+        for N in map(int, args.lengths.split(",")):
+            B = max(1, TOKENS // N)
+            ks = jax.random.split(jax.random.key(N + D), 3)
+            q, k, v = (jax.random.normal(kk, (B, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
+                       for kk in ks)
+            for causal in map(bool, map(int, args.causal.split(","))):
+                flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
+                for mode in args.modes.split(","):
+                    total = flops * (3.5 if mode == "fwdbwd" else 1.0)
+                    for impl in impls:
+                        if impl in OURS:
+                            f = _ours(OURS[impl])
+                        elif impl == "mgpu":
+                            if causal and mode == "fwdbwd":
+                                continue
+                            f = _mgpu(D)
+                        else:
+                            f = dict(cudnn=_cudnn, xla=_xla, cudnn_rbf=_cudnn_rbf)[impl]
+                        if impl == "xla" and N > 4096:
+                            continue  # T x S logits: minutes and tens of GB
+                        t, err = measure(impl, f, q, k, v, causal, mode, args.reps)
+                        row = dict(D=D, N=N, B=B, causal=causal, mode=mode, impl=impl,
+                                   time_s=t, tflops=None if t is None else total / t / 1e12,
+                                   error=err)
+                        rows.append(row)
+                        tf = "-" if t is None else f"{row['tflops']:.0f}"
+                        print(f"D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {impl:<12} "
+                              f"{tf:>6} TFLOP/s {'' if err is None else err}", flush=True)
+    _summary(rows)
+    path = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                    f"attention-{dev.device_kind.replace(' ', '_')}-"
+                                    f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(device=dev.device_kind, jax=jax.__version__,
+                       jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+                       python=platform.python_version(), heads=HEADS, tokens=TOKENS, rows=rows),
+                  f, indent=1)
+    print(f"wrote {path}")
+
+
+def _summary(rows):
+    """Table: TFLOP/s per implementation, then ratios to cuDNN and to our softmax."""
+    keys = sorted({(r["D"], r["N"], r["causal"], r["mode"]) for r in rows})
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    table = {(r["D"], r["N"], r["causal"], r["mode"], r["impl"]): r["tflops"] for r in rows}
+    print("\nTFLOP/s  (ratio to cuDNN | ratio to our softmax)")
+    print(f"{'D':>4} {'N':>6} {'c':>2} {'mode':<7} " + " ".join(f"{i:>18}" for i in impls))
+    for key in keys:
+        base = table.get((*key, "cudnn"))
+        ours = table.get((*key, "softmax"))
+        cells = []
+        for impl in impls:
+            t = table.get((*key, impl))
+            if t is None:
+                cells.append(f"{'-':>18}")
+                continue
+            r1 = f"{t / base:.2f}" if base else "-"
+            r2 = f"{t / ours:.2f}" if ours else "-"
+            cells.append(f"{t:6.0f} ({r1}|{r2})".rjust(18))
+        print(f"{key[0]:>4} {key[1]:>6} {int(key[2]):>2} {key[3]:<7} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
