@@ -1,0 +1,721 @@
+"""Fused FlashAttention backward on the Mosaic GPU backend (Hopper: TMA, wgmma, warp specialization).
+
+Two deterministic kernels (no atomics) compute the gradients of the kernel-level problem stated in
+:mod:`pallas_kernels.common`:
+
+.. math::
+
+  u_{ij} = a \\, q_i \\cdot k_j + b_j, \\quad z_{ij} = c_i u_{ij}, \\quad
+  p_{ij} = 2^{z_{ij} \\log_2 e - \\mathrm{lse}_i \\log_2 e}, \\quad
+  dZ_{ij} = p_{ij} (dO_i \\cdot v_j - \\delta_i), \\quad \\delta_i = dO_i \\cdot o_i
+
+* the **dq kernel** (grid: query heads x query tiles x batch) pipelines K/V tiles through shared
+  memory and accumulates ``dq_i = a c_i sum_j dZ_ij k_j`` and ``dc_i = sum_j dZ_ij u_ij``;
+* the **dkv kernel** (grid: kv heads x kv tiles x batch) pipelines Q/dO tiles of every query head of
+  the GQA group (an inner loop over the group's heads) and accumulates ``dv_j = sum_i p_ij dO_i``,
+  ``dk_j = a sum_i c_i dZ_ij q_i`` and ``db_j = sum_i c_i dZ_ij``, reduced over the group in-kernel.
+
+P is recomputed in float32 from the forward's logsumexp. Visibility comes from indices (causal,
+window, registers, padded tails) and from two small int32 "codes" vectors built in XLA from the
+lengths and segment ids (never a ``T x S`` array). Fully masked key/query tiles are skipped by
+running each pipeline over the tile range that causal/window masks leave visible.
+
+Interpreter: the CPU interpreter (``plgpu.InterpretGPUParams``) cannot run a wgmma whose left
+operand lives in registers, and the GPU compiler rejects ``jnp.dot`` on registers: the three
+register-operand products (dq += dZ K, dv += P^T dO, dk += dZ^T Q) go through :func:`_mma_acc`, which
+picks the form from the static ``interpret`` flag. Everything else runs the same code in both.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.common import MaskSpec
+
+__all__ = ["BackwardConfig", "default_config", "flash_backward"]
+
+LOG2E = math.log2(math.e)
+# Codes of the int32 visibility vectors (user segment ids must be larger than these).
+Q_INVALID = -(2**31)  # query row beyond q_lengths (or padding): sees nothing
+K_INVALID = -(2**31) + 1  # key beyond kv_lengths (or padding): seen by nobody
+K_REGISTER = -(2**31) + 2  # register key: seen by every valid query
+_HEAD_DIMS = (64, 128, 256)
+ROW = plgpu.Layout.WGMMA.reduce(1)  # a vector indexed by the rows of a WGMMA tile
+COL = plgpu.Layout.WGMMA.reduce(0)  # a vector indexed by the columns of a WGMMA tile
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+    """Tile sizes of the two backward kernels.
+
+    Attributes:
+      block_q_dq: query rows per compute warpgroup in the dq kernel.
+      block_kv_dq: keys per pipelined K/V tile in the dq kernel.
+      block_q_dkv: queries per pipelined Q/dO tile in the dkv kernel.
+      block_kv_dkv: keys per compute warpgroup in the dkv kernel.
+      compute_wgs: compute warpgroups per CTA (1 or 2), each owning its own rows.
+      max_concurrent_steps: depth of the TMA pipeline (>= 2).
+    """
+
+    block_q_dq: int = 64
+    block_kv_dq: int = 128
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    compute_wgs: int = 2
+    max_concurrent_steps: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % 64:
+                raise ValueError(f"BackwardConfig.{name} must be a positive multiple of 64, got {value!r}")
+        if self.compute_wgs not in (1, 2):
+            raise ValueError(f"BackwardConfig.compute_wgs must be 1 or 2, got {self.compute_wgs!r}")
+        if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
+            raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
+                             f"{self.max_concurrent_steps!r}")
+
+
+# Defaults per (padded) head dim; SMEM per CTA stays under the H100's 227 KiB.
+_DEFAULTS = {
+    64: BackwardConfig(64, 128, 64, 64, 2, 2),
+    128: BackwardConfig(64, 128, 64, 64, 2, 2),
+    256: BackwardConfig(64, 64, 64, 64, 1, 2),
+}
+
+
+def default_config(head_dim: int) -> BackwardConfig:
+    """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256)."""
+    return _DEFAULTS[_padded_dim(head_dim)]
+
+
+def _padded_dim(d: int) -> int:
+    for size in _HEAD_DIMS:
+        if d <= size:
+            return size
+    raise NotImplementedError(f"head dim {d} > 256 is not supported by the Mosaic GPU backward")
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _pad_axis(x, axis, size):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _mma_acc(acc, lhs, rhs_smem, interpret: bool):
+    """``acc + lhs @ rhs_smem`` in float32, ``lhs`` in registers (16-bit), ``rhs_smem`` in SMEM.
+
+    On the GPU this is a register-operand wgmma; the 0.11.2 interpreter cannot run that, so there
+    it is a ``jnp.dot`` (which the GPU lowering rejects). Only the GPU form is GPU-checked.
+    """
+    if interpret:
+        return acc + jnp.dot(lhs, rhs_smem[...], preferred_element_type=jnp.float32)
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, lhs, rhs_smem)
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _mm_smem(lhs_smem, rhs_smem_t, shape):
+    """``lhs_smem @ rhs_smem_t`` (both operands in SMEM) into a fresh float32 accumulator."""
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, lhs_smem, rhs_smem_t)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _zeros_vec(n, layout):
+    return plgpu.layout_cast(jnp.zeros((n,), jnp.float32), layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything static the kernels close over."""
+
+    logit_scale: float
+    num_registers: int
+    is_causal: bool
+    window: tuple[int, int] | None
+    has_codes: bool
+    has_c: bool
+    has_b: bool
+    T: int  # true lengths (before padding)
+    S: int
+    Tp: int  # padded lengths
+    Sp: int
+    G: int  # query heads per kv head
+    H: int  # padded qk head dim
+    Hv: int  # padded value head dim
+    dtype: object
+    interpret: bool
+
+
+def _visible(st: _Static, qi, kj, qcode=None, kcode=None):
+    """Bool tile: key index ``kj`` visible from query index ``qi`` (int32 tiles, broadcast)."""
+    ok = None
+
+    def conj(a, b):
+        return b if a is None else a & b
+
+    pos = kj - st.num_registers
+    if st.is_causal:
+        ok = conj(ok, pos <= qi)
+    if st.window is not None:
+        left, right = st.window
+        ok = conj(ok, (pos >= qi - left) & (pos <= qi + right))
+    if ok is not None and st.num_registers:
+        ok = ok | (kj < st.num_registers)
+    if st.Sp != st.S:
+        ok = conj(ok, kj < st.S)
+    if st.Tp != st.T:
+        ok = conj(ok, qi < st.T)
+    if st.has_codes:
+        code_ok = (qcode != Q_INVALID) & ((kcode == qcode) | (kcode == K_REGISTER))
+        ok = conj(ok, code_ok)
+    return ok
+
+
+def _kv_range(st: _Static, q_start, q_stop, block_kv):
+    """Tiles ``[lo, hi)`` of keys that queries ``[q_start, q_stop)`` may see (causal/window skipping)."""
+    R = st.num_registers
+    n_tiles = st.Sp // block_kv
+    hi_key = jnp.int32(st.Sp)
+    lo_key = jnp.int32(0)
+    if st.is_causal:
+        hi_key = jnp.minimum(hi_key, q_stop + R)
+    if st.window is not None:
+        left, right = st.window
+        hi_key = jnp.minimum(hi_key, q_stop + right + R)
+        if R == 0:
+            lo_key = jnp.maximum(lo_key, q_start - left)
+    lo = lax.div(lo_key, jnp.int32(block_kv))
+    hi = jnp.minimum(lax.div(hi_key + block_kv - 1, jnp.int32(block_kv)), n_tiles)
+    return lo, jnp.maximum(hi - lo, 0)
+
+
+def _q_range(st: _Static, k_start, k_stop, block_q):
+    """Tiles ``[lo, hi)`` of queries that may see keys ``[k_start, k_stop)``."""
+    R = st.num_registers
+    n_tiles = st.Tp // block_q
+    lo_q = jnp.int32(0)
+    hi_q = jnp.int32(st.Tp)
+    p_start, p_last = k_start - R, k_stop - 1 - R
+    if st.is_causal:
+        lo_q = jnp.maximum(lo_q, p_start)
+    if st.window is not None:
+        left, right = st.window
+        lo_q = jnp.maximum(lo_q, p_start - right)
+        hi_q = jnp.minimum(hi_q, p_last + left + 1)
+    if R:
+        has_register = k_start < R
+        lo_q = jnp.where(has_register, 0, lo_q)
+        hi_q = jnp.where(has_register, st.Tp, hi_q)
+    lo_q = jnp.clip(lo_q, 0, st.Tp)
+    lo = lax.div(lo_q, jnp.int32(block_q))
+    hi = jnp.minimum(lax.div(jnp.maximum(hi_q, 0) + block_q - 1, jnp.int32(block_q)), n_tiles)
+    return lo, jnp.maximum(hi - lo, 0)
+
+
+def _transforms():
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _compiler_params():
+    return plgpu.CompilerParams(approx_math=True)
+
+
+# --------------------------------------------------------------------------------------------- dq
+
+
+def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, interpret):
+    """dq ``[B, Tp, N, H]`` (input dtype) and dc ``[B, N, Tp]`` float32 (or None)."""
+    B, Tp, N, H = q.shape
+    Hv = v.shape[-1]
+    bq, bkv, wgs = cfg.block_q_dq, cfg.block_kv_dq, cfg.compute_wgs
+    n_stats = qstats.shape[2]
+    num_q_tiles = Tp // (bq * wgs)
+    a = st.logit_scale
+    G = st.G
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, qstats_ref, *rest):
+        rest = list(rest)
+        qcode_ref = rest.pop(0) if st.has_codes else None
+        kbias_ref = rest.pop(0) if st.has_b else None
+        kcode_ref = rest.pop(0) if st.has_codes else None
+        dq_ref = rest.pop(0)
+        dc_ref = rest.pop(0) if st.has_c else None
+        (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2), barriers = rest
+        batch = lax.axis_index("batch")
+        head = lax.axis_index("heads")
+        kv_head = lax.div(head, jnp.int32(G))
+        wg = lax.axis_index("wg")
+        tile_start = lax.axis_index("q_seq") * (wgs * bq)
+        lo, n_kv = _kv_range(st, tile_start, tile_start + wgs * bq, bkv)
+
+        def compute_thread(pipeline_callback):
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            stats_smem = stats_smem2.at[wg]
+            q0 = tile_start + wg * bq
+            rows = (batch, pl.ds(q0, bq), head)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, barriers.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, barriers.at[wg])
+            plgpu.copy_gmem_to_smem(qstats_ref.at[batch, head, :, pl.ds(q0, bq)], stats_smem,
+                                    barriers.at[wg])
+            if st.has_codes:
+                plgpu.copy_gmem_to_smem(qcode_ref.at[batch, pl.ds(q0, bq)], qcode_smem2.at[wg],
+                                        barriers.at[wg])
+            plgpu.barrier_wait(barriers.at[wg])
+            carry = (_zeros((bq, H)), _zeros_vec(bq, ROW))
+            dq_acc, dc = pipeline_callback(carry)
+            scale = jnp.full((bq,), a, jnp.float32)
+            if st.has_c:
+                scale = scale * plgpu.load(stats_smem.at[2], layout=ROW)
+            dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
+            q_smem[...] = dq.astype(st.dtype)
+            if st.has_c:
+                dc_smem2.at[wg][...] = dc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+            if st.has_c:
+                plgpu.copy_smem_to_gmem(dc_smem2.at[wg], dc_ref.at[batch, head, pl.ds(q0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        def kv_body(indices, *refs):
+            n_in = len(in_specs)
+            smem_refs, consumed, carry = refs[:n_in], refs[n_in:2 * n_in], refs[-1]
+            k_smem, v_smem = smem_refs[0], smem_refs[1]
+            extra = list(smem_refs[2:])
+            kb_smem = extra.pop(0) if st.has_b else None
+            kc_smem = extra.pop(0) if st.has_codes else None
+            dq_acc, dc = carry
+            q0 = tile_start + wg * bq
+            k0 = (lo + indices[0]) * bkv
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            stats_smem = stats_smem2.at[wg]
+            lse2 = plgpu.load(stats_smem.at[0], layout=ROW)
+            delta = plgpu.load(stats_smem.at[1], layout=ROW)
+
+            s = _mm_smem(q_smem, k_smem.transpose((1, 0)), (bq, bkv))
+            u = s * a
+            if st.has_b:
+                kb = plgpu.load(kb_smem, layout=COL)
+                plgpu.barrier_arrive(consumed[2])
+                u = u + lax.broadcast_in_dim(kb, (bq, bkv), [1])
+            if st.has_c:
+                crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E
+                z2 = u * lax.broadcast_in_dim(crow, (bq, bkv), [0])
+            else:
+                z2 = u * LOG2E
+            p = jnp.exp2(z2 - lax.broadcast_in_dim(lse2, (bq, bkv), [0]))
+            qi = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+            kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+            qc = kc = None
+            if st.has_codes:
+                qc = lax.broadcast_in_dim(plgpu.load(qcode_smem2.at[wg], layout=ROW), (bq, bkv), [0])
+                kc = lax.broadcast_in_dim(plgpu.load(kc_smem, layout=COL), (bq, bkv), [1])
+                plgpu.barrier_arrive(consumed[-1])
+            vis = _visible(st, qi, kj, qc, kc)
+            if vis is not None:
+                p = jnp.where(vis, p, 0.0)
+
+            dp = _mm_smem(do_smem, v_smem.transpose((1, 0)), (bq, bkv))
+            plgpu.barrier_arrive(consumed[1])
+            dz = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
+            if st.has_c:
+                dc = dc + jnp.sum(dz * u, axis=1)
+            dq_acc = _mma_acc(dq_acc, dz.astype(st.dtype), k_smem, st.interpret)
+            plgpu.barrier_arrive(consumed[0])
+            return dq_acc, dc
+
+        tf = _transforms()
+        in_specs = [
+            plgpu.BlockSpec((bkv, H), lambda i: (lo + i, 0), transforms=tf),
+            plgpu.BlockSpec((bkv, Hv), lambda i: (lo + i, 0), transforms=tf),
+        ]
+        in_refs = [k_ref.at[batch, :, kv_head, :], v_ref.at[batch, :, kv_head, :]]
+        if st.has_b:
+            in_specs.append(plgpu.BlockSpec((bkv,), lambda i: (lo + i,)))
+            in_refs.append(kbias_ref.at[batch, kv_head])
+        if st.has_codes:
+            in_specs.append(plgpu.BlockSpec((bkv,), lambda i: (lo + i,)))
+            in_refs.append(kcode_ref.at[batch])
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            kv_body,
+            grid=(n_kv,),
+            max_concurrent_steps=cfg.max_concurrent_steps,
+            num_compute_wgs=wgs,
+            memory_registers=40,
+            wg_axis="wg",
+            manual_consumed_barriers=True,
+            compute_context=compute_thread,
+            in_specs=in_specs,
+        )
+        pipeline(*in_refs)
+
+    tf = _transforms()
+    scratch = (
+        plgpu.SMEM((wgs, bq, H), st.dtype, transforms=tf),
+        plgpu.SMEM((wgs, bq, Hv), st.dtype, transforms=tf),
+        plgpu.SMEM((wgs, n_stats, bq), jnp.float32),
+        plgpu.SMEM((wgs, bq), jnp.int32) if st.has_codes else None,
+        plgpu.SMEM((wgs, bq), jnp.float32) if st.has_c else None,
+    )
+    n_copies = 3 + int(st.has_codes)
+    out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if st.has_c:
+        out_type.append(jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
+    inputs = [q, k, v, do, qstats]
+    if st.has_codes:
+        inputs.append(qcode)
+    if st.has_b:
+        inputs.append(kbias)
+    if st.has_codes:
+        inputs.append(kcode)
+    outs = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=[scratch, plgpu.Barrier(num_arrivals=n_copies, num_barriers=wgs)],
+        compiler_params=_compiler_params(),
+        grid=(N, num_q_tiles, B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        interpret=interpret,
+    )(*inputs)
+    return outs[0], (outs[1] if st.has_c else None)
+
+
+# -------------------------------------------------------------------------------------------- dkv
+
+
+def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, interpret):
+    """dk ``[B, Sp, K, H]``, dv ``[B, Sp, K, Hv]`` (input dtype), db ``[B, K, Sp]`` float32 or None."""
+    B, Tp, N, H = q.shape
+    Sp, K = k.shape[1], k.shape[2]
+    Hv = v.shape[-1]
+    G = st.G
+    bq, bkv, wgs = cfg.block_q_dkv, cfg.block_kv_dkv, cfg.compute_wgs
+    n_stats = qstats.shape[2]
+    num_kv_tiles = Sp // (bkv * wgs)
+    a = st.logit_scale
+    q5 = q.reshape(B, Tp, K, G, H)
+    do5 = do.reshape(B, Tp, K, G, Hv)
+    qstats5 = qstats.reshape(B, K, G, n_stats, Tp)
+
+    def kernel(q_ref, do_ref, k_ref, v_ref, qstats_ref, *rest):
+        rest = list(rest)
+        qcode_ref = rest.pop(0) if st.has_codes else None
+        kbias_ref = rest.pop(0) if st.has_b else None
+        kcode_ref = rest.pop(0) if st.has_codes else None
+        dk_ref, dv_ref = rest.pop(0), rest.pop(0)
+        db_ref = rest.pop(0) if st.has_b else None
+        (k_smem2, v_smem2, kb_smem2, kc_smem2), barriers = rest
+        batch = lax.axis_index("batch")
+        kv_head = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        tile_start = lax.axis_index("kv_seq") * (wgs * bkv)
+        lo, n_q = _q_range(st, tile_start, tile_start + wgs * bkv, bq)
+
+        def compute_thread(pipeline_callback):
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            k0 = tile_start + wg * bkv
+            rows = (batch, pl.ds(k0, bkv), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, barriers.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, barriers.at[wg])
+            if st.has_b:
+                plgpu.copy_gmem_to_smem(kbias_ref.at[batch, kv_head, pl.ds(k0, bkv)], kb_smem2.at[wg],
+                                        barriers.at[wg])
+            if st.has_codes:
+                plgpu.copy_gmem_to_smem(kcode_ref.at[batch, pl.ds(k0, bkv)], kc_smem2.at[wg],
+                                        barriers.at[wg])
+            plgpu.barrier_wait(barriers.at[wg])
+            carry = (_zeros((bkv, H)), _zeros((bkv, Hv)), _zeros_vec(bkv, ROW))
+            dk_acc, dv_acc, db = pipeline_callback(carry)
+            k_smem[...] = (dk_acc * a).astype(st.dtype)
+            v_smem[...] = dv_acc.astype(st.dtype)
+            if st.has_b:
+                kb_smem2.at[wg][...] = db
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
+            if st.has_b:
+                plgpu.copy_smem_to_gmem(kb_smem2.at[wg], db_ref.at[batch, kv_head, pl.ds(k0, bkv)],
+                                        commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        def q_body(indices, *refs):
+            n_in = len(in_specs)
+            smem_refs, consumed, carry = refs[:n_in], refs[n_in:2 * n_in], refs[-1]
+            q_smem, do_smem, stats_smem = smem_refs[:3]
+            qc_smem = smem_refs[3] if st.has_codes else None
+            dk_acc, dv_acc, db = carry
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            k0 = tile_start + wg * bkv
+            q0 = (lo + indices[1]) * bq
+            shape = (bkv, bq)
+
+            lse2 = plgpu.load(stats_smem.at[0], layout=COL)
+            delta = plgpu.load(stats_smem.at[1], layout=COL)
+            crow = plgpu.load(stats_smem.at[2], layout=COL) if st.has_c else None
+            plgpu.barrier_arrive(consumed[2])
+            qc = kc = None
+            if st.has_codes:
+                qc = lax.broadcast_in_dim(plgpu.load(qc_smem, layout=COL), shape, [1])
+                plgpu.barrier_arrive(consumed[3])
+                kc = lax.broadcast_in_dim(plgpu.load(kc_smem2.at[wg], layout=ROW), shape, [0])
+
+            s_t = _mm_smem(k_smem, q_smem.transpose((1, 0)), shape)
+            u_t = s_t * a
+            if st.has_b:
+                kb = plgpu.load(kb_smem2.at[wg], layout=ROW)
+                u_t = u_t + lax.broadcast_in_dim(kb, shape, [0])
+            if st.has_c:
+                z2 = u_t * lax.broadcast_in_dim(crow * LOG2E, shape, [1])
+            else:
+                z2 = u_t * LOG2E
+            p_t = jnp.exp2(z2 - lax.broadcast_in_dim(lse2, shape, [1]))
+            kj = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+            qi = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            vis = _visible(st, qi, kj, qc, kc)
+            if vis is not None:
+                p_t = jnp.where(vis, p_t, 0.0)
+
+            dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
+            dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
+            plgpu.barrier_arrive(consumed[1])
+            dz_t = p_t * (dp_t - lax.broadcast_in_dim(delta, shape, [1]))
+            if st.has_c:
+                dz_t = dz_t * lax.broadcast_in_dim(crow, shape, [1])
+            if st.has_b:
+                db = db + jnp.sum(dz_t, axis=1)
+            dk_acc = _mma_acc(dk_acc, dz_t.astype(st.dtype), q_smem, st.interpret)
+            plgpu.barrier_arrive(consumed[0])
+            return dk_acc, dv_acc, db
+
+        tf = _transforms()
+        in_specs = [
+            plgpu.BlockSpec((bq, pl.Squeezed(), H), lambda g, i: (lo + i, g, 0), transforms=tf),
+            plgpu.BlockSpec((bq, pl.Squeezed(), Hv), lambda g, i: (lo + i, g, 0), transforms=tf),
+            plgpu.BlockSpec((pl.Squeezed(), n_stats, bq), lambda g, i: (g, 0, lo + i)),
+        ]
+        in_refs = [q_ref.at[batch, :, kv_head], do_ref.at[batch, :, kv_head], qstats_ref.at[batch, kv_head]]
+        if st.has_codes:
+            in_specs.append(plgpu.BlockSpec((bq,), lambda g, i: (lo + i,)))
+            in_refs.append(qcode_ref.at[batch])
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            q_body,
+            grid=(G, n_q),
+            max_concurrent_steps=cfg.max_concurrent_steps,
+            num_compute_wgs=wgs,
+            memory_registers=40,
+            wg_axis="wg",
+            manual_consumed_barriers=True,
+            compute_context=compute_thread,
+            in_specs=in_specs,
+        )
+        pipeline(*in_refs)
+
+    tf = _transforms()
+    scratch = (
+        plgpu.SMEM((wgs, bkv, H), st.dtype, transforms=tf),
+        plgpu.SMEM((wgs, bkv, Hv), st.dtype, transforms=tf),
+        plgpu.SMEM((wgs, bkv), jnp.float32) if st.has_b else None,
+        plgpu.SMEM((wgs, bkv), jnp.int32) if st.has_codes else None,
+    )
+    n_copies = 2 + int(st.has_b) + int(st.has_codes)
+    out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    if st.has_b:
+        out_type.append(jax.ShapeDtypeStruct((B, K, Sp), jnp.float32))
+    inputs = [q5, do5, k, v, qstats5]
+    if st.has_codes:
+        inputs.append(qcode)
+    if st.has_b:
+        inputs.append(kbias)
+    if st.has_codes:
+        inputs.append(kcode)
+    outs = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=[scratch, plgpu.Barrier(num_arrivals=n_copies, num_barriers=wgs)],
+        compiler_params=_compiler_params(),
+        grid=(K, num_kv_tiles, B),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        interpret=interpret,
+    )(*inputs)
+    return outs[0], outs[1], (outs[2] if st.has_b else None)
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+
+def _codes(mask: MaskSpec, B, T, S, Tp, Sp, R):
+    """int32 visibility codes ``[B, Tp]`` (queries) and ``[B, Sp]`` (keys incl. registers)."""
+    i = jnp.arange(Tp)[None, :]
+    qcode = (jnp.zeros((B, Tp), jnp.int32) if mask.q_segment_ids is None
+             else _pad_axis(mask.q_segment_ids.astype(jnp.int32), 1, Tp))
+    valid_q = i < T
+    if mask.q_lengths is not None:
+        valid_q = valid_q & (i < mask.q_lengths.astype(jnp.int32)[:, None])
+    qcode = jnp.where(valid_q, qcode, Q_INVALID)
+    pos = jnp.arange(Sp - R)[None, :]
+    kcode = (jnp.zeros((B, Sp - R), jnp.int32) if mask.kv_segment_ids is None
+             else _pad_axis(mask.kv_segment_ids.astype(jnp.int32), 1, Sp - R))
+    valid_k = pos < S - R
+    if mask.kv_lengths is not None:
+        valid_k = valid_k & (pos < mask.kv_lengths.astype(jnp.int32)[:, None])
+    kcode = jnp.where(valid_k, kcode, K_INVALID)
+    kcode = jnp.concatenate([jnp.full((B, R), K_REGISTER, jnp.int32), kcode], axis=1)
+    return qcode, kcode
+
+
+def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
+    for name, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("out", out, 4), ("dout", dout, 4),
+                        ("lse", lse, 3)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        if x.ndim != nd:
+            raise ValueError(f"{name} must have {nd} dims, got shape {x.shape}")
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if k.shape != (B, S, K, H):
+        raise ValueError(f"k must have shape [B, S, K, H] with B, H of q {q.shape}, got {k.shape}")
+    if v.shape[:3] != (B, S, K):
+        raise ValueError(f"v must have shape [B, S, K, Hv] matching k {k.shape}, got {v.shape}")
+    if K == 0 or N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
+    Hv = v.shape[-1]
+    for name, x in (("out", out), ("dout", dout)):
+        if x.shape != (B, T, N, Hv):
+            raise ValueError(f"{name} must have shape {(B, T, N, Hv)}, got {x.shape}")
+    if lse.shape != (B, N, T):
+        raise ValueError(f"lse must have shape {(B, N, T)}, got {lse.shape}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise NotImplementedError(f"the Mosaic GPU backward takes bfloat16/float16 inputs, got {q.dtype}")
+    if query_scale is not None and query_scale.shape != (B, N, T):
+        raise ValueError(f"query_scale must have shape {(B, N, T)}, got {query_scale.shape}")
+    if key_bias is not None and key_bias.shape != (B, K, S):
+        raise ValueError(f"key_bias must have shape {(B, K, S)}, got {key_bias.shape}")
+    if not isinstance(mask, MaskSpec):
+        raise TypeError(f"mask must be a MaskSpec, got {type(mask).__name__}")
+    if (mask.q_segment_ids is None) != (mask.kv_segment_ids is None):
+        raise ValueError("mask.q_segment_ids and mask.kv_segment_ids must be given together")
+    R = mask.num_registers
+    if R < 0 or R > S:
+        raise ValueError(f"mask.num_registers must be in [0, S={S}], got {R}")
+    if mask.q_segment_ids is not None:
+        if mask.q_segment_ids.shape != (B, T) or mask.kv_segment_ids.shape != (B, S - R):
+            raise ValueError("segment ids must have shapes [B, T] and [B, S - num_registers], got "
+                             f"{mask.q_segment_ids.shape}, {mask.kv_segment_ids.shape}")
+    for name in ("q_lengths", "kv_lengths"):
+        x = getattr(mask, name)
+        if x is not None and x.shape != (B,):
+            raise ValueError(f"mask.{name} must have shape {(B,)}, got {x.shape}")
+
+
+def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=None, key_bias=None,
+                   mask: MaskSpec | None = None, config: BackwardConfig | None = None, interpret=None):
+    """Gradients of the kernel-level attention problem, with two fused Mosaic GPU kernels.
+
+    .. math::
+
+      dq_i = a c_i \\sum_j dZ_{ij} k_j, \\quad dk_j = a \\sum_i c_i dZ_{ij} q_i, \\quad
+      dv_j = \\sum_i p_{ij} dO_i, \\quad dc_i = \\sum_j dZ_{ij} u_{ij}, \\quad db_j = \\sum_i c_i dZ_{ij}
+
+    (``dk``, ``dv``, ``db`` summed over the query heads of each GQA group, inside the kernel).
+
+    Args:
+      q: ``[B, T, N, H]`` bfloat16 or float16 queries.
+      k: ``[B, S, K, H]`` keys, ``N % K == 0``.
+      v: ``[B, S, K, Hv]`` values.
+      out: ``[B, T, N, Hv]`` forward output (for ``delta = rowsum(dout * out)``).
+      lse: ``[B, N, T]`` float32 natural-log logsumexp of the forward (0 on rows with no key).
+      dout: ``[B, T, N, Hv]`` cotangent of ``out``.
+      logit_scale: the python float ``a``.
+      query_scale: ``[B, N, T]`` float32 ``c`` or None (= 1).
+      key_bias: ``[B, K, S]`` float32 ``b`` or None (= 0).
+      mask: the :class:`~pallas_kernels.common.MaskSpec` of the forward (None: no mask).
+      config: block sizes; :func:`default_config` of the head dim when None.
+      interpret: a ``plgpu.InterpretGPUParams`` (or None: interpret iff the default backend is cpu).
+
+    Returns:
+      ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
+      ``[B, N, T]`` and dkey_bias ``[B, K, S]`` float32, each None iff its input is None.
+
+    Raises:
+      NotImplementedError: float32 inputs, head dims above 256.
+    """
+    mask = MaskSpec() if mask is None else mask
+    _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask)
+    if not isinstance(logit_scale, (int, float)) or isinstance(logit_scale, bool):
+        raise TypeError(f"logit_scale must be a python float, got {type(logit_scale).__name__}")
+    if interpret is None and jax.default_backend() == "cpu":
+        interpret = plgpu.InterpretGPUParams()
+    B, T, N, H0 = q.shape
+    S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
+    H, Hv = _padded_dim(H0), _padded_dim(Hv0)
+    cfg = config if config is not None else default_config(max(H, Hv))
+    if not isinstance(cfg, BackwardConfig):
+        raise TypeError(f"config must be a BackwardConfig, got {type(cfg).__name__}")
+    R = mask.num_registers
+    q_mult = math.lcm(cfg.block_q_dq * cfg.compute_wgs, cfg.block_q_dkv)
+    k_mult = math.lcm(cfg.block_kv_dkv * cfg.compute_wgs, cfg.block_kv_dq)
+    Tp, Sp = _cdiv(T, q_mult) * q_mult, _cdiv(S, k_mult) * k_mult
+    has_codes = any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
+    st = _Static(
+        logit_scale=float(logit_scale), num_registers=R, is_causal=mask.is_causal,
+        window=mask.local_window_size, has_codes=has_codes, has_c=query_scale is not None,
+        has_b=key_bias is not None, T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
+        interpret=interpret is not None and interpret is not False)
+    return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 11))
+def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret):
+    B, T, N, H0 = q.shape
+    S, Hv0 = k.shape[1], v.shape[-1]
+    delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), dout.astype(jnp.float32))
+    stats = [lse.astype(jnp.float32) * LOG2E, delta]
+    if st.has_c:
+        stats.append(query_scale.astype(jnp.float32))
+    qstats = _pad_axis(jnp.stack(stats, axis=2), 3, st.Tp)  # [B, N, n_stats, Tp]
+    qp = _pad_axis(_pad_axis(q, 3, st.H), 1, st.Tp)
+    kp = _pad_axis(_pad_axis(k, 3, st.H), 1, st.Sp)
+    vp = _pad_axis(_pad_axis(v, 3, st.Hv), 1, st.Sp)
+    dop = _pad_axis(_pad_axis(dout.astype(q.dtype), 3, st.Hv), 1, st.Tp)
+    kbias = None if key_bias is None else _pad_axis(key_bias.astype(jnp.float32), 2, st.Sp)
+    qcode = kcode = None
+    if st.has_codes:
+        qcode, kcode = _codes(mask, B, T, S, st.Tp, st.Sp, st.num_registers)
+    dq, dc = _dq_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, interpret)
+    dk, dv, db = _dkv_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, interpret)
+    dq = dq[:, :T, :, :H0]
+    dk = dk[:, :S, :, :H0]
+    dv = dv[:, :S, :, :Hv0]
+    dc = None if dc is None else dc[:, :, :T]
+    db = None if db is None else db[:, :, :S]
+    return dq, dk, dv, dc, db
