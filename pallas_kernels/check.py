@@ -147,12 +147,31 @@ def check_case(case, seed=0):
     return res
 
 
+def _stats_sweep():
+    """lse error of the stats sweep (no P @ V) against the main kernel, per dtype / D / block_kv."""
+    from pallas_kernels.forward import BlockSizes
+    for dtype in ("float16", "bfloat16"):
+        for H, bkv in ((64, 256), (64, 128), (128, 128)):
+            case = ("", 1, 2048, 2048, 4, 4, H, dtype, {}, False, False, 0)
+            q, k, v, c, b, spec = _make(case, 1)
+            cfg = BlockSizes(64, bkv, 2)
+            _, lse, ent, _ = flash_forward(q, k, v, logit_scale=0.125, mask=spec, config=cfg,
+                                           return_stats=True)
+            lse2, ent2 = flash_stats(q, k, logit_scale=0.125, mask=spec, config=cfg)
+            print(f"stats sweep {dtype} H={H} block_kv={bkv}: lse {_stat_err(lse2, lse):.2e} "
+                  f"entropy {_stat_err(ent2, ent):.2e}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the first three cases")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--stats-sweep", action="store_true",
+                        help="compare flash_stats with flash_forward's stats over block sizes")
     args = parser.parse_args(argv)
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
+    if args.stats_sweep:
+        _stats_sweep()
     cases = CASES[:3] if args.quick else CASES
     results = []
     for case in cases:
