@@ -1,0 +1,206 @@
+"""An independent float64 NumPy oracle for every attention variant (tests only).
+
+Written from ``/work/shared/SCIENCE.md`` section 1 and the API contract of issue 2, not from
+``jaxattn/reference.py``: it loops over (batch, query head, query) rows and builds each row's
+logits from their definitions.
+
+* softmax: ``(scale q.k + bias) / theta``;
+* adaptive temperature: ``beta * (scale q.k + bias)`` with ``H = -sum p log(p + eps)`` of the base
+  softmax and ``beta = max(1, polyval(coeffs, H))`` if ``H > threshold`` else 1 (``numpy.polyval``,
+  highest power first);
+* scalable softmax: ``s_n log(n_i) (scale q.k + bias)``, ``n_i`` = keys query ``i`` can attend
+  (registers included);
+* RBF: ``-gamma ||q - k||^2 + bias`` computed directly, ``gamma`` defaulting to ``scale``;
+* hardmax: uniform over the maximal visible logits; top-k: softmax over the ``k`` largest visible
+  logits, ties to the lower key index (registers first).
+
+Visibility: bool mask (True = attend), causal ``j <= i``, window ``i - left <= j <= i + right``,
+lengths (query rows ``>= q_len`` see nothing, keys ``>= kv_len`` hidden), segment ids. Registers are
+prepended, visible to every valid query, with bias 0. A query with no visible key gives zeros and
+zero statistics.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+import jaxattn
+
+__all__ = ["OracleResult", "attention_oracle", "visible_keys", "row_logits"]
+
+
+@dataclasses.dataclass
+class OracleResult:
+    """Oracle outputs for batched inputs.
+
+    Attributes:
+      out: ``[B, T, N, Hv]``.
+      weights: ``[B, N, T, R + S]`` (registers first).
+      logsumexp, entropy, max_weight: ``[B, N, T]``.
+      base_entropy: ``[B, N, T]``, entropy ``-sum p log(p + eps)`` of the base softmax (adaptive
+        temperature only, else zeros); lets tests stay away from the kinks of ``beta``.
+      visible: bool ``[B, N, T, R + S]``.
+    """
+
+    out: np.ndarray
+    weights: np.ndarray
+    logsumexp: np.ndarray
+    entropy: np.ndarray
+    max_weight: np.ndarray
+    base_entropy: np.ndarray
+    visible: np.ndarray
+
+
+def _f64(x):
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def _broadcast4(x, shape):
+    """Left-pads ``x`` with unit dims and broadcasts it to ``shape`` (B, N, T, S)."""
+    x = np.asarray(x)
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    return np.broadcast_to(x, shape)
+
+
+def visible_keys(b, n, i, *, T, S, R, mask=None, is_causal=False, query_seq_lengths=None,
+                 key_value_seq_lengths=None, q_segment_ids=None, kv_segment_ids=None,
+                 local_window_size=None):
+    """Bool ``[R + S]``: the keys query ``i`` of batch ``b``, head ``n`` may attend."""
+    if query_seq_lengths is not None and i >= int(query_seq_lengths[b]):
+        return np.zeros(R + S, bool)
+    seq = np.ones(S, bool)
+    for j in range(S):
+        if mask is not None and not mask[b, n, i, j]:
+            seq[j] = False
+        if is_causal and j > i:
+            seq[j] = False
+        if local_window_size is not None:
+            left, right = local_window_size
+            if j < i - left or j > i + right:
+                seq[j] = False
+        if key_value_seq_lengths is not None and j >= int(key_value_seq_lengths[b]):
+            seq[j] = False
+        if q_segment_ids is not None and q_segment_ids[b, i] != kv_segment_ids[b, j]:
+            seq[j] = False
+    return np.concatenate([np.ones(R, bool), seq])
+
+
+def _softmax(z, keep):
+    """Softmax of ``z`` over ``keep`` (zeros elsewhere) and its logsumexp; empty -> zeros, 0."""
+    if not keep.any():
+        return np.zeros_like(z), 0.0
+    m = z[keep].max()
+    e = np.where(keep, np.exp(np.where(keep, z - m, 0.0)), 0.0)
+    total = e.sum()
+    return e / total, m + math.log(total)
+
+
+def _entropy(p):
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum())
+
+
+def _param(value, n):
+    """A scalar hyper-parameter or the entry for query head ``n`` of a per-head array."""
+    arr = np.asarray(value, dtype=np.float64)
+    return float(arr) if arr.ndim == 0 else float(arr[n])
+
+
+def row_logits(variant, q, keys, row_bias, visible, *, scale, n):
+    """The variant's logits for one query row before normalisation.
+
+    Returns ``(z, base_entropy)`` with ``z`` ``[R + S]`` as the variant defines them.
+    """
+    base = scale * (keys @ q) + row_bias
+    if isinstance(variant, jaxattn.Softmax):
+        return base / _param(variant.temperature, n), 0.0
+    if isinstance(variant, jaxattn.AdaptiveTemperature):
+        p0, _ = _softmax(base, visible)
+        h = float(-(p0[visible] * np.log(p0[visible] + variant.entropy_eps)).sum())
+        beta = max(1.0, float(np.polyval(variant.coeffs, h))) if h > variant.threshold else 1.0
+        return beta * base, h
+    if isinstance(variant, jaxattn.ScalableSoftmax):
+        count = int(visible.sum())
+        factor = _param(variant.s, n) * math.log(count) if count else 0.0
+        return factor * base, 0.0
+    if isinstance(variant, jaxattn.RBF):
+        gamma = scale if variant.gamma is None else _param(variant.gamma, n)
+        diff = keys - q[None, :]
+        return -gamma * np.sum(diff * diff, axis=-1) + row_bias, 0.0
+    if isinstance(variant, (jaxattn.Hardmax, jaxattn.TopK)):
+        return base, 0.0
+    raise TypeError(f"oracle: unknown variant {variant!r}")
+
+
+def _support(variant, z, visible):
+    """The keys that carry weight."""
+    if isinstance(variant, jaxattn.Hardmax):
+        if not visible.any():
+            return visible
+        return visible & (z == z[visible].max())
+    if isinstance(variant, jaxattn.TopK):
+        order = sorted(np.flatnonzero(visible), key=lambda j: (-z[j], j))
+        keep = np.zeros_like(visible)
+        keep[order[: variant.k]] = True
+        return keep
+    return visible
+
+
+def attention_oracle(query, key, value, *, variant="softmax", bias=None, mask=None, scale=None,
+                     is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
+                     q_segment_ids=None, kv_segment_ids=None, local_window_size=None,
+                     registers=None):
+    """Attention of batched inputs (``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]``) in float64.
+
+    Arguments follow :func:`jaxattn.attention` (``local_window_size`` a ``(left, right)`` pair,
+    ``registers`` a pair of ``[R, K, H]`` / ``[R, K, Hv]`` or batched arrays).
+    """
+    variant = jaxattn.get_variant(variant)
+    q, k, v = _f64(query), _f64(key), _f64(value)
+    B, T, N, H = q.shape
+    S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+    R = 0
+    if registers is not None:
+        rk, rv = _f64(registers[0]), _f64(registers[1])
+        if rk.ndim == 3:
+            rk, rv = np.broadcast_to(rk, (B, *rk.shape)), np.broadcast_to(rv, (B, *rv.shape))
+        R = rk.shape[1]
+        k = np.concatenate([rk, k], axis=1)
+        v = np.concatenate([rv, v], axis=1)
+    full = (B, N, T, S)
+    bias = np.zeros(full) if bias is None else _broadcast4(_f64(bias), full)
+    mask = None if mask is None else _broadcast4(np.asarray(mask), full)
+    window = local_window_size
+    if isinstance(window, int):
+        window = (window, window)
+    group = N // K
+    res = OracleResult(
+        out=np.zeros((B, T, N, Hv)), weights=np.zeros((B, N, T, R + S)),
+        logsumexp=np.zeros((B, N, T)), entropy=np.zeros((B, N, T)), max_weight=np.zeros((B, N, T)),
+        base_entropy=np.zeros((B, N, T)), visible=np.zeros((B, N, T, R + S), bool))
+    for b in range(B):
+        for n in range(N):
+            kv_head = n // group
+            for i in range(T):
+                vis = visible_keys(
+                    b, n, i, T=T, S=S, R=R, mask=mask, is_causal=is_causal,
+                    query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                    q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                    local_window_size=window)
+                res.visible[b, n, i] = vis
+                if not vis.any():
+                    continue
+                row_bias = np.concatenate([np.zeros(R), bias[b, n, i]])
+                z, h0 = row_logits(variant, q[b, i, n], k[b, :, kv_head], row_bias, vis,
+                                   scale=scale, n=n)
+                keep = _support(variant, z, vis)
+                p, lse = _softmax(z, keep)
+                res.weights[b, n, i] = p
+                res.out[b, i, n] = p @ v[b, :, kv_head]
+                res.logsumexp[b, n, i] = lse
+                res.entropy[b, n, i] = _entropy(p)
+                res.max_weight[b, n, i] = p.max()
+                res.base_entropy[b, n, i] = h0
+    return res
