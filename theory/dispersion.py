@@ -96,15 +96,22 @@ def logit_spread(logits):
     return (jnp.max(rows, axis=-1) - jnp.min(rows, axis=-1)).reshape(lead)
 
 
-def _attend(logits, variant):
-    """Weights ``[..., n]`` and stats ``[...]`` of a variant on rows of logits, via jaxattn."""
-    rows, lead = _float_rows(logits)
-    B, n = rows.shape
+@jax.jit
+def _attend_rows(rows, variant):
+    """Weights ``[B, n]`` and stats ``[B]`` of a variant on rows ``[B, n]`` (jitted once per shape;
+    the variant's numeric hyper-parameters are traced pytree leaves)."""
+    B = rows.shape[0]
     q = jnp.ones((B, 1, 1, 1), rows.dtype)
     k = rows[:, :, None, None]
     w, stats = jaxattn.attention_weights(q, k, variant=variant, scale=1.0, return_stats=True)
-    stats = jax.tree.map(lambda a: a.reshape(lead), stats)
-    return w.reshape(*lead, n), stats
+    return w[:, 0, 0, :], jax.tree.map(lambda a: a[:, 0, 0], stats)
+
+
+def _attend(logits, variant):
+    """Weights ``[..., n]`` and stats ``[...]`` of a variant on rows of logits, via jaxattn."""
+    rows, lead = _float_rows(logits)
+    w, stats = _attend_rows(rows, variants.get_variant(variant))
+    return w.reshape(*lead, rows.shape[-1]), jax.tree.map(lambda a: a.reshape(lead), stats)
 
 
 def weights_of_logits(logits, variant="softmax"):
@@ -367,6 +374,7 @@ def ssmax_limit(s, delta):
     return 1.0 if x > 1 else (0.5 if x == 1 else 0.0)
 
 
+@jax.jit
 def _rbf_weights(query, keys, gamma, registers=None):
     """RBF weights ``[n]`` (or ``[R + n]``) of one query ``[d]`` over keys ``[n, d]``."""
     q = query[None, None, None, :]
@@ -596,9 +604,13 @@ def softmax_jacobian(logits, temperature=1.0):
     """
     rows, lead = _float_rows(logits)
     n = rows.shape[-1]
-    var = variants.Softmax(temperature)
-    jac = jax.vmap(jax.jacfwd(lambda r: weights_of_logits(r, var)))(rows)
+    jac = _jacobian_rows(rows, variants.Softmax(temperature))
     return jac.reshape(*lead, n, n)
+
+
+@jax.jit
+def _jacobian_rows(rows, variant):
+    return jax.vmap(jax.jacfwd(lambda r: _attend_rows(r[None], variant)[0][0]))(rows)
 
 
 class Corollary3(NamedTuple):

@@ -1,0 +1,343 @@
+"""Property tests for theory.dispersion: SCIENCE.md sections 2.1 and 2.2.
+
+Shapes come from fixed buckets; hypothesis draws seeds, scales, temperatures and tie patterns.
+float64 is on for the session (conftest). jaxattn applies ``1/temperature`` (and SSMax's
+``s log n``) in float32, so comparisons against closed forms allow the float32 rounding of that
+scale: a relative ``2^-23 (1 + |logit range| / theta)`` on the weights, never more.
+"""
+
+import math
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn import variants
+from theory import dispersion as D
+from theory import sample_complexity as sc
+
+LENGTHS = (1, 2, 7, 64)
+EPS32 = 2.0**-23
+
+
+def _scale_rtol(spread, theta):
+    """Relative error of weights from a float32-rounded ``1/theta`` (plus float64 rounding)."""
+    return EPS32 * (1.0 + np.asarray(spread) / theta) + 1e-12
+
+
+def _logits(seed, n, scale, ties, rows=3):
+    x = np.random.default_rng(seed).standard_normal((rows, n)) * scale
+    return jnp.asarray(np.round(x) if ties else x, jnp.float64)
+
+
+logit_args = dict(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.sampled_from(LENGTHS),
+    scale=st.floats(0.0, 20.0),
+    ties=st.booleans(),
+)
+temperatures = st.floats(0.05, 5.0)
+
+
+@hypothesis.given(**logit_args, theta=temperatures)
+def test_lemma_2_1(seed, n, scale, ties, theta):
+    s = _logits(seed, n, scale, ties)
+    r = D.lemma_2_1(s, theta)
+    tol = _scale_rtol(D.logit_spread(s), theta)[:, None]
+    assert np.all(r.value >= r.lower * (1 - tol))
+    assert np.all(r.value <= r.upper * (1 + tol))
+
+
+@hypothesis.given(**logit_args, theta=temperatures)
+def test_tight_max_bound(seed, n, scale, ties, theta):
+    s = _logits(seed, n, scale, ties)
+    r = D.tight_max_bound(s, theta)
+    assert np.all(r.value <= r.bound * (1 + _scale_rtol(D.logit_spread(s), theta)))
+    # It is tighter than Lemma 2.1's upper side for the max weight.
+    assert np.all(r.bound <= D.lemma_2_1(s, theta).upper[:, 0] * (1 + 1e-12))
+
+
+@hypothesis.given(n=st.sampled_from(LENGTHS), delta=st.floats(0.0, 30.0), theta=temperatures)
+def test_tight_max_bound_equality(n, delta, theta):
+    r = D.tight_max_bound(D.extremal_logits(n, delta, jnp.float64), theta)
+    np.testing.assert_allclose(r.value, r.bound, rtol=_scale_rtol(delta, theta))
+
+
+@hypothesis.given(**logit_args, theta=temperatures)
+def test_entropy_floor(seed, n, scale, ties, theta):
+    s = _logits(seed, n, scale, ties)
+    floor, h = D.entropy_floor(s, theta)
+    # The floor is log n - delta/theta; a float32 1/theta moves H by at most EPS32 * delta/theta.
+    assert np.all(floor <= h + EPS32 * (1 + D.logit_spread(s) / theta) + 1e-12)
+
+
+@hypothesis.given(**logit_args, theta=temperatures)
+def test_entropy_derivative(seed, n, scale, ties, theta):
+    s = _logits(seed, n, scale, ties)
+    dh, var_term = D.entropy_temperature_derivative(s, theta)
+    assert np.all(np.asarray(var_term) >= 0)
+    np.testing.assert_allclose(dh, var_term, rtol=1e-5, atol=1e-12 + 1e-6 * float(np.max(var_term)))
+
+
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.01, 10.0),
+                  n=st.sampled_from((1, 5, 32)))
+def test_proposition_3_1(seed, scale, n):
+    rng = np.random.default_rng(seed)
+    q, k = (jnp.asarray(rng.standard_normal((4, 6)) * scale) for _ in range(2))
+    y, xs = jnp.asarray(rng.standard_normal(6)), jnp.asarray(rng.standard_normal((n, 6)) * scale)
+    delta, bound = D.proposition_3_1(q, k, y, xs)
+    assert float(delta) <= float(bound) * (1 + 1e-12)
+
+
+def test_proposition_3_1_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="q_matrix"):
+        D.proposition_3_1(jnp.eye(3), jnp.eye(4), jnp.ones(3), jnp.ones((2, 3)))
+
+
+@hypothesis.given(**logit_args)
+def test_adaptive_never_raises_entropy(seed, n, scale, ties):
+    s = _logits(seed, n, scale, ties)
+    adaptive, plain = D.adaptive_entropy(s)
+    beta = np.asarray(D.adaptive_beta(s))
+    assert np.all(beta >= 1.0)
+    # beta is applied in float64 here (no float32 scale), so only float64 rounding remains.
+    assert np.all(np.asarray(adaptive) <= np.asarray(plain) + 1e-12)
+
+
+@hypothesis.given(**logit_args)
+def test_adaptive_keeps_argmax(seed, n, scale, ties):
+    s = _logits(seed, n, scale, ties)
+    got, want = D.adaptive_argmax(s)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_adaptive_beta_bounded():
+    beta_sup, h_sup, h_inactive = D.adaptive_beta_sup()
+    var = variants.AdaptiveTemperature()
+    h = jnp.linspace(0.0, 20.0, 200_001, dtype=jnp.float64)
+    beta = np.asarray(var.beta(h))
+    assert beta.max() <= beta_sup * (1 + 1e-12)
+    assert abs(beta.max() - beta_sup) < 1e-6  # the sup is reached (on this grid, to 1e-6)
+    np.testing.assert_allclose(float(var.beta(jnp.asarray(h_sup))), beta_sup, rtol=1e-12)
+    assert np.all(beta[np.asarray(h) > h_inactive] == 1.0)
+    # The numbers this package reports: sup beta ~ 2.4214 at H ~ 4.4124 nats; beta = 1 past ~5.9445.
+    np.testing.assert_allclose([beta_sup, h_sup, h_inactive], [2.42139, 4.41240, 5.94452], atol=1e-4)
+    # polyval order: highest power first (beta(2) = -0.037*16 + 0.481*8 - 2.3*4 + 4.917*2 - 1.791).
+    np.testing.assert_allclose(float(var.beta(jnp.asarray(2.0))), 2.099, rtol=1e-12)
+
+
+@hypothesis.given(**logit_args)
+def test_adaptive_still_disperses(seed, n, scale, ties):
+    s = _logits(seed, n, scale, ties)
+    r = D.adaptive_dispersion(s)
+    assert np.all(r.value >= r.lower * (1 - 1e-12))
+    assert np.all(r.value <= r.upper * (1 + 1e-12))
+
+
+def test_adaptive_inactive_for_near_uniform_long_rows():
+    # Entropy above h_inactive ~ 5.94 nats (n >= 381 near-uniform keys): beta = 1, plain softmax.
+    s = jnp.asarray(np.random.default_rng(0).standard_normal((2, 1024)) * 0.1)
+    np.testing.assert_array_equal(D.adaptive_beta(s), [1.0, 1.0])
+    np.testing.assert_allclose(D.weights_of_logits(s, variants.AdaptiveTemperature()),
+                               D.weights_of_logits(s, "softmax"), rtol=1e-12)
+
+
+@hypothesis.given(n=st.sampled_from((2, 16, 256, 4096)), delta=st.floats(0.0, 10.0),
+                  s=st.floats(0.05, 2.0))
+def test_ssmax_top_weight(n, delta, s):
+    got, closed = D.ssmax_top_weight(n, delta, s, jnp.float64)
+    # s log n is formed in float32 by jaxattn: relative error <= 2 EPS32 * s delta log n.
+    np.testing.assert_allclose(got, closed, rtol=2 * EPS32 * (1 + s * delta * math.log(n)) + 1e-12)
+
+
+@hypothesis.given(s_delta=st.floats(0.1, 3.0), log2n=st.integers(1, 60))
+def test_ssmax_limit(s_delta, log2n):
+    # 1 - w <= n^(1 - s Delta) and w <= n^(s Delta) / (n - 1): the limits 1 (s Delta > 1), 0 (< 1).
+    n = 2.0**log2n
+    rest = (n - 1) * n ** (-s_delta)  # total weight of the n - 1 low logits, relative to the top
+    w, off = 1.0 / (1.0 + rest), rest / (1.0 + rest)  # off = 1 - w without cancellation
+    assert off <= n ** (1.0 - s_delta) * (1 + 1e-12)
+    assert w <= n**s_delta / (n - 1) * (1 + 1e-12)
+    assert D.ssmax_limit(s_delta, 1.0) == (1.0 if s_delta > 1 else (0.5 if s_delta == 1 else 0.0))
+
+
+def test_ssmax_escapes_dispersion_through_jaxattn():
+    top = [float(D.ssmax_top_weight(n, 4.0, 0.43, jnp.float64).value) for n in (16, 256, 4096)]
+    assert top[0] < top[1] < top[2]  # s Delta = 1.72 > 1: the top weight rises with n
+    low = [float(D.ssmax_top_weight(n, 1.0, 0.43, jnp.float64).value) for n in (16, 256, 4096)]
+    assert low[0] > low[1] > low[2]  # s Delta = 0.43 < 1: it still disperses
+
+
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), radius=st.floats(0.1, 3.0),
+                  gamma=st.floats(0.05, 2.0), n=st.sampled_from((1, 8, 64)))
+def test_rbf_dispersion(seed, radius, gamma, n):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.uniform(-1, 1, 4))
+    k = jnp.asarray(rng.uniform(-1, 1, (n, 4)))
+    q, k = q * radius / 2, k * radius / 2  # norms <= radius
+    spread, weights = D.rbf_dispersion(q, k, gamma)
+    assert float(spread.value) <= float(spread.bound) * (1 + 1e-12) + 1e-15
+    assert np.all(weights.value >= weights.lower * (1 - 1e-9))
+    assert np.all(weights.value <= weights.upper * (1 + 1e-9))
+
+
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), gamma=st.floats(0.05, 2.0),
+                  scale=st.floats(0.1, 3.0))
+def test_rbf_origin_sink(seed, gamma, scale):
+    rng = np.random.default_rng(seed)
+    q, k = (jnp.asarray(rng.standard_normal(4) * scale) for _ in range(2))
+    lhs, rhs = D.rbf_origin_sink(q, k, gamma)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-9, atol=1e-9)
+    beats = float(jnp.linalg.norm(q - k)) < float(jnp.linalg.norm(q))
+    if abs(float(rhs)) > 1e-8:
+        assert (float(lhs) > 0) == beats
+
+
+FUNCTIONS = {"exp": jnp.exp, "softplus": jax.nn.softplus, "sigmoid": jax.nn.sigmoid,
+             "one_plus_square": lambda x: 1.0 + x * x}
+
+
+@hypothesis.given(**logit_args, fn=st.sampled_from(sorted(FUNCTIONS)), a=st.floats(0.1, 8.0))
+def test_lemma_1(seed, n, scale, ties, fn, a):
+    s = jnp.clip(_logits(seed, n, scale, ties), -a, a)
+    r = D.lemma_1(s, FUNCTIONS[fn], a)
+    assert np.all(r.value >= r.lower * (1 - 1e-12))
+    assert np.all(r.value <= r.upper * (1 + 1e-12))
+
+
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from((1, 8, 64)),
+                  scale=st.floats(0.01, 3.0), theta=temperatures)
+def test_corollary_1(seed, n, scale, theta):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal(4) * scale)
+    k = jnp.asarray(rng.standard_normal((n, 4)) * scale)
+    r = D.corollary_1(q, k, theta)
+    tol = _scale_rtol(2 * float(jnp.linalg.norm(q)) * float(jnp.max(jnp.linalg.norm(k, axis=-1))),
+                      theta)
+    assert np.all(r.value >= r.lower * (1 - tol))
+    assert np.all(r.value <= r.upper * (1 + tol))
+
+
+@hypothesis.given(L=st.integers(1, 500), frac=st.floats(0.0, 1.0))
+def test_random_subset_exclusion_exact(L, frac):
+    n_top = int(round(frac * L))
+    lhs, rhs = D.random_subset_exclusion_exact(L, n_top)
+    assert lhs == rhs
+
+
+@pytest.mark.parametrize("L, n_top", [(10, 3), (64, 20)])
+def test_random_subset_exclusion_mc(L, n_top):
+    freq, se = D.random_subset_exclusion_mc(jax.random.key(L), L, n_top, trials=4000)
+    want = (L - n_top) / L
+    for i in (0, L - 1):  # two designated tokens, each within 3 standard errors
+        assert abs(float(freq[i]) - want) <= 3 * float(se[i])
+
+
+@jax.jit
+def _weights_and_output(q, x, temperature):
+    var = variants.Softmax(temperature)
+    w = jaxattn.attention_weights(q[:, None, None, :], x[:, :, None, :], variant=var,
+                                  scale=1.0)[:, 0, 0, :]
+    out = jaxattn.attention(q[:, None, None, :], x[:, :, None, :], x[:, :, None, :], variant=var,
+                            scale=1.0)[:, 0, 0, :]
+    return w, out
+
+
+def _sphere_weights(key, L, batch=64, d=8, temperature=0.5):
+    x = sc.sample_sphere(key, (batch, L), d, 1.0, jnp.float64)
+    q = sc.sample_sphere(jax.random.fold_in(key, 1), (batch,), d, 1.0, jnp.float64)
+    w, out = _weights_and_output(q, x, temperature)
+    return w, x, out
+
+
+def test_top_n_full_selection_readings():
+    """Finding: at N = L reading (b) is 0, but reading (a) is ||s|| = ||attention output|| > 0."""
+    w, x, out = _sphere_weights(jax.random.key(0), 16)
+    d_a, d_b = D.top_n_distances(w, x, 16)
+    np.testing.assert_array_equal(d_b, 0.0)
+    np.testing.assert_allclose(d_a, jnp.linalg.norm(out, axis=-1), rtol=1e-12)
+    assert float(jnp.min(d_a)) > 0.0
+
+
+def test_top_n_distance_trend_in_length():
+    """Reading (b) grows with L at fixed N; reading (a) does not (pinned counterexample, N = 1)."""
+    stats = {}
+    for L in (16, 64, 256):
+        w, x, _ = _sphere_weights(jax.random.key(L), L)
+        d_a, d_b = D.top_n_distances(w, x, 1)
+        stats[L] = (sc.estimate(d_a), sc.estimate(d_b))
+    for lo, hi in ((16, 64), (64, 256)):
+        gap = stats[hi][1].mean - stats[lo][1].mean
+        assert gap > 3 * math.hypot(stats[hi][1].se, stats[lo][1].se)
+    gap_a = stats[16][0].mean - stats[64][0].mean  # reading (a) falls from L = 16 to 64
+    assert gap_a > 3 * math.hypot(stats[16][0].se, stats[64][0].se)
+
+
+def test_top_n_distance_collapses_as_n_to_l():
+    w, x, _ = _sphere_weights(jax.random.key(3), 64)
+    d_b = [float(jnp.mean(D.top_n_distances(w, x, n)[1])) for n in (8, 32, 48, 60, 63, 64)]
+    assert all(a > b for a, b in zip(d_b, d_b[1:], strict=False))
+    assert d_b[-1] == 0.0
+
+
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), n_top=st.sampled_from((1, 4, 16)))
+def test_distinguishable_fraction_range(seed, n_top):
+    w, x, _ = _sphere_weights(jax.random.key(seed), 16, batch=4)
+    f = np.asarray(D.distinguishable_fraction(w, x, n_top))
+    assert np.all((f >= 0) & (f <= 1))
+    if n_top == 16:
+        np.testing.assert_array_equal(f, 1.0)  # nothing left out
+    if n_top == 1:  # the top token is distinguishable iff it is closer to s than every other
+        w0, x0 = w[0], x[0]
+        i = int(jnp.argmax(w0))
+        dist = jnp.linalg.norm(w0[:, None] * x0 - (w0[i] * x0[i])[None, :], axis=-1)
+        assert f[0] == float(jnp.all(jnp.delete(dist, i) > 0))
+
+
+def test_corollary_3_refuted():
+    """Finding: Corollary 3 as published fails. Smallest counterexample: n = 2, equal logits."""
+    for theta in (0.05, 0.1, 1 / (2 * math.sqrt(2)), 0.5, 1.0, 4.0):
+        r = D.corollary_3(jnp.zeros((2,), jnp.float64), theta)
+        np.testing.assert_allclose(r.norm, 1 / (2 * theta), rtol=1e-6)
+        assert float(r.norm) > float(r.published)
+
+
+@hypothesis.given(**logit_args, theta=temperatures)
+def test_corollary_3_sharp_bound(seed, n, scale, ties, theta):
+    s = _logits(seed, n, scale, ties)
+    r = D.corollary_3(s, theta)
+    tol = 1 + 4 * _scale_rtol(D.logit_spread(s), theta)
+    assert np.all(r.norm <= r.sharp * tol)
+    assert np.all(r.max_entry <= 1 / (4 * theta) * tol)
+
+
+def test_softmax_jacobian_matches_closed_form():
+    s = _logits(1, 7, 2.0, False)
+    theta = 0.5
+    p = D.weights_of_logits(s, variants.Softmax(theta))
+    want = (jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]) / theta
+    np.testing.assert_allclose(D.softmax_jacobian(s, theta), want, rtol=1e-6, atol=1e-12)
+
+
+def test_transformer_disperses():
+    res = D.transformer_dispersion(jax.random.key(0), (32, 256))
+    n = res.lengths[:, None, None].astype(np.float64)
+    assert np.all(res.spread <= res.delta_bound[None] * (1 + 1e-5))  # n-free logit bound
+    assert np.all(res.max_weight <= np.exp(res.delta_bound[None]) / n)  # Theorem 2.2's 1/n decay
+    assert np.all(res.max_weight <= np.exp(res.spread) / n * (1 + 1e-5))  # Lemma 2.1 per head
+    assert np.all(res.max_weight[-1] < res.max_weight[0])  # weights fall as n grows
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="temperature"):
+        D.lemma_2_1(jnp.zeros((3,)), -1.0)
+    with pytest.raises(TypeError, match="logits"):
+        D.lemma_2_1(jnp.zeros((3,), jnp.int32), 1.0)
+    with pytest.raises(ValueError, match="n_top"):
+        D.top_n_mask(jnp.zeros((3,)), 4)
+    with pytest.raises(ValueError, match="logits must lie"):
+        D.lemma_1(jnp.asarray([3.0]), jnp.exp, 1.0)
