@@ -35,6 +35,7 @@ EXPECTED = {
     "row_bessel": "verified",
     "row_gamma_exact": "verified",
     "row_rate": "verified",
+    "row_rate_large_radius": "measured",
     "row_growth": "measured",
     "row_moment_below_half": "verified",
     "row_moment_curve": "measured",

@@ -487,6 +487,7 @@ class GrowthStudy(NamedTuple):
     slope_ses: np.ndarray
     rate_linear: Fit  # log C on R
     rate_quadratic: Fit  # log C on R^2
+    studies: tuple = ()  # the RateStudy of each radius
 
 
 def growth_study(key, setup: GaussianSetup | None, radii, ns, replicates, probes=16, sphere=None,
@@ -496,7 +497,7 @@ def growth_study(key, setup: GaussianSetup | None, radii, ns, replicates, probes
 
     The sources give no constant: the growth is measured and reported, never asserted.
     """
-    cs, ses, slopes, slope_ses = [], [], [], []
+    cs, ses, slopes, slope_ses, studies = [], [], [], [], []
     for j, radius in enumerate(radii):
         k = jax.random.fold_in(key, j)
         if sphere is None:
@@ -504,13 +505,15 @@ def growth_study(key, setup: GaussianSetup | None, radii, ns, replicates, probes
         else:
             st = sphere_sup_study(k, *sphere, radius, ns, replicates, probes, dtype)
         g = growth_constant(st.ns, st.mean, st.se)
+        studies.append(st)
         cs.append(g.mean)
         ses.append(g.se)
         slopes.append(st.fit.slope)
         slope_ses.append(st.fit.slope_se)
     radii, cs, ses = np.asarray(radii, np.float64), np.asarray(cs), np.asarray(ses)
     return GrowthStudy(radii, cs, ses, np.asarray(slopes), np.asarray(slope_ses),
-                       wls_fit(radii, np.log(cs), ses / cs), wls_fit(radii**2, np.log(cs), ses / cs))
+                       wls_fit(radii, np.log(cs), ses / cs), wls_fit(radii**2, np.log(cs), ses / cs),
+                       tuple(studies))
 
 
 __all__ += ["RateStudy", "error_vs_n", "within", "GaussianSetup", "gaussian_sup_study",

@@ -1,0 +1,229 @@
+"""Convergence rates of attention on token samples (Bohbot et al., arXiv 2512.10656), and hardmax.
+
+Writes ``results/convergence_rates/<config-hash>.json`` (config, versions, every number) and,
+through :mod:`experiments.plot_convergence_rates`, PNGs beside it:
+
+* ``rates.png`` -- sup error over ``|x| = R`` against ``n`` (log-log), Gaussian and sphere tokens,
+  several ``R``, with the fitted slope +- SE and the predicted ``-1/2`` line;
+* ``growth.png`` -- ``C(R) = sqrt(n) E[sup error]`` against ``R``;
+* ``moments.png`` -- measured moment exponents ``beta`` (mean, covariance) against the horizon
+  ``H`` with the curve ``1/(2(1+H^2))``;
+* ``hardmax.png`` -- softmax-to-hardmax: mass off the argmax against ``lambda`` (with the exact
+  bounds), the hardmax error against ``n`` on the sphere, and the slope in ``n`` against ``lambda``.
+
+Usage::
+
+  python -m experiments.convergence_rates --preset small     # CPU, a few minutes
+  python -m experiments.convergence_rates --preset paper     # the paper's sizes (GPU advised)
+  python -m experiments.convergence_rates --preset small --replicates 128 --seed 3
+
+Every estimate comes from :mod:`theory.sample_complexity` and :mod:`theory.hardmax` (attention by
+:func:`jaxattn.attention`), in float64.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from theory import hardmax as hm
+from theory import sample_complexity as sc
+
+__all__ = ["Config", "PRESETS", "run", "save", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run depends on (the JSON embeds it; its hash names the file).
+
+    ``a_scale`` multiplies a fixed random rotation ``A0``: ``A = a_scale A0`` is the matrix in the
+    exponent (any ``1/sqrt(d)`` included), and the horizon is ``H = ||Sigma^(1/2) A Sigma^(1/2)||``.
+    """
+
+    preset: str = "small"
+    seed: int = 0
+    d: int = 4  # token dimension for the rate and growth studies
+    sigma2: float = 0.5  # Gaussian tokens N(0, sigma2 I)
+    a_scale: float = 1.0
+    sphere_radius: float = 1.0  # sphere tokens' radius
+    radii: tuple = (0.5, 1.0, 2.0, 3.0)  # query radii R
+    ns: tuple = (64, 128, 256, 512, 1024, 2048, 4096)
+    replicates: int = 64
+    probes: int = 8  # points on |x| = R for the sup
+    moment_d: int = 2
+    horizons: tuple = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+    moment_ns: tuple = (64, 128, 256, 512, 1024)
+    moment_replicates: int = 32
+    lambdas: tuple = (0.5, 1.0, 2.0, 4.0, 8.0)  # attention scales for the slowdown sweep
+    hardmax_dims: tuple = (2, 3, 4)
+    out_dir: str = "results/convergence_rates"
+
+    def digest(self) -> str:
+        """A short hash of the fields that change the numbers (not ``out_dir``)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "out_dir"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _geom(lo, hi, k):
+    return tuple(int(round(n)) for n in np.geomspace(lo, hi, k))
+
+
+PRESETS = {
+    "small": Config(),
+    # The paper's Gaussian setting: d = 50, Sigma = 0.1 I, n in geomspace(1e3, 3e4, 12), 200 reps.
+    "paper": Config(preset="paper", d=50, sigma2=0.1, radii=(1.0, 2.0, 4.0, 6.0, 8.0),
+                    ns=_geom(1e3, 3e4, 12), replicates=200, probes=16, moment_d=8,
+                    horizons=(0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0),
+                    moment_ns=_geom(256, 8192, 8), moment_replicates=50,
+                    lambdas=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0), hardmax_dims=(2, 3, 4, 8)),
+}
+
+
+def _study_dict(st: sc.RateStudy) -> dict:
+    return {"ns": np.asarray(st.ns).tolist(), "mean": np.asarray(st.mean).tolist(),
+            "se": np.asarray(st.se).tolist(), "fit": st.fit._asdict()}
+
+
+def _growth_dict(g: sc.GrowthStudy) -> dict:
+    return {"radii": g.radii.tolist(), "c": g.c.tolist(), "c_se": g.c_se.tolist(),
+            "rate_linear": g.rate_linear._asdict(), "rate_quadratic": g.rate_quadratic._asdict(),
+            "studies": [_study_dict(s) for s in g.studies]}
+
+
+def rates_and_growth(config: Config, key) -> dict:
+    """Sup error vs ``n`` at every radius, and ``C(R)``, for Gaussian and sphere tokens."""
+    setup = sc.GaussianSetup(config.d, config.sigma2, config.a_scale)
+    gauss = sc.growth_study(jax.random.fold_in(key, 0), setup, config.radii, config.ns,
+                            config.replicates, config.probes)
+    sphere = sc.growth_study(jax.random.fold_in(key, 1), None, config.radii, config.ns,
+                             config.replicates, config.probes,
+                             sphere=(config.d, config.sphere_radius, config.a_scale))
+    return {"gaussian": _growth_dict(gauss), "sphere": _growth_dict(sphere),
+            "gaussian_horizon": setup.horizon()}
+
+
+def moments(config: Config, key) -> list:
+    """Moment exponents of the pushforward for each horizon (Gaussian tokens, ``Sigma = I``)."""
+    out = []
+    for j, h in enumerate(config.horizons):
+        m = sc.gaussian_moment_study(jax.random.fold_in(key, j), sc.GaussianSetup(config.moment_d, 1.0, h),
+                                     config.moment_ns, config.moment_replicates)
+        out.append({"horizon": m.horizon, "predicted_beta": m.predicted_beta,
+                    "mean": _study_dict(m.mean), "cov": _study_dict(m.cov)})
+    return out
+
+
+def hardmax_results(config: Config, key) -> dict:
+    """Softmax -> hardmax in ``lambda`` (exact bounds) and in ``n``; slowdown with ``lambda``."""
+    logits = jax.random.normal(jax.random.fold_in(key, 0), (1, 16), jnp.float64)
+    lams = np.geomspace(0.1, 100.0, 40)
+    gaps = [hm.softmax_gap(logits, float(lam)) for lam in lams]
+    in_lambda = {"lambdas": lams.tolist(), "gap": float(hm.top_gap(logits)[0]),
+                 "off_argmax": [float(g.value[0]) for g in gaps],
+                 "lower": [float(g.lower[0]) for g in gaps],
+                 "upper": [float(g.upper[0]) for g in gaps]}
+    in_n = []
+    for d in config.hardmax_dims:
+        st = hm.hardmax_sphere_study(jax.random.fold_in(key, 100 + d), d, 1.0, config.ns,
+                                     config.replicates)
+        in_n.append({"d": d, "predicted_slope": hm.predicted_hardmax_slope(d), **_study_dict(st)})
+    sweep = hm.scale_sweep(jax.random.fold_in(key, 1), config.moment_d, 1.0, config.lambdas, 1.0,
+                           config.ns, config.replicates, config.probes)
+    return {"in_lambda": in_lambda, "in_n": in_n,
+            "scale_sweep": {"lambdas": sweep.scales.tolist(), "horizons": sweep.horizons.tolist(),
+                            "slopes": sweep.slopes.tolist(), "slope_ses": sweep.slope_ses.tolist(),
+                            "studies": [_study_dict(s) for s in sweep.studies]}}
+
+
+def versions() -> dict:
+    """Versions of everything that could change the numbers."""
+    import jaxlib
+
+    import jaxattn
+
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "numpy": np.__version__,
+            "jaxattn": jaxattn.__version__, "platform": platform.platform(),
+            "backend": jax.default_backend()}
+
+
+def run(config: Config, progress=print) -> dict:
+    """Runs every study under float64 and returns the results dict (config and versions included)."""
+    key = jax.random.key(config.seed)
+    out = {"config": dataclasses.asdict(config), "versions": versions(),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with jax.enable_x64(True):
+        for name, fn, k in (("rates", rates_and_growth, 0), ("moments", moments, 1),
+                            ("hardmax", hardmax_results, 2)):
+            t0 = time.time()
+            out[name] = fn(config, jax.random.fold_in(key, k))
+            progress(f"{name}: {time.time() - t0:.1f}s")
+    return out
+
+
+def save(results: dict, config: Config) -> pathlib.Path:
+    """Writes the JSON; returns its path."""
+    out = pathlib.Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{config.preset}-{config.digest()}.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    for f in dataclasses.fields(Config):
+        if f.name == "preset":
+            continue
+        kind = "comma-separated list" if isinstance(f.default, tuple) else type(f.default).__name__
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=None,
+                            help=f"{kind}; overrides the preset")
+    return parser
+
+
+def _convert(name: str, text: str, default):
+    if isinstance(default, tuple):
+        cast = type(default[0])
+        return tuple(cast(v) for v in text.split(","))
+    try:
+        return type(default)(text)
+    except ValueError as err:
+        raise SystemExit(f"--{name.replace('_', '-')}: cannot read {text!r} as "
+                         f"{type(default).__name__}") from err
+
+
+def config_from_args(argv=None) -> tuple[Config, bool]:
+    """The preset with command-line overrides applied."""
+    args = _parser().parse_args(argv)
+    base = PRESETS[args.preset]
+    overrides = {f.name: _convert(f.name, getattr(args, f.name), getattr(base, f.name))
+                 for f in dataclasses.fields(Config)
+                 if f.name != "preset" and getattr(args, f.name) is not None}
+    return dataclasses.replace(base, **overrides), args.no_plot
+
+
+def main(argv=None) -> pathlib.Path:
+    config, no_plot = config_from_args(argv)
+    results = run(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    path = save(results, config)
+    print(f"wrote {path}")
+    if not no_plot:
+        from experiments import plot_convergence_rates
+
+        for png in plot_convergence_rates.plot(path):
+            print(f"wrote {png}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
