@@ -32,6 +32,8 @@ EXPECTED = {
     "row_subset": "verified",
     "row_distinguishable": "measured",
     "row_corollary_3": "refuted",  # finding: ||J||_2 reaches 1/(2T)
+    "row_fd_probe": "verified",
+    "row_critical_n": "measured",
     "row_bessel": "verified",
     "row_gamma_exact": "verified",
     "row_rate": "verified",

@@ -315,6 +315,28 @@ def test_corollary_3_sharp_bound(seed, n, scale, ties, theta):
     assert np.all(r.max_entry <= 1 / (4 * theta) * tol)
 
 
+@hypothesis.given(**logit_args, theta=temperatures, eps=st.sampled_from((1e-3, 1e-1, 10.0)),
+                  seed2=st.integers(0, 2**31 - 1))
+def test_finite_difference_probe(seed, n, scale, ties, theta, eps, seed2):
+    hypothesis.assume(n > 1)
+    s = _logits(seed, n, scale, ties)
+    r = D.finite_difference_probe(jax.random.key(seed2), s, theta, eps)
+    tol = 1 + 4 * _scale_rtol(float(np.max(D.logit_spread(s))) + 2 * eps, theta)
+    assert np.all(np.asarray(r.value) <= np.asarray(r.bound) * tol)
+
+
+def test_finite_difference_probe_exceeds_published_bound():
+    r = D.finite_difference_probe(jax.random.key(0), jnp.zeros((1, 2)), 0.1, 1e-3)
+    assert float(r.value[0]) > math.sqrt(2)  # Cor. 3's min{1/(4T), sqrt 2} = sqrt 2 at T = 0.1
+
+
+def test_critical_n():
+    w, x, _ = _sphere_weights(jax.random.key(5), 16, batch=64)
+    c = D.critical_n(jax.random.key(6), w, x, (1, 4, 16))
+    assert c.p_values[-1] == 1.0 and c.critical == 16  # at N = L both sets are everything
+    assert c.p_values[0] < 0.05  # the top-1 token is not a random one
+
+
 def test_softmax_jacobian_matches_closed_form():
     s = _logits(1, 7, 2.0, False)
     theta = 0.5

@@ -396,6 +396,33 @@ def row_corollary_3(settings=CI):
                f"max|J_ij| <= 1/(4T) (max ratio {worst_entry:.3f})")
 
 
+def row_fd_probe(settings=CI):
+    worst, above_published = 0.0, 0
+    for j, s in enumerate(_battery(settings)[1:]):
+        for t in (0.05, 0.1, 1.0):
+            for eps in (1e-3, 1e-1, 10.0):
+                r = D.finite_difference_probe(jax.random.key(j), s, t, eps)
+                tol = 1 + 4 * EPS32 * (1 + float(np.max(D.logit_spread(s + eps))) / t)
+                worst = max(worst, float(np.max(r.value / r.bound)) / tol)
+                above_published += int(np.sum(np.asarray(r.value) > min(1 / (4 * t), math.sqrt(2))))
+    tie = D.finite_difference_probe(jax.random.key(0), jnp.zeros((1, 2), jnp.float64), 0.1, 1e-3)
+    return Row("Finite-difference probes (eps 1e-3, 0.1, 10): ||p(l+eps u)-p(l)||/eps <= 1/(2T)",
+               M25 + " / " + OURS, _status(worst <= 1),
+               f"max ratio to 1/(2T) {worst:.3f}; {above_published} probes exceed Cor. 3's bound "
+               f"(equal logits, T=0.1, eps=1e-3: {float(tie.value[0]):.3f} > sqrt 2)")
+
+
+def row_critical_n(settings=CI):
+    w, x, _ = topn_sample(jax.random.key(5), 64, 4 * settings.topn_batch)
+    ns = (1, 5, 10, 20, 32, 48, 60, 64)
+    parts = []
+    for reading, name in ((0, "a"), (1, "b")):
+        c = D.critical_n(jax.random.key(6), w, x, ns, reading)
+        parts.append(f"reading {name}: critical N = {c.critical} (KS p at N=60: {c.p_values[-2]:.1e})")
+    return Row("Critical N: top-N vs random-N distance distributions merge (KS, L=64)", M25,
+               "measured", "; ".join(parts) + " (sphere d=8, T=0.5; the paper's protocol uses GPT-2)")
+
+
 # --- 2.3 token-sample complexity ------------------------------------------------------------
 
 
@@ -565,13 +592,15 @@ def row_scale_sweep(settings=CI):
                "measured", "; ".join(parts) + " (Gaussian tokens, sup over |x|=1)")
 
 
-ROWS = (row_lemma_2_1, row_tight_max, row_entropy_floor, row_entropy_derivative, row_theorem_2_2,
-        row_prop_3_1, row_adaptive_entropy, row_adaptive_argmax, row_adaptive_beta,
-        row_adaptive_disperses, row_ssmax, row_rbf, row_rbf_sink, row_lemma_1, row_corollary_1,
-        row_topn_length_b, row_topn_length_a, row_topn_collapse, row_subset, row_distinguishable,
-        row_corollary_3, row_bessel, row_gamma_exact, row_rate, row_rate_large_radius, row_growth,
-        row_moment_below_half, row_moment_curve, row_softmax_gap, row_lambda_rate, row_hardmax_n,
-        row_scale_sweep)
+ROWS = (
+    row_lemma_2_1, row_tight_max, row_entropy_floor, row_entropy_derivative, row_theorem_2_2,
+    row_prop_3_1, row_adaptive_entropy, row_adaptive_argmax, row_adaptive_beta,
+    row_adaptive_disperses, row_ssmax, row_rbf, row_rbf_sink, row_lemma_1, row_corollary_1,
+    row_topn_length_b, row_topn_length_a, row_topn_collapse, row_subset, row_distinguishable,
+    row_corollary_3, row_fd_probe, row_critical_n, row_bessel, row_gamma_exact, row_rate,
+    row_rate_large_radius, row_growth, row_moment_below_half, row_moment_curve, row_softmax_gap,
+    row_lambda_rate, row_hardmax_n, row_scale_sweep,
+)
 
 
 def run(settings=CI, rows=ROWS, progress=None):

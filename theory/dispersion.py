@@ -48,6 +48,11 @@ __all__ = [
     "top_n_mask",
     "top_n_context",
     "top_n_distances",
+    "subset_distances",
+    "random_subset_mask",
+    "CriticalN",
+    "critical_n",
+    "finite_difference_probe",
     "distinguishable_fraction",
     "random_subset_exclusion_exact",
     "random_subset_exclusion_mc",
@@ -533,13 +538,76 @@ def top_n_distances(weights, x, n_top: int):
       ``(d_a, d_b)``, each ``[...]``. At ``N = L``, ``d_a = ||s||`` (the full attention output) and
       ``d_b = 0`` (empty sum).
     """
-    s, mask = top_n_context(weights, x, n_top)
+    return subset_distances(weights, x, top_n_mask(weights, n_top))
+
+
+def subset_distances(weights, x, mask):
+    """Both Eq. 7 readings for any selected set ``mask [..., L]`` (top-N or random)."""
     px = weights[..., None] * x
+    s = jnp.sum(jnp.where(mask[..., None], px, 0.0), axis=-2)
     rest = jnp.sum(jnp.where(mask[..., None], 0.0, px), axis=-2)
     d_a = jnp.linalg.norm(rest - s, axis=-1)
     each = jnp.linalg.norm(px - s[..., None, :], axis=-1)
     d_b = jnp.sum(jnp.where(mask, 0.0, each), axis=-1)
     return d_a, d_b
+
+
+def random_subset_mask(key, shape, n_top: int):
+    """Bool ``shape = [..., L]``: a uniform random ``n_top``-subset per row."""
+    L = shape[-1]
+    rows = math.prod(shape[:-1])
+    perms = jax.vmap(lambda k: jax.random.permutation(k, L))(jax.random.split(key, rows))
+    mask = jnp.sum(jax.nn.one_hot(perms[:, :n_top], L, dtype=jnp.int32), axis=1) > 0
+    return mask.reshape(shape)
+
+
+class CriticalN(NamedTuple):
+    """KS two-sample p-values of top-N vs random-N distances per N, and the first N with p > alpha."""
+
+    n_values: tuple
+    p_values: np.ndarray
+    critical: int | None
+
+
+def critical_n(key, weights, x, n_values, reading: int = 1, alpha: float = 0.05) -> CriticalN:
+    """Mudarisov et al.'s "critical N": where top-N and random-N distance distributions merge.
+
+    For each ``N``, the Eq. 7 distance (``reading`` 0 = (a), 1 = (b)) over the rows of ``weights``
+    for the top-N set is compared by a two-sample Kolmogorov-Smirnov test (scipy, on the host)
+    with the same distance for a uniform random N-subset; the critical N is the first whose
+    p-value exceeds ``alpha``. A measurement (the protocol runs on GPT-2 in the paper; here on any
+    weights given).
+    """
+    from scipy import stats
+
+    pvals = []
+    for i, n in enumerate(n_values):
+        top = np.asarray(top_n_distances(weights, x, n)[reading])
+        rand_mask = random_subset_mask(jax.random.fold_in(key, i), weights.shape, n)
+        rand = np.asarray(subset_distances(weights, x, rand_mask)[reading])
+        pvals.append(float(stats.ks_2samp(top, rand).pvalue))
+    pvals = np.asarray(pvals)
+    above = np.nonzero(pvals > alpha)[0]
+    return CriticalN(tuple(n_values), pvals, int(n_values[above[0]]) if above.size else None)
+
+
+def finite_difference_probe(key, logits, temperature, eps):
+    """``||p(l + eps u) - p(l)|| / eps`` for a random unit direction ``u`` per row (paper's probe).
+
+    By the mean value inequality it is at most ``sup ||J||_2 <= 1/(2T)`` for every ``eps``
+    (``test_finite_difference_probe``); Corollary 3's ``min{1/(4T), sqrt 2}`` is not a bound on it.
+
+    Returns:
+      :class:`Sides` ``(ratio [...], 1/(2T))``.
+    """
+    _check_temperature(temperature)
+    rows, lead = _float_rows(logits)
+    u = jax.random.normal(key, rows.shape, rows.dtype)
+    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+    var = variants.Softmax(temperature)
+    diff = weights_of_logits(rows + eps * u, var) - weights_of_logits(rows, var)
+    ratio = jnp.linalg.norm(diff, axis=-1) / eps
+    return Sides(ratio.reshape(lead), jnp.full(lead, 1.0 / (2 * temperature), ratio.dtype))
 
 
 def distinguishable_fraction(weights, x, n_top: int):
