@@ -40,6 +40,7 @@ class OracleResult:
       logsumexp, entropy, max_weight: ``[B, N, T]``.
       base_entropy: ``[B, N, T]``, entropy ``-sum p log(p + eps)`` of the base softmax (adaptive
         temperature only, else zeros); lets tests stay away from the kinks of ``beta``.
+      beta: ``[B, N, T]``, the adaptive temperature's ``beta`` (ones for other variants).
       visible: bool ``[B, N, T, R + S]``.
     """
 
@@ -49,6 +50,7 @@ class OracleResult:
     entropy: np.ndarray
     max_weight: np.ndarray
     base_entropy: np.ndarray
+    beta: np.ndarray
     visible: np.ndarray
 
 
@@ -107,29 +109,33 @@ def _param(value, n):
     return float(arr) if arr.ndim == 0 else float(arr[n])
 
 
-def row_logits(variant, q, keys, row_bias, visible, *, scale, n):
+def row_logits(variant, q, keys, row_bias, visible, *, scale, n, fixed_beta=None):
     """The variant's logits for one query row before normalisation.
 
-    Returns ``(z, base_entropy)`` with ``z`` ``[R + S]`` as the variant defines them.
+    Returns ``(z, base_entropy, beta)`` with ``z`` ``[R + S]`` as the variant defines them. For
+    adaptive temperature, ``fixed_beta`` (if given) replaces the computed ``beta``: the function
+    whose derivative ``stop_gradient_beta=True`` gives.
     """
     base = scale * (keys @ q) + row_bias
     if isinstance(variant, jaxattn.Softmax):
-        return base / _param(variant.temperature, n), 0.0
+        return base / _param(variant.temperature, n), 0.0, 1.0
     if isinstance(variant, jaxattn.AdaptiveTemperature):
         p0, _ = _softmax(base, visible)
         h = float(-(p0[visible] * np.log(p0[visible] + variant.entropy_eps)).sum())
         beta = max(1.0, float(np.polyval(variant.coeffs, h))) if h > variant.threshold else 1.0
-        return beta * base, h
+        if fixed_beta is not None:
+            beta = fixed_beta
+        return beta * base, h, beta
     if isinstance(variant, jaxattn.ScalableSoftmax):
         count = int(visible.sum())
         factor = _param(variant.s, n) * math.log(count) if count else 0.0
-        return factor * base, 0.0
+        return factor * base, 0.0, 1.0
     if isinstance(variant, jaxattn.RBF):
         gamma = scale if variant.gamma is None else _param(variant.gamma, n)
         diff = keys - q[None, :]
-        return -gamma * np.sum(diff * diff, axis=-1) + row_bias, 0.0
+        return -gamma * np.sum(diff * diff, axis=-1) + row_bias, 0.0, 1.0
     if isinstance(variant, (jaxattn.Hardmax, jaxattn.TopK)):
-        return base, 0.0
+        return base, 0.0, 1.0
     raise TypeError(f"oracle: unknown variant {variant!r}")
 
 
@@ -150,11 +156,12 @@ def _support(variant, z, visible):
 def attention_oracle(query, key, value, *, variant="softmax", bias=None, mask=None, scale=None,
                      is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                      q_segment_ids=None, kv_segment_ids=None, local_window_size=None,
-                     registers=None):
+                     registers=None, fixed_beta=None):
     """Attention of batched inputs (``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]``) in float64.
 
     Arguments follow :func:`jaxattn.attention` (``local_window_size`` a ``(left, right)`` pair,
-    ``registers`` a pair of ``[R, K, H]`` / ``[R, K, Hv]`` or batched arrays).
+    ``registers`` a pair of ``[R, K, H]`` / ``[R, K, Hv]`` or batched arrays). ``fixed_beta``
+    (``[B, N, T]``, adaptive temperature only) freezes beta at given values.
     """
     variant = jaxattn.get_variant(variant)
     q, k, v = _f64(query), _f64(key), _f64(value)
@@ -179,7 +186,7 @@ def attention_oracle(query, key, value, *, variant="softmax", bias=None, mask=No
     res = OracleResult(
         out=np.zeros((B, T, N, Hv)), weights=np.zeros((B, N, T, R + S)),
         logsumexp=np.zeros((B, N, T)), entropy=np.zeros((B, N, T)), max_weight=np.zeros((B, N, T)),
-        base_entropy=np.zeros((B, N, T)), visible=np.zeros((B, N, T, R + S), bool))
+        base_entropy=np.zeros((B, N, T)), beta=np.ones((B, N, T)), visible=np.zeros((B, N, T, R + S), bool))
     for b in range(B):
         for n in range(N):
             kv_head = n // group
@@ -193,8 +200,9 @@ def attention_oracle(query, key, value, *, variant="softmax", bias=None, mask=No
                 if not vis.any():
                     continue
                 row_bias = np.concatenate([np.zeros(R), bias[b, n, i]])
-                z, h0 = row_logits(variant, q[b, i, n], k[b, :, kv_head], row_bias, vis,
-                                   scale=scale, n=n)
+                z, h0, beta = row_logits(
+                    variant, q[b, i, n], k[b, :, kv_head], row_bias, vis, scale=scale, n=n,
+                    fixed_beta=None if fixed_beta is None else float(fixed_beta[b, n, i]))
                 keep = _support(variant, z, vis)
                 p, lse = _softmax(z, keep)
                 res.weights[b, n, i] = p
@@ -203,4 +211,5 @@ def attention_oracle(query, key, value, *, variant="softmax", bias=None, mask=No
                 res.entropy[b, n, i] = _entropy(p)
                 res.max_weight[b, n, i] = p.max()
                 res.base_entropy[b, n, i] = h0
+                res.beta[b, n, i] = beta
     return res
