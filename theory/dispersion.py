@@ -178,8 +178,8 @@ def tight_max_bound(logits, temperature=1.0):
     _check_temperature(temperature)
     p = weights_of_logits(logits, variants.Softmax(temperature))
     n = p.shape[-1]
-    e = jnp.exp(logit_spread(logits) / temperature)
-    return Sides(jnp.max(p, axis=-1), e / (e + n - 1))
+    e = jnp.exp(-logit_spread(logits) / temperature)  # e^(d/t)/(e^(d/t)+n-1), without overflow
+    return Sides(jnp.max(p, axis=-1), 1.0 / (1.0 + (n - 1) * e))
 
 
 def extremal_logits(n: int, delta, dtype=jnp.float32):
@@ -771,7 +771,8 @@ def _forward_stats(params, tokens):
         k = jnp.einsum("BTD,NDH->BTNH", h, layer["wk"])
         v = jnp.einsum("BTD,NDH->BTNH", h, layer["wv"])
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out, stats = jaxattn.attention(q, k, v, scale=scale, return_stats=True)
+        out, stats = jaxattn.attention(q, k, v, scale=scale, return_stats=True,
+                                       implementation="xla")
         logits = scale * jnp.einsum("BTNH,BSNH->BNTS", q, k)
         spread.append(jnp.max(jnp.max(logits, -1) - jnp.min(logits, -1), axis=(0, 2)))
         max_w.append(jnp.max(stats.max_weight, axis=(0, 2)))

@@ -277,7 +277,8 @@ def pushforward_errors(tokens, a_matrix, exact_mean, exact_cov, w_v=None):
     Returns:
       ``(mean_error [R], cov_error [R])`` (Euclidean and Frobenius norms).
     """
-    outs = jax.vmap(lambda t: _self_attention(t, a_matrix, w_v))(tokens)  # [R, n, dv]
+    # lax.map in chunks of 4 replicates bounds memory at 4 n^2 weights.
+    outs = jax.lax.map(lambda t: _self_attention(t, a_matrix, w_v), tokens, batch_size=4)
     mean = jnp.mean(outs, axis=1)
     centred = outs - mean[:, None, :]
     cov = jnp.einsum("rni,rnj->rij", centred, centred) / outs.shape[1]
