@@ -26,6 +26,7 @@ register-operand products (dq += dZ K, dv += P^T dO, dk += dZ^T Q) go through :f
 picks the form from the static ``interpret`` flag. Everything else runs the same code in both.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -691,7 +692,20 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         window=mask.local_window_size, has_codes=has_codes, has_c=query_scale is not None,
         has_b=key_bias is not None, T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None and interpret is not False)
-    return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret)
+    with _interpret_context(st.interpret):
+        return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret)
+
+
+@contextlib.contextmanager
+def _interpret_context(interpret: bool):
+    """An abstract H100 mesh for the Mosaic GPU interpreter (it asks for the device kind)."""
+    if not interpret:
+        yield
+        return
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
+                                         num_cores=8)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        yield
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 11))
