@@ -8,6 +8,7 @@ scale: a relative ``2^-23 (1 + |logit range| / theta)`` on the weights, never mo
 
 import math
 
+import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -367,3 +368,18 @@ def test_bad_inputs_raise():
         D.top_n_mask(jnp.zeros((3,)), 4)
     with pytest.raises(ValueError, match="logits must lie"):
         D.lemma_1(jnp.asarray([3.0]), jnp.exp, 1.0)
+
+
+@jax.jit
+@chex.assert_max_traces(n=1)
+def _lemma_jit(s, theta):
+    return D.lemma_2_1(s, theta)
+
+
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), theta=temperatures)
+def test_dispersion_functions_jit_without_retracing(seed, theta):
+    s = _logits(seed, 7, 3.0, False)
+    got = _lemma_jit(s, jnp.asarray(theta))
+    want = D.lemma_2_1(s, theta)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-12)

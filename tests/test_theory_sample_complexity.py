@@ -6,6 +6,7 @@ rows in ``tests/test_theory_check.py``, so the claim table and the tests share o
 
 import math
 
+import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -152,3 +153,26 @@ def test_pointwise_error_is_unbiased_at_one_over_sqrt_n():
     c = np.sqrt(st_.ns) * st_.mean
     c_se = np.sqrt(st_.ns) * st_.se
     assert abs(c[2] - c[0]) <= max(3 * math.hypot(c_se[0], c_se[2]), 0.05 * c.mean())
+
+
+@jax.jit
+@chex.assert_max_traces(n=1)
+def _sphere_limit_jit(x, radius, a):
+    return sc.gamma_sphere(x, radius, a)
+
+
+@jax.jit
+@chex.assert_max_traces(n=1)
+def _empirical_jit(x, tokens, a):
+    return sc.gamma_empirical(x, tokens, a)
+
+
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), radius=st.floats(0.1, 5.0))
+def test_estimators_jit_without_retracing(seed, radius):
+    rng = np.random.default_rng(seed)
+    a, x = jnp.asarray(rng.standard_normal((3, 3))), jnp.asarray(rng.standard_normal((4, 3)))
+    tokens = jnp.asarray(rng.standard_normal((2, 16, 3)))
+    np.testing.assert_allclose(_sphere_limit_jit(x, jnp.asarray(radius), a),
+                               sc.gamma_sphere(x, radius, a), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(_empirical_jit(x, tokens, a), sc.gamma_empirical(x, tokens, a),
+                               rtol=1e-12, atol=1e-15)
