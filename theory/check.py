@@ -282,8 +282,7 @@ def row_lemma_1(settings=CI):
            "1+x^2": lambda x: 1 + x * x}
     worst = 0.0
     for s in _battery(settings):
-        for name, fn in fns.items():
-            del name
+        for fn in fns.values():
             r = D.lemma_1(jnp.clip(s, -3, 3), fn, 3.0)
             worst = max(worst, _worst([(r.value, r.upper), (r.lower, r.value)]))
     return Row("Lemma 1: length-free F gives C1/L <= p_i <= C2/L", M25, _status(worst <= 1 + 1e-12),

@@ -57,8 +57,12 @@ __all__ = [
     "random_subset_exclusion_exact",
     "random_subset_exclusion_mc",
     "softmax_jacobian",
+    "Corollary3",
     "corollary_3",
     "TinyTransformer",
+    "tiny_transformer",
+    "transformer_delta_bound",
+    "StackDispersion",
     "transformer_dispersion",
 ]
 
@@ -711,9 +715,6 @@ def corollary_3(logits, temperature=1.0):
     return Corollary3(norm, published, sharp, jnp.max(jnp.abs(jac), axis=(-2, -1)))
 
 
-# Make the corollary's result type public beside the function.
-__all__ += ["Corollary3"]
-
 
 # --- Theorem 2.2: a small transformer-like stack --------------------------------------------
 
@@ -751,8 +752,6 @@ def tiny_transformer(key, vocab=16, d_model=16, num_heads=2, num_layers=2, mlp=3
         })
     return TinyTransformer(params, num_layers, num_heads)
 
-
-__all__ += ["tiny_transformer"]
 
 
 def _layer_norm(x, eps=1e-6):
@@ -800,8 +799,6 @@ def transformer_delta_bound(model: TinyTransformer):
     return jnp.stack(out)
 
 
-__all__ += ["transformer_delta_bound"]
-
 
 class StackDispersion(NamedTuple):
     """Theorem 2.2 demonstration: per length ``[len(lengths), layers, heads]`` arrays."""
@@ -834,5 +831,3 @@ def transformer_dispersion(key, lengths, model: TinyTransformer | None = None):
     return StackDispersion(np.asarray(lengths), np.stack(max_w), np.stack(spread),
                            np.asarray(transformer_delta_bound(model)))
 
-
-__all__ += ["StackDispersion"]
