@@ -288,10 +288,11 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             plgpu.barrier_wait(barriers.at[wg])
             carry = (_zeros((bq, H)), _zeros_vec(bq, ROW))
             dq_acc, dc = pipeline_callback(carry)
-            scale = jnp.full((bq,), a, jnp.float32)
             if st.has_c:
-                scale = scale * plgpu.load(stats_smem.at[2], layout=ROW)
-            dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
+                scale = plgpu.load(stats_smem.at[2], layout=ROW) * a
+                dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
+            else:
+                dq = dq_acc * a
             q_smem[...] = dq.astype(st.dtype)
             if st.has_c:
                 dc_smem2.at[wg][...] = dc
