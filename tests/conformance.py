@@ -26,6 +26,8 @@ from tests.oracle import attention_oracle
 # A failure still prints its drawn values (replay them with ``--hypothesis-seed``).
 NO_SHRINK = hypothesis.settings(
     phases=[p for p in hypothesis.Phase if p not in (hypothesis.Phase.shrink, hypothesis.Phase.explain)])
+# Gradient examples cost about two seconds each (eager backward pass, finite differences).
+FEW_NO_SHRINK = hypothesis.settings(NO_SHRINK, max_examples=min(NO_SHRINK.max_examples, 10))
 
 ALL_VARIANTS = ("softmax", "adaptive_temperature", "scalable_softmax", "rbf", "hardmax", "topk")
 DIFFERENTIABLE_VARIANTS = ("softmax", "adaptive_temperature", "scalable_softmax", "rbf")
@@ -296,7 +298,7 @@ class AttentionConformance:
             for field, values in zip(jaxattn.AttentionStats._fields, stats, strict=True):
                 assert np.all(np.asarray(values)[empty] == 0.0), f"{field} of an empty row"
         if self.SUPPORTS_VJP and variant_name in DIFFERENTIABLE_VARIANTS:
-            args = {name: case.diff_args()[name] for name in ("query", "key", "value")}
+            args = case.diff_args()
             ct_out = np.random.default_rng(0).standard_normal(out.shape).transpose(0, 2, 1, 3)
             grads = jax.grad(self.loss_fn(case, ct_out, None, self.IMPLEMENTATION))(args)
             for name, g in grads.items():
@@ -375,7 +377,7 @@ class AttentionConformance:
                 f"d/d{name}: analytic {analytic!r} vs finite difference {fd!r}")
 
     @pytest.mark.parametrize("variant_name", DIFFERENTIABLE_VARIANTS)
-    @NO_SHRINK
+    @FEW_NO_SHRINK
     @hypothesis.given(data=st.data())
     def test_gradients(self, variant_name, data):
         """Gradients wrt q, k, v, bias, registers and the variant's hyper-parameter."""

@@ -65,27 +65,29 @@ def _broadcast4(x, shape):
     return np.broadcast_to(x, shape)
 
 
-def visible_keys(b, n, i, *, T, S, R, mask=None, is_causal=False, query_seq_lengths=None,
+def visible_keys(*, B, N, T, S, R, mask=None, is_causal=False, query_seq_lengths=None,
                  key_value_seq_lengths=None, q_segment_ids=None, kv_segment_ids=None,
                  local_window_size=None):
-    """Bool ``[R + S]``: the keys query ``i`` of batch ``b``, head ``n`` may attend."""
-    if query_seq_lengths is not None and i >= int(query_seq_lengths[b]):
-        return np.zeros(R + S, bool)
-    seq = np.ones(S, bool)
-    for j in range(S):
-        if mask is not None and not mask[b, n, i, j]:
-            seq[j] = False
-        if is_causal and j > i:
-            seq[j] = False
-        if local_window_size is not None:
-            left, right = local_window_size
-            if j < i - left or j > i + right:
-                seq[j] = False
-        if key_value_seq_lengths is not None and j >= int(key_value_seq_lengths[b]):
-            seq[j] = False
-        if q_segment_ids is not None and q_segment_ids[b, i] != kv_segment_ids[b, j]:
-            seq[j] = False
-    return np.concatenate([np.ones(R, bool), seq])
+    """Bool ``[B, N, T, R + S]``: which keys each query may attend (registers first)."""
+    i = np.arange(T)[None, None, :, None]
+    j = np.arange(S)[None, None, None, :]
+    seq = np.ones((B, N, T, S), bool)
+    if mask is not None:
+        seq &= np.asarray(mask, bool)
+    if is_causal:
+        seq &= j <= i
+    if local_window_size is not None:
+        left, right = local_window_size
+        seq &= (j >= i - left) & (j <= i + right)
+    if key_value_seq_lengths is not None:
+        seq &= j < np.asarray(key_value_seq_lengths).reshape(B, 1, 1, 1)
+    if q_segment_ids is not None:
+        qs = np.asarray(q_segment_ids).reshape(B, 1, T, 1)
+        seq &= qs == np.asarray(kv_segment_ids).reshape(B, 1, 1, S)
+    vis = np.concatenate([np.ones((B, N, T, R), bool), seq], axis=-1)
+    if query_seq_lengths is not None:
+        vis &= i < np.asarray(query_seq_lengths).reshape(B, 1, 1, 1)
+    return vis
 
 
 def _softmax(z, keep):
@@ -187,16 +189,15 @@ def attention_oracle(query, key, value, *, variant="softmax", bias=None, mask=No
         out=np.zeros((B, T, N, Hv)), weights=np.zeros((B, N, T, R + S)),
         logsumexp=np.zeros((B, N, T)), entropy=np.zeros((B, N, T)), max_weight=np.zeros((B, N, T)),
         base_entropy=np.zeros((B, N, T)), beta=np.ones((B, N, T)), visible=np.zeros((B, N, T, R + S), bool))
+    res.visible[...] = visible_keys(
+        B=B, N=N, T=T, S=S, R=R, mask=mask, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, local_window_size=window)
     for b in range(B):
         for n in range(N):
             kv_head = n // group
             for i in range(T):
-                vis = visible_keys(
-                    b, n, i, T=T, S=S, R=R, mask=mask, is_causal=is_causal,
-                    query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                    q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                    local_window_size=window)
-                res.visible[b, n, i] = vis
+                vis = res.visible[b, n, i]
                 if not vis.any():
                     continue
                 row_bias = np.concatenate([np.zeros(R), bias[b, n, i]])
