@@ -125,7 +125,7 @@ class Softmax(Variant):
     def query_scale(self, num_visible, entropy):
         if _is_concrete(self.temperature) and np.all(np.asarray(self.temperature) == 1.0):
             return None
-        return 1.0 / jnp.asarray(self.temperature, jnp.float32)
+        return 1.0 / jnp.asarray(self.temperature)  # no cast: float64 stays float64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +197,16 @@ class ScalableSoftmax(Variant):
                              f"{np.shape(self.s)}")
 
     def query_scale(self, num_visible, entropy):
-        s = jnp.asarray(self.s, jnp.float32)
+        s = jnp.asarray(self.s)
         if s.ndim == 1:
             if s.shape[0] != num_visible.shape[1]:
                 raise ValueError(f"s has {s.shape[0]} values but there are {num_visible.shape[1]} "
                                  "query heads")
             s = s[None, :, None]
         # log(n) with n >= 1; rows with n = 0 are fully masked and give zeros anyway.
-        return s * jnp.log(jnp.maximum(num_visible, 1).astype(jnp.float32))
+        # Default float dtype: float32, or float64 under jax_enable_x64 (the reference casts c to
+        # the logits' dtype).
+        return s * jnp.log(jnp.maximum(num_visible, 1).astype(float))
 
 
 @dataclasses.dataclass(frozen=True)
