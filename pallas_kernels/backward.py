@@ -693,7 +693,13 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         window=mask.local_window_size, has_codes=has_codes, has_c=query_scale is not None,
         has_b=key_bias is not None, T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None and interpret is not False)
-    with _interpret_context(st.interpret):
+    # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
+    # python ints, which fails under jax_enable_x64.
+    lse = lse.astype(jnp.float32)
+    query_scale = None if query_scale is None else query_scale.astype(jnp.float32)
+    key_bias = None if key_bias is None else key_bias.astype(jnp.float32)
+    mask = jax.tree.map(lambda x: x.astype(jnp.int32), mask)
+    with _interpret_context(st.interpret), jax.enable_x64(False):
         return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret)
 
 

@@ -1,0 +1,241 @@
+"""The fused backward (:mod:`pallas_kernels.backward`) against ``jax.vjp`` of the float32 oracle.
+
+On CPU the two kernels run under the Mosaic GPU interpreter (``plgpu.InterpretGPUParams``, chosen
+automatically), whose uninitialised memory -- outputs included, see
+:func:`test_interpreter_poisons_unwritten_outputs` -- is NaN: an output element the kernels fail to
+write shows up as NaN, which every comparison here rejects. The interpreter runs everything the GPU
+kernels run except the three register-operand wgmma products (dq += dZ K, dv += P^T dO,
+dk += dZ^T Q), which :func:`pallas_kernels.backward._mma_acc` replaces by ``jnp.dot``; those are
+checked on the GPU by ``python -m pallas_kernels.check_backward``.
+
+Tolerances (relative Frobenius error per output): the kernels round P and dZ to the 16-bit input dtype
+before the products (as every flash backward does); measured errors are about 3e-3 (bf16) and 5e-4
+(f16), the bounds are 1e-2 and 3e-3. dc and db are float32 sums of the same float32 dZ as the oracle's.
+
+The interpreter runs each simulated warpgroup as an XLA CPU computation that blocks in barrier
+callbacks; with a CPU thread pool smaller than the number of blocked warpgroups it deadlocks (seen
+on a 2-core machine). Eight CPU devices (a bigger pool) avoid that, so this module asks for them
+when the backend has not started yet.
+"""
+
+import dataclasses
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
+from pallas_kernels.common import MaskSpec, flash_reference, visible
+
+try:  # see the module docstring: a CPU thread pool large enough for the interpreter
+    jax.config.update("jax_num_cpu_devices", max(8, jax.config.jax_num_cpu_devices))
+except RuntimeError:  # the backend is already up; conftest may have set it
+    pass
+
+TOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 3e-3}
+NAMES = ("dq", "dk", "dv", "dc", "db")
+
+
+def _inputs(seed, B, T, S, N, K, H, Hv, dtype, use_c, use_b):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(ks[0], (B, T, N, H), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, S, K, H), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, S, K, Hv), jnp.float32).astype(dtype)
+    dout = jax.random.normal(ks[3], (B, T, N, Hv), jnp.float32).astype(dtype)
+    c = jax.random.uniform(ks[4], (B, N, T), jnp.float32, 0.3, 2.0) if use_c else None
+    b = jax.random.normal(ks[5], (B, K, S), jnp.float32) if use_b else None
+    return q, k, v, dout, c, b
+
+
+def _reference(q, k, v, dout, c, b, spec, a):
+    """Oracle residuals (float32 out, lse) and float32 gradients of all five inputs.
+
+    ``out`` stays float32 so that kernel and oracle see the same ``delta = dO . o``; in training the
+    forward's 16-bit output feeds ``delta``, whose rounding then cancels badly in ``dc`` for sharp
+    softmax rows (measured 1.2e-2 relative on ``causal_ragged_gqa2`` with a bf16 ``out``).
+    """
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+
+    def f(q, k, v, c, b):
+        out, lse = flash_reference(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec)
+        return out, lse
+
+    (out, lse), vjp = jax.vjp(f, *f32, c, b)
+    grads = vjp((dout.astype(jnp.float32), jnp.zeros_like(lse)))
+    return out, lse, grads
+
+
+def _compare(q, k, v, dout, c, b, spec, a=0.3, config=None):
+    out, lse, refs = _reference(q, k, v, dout, c, b, spec, a)
+    got = flash_backward(q, k, v, out, lse, dout, logit_scale=a, query_scale=c, key_bias=b,
+                         mask=spec, config=config)
+    tol = TOL[jnp.dtype(q.dtype)]
+    for name, g, r, x in zip(NAMES, got, refs, (q, k, v, c, b), strict=True):
+        if x is None:
+            assert g is None, f"{name} must be None when its input is None"
+            continue
+        assert g.shape == x.shape, name
+        want_dtype = jnp.float32 if name in ("dc", "db") else x.dtype
+        assert g.dtype == want_dtype, (name, g.dtype)
+        g = np.asarray(g, np.float64)
+        r = np.asarray(r, np.float64)
+        assert not np.isnan(g).any(), f"{name} has NaN (unwritten or bad arithmetic)"
+        err = np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+    return got
+
+
+def _no_key_rows(spec, B, T, S):
+    vis = visible(spec, jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None],
+                  jnp.arange(S)[None, None, :])
+    return ~np.asarray(vis.any(-1))  # [B, T]
+
+
+# (B, T, S, N, K, H, Hv, dtype, mask kwargs, registers, use_c, use_b)
+CASES = {
+    "plain_mqa4_scale_bias": (1, 128, 128, 4, 1, 64, 64, jnp.bfloat16, {}, 0, True, True),
+    "causal_ragged_gqa2": (1, 200, 200, 4, 2, 64, 64, jnp.bfloat16, dict(is_causal=True), 0, True, True),
+    "window_registers_f16": (1, 128, 128, 2, 2, 64, 64, jnp.float16,
+                             dict(local_window_size=(20, 5)), 3, True, False),
+    "d128_causal_ragged_kv": (1, 128, 136, 2, 1, 128, 128, jnp.bfloat16, dict(is_causal=True), 0, False,
+                              True),
+    "head_dims_80_48_f16": (1, 72, 96, 2, 1, 80, 48, jnp.float16, {}, 0, False, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference(name):
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
+    q, k, v, dout, c, b = _inputs(0, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
+    _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw))
+
+
+@hypothesis.settings(deadline=None, max_examples=4)
+@hypothesis.given(
+    seed=st.integers(0, 2**16),
+    causal=st.booleans(),
+    registers=st.sampled_from([0, 2]),
+    use_c=st.booleans(),
+    use_b=st.booleans(),
+    dtype=st.sampled_from([jnp.bfloat16, jnp.float16]),
+    empty_batch=st.booleans(),
+)
+def test_lengths_segments_gqa(seed, causal, registers, use_c, use_b, dtype, empty_batch):
+    """Lengths (incl. a batch with no valid query or key), segment ids, GQA 2, with drawn flags."""
+    B, T, S, N, K, H = 2, 128, 128, 4, 2, 64
+    R = registers
+    q, k, v, dout, c, b = _inputs(seed, B, T, S + R, N, K, H, H, dtype, use_c, use_b)
+    rng = np.random.default_rng(seed)
+    q_len = rng.integers(1, T + 1, B)
+    kv_len = rng.integers(1, S + 1, B)
+    if empty_batch:
+        q_len[1], kv_len[0] = 0, 0
+    q_seg = np.sort(rng.integers(0, 3, (B, T)), axis=1)
+    kv_seg = np.sort(rng.integers(0, 3, (B, S)), axis=1)
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    spec = MaskSpec(q_lengths=i32(q_len), kv_lengths=i32(kv_len), q_segment_ids=i32(q_seg),
+                    kv_segment_ids=i32(kv_seg), is_causal=causal, num_registers=R)
+    dq, dk, dv, dc, db = _compare(q, k, v, dout, c, b, spec)
+    empty = _no_key_rows(spec, B, T, S + R)
+    np.testing.assert_array_equal(np.asarray(dq, np.float32)[empty], 0.0)
+    if dc is not None:
+        np.testing.assert_array_equal(np.asarray(dc)[:, :, :][np.broadcast_to(empty[:, None], dc.shape)], 0.0)
+
+
+def test_gqa_equals_repeated_heads():
+    """GQA dK/dV equal the sum over the group of the MHA gradients with repeated kv heads."""
+    B, T, S, N, K, H = 1, 128, 128, 4, 1, 64
+    q, k, v, dout, c, b = _inputs(7, B, T, S, N, K, H, H, jnp.float16, True, True)
+    spec = MaskSpec(is_causal=True)
+    out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
+    g = flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c, key_bias=b, mask=spec)
+    rep = [jnp.repeat(x, N, axis=2) for x in (k, v)]
+    m = flash_backward(q, *rep, out, lse, dout, logit_scale=0.3, query_scale=c,
+                       key_bias=jnp.repeat(b, N, axis=1), mask=spec)
+    for got, mha, axis in ((g[1], m[1], 2), (g[2], m[2], 2), (g[4], m[4], 1)):
+        summed = np.asarray(mha, np.float32).sum(axis=axis, keepdims=True)
+        np.testing.assert_allclose(np.asarray(got, np.float32), summed, atol=3e-2, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(g[0], np.float32), np.asarray(m[0], np.float32), atol=1e-2)
+
+
+def test_one_compute_warpgroup_config():
+    """A non-default config (1 compute warpgroup, 3 stages, 128-key dkv tiles) gives the same result."""
+    q, k, v, dout, c, b = _inputs(3, 1, 128, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
+    cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=128,
+                         compute_wgs=1, max_concurrent_steps=3)
+    _compare(q, k, v, dout, c, b, MaskSpec(is_causal=True), config=cfg)
+
+
+def test_interpreter_poisons_unwritten_outputs():
+    """The NaN checks above mean something: an output the kernel does not write comes back NaN."""
+
+    def kernel(x_ref, o_ref, smem, bar):
+        @pl.when(jax.lax.axis_index("i") == 0)
+        def _():
+            plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, 64)], smem, bar)
+            plgpu.barrier_wait(bar)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem, o_ref.at[pl.ds(0, 64)])
+            plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((128,), jnp.float32),
+                        scratch_types=[plgpu.SMEM((64,), jnp.float32), plgpu.Barrier()],
+                        grid=(2,), grid_names=("i",), interpret=plgpu.InterpretGPUParams())
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=1)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        out = np.asarray(call(jnp.arange(128, dtype=jnp.float32) + 1.0))
+    np.testing.assert_array_equal(out[:64], np.arange(64) + 1.0)
+    assert np.isnan(out[64:]).all()
+
+
+def _bad_call(**overrides):
+    q, k, v, dout, c, b = _inputs(0, 1, 64, 64, 2, 1, 64, 64, jnp.bfloat16, True, True)
+    args = dict(q=q, k=k, v=v, out=dout, lse=jnp.zeros((1, 2, 64)), dout=dout, logit_scale=0.3,
+                query_scale=c, key_bias=b, mask=MaskSpec())
+    args.update(overrides)
+    return flash_backward(**args)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(k=jnp.ones((1, 64, 3, 64), jnp.bfloat16), v=jnp.ones((1, 64, 3, 64), jnp.bfloat16),
+          key_bias=None), ValueError, "multiple of kv heads"),
+    (dict(lse=jnp.zeros((1, 64, 2))), ValueError, "lse must have shape"),
+    (dict(query_scale=jnp.ones((1, 64, 2))), ValueError, "query_scale"),
+    (dict(key_bias=jnp.ones((1, 2, 64))), ValueError, "key_bias"),
+    (dict(q=jnp.ones((1, 64, 2, 64), jnp.float32)), TypeError, "share a dtype"),
+    (dict(logit_scale=jnp.float32(0.3)), TypeError, "logit_scale"),
+    (dict(mask=MaskSpec(q_segment_ids=jnp.zeros((1, 64), jnp.int32))), ValueError, "together"),
+    (dict(mask=MaskSpec(kv_lengths=jnp.ones((2,), jnp.int32))), ValueError, "kv_lengths"),
+    (dict(mask={"is_causal": True}), TypeError, "MaskSpec"),
+    (dict(config=dataclasses.replace), TypeError, "BackwardConfig"),
+])
+def test_bad_input_raises(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _bad_call(**overrides)
+
+
+def test_unsupported_raises_not_implemented():
+    x32 = jnp.ones((1, 64, 2, 64), jnp.float32)
+    with pytest.raises(NotImplementedError, match="bfloat16/float16"):
+        _bad_call(q=x32, k=jnp.ones((1, 64, 1, 64), jnp.float32), v=jnp.ones((1, 64, 1, 64), jnp.float32))
+    big = jnp.ones((1, 64, 2, 320), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="head dim"):
+        _bad_call(q=big, k=jnp.ones((1, 64, 1, 320), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=3), dict(max_concurrent_steps=1)])
+def test_config_validation(kwargs):
+    with pytest.raises(ValueError, match="BackwardConfig"):
+        BackwardConfig(**kwargs)
+
+
+def test_default_config_per_head_dim():
+    assert default_config(48) == default_config(64)
+    assert default_config(256).compute_wgs == 1
+    with pytest.raises(NotImplementedError):
+        default_config(257)
