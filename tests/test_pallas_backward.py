@@ -19,6 +19,7 @@ when the backend has not started yet.
 """
 
 import dataclasses
+import os
 
 import hypothesis
 import hypothesis.strategies as st
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import backward
 from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
 from pallas_kernels.common import MaskSpec, flash_reference, visible
 
@@ -36,6 +38,11 @@ try:  # see the module docstring: a CPU thread pool large enough for the interpr
     jax.config.update("jax_num_cpu_devices", max(8, jax.config.jax_num_cpu_devices))
 except RuntimeError:  # the backend is already up; conftest may have set it
     pass
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() == "cpu" and jax.device_count() < 4 and (os.cpu_count() or 1) < 8,
+    reason="Mosaic GPU interpreter may deadlock with a small CPU thread pool: set jax_num_cpu_devices=8 "
+           "before the backend starts (tests/conftest.py)")
 
 TOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 3e-3}
 NAMES = ("dq", "dk", "dv", "dc", "db")
@@ -70,10 +77,19 @@ def _reference(q, k, v, dout, c, b, spec, a):
     return out, lse, grads
 
 
-def _compare(q, k, v, dout, c, b, spec, a=0.3, config=None):
+@jax.jit(static_argnames=("a", "config"))
+def _backward_jit(q, k, v, out, lse, dout, c, b, spec, a, config):
+    return flash_backward(q, k, v, out, lse, dout, logit_scale=a, query_scale=c, key_bias=b,
+                          mask=spec, config=config)
+
+
+def _compare(q, k, v, dout, c, b, spec, a=0.3, config=None, jit=False):
     out, lse, refs = _reference(q, k, v, dout, c, b, spec, a)
-    got = flash_backward(q, k, v, out, lse, dout, logit_scale=a, query_scale=c, key_bias=b,
-                         mask=spec, config=config)
+    if jit:  # called under an outer jit (as a custom_vjp rule is), with x64 on around it
+        got = _backward_jit(q, k, v, out, lse, dout, c, b, spec, a=a, config=config)
+    else:
+        got = flash_backward(q, k, v, out, lse, dout, logit_scale=a, query_scale=c, key_bias=b,
+                             mask=spec, config=config)
     tol = TOL[jnp.dtype(q.dtype)]
     for name, g, r, x in zip(NAMES, got, refs, (q, k, v, c, b), strict=True):
         if x is None:
@@ -163,12 +179,60 @@ def test_gqa_equals_repeated_heads():
     np.testing.assert_allclose(np.asarray(g[0], np.float32), np.asarray(m[0], np.float32), atol=1e-2)
 
 
+def test_window_skips_tiles():
+    """A window without registers: both kernels skip key/query tiles outside the band (64-wide tiles)."""
+    q, k, v, dout, c, b = _inputs(5, 1, 256, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
+    cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64)
+    _compare(q, k, v, dout, c, b, MaskSpec(local_window_size=(20, 5)), config=cfg)
+
+
+@hypothesis.settings(deadline=None, max_examples=20)
+@hypothesis.given(
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.tuples(st.integers(0, 300), st.integers(0, 300))),
+    registers=st.sampled_from([0, 3]),
+    T=st.sampled_from([128, 384, 512]),
+    S=st.sampled_from([128, 256, 640]),
+)
+def test_tile_ranges_cover_visible_keys(causal, window, registers, T, S):
+    """Block skipping never drops a visible (query, key) pair: ranges vs the dense ``visible``."""
+    bq, bkv = 128, 64
+    spec = MaskSpec(is_causal=causal, local_window_size=window, num_registers=registers)
+    vis = np.asarray(visible(spec, 0, jnp.arange(T)[:, None], jnp.arange(S)[None, :]))
+    stt = backward._Static(logit_scale=1.0, num_registers=registers, is_causal=causal, window=window,
+                           has_codes=False, has_c=False, has_b=False, T=T, S=S, Tp=T, Sp=S, G=1, H=64,
+                           Hv=64, dtype=jnp.bfloat16, interpret=True)
+    with jax.enable_x64(False):
+        for start in range(0, T, bq):
+            lo, n = (int(x) for x in backward._kv_range(stt, jnp.int32(start), jnp.int32(start + bq), bkv))
+            keys = np.nonzero(vis[start:start + bq].any(0))[0]
+            assert keys.size == 0 or (lo * bkv <= keys.min() and keys.max() < (lo + n) * bkv)
+        for start in range(0, S, bkv):
+            lo, n = (int(x) for x in backward._q_range(stt, jnp.int32(start), jnp.int32(start + bkv), bq))
+            queries = np.nonzero(vis[:, start:start + bkv].any(1))[0]
+            assert queries.size == 0 or (lo * bq <= queries.min() and queries.max() < (lo + n) * bq)
+
+
+def test_causal_ranges_skip_tiles():
+    """Causal: the dq kernel visits the lower triangle of tiles only, the dkv kernel likewise."""
+    stt = backward._Static(logit_scale=1.0, num_registers=0, is_causal=True, window=None, has_codes=False,
+                           has_c=False, has_b=False, T=512, S=512, Tp=512, Sp=512, G=1, H=64, Hv=64,
+                           dtype=jnp.bfloat16, interpret=True)
+    with jax.enable_x64(False):
+        dq_tiles = [int(backward._kv_range(stt, jnp.int32(s), jnp.int32(s + 128), 64)[1])
+                    for s in range(0, 512, 128)]
+        dkv_tiles = [int(backward._q_range(stt, jnp.int32(s), jnp.int32(s + 64), 128)[1])
+                     for s in range(0, 512, 64)]
+    assert dq_tiles == [2, 4, 6, 8]
+    assert dkv_tiles == [4, 4, 3, 3, 2, 2, 1, 1]
+
+
 def test_one_compute_warpgroup_config():
     """A non-default config (1 compute warpgroup, 3 stages, 128-key dkv tiles) gives the same result."""
     q, k, v, dout, c, b = _inputs(3, 1, 128, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
     cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=128,
                          compute_wgs=1, max_concurrent_steps=3)
-    _compare(q, k, v, dout, c, b, MaskSpec(is_causal=True), config=cfg)
+    _compare(q, k, v, dout, c, b, MaskSpec(is_causal=True), config=cfg, jit=True)
 
 
 def test_interpreter_poisons_unwritten_outputs():
