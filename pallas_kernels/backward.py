@@ -35,6 +35,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels.common import MaskSpec
@@ -660,9 +661,11 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
       logit_scale: the python float ``a``.
       query_scale: ``[B, N, T]`` float32 ``c`` or None (= 1).
       key_bias: ``[B, K, S]`` float32 ``b`` or None (= 0).
-      mask: the :class:`~pallas_kernels.common.MaskSpec` of the forward (None: no mask).
+      mask: the :class:`~pallas_kernels.common.MaskSpec` of the forward (None: no mask). Segment ids
+        must be larger than ``-2**31 + 2`` (the three smallest int32 values code invalid rows/keys).
       config: block sizes; :func:`default_config` of the head dim when None.
-      interpret: a ``plgpu.InterpretGPUParams`` (or None: interpret iff the default backend is cpu).
+      interpret: a ``plgpu.InterpretGPUParams`` or a bool (None: interpret iff the default backend
+        is cpu).
 
     Returns:
       ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
@@ -673,10 +676,16 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     """
     mask = MaskSpec() if mask is None else mask
     _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask)
-    if not isinstance(logit_scale, (int, float)) or isinstance(logit_scale, bool):
+    if not isinstance(logit_scale, (int, float, np.integer, np.floating)) or isinstance(logit_scale, bool):
         raise TypeError(f"logit_scale must be a python float, got {type(logit_scale).__name__}")
-    if interpret is None and jax.default_backend() == "cpu":
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if interpret is True:
         interpret = plgpu.InterpretGPUParams()
+    elif interpret is False:
+        interpret = None
+    elif not isinstance(interpret, plgpu.InterpretGPUParams):
+        raise TypeError(f"interpret must be None, a bool or plgpu.InterpretGPUParams, got {interpret!r}")
     B, T, N, H0 = q.shape
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
     H, Hv = _padded_dim(H0), _padded_dim(Hv0)
@@ -692,7 +701,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         logit_scale=float(logit_scale), num_registers=R, is_causal=mask.is_causal,
         window=mask.local_window_size, has_codes=has_codes, has_c=query_scale is not None,
         has_b=key_bias is not None, T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
-        interpret=interpret is not None and interpret is not False)
+        interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
     # python ints, which fails under jax_enable_x64.
     lse = lse.astype(jnp.float32)

@@ -277,6 +277,7 @@ def _bad_call(**overrides):
     (dict(mask=MaskSpec(kv_lengths=jnp.ones((2,), jnp.int32))), ValueError, "kv_lengths"),
     (dict(mask={"is_causal": True}), TypeError, "MaskSpec"),
     (dict(config=dataclasses.replace), TypeError, "BackwardConfig"),
+    (dict(interpret="yes"), TypeError, "interpret"),
 ])
 def test_bad_input_raises(overrides, error, match):
     with pytest.raises(error, match=match):
