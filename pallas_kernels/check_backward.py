@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.backward import flash_backward
+from pallas_kernels.backward import BackwardConfig, flash_backward
 from pallas_kernels.common import MaskSpec, flash_reference
 
 # name: (B, T, S, N, K, D, mask kwargs, registers, use query_scale, use key_bias)
@@ -109,6 +109,7 @@ def _median_time(fn, *args, reps=10):
 
 def _chunked_forward(q, k, v, a, causal, chunk=1024):
     """Exact float32 forward (out, natural-log lse) in query chunks, for timing inputs."""
+    chunk = min(chunk, q.shape[1])
     B, T, N, D = q.shape
     n = T // chunk
 
@@ -127,6 +128,37 @@ def _chunked_forward(q, k, v, a, causal, chunk=1024):
     out = jnp.moveaxis(outs, 0, 1).reshape(B, T, N, D)
     lse = jnp.moveaxis(lses, 0, 2).reshape(B, N, T)
     return out, lse
+
+
+# Candidate configs for ``--tune`` (dq block_q, dq block_kv, dkv block_q, dkv block_kv, wgs, stages).
+TUNE_CONFIGS = (
+    BackwardConfig(64, 128, 64, 64, 2, 2),
+    BackwardConfig(64, 128, 64, 64, 2, 3),
+    BackwardConfig(64, 64, 64, 64, 2, 2),
+    BackwardConfig(64, 128, 128, 64, 2, 2),
+    BackwardConfig(64, 64, 128, 64, 2, 3),
+    BackwardConfig(64, 128, 64, 128, 1, 2),
+)
+
+
+def tune_case(T, D, causal, heads=16, tokens=16384):
+    """Backward time (ms) of each :data:`TUNE_CONFIGS` entry; errors (e.g. SMEM overflow) as text."""
+    B = tokens // T
+    ks = jax.random.split(jax.random.key(T + D + causal), 4)
+    q, k, v, do = (jax.random.normal(kk, (B, T, heads, D), jnp.float32).astype(jnp.bfloat16) for kk in ks)
+    a = 1.0 / math.sqrt(D)
+    out, lse = jax.jit(_chunked_forward, static_argnums=(3, 4))(q, k, v, a, causal)
+    mask = MaskSpec(is_causal=causal)
+    results = {}
+    for cfg in TUNE_CONFIGS:
+        fn = jax.jit(lambda q, k, v, o, s, d, cfg=cfg: flash_backward(
+            q, k, v, o, s, d, logit_scale=a, mask=mask, config=cfg)[:3])
+        try:
+            results[cfg] = _median_time(fn, q, k, v, out, lse, do) * 1e3
+        except Exception as e:  # noqa: BLE001 - report and try the next config
+            results[cfg] = f"{type(e).__name__}: {str(e)[:120]}"
+        print(T, D, causal, cfg, results[cfg], flush=True)
+    return results
 
 
 def time_case(T, D, causal, heads=16, tokens=16384):
@@ -154,7 +186,7 @@ def time_case(T, D, causal, heads=16, tokens=16384):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("check", "time", "both"), default="both")
+    parser.add_argument("--only", choices=("check", "time", "both", "tune"), default="both")
     parser.add_argument("--cases", default=",".join(CHECKS))
     parser.add_argument("--seed", type=int, default=int(time.time()) % 10_000)
     args = parser.parse_args()
@@ -180,6 +212,12 @@ def main():
                         print(timings[-1], flush=True)
                     except Exception as e:  # noqa: BLE001
                         print("timing error", T, D, causal, type(e).__name__, str(e)[:300], flush=True)
+    if args.only == "tune":
+        for D in (64, 128):
+            for T in (4096, 16384):
+                for causal in (False, True):
+                    tune_case(T, D, causal)
+        return
     print("\n== correctness (bf16 vs float32 oracle, rel err < 1e-2) ==")
     for name, status, detail in rows:
         print(f"{name:30s} {status:5s} {detail}")
