@@ -17,7 +17,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxattn
-from tests.conformance import ALL_VARIANTS, adaptive_kink_rows
+from tests.conformance import ALL_VARIANTS, NO_SHRINK, adaptive_kink_rows
 from tests.oracle import attention_oracle
 
 # (B, T, S, N, K, H): grouped-query, multi-query with T < S, multi-head with T > S.
@@ -59,6 +59,7 @@ def _ours_softmax(q, k, v, bias, mask, q_len, kv_len, *, is_causal, local_window
         implementation="xla")
 
 
+@NO_SHRINK
 @hypothesis.given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1),
                   use_mask=st.booleans(), use_bias=st.booleans(), is_causal=st.booleans(),
                   use_q_len=st.booleans(), use_kv_len=st.booleans(),
@@ -152,7 +153,7 @@ def _grad_problem(seed, magnitude, variant, masked):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("name", list(GRAD_VARIANTS))
-@hypothesis.settings(max_examples=3)
+@hypothesis.settings(NO_SHRINK, max_examples=3)
 @hypothesis.given(seed=st.integers(0, 2**31 - 1), magnitude=st.sampled_from([0.7, 1.5]),
                   order=st.sampled_from([1, 2]))
 def test_gradients_match_finite_differences(name, masked, seed, magnitude, order):
@@ -171,7 +172,7 @@ def test_gradients_match_finite_differences(name, masked, seed, magnitude, order
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@hypothesis.settings(max_examples=3)
+@hypothesis.settings(NO_SHRINK, max_examples=3)
 @hypothesis.given(seed=st.integers(0, 2**31 - 1), magnitude=st.sampled_from([0.7, 1.5]))
 def test_adaptive_temperature_stop_gradient_freezes_beta(masked, seed, magnitude):
     """With stop_gradient_beta, gradients are those of the oracle with beta frozen at its value.
@@ -268,7 +269,7 @@ def _quantized(rng, *shape):
 
 
 @pytest.mark.parametrize("name", ALL_VARIANTS)
-@hypothesis.settings(max_examples=10)
+@hypothesis.settings(NO_SHRINK, max_examples=10)
 @hypothesis.given(data=st.data())
 def test_weights_match_oracle_and_rows_sum_to_one(name, data):
     B, T, S, N, K, H = data.draw(st.sampled_from(SHAPES), label="shape")
@@ -326,7 +327,6 @@ RETRACE_VARIANTS = {
 def test_no_retracing_on_fixed_shapes(name):
     """New values (inputs, lengths, bias, hyper-parameter) of the same shapes reuse one trace."""
     chex.clear_trace_counter()
-    jax.clear_caches()
     rng = np.random.default_rng(0)
     for param in (0.5, 0.9, 1.7):
         q, k, v = _normal(rng, 2, 6, 2, 8), _normal(rng, 2, 6, 1, 8), _normal(rng, 2, 6, 1, 8)
@@ -412,7 +412,7 @@ LOW_TOL = {"bfloat16": dict(rtol=2e-2, atol=2e-2), "float16": dict(rtol=2e-3, at
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ALL_VARIANTS)
-@hypothesis.settings(max_examples=5)
+@hypothesis.settings(NO_SHRINK, max_examples=5)
 @hypothesis.given(seed=st.integers(0, 2**31 - 1), is_causal=st.booleans())
 def test_low_precision_matches_float32_reference(name, dtype, seed, is_causal):
     rng = np.random.default_rng(seed)
