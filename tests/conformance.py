@@ -6,6 +6,18 @@ dtypes, tolerances and shape buckets. The tests compare the backend with the flo
 (float64) and with the XLA reference's gradients (other backends). Hypothesis draws the shape bucket,
 dtype, masking options, hyper-parameters and seeds; options a backend does not support are never
 drawn, and tests of unsupported variants or capabilities skip with the reason.
+
+A kernel backend, for example::
+
+    class TestPallasInterpret(AttentionConformance):
+        IMPLEMENTATION = "pallas"
+        DTYPES = ("bfloat16", "float16")
+        SHAPES = (Shape(1, 128, 128, 4, 2, 64, 64), Shape(2, 64, 192, 2, 2, 128, 128))
+        SUPPORTED_VARIANTS = DIFFERENTIABLE_VARIANTS
+        SUPPORTS_MASK_ARRAY = SUPPORTS_BIAS = False
+
+The XLA subclass (``tests/test_conformance_xla.py``) runs in float64: the reference must match the
+oracle to float64 precision, and its gradients must match the oracle's finite differences.
 """
 
 import dataclasses
@@ -116,6 +128,7 @@ class AttentionConformance:
         Shape(1, 5, 9, 2, 1, 8, 12),  # multi-query, T < S, value head dim differs
         Shape(2, 7, 4, 3, 3, 4, 4),  # multi-head, T > S
     )
+    MAGNITUDES = (0.5, 1.0, 2.0)  # scales of the random q and k (sharper logits when larger)
     SUPPORTS_VJP = True
     SUPPORTS_STATS = True
     SUPPORTS_STATS_VJP = True  # gradients flow through the returned statistics
@@ -194,7 +207,7 @@ class AttentionConformance:
         B, T, S, N, K, H, Hv = shape
         # Hardmax and top-k get small dyadic values: exact logits, so ties are real and frequent.
         quantized = name in ("hardmax", "topk")
-        magnitude = 1.0 if quantized else data.draw(st.sampled_from([0.5, 1.0, 2.0]), label="mag")
+        magnitude = 1.0 if quantized else data.draw(st.sampled_from(self.MAGNITUDES), label="mag")
 
         def values(*dims):
             if quantized:
