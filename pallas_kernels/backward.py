@@ -607,6 +607,8 @@ def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
         raise ValueError(f"k must have shape [B, S, K, H] with B, H of q {q.shape}, got {k.shape}")
     if v.shape[:3] != (B, S, K):
         raise ValueError(f"v must have shape [B, S, K, Hv] matching k {k.shape}, got {v.shape}")
+    if T == 0 or S == 0 or B == 0:
+        raise ValueError(f"q and k must have B, T, S > 0, got q {q.shape}, k {k.shape}")
     if K == 0 or N % K:
         raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
     Hv = v.shape[-1]

@@ -278,6 +278,8 @@ def _bad_call(**overrides):
     (dict(mask={"is_causal": True}), TypeError, "MaskSpec"),
     (dict(config=dataclasses.replace), TypeError, "BackwardConfig"),
     (dict(interpret="yes"), TypeError, "interpret"),
+    (dict(k=jnp.ones((1, 0, 1, 64), jnp.bfloat16), v=jnp.ones((1, 0, 1, 64), jnp.bfloat16),
+          key_bias=None), ValueError, "S > 0"),
 ])
 def test_bad_input_raises(overrides, error, match):
     with pytest.raises(error, match=match):
