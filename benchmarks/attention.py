@@ -4,6 +4,7 @@ Measures, bf16, ``B * N = 16384`` tokens, ``H = 16`` heads, head dims D and sequ
 
 * ours: ``jaxattn.attention(..., implementation="pallas")`` for softmax, temperature (0.7),
   scalable_softmax, rbf and adaptive_temperature (stop_gradient_beta=True);
+* ``adaptive_qk``: adaptive temperature with the QK^T-only statistics sweep (not the default);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (no mask array);
 * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
 * ``mgpu``: jax's ``pallas/ops/gpu/attention_mgpu.attention`` (float16 inputs, its only dtype);
@@ -49,6 +50,16 @@ def _ours(variant):
         return jaxattn.attention(q, k, v, variant=variant, is_causal=causal,
                                  implementation="pallas")
     return f
+
+
+def _adaptive_qk_only(q, k, v, causal):
+    """Adaptive temperature with the QK^T-only statistics sweep (not the default, see NOTES.md)."""
+    pka = sys.modules["pallas_kernels.attention"]  # the submodule (the package attribute is the function)
+    old, pka.STATS_QK_ONLY = pka.STATS_QK_ONLY, True
+    try:
+        return _ours(OURS["adaptive"])(q, k, v, causal)
+    finally:
+        pka.STATS_QK_ONLY = old
 
 
 def _cudnn(q, k, v, causal):
@@ -147,7 +158,8 @@ def main(argv=None):
                                 continue
                             f = _mgpu(D)
                         else:
-                            f = dict(cudnn=_cudnn, xla=_xla, cudnn_rbf=_cudnn_rbf)[impl]
+                            f = dict(cudnn=_cudnn, xla=_xla, cudnn_rbf=_cudnn_rbf,
+                                     adaptive_qk=_adaptive_qk_only)[impl]
                         if impl == "xla" and N > 4096:
                             continue  # T x S logits: minutes and tens of GB
                         t, err = measure(impl, f, q, k, v, causal, mode, args.reps)

@@ -240,9 +240,9 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         r = qid = None
         if plan.row_const is None:
-            r = plgpu.load(smem["rv"].at[wg, 0], layout=row_layout)
+            r = plgpu.load(smem["rv"].at[wg, jnp.int32(0)], layout=row_layout)
         if plan.has_qid:
-            qid = plgpu.load(smem["rv"].at[wg, plan.num_row_vecs - 1], layout=row_layout)
+            qid = plgpu.load(smem["rv"].at[wg, jnp.int32(plan.num_row_vecs - 1)], layout=row_layout)
 
         def step_fn(step, carry, masked):
             acc, m, den, ent = carry
@@ -258,9 +258,9 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             key_layout = plgpu.Layout.WGMMA.reduce(0)
             kb = kid = None
             if plan.has_bias:
-                kb = plgpu.load(smem["kv"].at[slot, 0], layout=key_layout)
+                kb = plgpu.load(smem["kv"].at[slot, jnp.int32(0)], layout=key_layout)
             if plan.has_kid:
-                kid = plgpu.load(smem["kv"].at[slot, plan.num_key_vecs - 1], layout=key_layout)
+                kid = plgpu.load(smem["kv"].at[slot, jnp.int32(plan.num_key_vecs - 1)], layout=key_layout)
             plgpu.barrier_arrive(bars["k_done"].at[slot])
             if kb is not None:
                 s = s + lax.broadcast_in_dim(kb, s.shape, [1])
@@ -543,7 +543,7 @@ def _count_same_segment(q_seg, kv_seg, lo, hi, block):
     kv_seg = jnp.pad(kv_seg, ((0, 0), (0, Sp - S)))
 
     def body(n, count):
-        j = n * block + jnp.arange(block, dtype=jnp.int32)  # [blk]
+        j = (n * block + jnp.arange(block, dtype=jnp.int32))[None, None, :]  # [1, 1, blk]
         ks = lax.dynamic_slice_in_dim(kv_seg, n * block, block, axis=1)  # [B, blk]
         hit = (q_seg[:, :, None] == ks[:, None, :]) & (j >= lo[..., None]) & (j < hi[..., None])
         return count + jnp.sum(hit, axis=-1, dtype=jnp.int32)
