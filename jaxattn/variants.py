@@ -59,8 +59,26 @@ def _check_positive(name: str, value) -> None:
 
 
 def _register(cls, data_fields):
-    meta = [f.name for f in dataclasses.fields(cls) if f.name not in data_fields]
-    return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=meta)
+    """Registers ``cls`` as a pytree whose unflatten skips ``__init__`` (and its validation).
+
+    JAX rebuilds pytrees with arbitrary leaves (zeros in ``optax.init``, gradients, tracers), which a
+    positivity check must not reject; validation happens only when a user constructs a variant.
+    """
+    data_fields = tuple(data_fields)
+    meta_fields = tuple(f.name for f in dataclasses.fields(cls) if f.name not in data_fields)
+
+    def flatten(v):
+        children = [(jax.tree_util.GetAttrKey(n), getattr(v, n)) for n in data_fields]
+        return children, tuple(getattr(v, n) for n in meta_fields)
+
+    def unflatten(meta, children):
+        v = object.__new__(cls)
+        for n, x in zip(data_fields + meta_fields, tuple(children) + tuple(meta), strict=True):
+            object.__setattr__(v, n, x)
+        return v
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten, unflatten)
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
