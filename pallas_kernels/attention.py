@@ -18,8 +18,8 @@ Adaptive temperature runs a statistics sweep first (:func:`~pallas_kernels.forwa
 QK^T only) for the entropy ``H_i`` of ``softmax(z / c)``, then the main sweep with ``c = beta(H)``.
 The streamed entropy is exact; the paper's ``-sum p log(p + eps)`` is smaller by at most
 ``n_i * eps`` nats (``p log(1 + eps / p) <= eps`` per key), i.e. <= 1.6e-5 nats at n = 16384 and
-eps = 1e-9. The gradient through ``beta`` (``stop_gradient_beta=False``) is not implemented in the
-kernels: differentiating through it raises NotImplementedError (never a silently wrong gradient).
+eps = 1e-9. The gradient through ``beta`` (``stop_gradient_beta=False``) reuses the backward kernel (see
+:func:`_entropy`); with ``stop_gradient_beta=True`` the statistics sweep sees no tangent at all.
 """
 
 import functools
@@ -117,6 +117,14 @@ _flash.defvjp(_fwd_rule, _bwd, symbolic_zeros=True)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _entropy(q, k, c, b, spec, a):
+    """Entropy ``H_i`` of ``softmax(z0)``, ``z0_ij = c_i (a q_i . k_j + b_j)``, ``[B, N, T]``.
+
+    Its VJP reuses the attention backward kernel: ``dH_i / dz0_ij = -p_ij (z0_ij - sum_j p_ij z0_ij)``
+    is the attention ``dZ = P (dP - delta)`` with ``dP_ij = -g_i z0_ij = dO'_i . v'_j`` for values
+    ``v' = k`` and output cotangent ``dO'_i = -g_i c_i a q_i`` (and ``delta_i = dO'_i . o'_i``, ``o'`` the
+    forward output with ``v' = k``). Only the logits' gradients (dq, dk, dc) are kept: ``v' = k`` is a
+    device to form dP, not a dependence. With a key bias the VJP is not implemented (it raises).
+    """
     return flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
                        qk_only=STATS_QK_ONLY)[1]
 
@@ -124,19 +132,31 @@ def _entropy(q, k, c, b, spec, a):
 def _entropy_fwd(q, k, c, b, spec, a):
     q, k, c, b = (_value(x) for x in (q, k, c, b))
     spec = jax.tree.map(_value, spec)
-    return _entropy(q, k, c, b, spec, a), (q, k, c, b, spec)
+    if b is not None:
+        return _entropy(q, k, c, b, spec, a), (q, k, c, b, spec, None, None)
+    out, lse, ent, _ = flash_forward(q, k, k, logit_scale=a, query_scale=c, mask=spec,
+                                     return_stats=True)
+    return ent, (q, k, c, b, spec, out, lse)
 
 
 def _entropy_bwd(a, res, ct):
-    del a
-    if not isinstance(ct, _SymbolicZero):
-        raise NotImplementedError(
-            "the gradient through adaptive temperature's beta (stop_gradient_beta=False) is not "
-            "implemented in the Pallas kernels; use stop_gradient_beta=True or "
-            "implementation='xla'")
-    q, k, c, b, spec = res
+    q, k, c, b, spec, out, lse = res
     zeros = lambda x: None if x is None else jnp.zeros(x.shape, x.dtype)
-    return zeros(q), zeros(k), zeros(c), zeros(b), _zeros_like_spec(spec)
+    if isinstance(ct, _SymbolicZero):
+        return zeros(q), zeros(k), zeros(c), zeros(b), _zeros_like_spec(spec)
+    if b is not None:
+        raise NotImplementedError(
+            "the gradient through the entropy of logits with a per-key bias (adaptive temperature "
+            "with stop_gradient_beta=False on a biased variant) is not implemented in the Pallas "
+            "kernels; use stop_gradient_beta=True or implementation='xla'")
+    from pallas_kernels.backward import flash_backward
+    g = jnp.transpose(ct, (0, 2, 1)).astype(jnp.float32)  # [B, T, N]
+    if c is not None:
+        g = g * jnp.transpose(c, (0, 2, 1))
+    dout = (-a * g[..., None] * q.astype(jnp.float32)).astype(q.dtype)
+    dq, dk, _, dc, _ = flash_backward(q, k, k, out, lse, dout, logit_scale=a, query_scale=c,
+                                      mask=spec)
+    return dq, dk, dc, None, _zeros_like_spec(spec)
 
 
 _entropy.defvjp(_entropy_fwd, _entropy_bwd, symbolic_zeros=True)
@@ -200,7 +220,14 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
     entropy = None
     if variant.needs_stats:
         c0 = None if a_traced is None else jnp.broadcast_to(a_traced, (B, N, T))
-        entropy = _entropy(query, key, c0, b, spec, a_static)
+        if getattr(variant, "stop_gradient_beta", False):
+            stop = jax.lax.stop_gradient
+            entropy = flash_stats(stop(query), stop(key), logit_scale=a_static,
+                                  query_scale=None if c0 is None else stop(c0),
+                                  key_bias=None if b is None else stop(b), mask=spec,
+                                  qk_only=STATS_QK_ONLY)[1]
+        else:
+            entropy = _entropy(query, key, c0, b, spec, a_static)
     c_variant = variant.query_scale(num_visible, entropy)
     c = c_variant
     if a_traced is not None:

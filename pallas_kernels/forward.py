@@ -532,7 +532,7 @@ def count_visible(mask: MaskSpec, batch: int, q_len: int, kv_len: int, block: in
         count = _count_same_segment(mask.q_segment_ids, mask.kv_segment_ids, lo, hi, block)
     count = count + R
     if mask.q_lengths is not None:
-        count = jnp.where(i < mask.q_lengths[:, None], count, 0)
+        count = jnp.where(i < mask.q_lengths.astype(jnp.int32)[:, None], count, 0)
     return count.astype(jnp.int32)
 
 
@@ -607,7 +607,8 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     if has_qid:
         qid = jnp.zeros((B, T), jnp.float32) if q_seg is None else q_seg.astype(jnp.float32)
         if mask.q_lengths is not None:
-            qid = jnp.where(jnp.arange(T)[None] < mask.q_lengths[:, None], qid, _BAD_Q_ID)
+            q_len = mask.q_lengths.astype(jnp.int32)[:, None]
+            qid = jnp.where(jnp.arange(T, dtype=jnp.int32)[None] < q_len, qid, _BAD_Q_ID)
         qid = jnp.pad(qid, ((0, 0), (0, Tp - T)), constant_values=_BAD_Q_ID)
         row_vecs.append(jnp.broadcast_to(qid[:, None], (B, N, Tp)))
     key_vecs = []
@@ -618,7 +619,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         pos = jnp.arange(S - R, dtype=jnp.int32)[None]
         kid = jnp.zeros((B, S - R), jnp.float32) if kv_seg is None else kv_seg.astype(jnp.float32)
         if mask.kv_lengths is not None:
-            kid = jnp.where(pos < mask.kv_lengths[:, None], kid, _PAD_ID)
+            kid = jnp.where(pos < mask.kv_lengths.astype(jnp.int32)[:, None], kid, _PAD_ID)
         kid = jnp.pad(kid, ((0, 0), (R, Sp - S)), constant_values=_PAD_ID)
         kid = kid.at[:, :R].set(_REG_ID)
         key_vecs.append(jnp.broadcast_to(kid[:, None], (B, K, Sp)))
