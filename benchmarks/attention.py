@@ -135,10 +135,15 @@ def main(argv=None):
                                            "cudnn_rbf")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the memory target: B=1, H=16, D=128, N=131072, fwd and fwd+bwd "
+                             "of each of our variants, once each")
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
+    if args.memory:
+        return memory_check([i for i in impls if i in OURS])
     rows = []
     for D in map(int, args.dims.split(",")):
         for N in map(int, args.lengths.split(",")):
@@ -181,6 +186,19 @@ def main(argv=None):
                        python=platform.python_version(), heads=HEADS, tokens=TOKENS, rows=rows),
                   f, indent=1)
     print(f"wrote {path}")
+
+
+def memory_check(names, N=131072, D=128):
+    """Runs forward and forward+backward once at B=1, H=16, N=131072 per variant; prints OK / error."""
+    ks = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (1, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
+               for kk in ks)
+    for name in names:
+        for mode in ("fwd", "fwdbwd"):
+            f = _ours(OURS[name])
+            t, err = measure(name, f, q, k, v, True, mode, reps=1)
+            status = f"OK {t:.2f} s" if err is None else f"FAILED {err}"
+            print(f"memory N={N} D={D} causal {name:<12} {mode:<7} {status}", flush=True)
 
 
 def _summary(rows):
