@@ -247,6 +247,8 @@ def attention(query, key, value, *, variant="softmax", bias=None, mask=None, sca
     if implementation == "pallas" or (implementation is None and _on_gpu()):
         try:
             result = pallas_kernels.attention(q, k, v, return_stats=return_stats, **options)
+            if return_stats:
+                result = (result[0], AttentionStats(*result[1]))
         except NotImplementedError:
             if implementation == "pallas":
                 raise
