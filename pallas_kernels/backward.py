@@ -10,7 +10,8 @@ Two deterministic kernels (no atomics) compute the gradients of the kernel-level
   dZ_{ij} = p_{ij} (dO_i \\cdot v_j - \\delta_i), \\quad \\delta_i = dO_i \\cdot o_i
 
 * the **dq kernel** (grid: query heads x query tiles x batch) pipelines K/V tiles through shared
-  memory and accumulates ``dq_i = a c_i sum_j dZ_ij k_j`` and ``dc_i = sum_j dZ_ij u_ij``;
+  memory and accumulates ``dq_i = a c_i sum_j dZ_ij k_j`` and ``dc_i = sum_j dZ_ij u_ij`` (computed as
+  ``sum_j dZ u - (sum_j p u)(sum_j dZ)``, exact also when delta comes from a bf16 output);
 * the **dkv kernel** (grid: kv heads x kv tiles x batch) pipelines Q/dO tiles of every query head of
   the GQA group (an inner loop over the group's heads) and accumulates ``dv_j = sum_i p_ij dO_i``,
   ``dk_j = a sum_i c_i dZ_ij q_i`` and ``db_j = sum_i c_i dZ_ij``, reduced over the group in-kernel.
@@ -287,8 +288,13 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 plgpu.copy_gmem_to_smem(qcode_ref.at[batch, pl.ds(q0, bq)], qcode_smem2.at[wg],
                                         barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
-            carry = (_zeros((bq, H)), _zeros_vec(bq, ROW))
-            dq_acc, dc = pipeline_callback(carry)
+            carry = (_zeros((bq, H)), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW))
+            dq_acc, dc, dz_sum, pu_sum = pipeline_callback(carry)
+            if st.has_c:
+                # sum_j dZ_ij = sum_j p dP - delta_i is 0 with the exact delta; with delta from the
+                # low-precision output it is not, and dc_i = sum_j dZ_ij u_ij inherits that error
+                # times the row mean of u. Centering u on its p-mean removes it.
+                dc = dc - pu_sum * dz_sum
             if st.has_c:
                 scale = plgpu.load(stats_smem.at[2], layout=ROW) * a
                 dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
@@ -310,7 +316,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             extra = list(smem_refs[2:])
             kb_smem = extra.pop(0) if st.has_b else None
             kc_smem = extra.pop(0) if st.has_codes else None
-            dq_acc, dc = carry
+            dq_acc, dc, dz_sum, pu_sum = carry
             q0 = tile_start + wg * bq
             k0 = (lo + indices[0]) * bkv
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -346,9 +352,11 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             dz = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
             if st.has_c:
                 dc = dc + jnp.sum(dz * u, axis=1)
+                dz_sum = dz_sum + jnp.sum(dz, axis=1)
+                pu_sum = pu_sum + jnp.sum(p * u, axis=1)
             dq_acc = _mma_acc(dq_acc, dz.astype(st.dtype), k_smem, st.interpret)
             plgpu.barrier_arrive(consumed[0])
-            return dq_acc, dc
+            return dq_acc, dc, dz_sum, pu_sum
 
         tf = _transforms()
         in_specs = [
