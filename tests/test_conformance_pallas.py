@@ -8,7 +8,6 @@ differentiate the returned statistics; those capabilities are off, and their tes
 
 import hypothesis
 import hypothesis.strategies as st
-import jax
 import pytest
 
 from tests.conformance import (
@@ -17,10 +16,9 @@ from tests.conformance import (
     AttentionConformance,
     Shape,
 )
+from tests.interpreter import needs_interpreter_threads
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() == "cpu" and jax.device_count() < 4,
-    reason="the Mosaic GPU interpreter needs jax_num_cpu_devices >= 4 (tests/conftest.py)")
+pytestmark = needs_interpreter_threads
 
 FEW = hypothesis.settings(NO_SHRINK, max_examples=2)
 

@@ -5,7 +5,6 @@ what that covers). The XLA side gets the same 16-bit inputs upcast to float32, s
 the kernel's own rounding (P in the input dtype before P @ V, 16-bit gradients).
 """
 
-import os
 
 import hypothesis
 import hypothesis.strategies as st
@@ -16,6 +15,7 @@ import pytest
 
 import jaxattn
 from jaxattn import variants
+from tests.interpreter import needs_interpreter_threads
 
 B, T, S, N, K, H, R = 1, 128, 120, 4, 2, 64, 2
 OUT_TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 3e-3}
@@ -23,19 +23,8 @@ STAT_TOL = 2e-4
 GRAD_RTOL = 3e-2  # max |g_kernel - g_ref| / max |g_ref|, 16-bit gradients
 
 
-# The interpreter runs each simulated warpgroup as its own XLA CPU computation that blocks in barrier
-# callbacks: with a CPU thread pool smaller than the number of threads blocked at once it deadlocks
-# (seen here on the 2-core box: causal + query ids + key bias, B2 T128). Eight CPU devices give the pool
-# enough threads; this must happen before the backend starts (tests/conftest.py should set it).
-try:
-    jax.config.update("jax_num_cpu_devices", max(8, jax.config.jax_num_cpu_devices))
-except RuntimeError:  # the backend is already up
-    pass
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() == "cpu" and jax.device_count() < 4 and (os.cpu_count() or 1) < 8,
-    reason="the Mosaic GPU interpreter may deadlock with a small CPU thread pool: set "
-           "jax_num_cpu_devices=8 before the backend starts (tests/conftest.py)")
+pytestmark = needs_interpreter_threads
 
 VARIANTS = {
     "temperature": variants.Softmax(0.7),

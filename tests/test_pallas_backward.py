@@ -19,7 +19,6 @@ when the backend has not started yet.
 """
 
 import dataclasses
-import os
 
 import hypothesis
 import hypothesis.strategies as st
@@ -33,16 +32,9 @@ import pytest
 from pallas_kernels import backward
 from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
 from pallas_kernels.common import MaskSpec, flash_reference, visible
+from tests.interpreter import needs_interpreter_threads
 
-try:  # see the module docstring: a CPU thread pool large enough for the interpreter
-    jax.config.update("jax_num_cpu_devices", max(8, jax.config.jax_num_cpu_devices))
-except RuntimeError:  # the backend is already up; conftest may have set it
-    pass
-
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() == "cpu" and jax.device_count() < 4 and (os.cpu_count() or 1) < 8,
-    reason="Mosaic GPU interpreter may deadlock with a small CPU thread pool: set jax_num_cpu_devices=8 "
-           "before the backend starts (tests/conftest.py)")
+pytestmark = needs_interpreter_threads
 
 TOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 3e-3}
 NAMES = ("dq", "dk", "dv", "dc", "db")

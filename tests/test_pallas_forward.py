@@ -11,7 +11,6 @@ output differs from the float32 oracle by up to a few ulps of the 16-bit dtype; 
 float32 throughout.
 """
 
-import os
 
 import hypothesis
 import hypothesis.strategies as st
@@ -23,25 +22,15 @@ import pytest
 from pallas_kernels.check import reference_rows
 from pallas_kernels.common import MaskSpec, visible
 from pallas_kernels.forward import BlockSizes, count_visible, flash_forward, flash_stats, segment_ranks
+from tests.interpreter import needs_interpreter_threads
 
 BLOCKS = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2)
 OUT_TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 3e-3}
 STAT_TOL = 2e-4
 
 
-# The interpreter runs each simulated warpgroup as its own XLA CPU computation that blocks in barrier
-# callbacks: with a CPU thread pool smaller than the number of threads blocked at once it deadlocks
-# (seen here on the 2-core box: causal + query ids + key bias, B2 T128). Eight CPU devices give the pool
-# enough threads; this must happen before the backend starts (tests/conftest.py should set it).
-try:
-    jax.config.update("jax_num_cpu_devices", max(8, jax.config.jax_num_cpu_devices))
-except RuntimeError:  # the backend is already up
-    pass
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() == "cpu" and jax.device_count() < 4 and (os.cpu_count() or 1) < 8,
-    reason="the Mosaic GPU interpreter may deadlock with a small CPU thread pool: set "
-           "jax_num_cpu_devices=8 before the backend starts (tests/conftest.py)")
+pytestmark = needs_interpreter_threads
 
 
 def _inputs(seed, B, T, S, N, K, H, Hv, dtype, use_c, use_b):

@@ -1,0 +1,17 @@
+"""What every test module that runs the Mosaic GPU interpreter on CPU shares.
+
+The interpreter runs each simulated warpgroup as its own XLA CPU computation that blocks in barrier
+callbacks: with a CPU thread pool smaller than the number of threads blocked at once it deadlocks (seen
+on the 2-core box). ``tests/conftest.py`` starts the backend with 8 CPU devices, which is enough;
+``pytestmark = needs_interpreter_threads`` skips a module (instead of hanging) if that did not happen.
+"""
+
+import os
+
+import jax
+import pytest
+
+needs_interpreter_threads = pytest.mark.skipif(
+    jax.default_backend() == "cpu" and jax.device_count() < 4 and (os.cpu_count() or 1) < 8,
+    reason="the Mosaic GPU interpreter may deadlock with a small CPU thread pool: set "
+           "jax_num_cpu_devices=8 before the backend starts (tests/conftest.py)")
