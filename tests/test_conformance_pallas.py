@@ -3,7 +3,8 @@
 On CPU the kernels run under the Mosaic GPU interpreter, which is slow: the subclass keeps the base's
 tests but draws few examples from two small buckets (head dim 64; ragged 40 x 72 and GQA 128 x 128).
 The kernels take bf16/f16 inputs, no dense mask or bias arrays, no hardmax/top-k, and do not
-differentiate the returned statistics; those capabilities are off, and their tests skip.
+differentiate the returned statistics; those capabilities are off, and their tests skip. Gradients
+are compared with the XLA reference in relative norm (bf16 1e-2, f16 2e-3).
 """
 
 import hypothesis
@@ -34,6 +35,8 @@ class TestPallasConformance(AttentionConformance):
     SUPPORTS_STATS_VJP = False
     SUPPORTS_MASK_ARRAY = False
     SUPPORTS_BIAS = False
+    # The project's bar for 16-bit kernels (relative error in norm), not element by element.
+    GRAD_NORM_RTOL = {"bfloat16": 1e-2, "float16": 2e-3}
 
     @pytest.mark.parametrize("variant_name", DIFFERENTIABLE_VARIANTS)
     @FEW
@@ -49,10 +52,8 @@ class TestPallasConformance(AttentionConformance):
         AttentionConformance.test_fully_masked_rows_are_zero.hypothesis.inner_test(
             self, variant_name, data)
 
-    def test_gradients(self):
-        pytest.skip(
-            "the base compares gradients element by element (rtol = atol = 0.05 in bf16); the kernel's "
-            "bf16 gradients are within 5e-3 in relative norm of the reference but a few elements of "
-            "large gradients exceed that elementwise bound. Kernel gradients (q, k, v, registers, "
-            "temperature, s, gamma, beta) are checked in tests/test_pallas_api.py and "
-            "tests/test_pallas_backward.py")
+    @pytest.mark.parametrize("variant_name", DIFFERENTIABLE_VARIANTS)
+    @FEW
+    @hypothesis.given(data=st.data())
+    def test_gradients(self, variant_name, data):
+        AttentionConformance.test_gradients.hypothesis.inner_test(self, variant_name, data)
