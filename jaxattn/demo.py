@@ -114,7 +114,8 @@ def format_table(rows, num_layers: int) -> str:
         head += f" {'H L' + str(layer):>7} {'maxw L' + str(layer):>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['variant']:<22} {r['first_loss']:>10.3f} {r['eval_loss']:>9.3f}"
+        start = "-" if np.isnan(r["first_loss"]) else f"{r['first_loss']:.3f}"
+        line = f"{r['variant']:<22} {start:>10} {r['eval_loss']:>9.3f}"
         for h, w in zip(r["entropy"], r["max_weight"], strict=True):
             line += f" {h:>7.3f} {w:>8.3f}"
         lines.append(line)
