@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxattn
 from jaxattn import variants
 from theory import dispersion as D
 from theory import sample_complexity as sc
+from theory.check import topn_sample
 
 LENGTHS = (1, 2, 7, 64)
 EPS32 = 2.0**-23
@@ -242,21 +242,8 @@ def test_random_subset_exclusion_mc(L, n_top):
         assert abs(float(freq[i]) - want) <= 3 * float(se[i])
 
 
-@jax.jit
-def _weights_and_output(q, x, temperature):
-    var = variants.Softmax(temperature)
-    w = jaxattn.attention_weights(q[:, None, None, :], x[:, :, None, :], variant=var,
-                                  scale=1.0)[:, 0, 0, :]
-    out = jaxattn.attention(q[:, None, None, :], x[:, :, None, :], x[:, :, None, :], variant=var,
-                            scale=1.0)[:, 0, 0, :]
-    return w, out
-
-
 def _sphere_weights(key, L, batch=64, d=8, temperature=0.5):
-    x = sc.sample_sphere(key, (batch, L), d, 1.0, jnp.float64)
-    q = sc.sample_sphere(jax.random.fold_in(key, 1), (batch,), d, 1.0, jnp.float64)
-    w, out = _weights_and_output(q, x, temperature)
-    return w, x, out
+    return topn_sample(key, L, batch, d, temperature)
 
 
 def test_top_n_full_selection_readings():
