@@ -4,12 +4,16 @@ Measures, bf16, ``B * N = 16384`` tokens, ``H = 16`` heads, head dims D and sequ
 
 * ours: ``jaxattn.attention(..., implementation="pallas")`` for softmax, temperature (0.7),
   scalable_softmax, rbf and adaptive_temperature (stop_gradient_beta=True);
-* ``adaptive_qk``: adaptive temperature with the QK^T-only statistics sweep (not the default);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (no mask array);
 * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
 * ``mgpu``: jax's ``pallas/ops/gpu/attention_mgpu.attention`` (float16 inputs, its only dtype);
 * ``cudnn_rbf``: RBF through cuDNN with the key norm folded into extra head dims
-  (``q' = [q, 1, 0..]``, ``k' = [2 gamma k, -gamma ||k||^2, 0..]``, scale 1).
+  (``q' = [q, 1, 0..]``, ``k' = [2 gamma k, -gamma ||k||^2, 0..]``, scale 1);
+* ``tokamax`` / ``tokamax_rbf``: tokamax 0.0.17's Mosaic GPU kernel
+  (``tokamax.dot_product_attention(..., implementation="mosaic")``), softmax and RBF through its
+  broadcast ``[B, N, 1, S]`` bias. tokamax is not a dependency: on the GPU machine it is carried
+  as wheels (``../shared/tools/gpu-wheels --tokamax``); without it these rows report the
+  ImportError.
 
 FLOPs: forward ``4 B H N^2 D`` (halved when causal), forward+backward 3.5x that. Time: median of
 ``--reps`` jitted calls after a warm-up call, each synchronised with ``block_until_ready``. Prints
@@ -52,14 +56,24 @@ def _ours(variant):
     return f
 
 
-def _adaptive_qk_only(q, k, v, causal):
-    """Adaptive temperature with the QK^T-only statistics sweep (not the default, see NOTES.md)."""
-    pka = sys.modules["pallas_kernels.attention"]  # the submodule (the package attribute is the function)
-    old, pka.STATS_QK_ONLY = pka.STATS_QK_ONLY, True
-    try:
-        return _ours(OURS["adaptive"])(q, k, v, causal)
-    finally:
-        pka.STATS_QK_ONLY = old
+def _rbf_bias(k, gamma):
+    """``-gamma ||k_j||^2``, the RBF logits' per-key term, as a ``[B, N, 1, S]`` float32 bias."""
+    kf = k.astype(jnp.float32)
+    return (-gamma * jnp.sum(kf * kf, axis=-1)).transpose(0, 2, 1)[:, :, None, :]
+
+
+def _tokamax(q, k, v, causal):
+    import tokamax
+    return tokamax.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic")
+
+
+def _tokamax_rbf(q, k, v, causal):
+    """RBF = softmax(2 gamma q.k - gamma ||k||^2) (the ||q||^2 term cancels), gamma = 1/sqrt(D)."""
+    import tokamax
+    gamma = 1.0 / math.sqrt(q.shape[-1])
+    bias = _rbf_bias(k, gamma)
+    return tokamax.dot_product_attention(q, k, v, bias=bias, scale=2 * gamma, is_causal=causal,
+                                         implementation="mosaic")
 
 
 def _cudnn(q, k, v, causal):
@@ -145,6 +159,9 @@ def main(argv=None):
     if args.memory:
         return memory_check([i for i in impls if i in OURS])
     rows = []
+    path = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                    f"attention-{dev.device_kind.replace(' ', '_')}-"
+                                    f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     for D in map(int, args.dims.split(",")):
         for N in map(int, args.lengths.split(",")):
             B = max(1, TOKENS // N)
@@ -164,7 +181,7 @@ def main(argv=None):
                             f = _mgpu(D)
                         else:
                             f = dict(cudnn=_cudnn, xla=_xla, cudnn_rbf=_cudnn_rbf,
-                                     adaptive_qk=_adaptive_qk_only)[impl]
+                                     tokamax=_tokamax, tokamax_rbf=_tokamax_rbf)[impl]
                         if impl == "xla" and N > 4096:
                             continue  # T x S logits: minutes and tens of GB
                         t, err = measure(impl, f, q, k, v, causal, mode, args.reps)
@@ -175,30 +192,44 @@ def main(argv=None):
                         tf = "-" if t is None else f"{row['tflops']:.0f}"
                         print(f"D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {impl:<12} "
                               f"{tf:>6} TFLOP/s {'' if err is None else err}", flush=True)
+                        _write(path, dev, rows)  # after every row: a cut-off run keeps its rows
     _summary(rows)
-    path = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                    f"attention-{dev.device_kind.replace(' ', '_')}-"
-                                    f"{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"wrote {path}")
+
+
+def _write(path, dev, rows):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(dict(device=dev.device_kind, jax=jax.__version__,
                        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
                        python=platform.python_version(), heads=HEADS, tokens=TOKENS, rows=rows),
                   f, indent=1)
-    print(f"wrote {path}")
 
 
 def memory_check(names, N=131072, D=128):
-    """Runs forward and forward+backward once at B=1, H=16, N=131072 per variant; prints OK / error."""
+    """Runs forward and forward+backward once at B=1, H=16, N=131072 (causal) per variant.
+
+    Prints OK with the wall time of the one call (compilation included) and the device's peak
+    bytes in use so far, or the error.
+    """
     ks = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(kk, (1, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
                for kk in ks)
+    dev = jax.devices()[0]
     for name in names:
         for mode in ("fwd", "fwdbwd"):
             f = _ours(OURS[name])
-            t, err = measure(name, f, q, k, v, True, mode, reps=1)
-            status = f"OK {t:.2f} s" if err is None else f"FAILED {err}"
-            print(f"memory N={N} D={D} causal {name:<12} {mode:<7} {status}", flush=True)
+            fn = f if mode == "fwd" else _fwd_bwd(f)
+            try:
+                t0 = time.perf_counter()
+                jax.block_until_ready(jax.jit(functools.partial(fn, causal=True))(q, k, v))
+                stats = dev.memory_stats() or {}
+                peak = stats.get("peak_bytes_in_use", 0) / 2**30
+                status = f"OK {time.perf_counter() - t0:.1f} s, peak {peak:.2f} GiB"
+            except Exception as e:  # noqa: BLE001 - an out-of-memory is the result, not a crash
+                status = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"memory B=1 H={HEADS} N={N} D={D} causal {name:<12} {mode:<7} {status}",
+                  flush=True)
 
 
 def _summary(rows):
@@ -221,6 +252,14 @@ def _summary(rows):
             r2 = f"{t / ours:.2f}" if ours else "-"
             cells.append(f"{t:6.0f} ({r1}|{r2})".rjust(18))
         print(f"{key[0]:>4} {key[1]:>6} {int(key[2]):>2} {key[3]:<7} " + " ".join(cells))
+    peers = [p for p in ("tokamax_rbf", "cudnn_rbf") if p in impls]
+    if "rbf" in impls and peers:
+        print("\nour RBF speed-up over each RBF workaround (same process)")
+        for key in keys:
+            ours = table.get((*key, "rbf"))
+            cells = [f"{p} {ours / table[(*key, p)]:.2f}x" for p in peers
+                     if ours and table.get((*key, p))]
+            print(f"{key[0]:>4} {key[1]:>6} {int(key[2]):>2} {key[3]:<7} " + "  ".join(cells))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ a temperature), the keys through ``b`` and register keys/values through XLA auto
 kernel's ``a`` a python float.
 
 Adaptive temperature runs a statistics sweep first (:func:`~pallas_kernels.forward.flash_stats`,
-QK^T only) for the entropy ``H_i`` of ``softmax(z / c)``, then the main sweep with ``c = beta(H)``.
+no P @ V) for the entropy ``H_i`` of ``softmax(z / c)``, then the main sweep with ``c = beta(H)``.
 The streamed entropy is exact; the paper's ``-sum p log(p + eps)`` is smaller by at most
 ``n_i * eps`` nats (``p log(1 + eps / p) <= eps`` per key), i.e. <= 1.6e-5 nats at n = 16384 and
 eps = 1e-9. The gradient through ``beta`` (``stop_gradient_beta=False``) reuses the backward kernel (see
@@ -34,9 +34,6 @@ from pallas_kernels.forward import count_visible, flash_forward, flash_stats
 __all__ = ["attention"]
 
 _SymbolicZero = jax.custom_derivatives.SymbolicZero
-# The adaptive-temperature statistics sweep: the QK^T-only kernel (True) or the main kernel with
-# v = k (False, the default: the QK-only sweep failed the H100 check, see NOTES.md).
-STATS_QK_ONLY = False
 
 
 def _unsupported(variant, query, bias, mask):
@@ -125,8 +122,7 @@ def _entropy(q, k, c, b, spec, a):
     forward output with ``v' = k``). Only the logits' gradients (dq, dk, dc) are kept: ``v' = k`` is a
     device to form dP, not a dependence. With a key bias the VJP is not implemented (it raises).
     """
-    return flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
-                       qk_only=STATS_QK_ONLY)[1]
+    return flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=spec)[1]
 
 
 def _entropy_fwd(q, k, c, b, spec, a):
@@ -224,8 +220,7 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
             stop = jax.lax.stop_gradient
             entropy = flash_stats(stop(query), stop(key), logit_scale=a_static,
                                   query_scale=None if c0 is None else stop(c0),
-                                  key_bias=None if b is None else stop(b), mask=spec,
-                                  qk_only=STATS_QK_ONLY)[1]
+                                  key_bias=None if b is None else stop(b), mask=spec)[1]
         else:
             entropy = _entropy(query, key, c0, b, spec, a_static)
     c_variant = variant.query_scale(num_visible, entropy)

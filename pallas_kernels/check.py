@@ -3,8 +3,9 @@
 Runs :func:`pallas_kernels.forward.flash_forward` (and :func:`flash_stats`) on fresh random inputs
 at realistic sizes (up to N = 16384, D = 256) and compares each with a float32 reference computed
 on a random subset of query rows (all keys), so the reference never holds a T x S matrix of the
-full problem. Before every kernel call the device allocator is poisoned: a large NaN buffer is
-allocated and freed, so an output element the kernel fails to write shows up as NaN.
+full problem. Before every kernel call an XLA computation runs (leaving shared memory dirty) and
+the device allocator is poisoned: a large NaN buffer is allocated and freed, so an output element
+the kernel fails to write shows up as NaN.
 
 Prints a pass/fail table: relative error ``||out - ref|| / ||ref||`` over the checked rows (bf16 /
 f16 inputs against float32: pass below 1e-2) and max abs errors of lse / entropy / max weight
@@ -114,22 +115,25 @@ def _stat_err(x, ref):
     return float(np.max(np.abs(x - ref) / np.maximum(1.0, np.abs(ref))))
 
 
-def check_case(case, seed=0, qk_only=False):
+def check_case(case, seed=0):
     """Runs one case; returns a dict of errors and pass flags."""
     q, k, v, c, b, spec = _make(case, seed)
     a = 1.0 / np.sqrt(q.shape[-1])
     T = q.shape[1]
     rows = np.sort(np.random.default_rng(seed).choice(T, size=min(ROWS, T), replace=False))
+    # The reference runs first: the kernels then start on shared memory that XLA's kernels left
+    # dirty (the removed V-less statistics kernel failed only after such work, NOTES.md).
+    r_out, r_lse, r_ent, r_mw = reference_rows(q, k, v, rows, a=float(a), c=c, b=b, spec=spec)
+    jax.block_until_ready(r_out)
     _poison()
     t0 = time.perf_counter()
     out, lse, ent, mw = flash_forward(q, k, v, logit_scale=float(a), query_scale=c, key_bias=b,
                                       mask=spec, return_stats=True)
     out.block_until_ready()
     elapsed = time.perf_counter() - t0
+    jax.block_until_ready(reference_rows(q, k, v, rows[:8], a=float(a), c=c, b=b, spec=spec))
     _poison()
-    lse2, ent2 = flash_stats(q, k, logit_scale=float(a), query_scale=c, key_bias=b, mask=spec,
-                             qk_only=qk_only)
-    r_out, r_lse, r_ent, r_mw = reference_rows(q, k, v, rows, a=float(a), c=c, b=b, spec=spec)
+    lse2, ent2 = flash_stats(q, k, logit_scale=float(a), query_scale=c, key_bias=b, mask=spec)
     res = dict(
         name=case[0], shape=f"B{q.shape[0]} T{T} S{k.shape[1]} N{q.shape[2]} K{k.shape[2]} "
         f"H{q.shape[3]} {q.dtype}",
@@ -139,7 +143,8 @@ def check_case(case, seed=0, qk_only=False):
         max_weight=_stat_err(mw[:, :, rows], r_mw),
         stats_lse=_stat_err(lse2[:, :, rows], r_lse),
         stats_entropy=_stat_err(ent2[:, :, rows], r_ent),
-        nan=bool(np.isnan(np.asarray(out, np.float32)).any() or np.isnan(np.asarray(lse)).any()),
+        nan=bool(np.isnan(np.asarray(out, np.float32)).any() or any(
+            np.isnan(np.asarray(x)).any() for x in (lse, ent, mw, lse2, ent2))),
         first_call_s=elapsed,
     )
     res["pass"] = bool(not res["nan"] and res["out_rel"] < REL_TOL and max(
@@ -148,39 +153,18 @@ def check_case(case, seed=0, qk_only=False):
     return res
 
 
-def _stats_sweep():
-    """lse error of the QK-only stats sweep against the main kernel, per dtype / D / block_kv."""
-    from pallas_kernels.forward import BlockSizes
-    for dtype in ("float16", "bfloat16"):
-        for H, bkv in ((64, 256), (64, 128), (128, 128)):
-            case = ("", 1, 2048, 2048, 4, 4, H, dtype, {}, False, False, 0)
-            q, k, v, c, b, spec = _make(case, 1)
-            cfg = BlockSizes(64, bkv, 2)
-            _, lse, ent, _ = flash_forward(q, k, v, logit_scale=0.125, mask=spec, config=cfg,
-                                           return_stats=True)
-            lse2, ent2 = flash_stats(q, k, logit_scale=0.125, mask=spec, config=cfg, qk_only=True)
-            print(f"stats sweep {dtype} H={H} block_kv={bkv}: lse {_stat_err(lse2, lse):.2e} "
-                  f"entropy {_stat_err(ent2, ent):.2e}", flush=True)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the first three cases")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--qk-only", action="store_true",
-                        help="check flash_stats(qk_only=True) instead of the default sweep")
     parser.add_argument("--skip-cases", action="store_true", help="run no check case")
-    parser.add_argument("--stats-sweep", action="store_true",
-                        help="compare flash_stats with flash_forward's stats over block sizes")
     args = parser.parse_args(argv)
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
-    if args.stats_sweep:
-        _stats_sweep()
     cases = [] if args.skip_cases else CASES[:3] if args.quick else CASES
     results = []
     for case in cases:
         try:
-            res = check_case(case, qk_only=args.qk_only)
+            res = check_case(case)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cases
             res = dict(name=case[0], shape="", error=f"{type(e).__name__}: {str(e)[:2000]}",
                        **{"pass": False})

@@ -22,8 +22,8 @@ loaded; blocks every query sees run without mask arithmetic.
 
 Statistics: with ``return_stats`` the kernel also streams ``V_i = sum_j p_ij (z_ij - m_i)`` (base 2,
 rescaled like ``l_i``) and returns the exact entropy ``H_i = ln 2 (log2 l_i - V_i / l_i)`` and the
-max weight ``1 / l_i`` (``m_i`` is the exact row max). :func:`flash_stats` runs the same sweep
-without V (no P @ V), for adaptive temperature.
+max weight ``1 / l_i`` (``m_i`` is the exact row max). :func:`flash_stats` runs the same kernel
+with P @ V skipped, for adaptive temperature.
 
 Masked logits are set to ``-1e30`` (base 2), never ``-inf``; a row whose running max stays there has
 no visible key and gives zeros (lse, entropy and max weight 0). Visible logits below ``-5e29`` would
@@ -117,7 +117,7 @@ class _Plan:
     has_kid: bool
     has_qid: bool
     stats: bool
-    with_pv: bool
+    pv: bool  # False: the statistics sweep (V streamed and waited on as usual, P @ V skipped)
     interpret: bool
 
     @property
@@ -277,17 +277,19 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             if plan.stats:
                 ent = alpha * (ent + den * (m - m_new)) + (p * d).sum(axis=1)
             den = den * alpha
-            if not plan.with_pv:
-                den = den + p.sum(axis=1)
-                schedule()
-                return acc, m_new, den, ent
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(plan.dtype)
 
             def end_softmax():
                 plgpu.barrier_arrive(bars["sched"])
                 plgpu.barrier_wait(bars["v"].at[slot])
                 plgpu.barrier_wait(bars["sched"])
+
+            if not plan.pv:
+                den = den + p.sum(axis=1)
+                end_softmax()
+                plgpu.barrier_arrive(bars["v_done"].at[slot])
+                return acc, m_new, den, ent
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(plan.dtype)
 
             if plan.head_dim <= 128:
                 den = den + p.sum(axis=1)
@@ -305,16 +307,15 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             plgpu.barrier_wait(bars["k"].at[slot])
             plgpu.barrier_arrive(bars["k_done"].at[slot])
             schedule()
-            if plan.with_pv:
-                plgpu.barrier_wait(bars["v"].at[slot])
-                plgpu.barrier_arrive(bars["v_done"].at[slot])
+            plgpu.barrier_wait(bars["v"].at[slot])
+            plgpu.barrier_arrive(bars["v_done"].at[slot])
             schedule()
 
         def row_vec(value):
             return plgpu.layout_cast(jnp.full((bq,), value, jnp.float32), row_layout)
 
         acc = None
-        if plan.with_pv:
+        if plan.pv:
             acc = plgpu.layout_cast(jnp.zeros((bq, plan.head_dim), jnp.float32),
                                     plgpu.Layout.WGMMA)
         carry = (acc, row_vec(MASKED), row_vec(0.0), row_vec(0.0) if plan.stats else None)
@@ -336,7 +337,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
         empty = m <= _EMPTY
         inv = 1.0 / jnp.where(empty, 1.0, den)
         log2_l = jnp.log(jnp.where(empty, 1.0, den)) * (1.0 / LN2)
-        if plan.with_pv:
+        if plan.pv:
             scale = jnp.where(empty, 0.0, inv)
             acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
             q_smem[...] = acc.astype(plan.dtype)
@@ -345,7 +346,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             smem["ent"].at[wg][...] = jnp.where(empty, 0.0, (log2_l - ent * inv) * LN2)
             smem["mw"].at[wg][...] = jnp.where(empty, 0.0, inv)
         plgpu.commit_smem()
-        if plan.with_pv:
+        if plan.pv:
             plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q0, bq), head])
         rows = pl.ds(q0, bq)
         plgpu.copy_smem_to_gmem(smem["lse"].at[wg], lse_ref.at[batch, head, rows])
@@ -373,17 +374,15 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             @pl.when(lo + i < hi)
             def _prologue(i=i):
                 issue_k(lo + i, i)
-                if plan.with_pv:
-                    issue_v(lo + i, i)
+                issue_v(lo + i, i)
 
         @pl.loop(lo + steps, hi)
         def _stream(step):
             slot = slot_of(step)
             plgpu.barrier_wait(bars["k_done"].at[slot])
             issue_k(step, slot)
-            if plan.with_pv:
-                plgpu.barrier_wait(bars["v_done"].at[slot])
-                issue_v(step, slot)
+            plgpu.barrier_wait(bars["v_done"].at[slot])
+            issue_v(step, slot)
 
         # Observe the last consumptions too, so every barrier phase has been waited on when the
         # barriers are freed (the interpreter checks this; on the GPU it costs an idle wait).
@@ -391,8 +390,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
         def _drain(step):
             slot = slot_of(step)
             plgpu.barrier_wait(bars["k_done"].at[slot])
-            if plan.with_pv:
-                plgpu.barrier_wait(bars["v_done"].at[slot])
+            plgpu.barrier_wait(bars["v_done"].at[slot])
 
 
 def _scratch(plan):
@@ -402,8 +400,6 @@ def _scratch(plan):
     smem = dict(
         q=plgpu.SMEM((cw, bq, D), plan.dtype, transforms=transforms),
         k=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms),
-        # Allocated in the QK-only sweep too (unused there): same shared memory, hence the same
-        # CTAs per SM, as the main kernel.
         v=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms),
         rv=plgpu.SMEM((cw, plan.num_row_vecs, bq), jnp.float32) if plan.num_row_vecs else None,
         kv=plgpu.SMEM((steps, plan.num_key_vecs, bkv), jnp.float32) if plan.num_key_vecs else None,
@@ -414,9 +410,9 @@ def _scratch(plan):
     bars = dict(
         q=plgpu.Barrier(num_arrivals=1 + int(plan.num_row_vecs > 0), num_barriers=cw),
         k=plgpu.Barrier(num_arrivals=1 + int(plan.num_key_vecs > 0), num_barriers=steps),
-        v=plgpu.Barrier(num_barriers=steps) if plan.with_pv else None,
+        v=plgpu.Barrier(num_barriers=steps),
         k_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
-        v_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps) if plan.with_pv else None,
+        v_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
         sched=plgpu.Barrier(num_arrivals=cw),
     )
     return smem, bars
@@ -428,7 +424,7 @@ def _launch(plan, q, k, v, row_vecs, key_vecs):
     cw_rows = _COMPUTE_WGS * plan.blocks.block_q
     f32 = jnp.float32
     out_types = [
-        jax.ShapeDtypeStruct(q.shape, q.dtype) if plan.with_pv else None,
+        jax.ShapeDtypeStruct(q.shape, q.dtype) if plan.pv else None,
         jax.ShapeDtypeStruct((B, N, Tp), f32),
         jax.ShapeDtypeStruct((B, N, Tp), f32) if plan.stats else None,
         jax.ShapeDtypeStruct((B, N, Tp), f32) if plan.stats else None,
@@ -577,7 +573,7 @@ def _check_inputs(q, k, v, logit_scale):
         raise NotImplementedError(f"head dims above 256 are not supported, got {head_dim}")
 
 
-def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, with_pv):
+def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv):
     """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -590,7 +586,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     pad4 = lambda x, n, n_to: jnp.pad(x, ((0, 0), (0, n_to - n), (0, 0), (0, D - x.shape[3])))
     q_p = pad4(q, T, Tp)
     k_p = pad4(k, S, Sp)
-    v_p = pad4(v, S, Sp) if v is not None else None
+    v_p = k_p if v is k else (pad4(v, S, Sp) if v is not None else None)
 
     has_qid = mask.q_lengths is not None or mask.q_segment_ids is not None
     has_kid = has_qid or mask.kv_lengths is not None
@@ -630,7 +626,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         blocks=blocks, head_dim=D, dtype=jnp.dtype(q.dtype), group=N // K, num_registers=R,
         seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
         has_bias=key_bias is not None, has_kid=has_kid, has_qid=has_qid, stats=stats,
-        with_pv=with_pv, interpret=bool(interpret))
+        pv=pv, interpret=bool(interpret))
     return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs))
 
 
@@ -667,7 +663,7 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
     _check_inputs(q, k, v, logit_scale)
     mask = MaskSpec() if mask is None else mask
     plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
-                            stats=return_stats, with_pv=True)
+                            stats=return_stats, pv=True)
     out, lse, ent, mw = _run(plan, *arrays)
     T, Hv = q.shape[1], v.shape[3]
     out = out[:, :T, :, :Hv]
@@ -678,36 +674,29 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
 
 
 def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
-                mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
-                qk_only: bool = False):
-    """The statistics sweep: ``(lse, entropy)`` of ``softmax(z)`` per query.
+                mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None):
+    """The statistics sweep: ``(lse, entropy)`` of ``softmax(z)`` per query, without P @ V.
 
     The entropy is streamed exactly, ``H_i = lse_i - sum_j p_ij z_ij`` (in nats); the paper's
     ``-sum p log(p + eps)`` differs from it by at most ``n_i * eps`` nats.
 
-    By default this runs the main kernel (with ``v = k``, output discarded), which passes the GPU
-    check. ``qk_only=True`` runs the QK^T-only sweep (no P @ V, about half the work): it matches the
-    reference in the CPU interpreter (no races found) but gave wrong statistics on the H100 for
-    some shapes (see ``pallas_kernels/NOTES.md``), so it is not the default.
+    Runs the main kernel with ``v = k`` and the P @ V product skipped: the K/V pipeline, its
+    barriers and the warpgroup schedule are the main kernel's (the V tiles, the same memory as
+    the K tiles, are streamed and waited on but unused). The exponentials, not the matmuls, bound
+    this sweep: it takes ~75 % of a forward at D = 128 on the H100 (``pallas_kernels/NOTES.md``).
 
     Args:
       q, k, logit_scale, query_scale, key_bias, mask, config, interpret: as :func:`flash_forward`.
-      qk_only: use the QK^T-only sweep (see above).
 
     Returns:
       ``(lse, entropy)``, float32 ``[B, N, T]``; zeros for rows with no visible key.
     """
-    mask = MaskSpec() if mask is None else mask
-    T = q.shape[1]
-    if not qk_only:
-        _, lse, ent, _ = flash_forward(q, k, k, logit_scale=logit_scale, query_scale=query_scale,
-                                       key_bias=key_bias, mask=mask, config=config,
-                                       interpret=interpret, return_stats=True)
-        return lse, ent
     _check_inputs(q, k, None, logit_scale)
-    plan, arrays = _prepare(q, k, None, logit_scale, query_scale, key_bias, mask, config,
-                            interpret, stats=True, with_pv=False)
+    mask = MaskSpec() if mask is None else mask
+    plan, arrays = _prepare(q, k, k, logit_scale, query_scale, key_bias, mask, config, interpret,
+                            stats=True, pv=False)
     _, lse, ent, _ = _run(plan, *arrays)
+    T = q.shape[1]
     return lse[..., :T], ent[..., :T]
 
 
