@@ -149,6 +149,9 @@ def main(argv=None):
                                            "cudnn_rbf")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--tune", action="store_true",
+                        help="only the forward block-size sweep: flash_forward per BlockSizes "
+                             "candidate (see tune_forward) at each --dims / --lengths / --causal")
     parser.add_argument("--memory", action="store_true",
                         help="only the memory target: B=1, H=16, D=128, N=131072, fwd and fwd+bwd "
                              "of each of our variants, once each")
@@ -158,6 +161,10 @@ def main(argv=None):
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
     if args.memory:
         return memory_check([i for i in impls if i in OURS])
+    if args.tune:
+        return tune_forward([int(d) for d in args.dims.split(",")],
+                            [int(n) for n in args.lengths.split(",")],
+                            [bool(int(c)) for c in args.causal.split(",")], args.reps)
     rows = []
     path = args.out or os.path.join(os.path.dirname(__file__), "results",
                                     f"attention-{dev.device_kind.replace(' ', '_')}-"
@@ -204,6 +211,55 @@ def _write(path, dev, rows):
                        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
                        python=platform.python_version(), heads=HEADS, tokens=TOKENS, rows=rows),
                   f, indent=1)
+
+
+def tune_candidates(D):
+    """Forward :class:`BlockSizes` worth timing at padded head dim ``D`` (shared memory permitting)."""
+    from pallas_kernels.forward import BlockSizes
+    out = []
+    for block_kv in (64, 128, 256):
+        for steps in (2, 3, 4):
+            smem = 2 * (2 * 64 * D + 2 * steps * block_kv * D)  # Q tiles + K/V ring, 2 bytes each
+            if smem <= 220 * 1024:
+                for fold in (False, True):
+                    out.append(BlockSizes(block_q=64, block_kv=block_kv,
+                                          max_concurrent_steps=steps, fold_scale=fold))
+    return out
+
+
+def tune_forward(dims, lengths, causals, reps):
+    """Times ``flash_forward`` per :func:`tune_candidates` entry; prints TFLOP/s per config.
+
+    Softmax for every candidate; with an RBF-like key bias too for the default tiles (fold on/off).
+    """
+    from pallas_kernels.common import MaskSpec
+    from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, flash_forward
+    for D in dims:
+        default = DEFAULT_BLOCK_SIZES.get(D)
+        for N in lengths:
+            B = max(1, TOKENS // N)
+            ks = jax.random.split(jax.random.key(N + D), 3)
+            q, k, v = (jax.random.normal(kk, (B, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
+                       for kk in ks)
+            bias = jnp.transpose(-0.5 * jnp.sum(k.astype(jnp.float32) ** 2, -1), (0, 2, 1))
+            for causal in causals:
+                flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
+                for cfg in tune_candidates(D):
+                    same_tiles = default is not None and (cfg.block_kv, cfg.max_concurrent_steps) == (
+                        default.block_kv, default.max_concurrent_steps)
+                    for b in (None, bias) if same_tiles else (None,):
+                        fn = jax.jit(lambda q, k, v, b, cfg=cfg, causal=causal, a=D ** -0.5:
+                                     flash_forward(q, k, v, logit_scale=a, key_bias=b,
+                                                   mask=MaskSpec(is_causal=causal), config=cfg)[0])
+                        try:
+                            t = _time(fn, (q, k, v, b), reps)
+                            res = f"{flops / t / 1e12:6.0f} TFLOP/s"
+                        except Exception as e:  # noqa: BLE001 - e.g. shared memory overflow
+                            res = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                        print(f"tune D={D} N={N} causal={int(causal)} block_kv={cfg.block_kv} "
+                              f"steps={cfg.max_concurrent_steps} fold={int(cfg.fold_scale)} "
+                              f"bias={int(b is not None)}: {res}"
+                              f"{' (default)' if cfg == default else ''}", flush=True)
 
 
 def memory_check(names, N=131072, D=128):

@@ -370,18 +370,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         if st.has_codes:
             in_specs.append(plgpu.BlockSpec((bkv,), lambda i: (lo + i,)))
             in_refs.append(kcode_ref.at[batch])
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            kv_body,
-            grid=(n_kv,),
-            max_concurrent_steps=cfg.max_concurrent_steps,
-            num_compute_wgs=wgs,
-            memory_registers=40,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=compute_thread,
-            in_specs=in_specs,
-        )
-        pipeline(*in_refs)
+        _pipeline(kv_body, (n_kv,), cfg, wgs, compute_thread, in_specs)(*in_refs)
 
     tf = _transforms()
     scratch = (
@@ -391,28 +380,12 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         plgpu.SMEM((wgs, bq), jnp.int32) if st.has_codes else None,
         plgpu.SMEM((wgs, bq), jnp.float32) if st.has_c else None,
     )
-    n_copies = 3 + int(st.has_codes)
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if st.has_c:
         out_type.append(jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
-    inputs = [q, k, v, do, qstats]
-    if st.has_codes:
-        inputs.append(qcode)
-    if st.has_b:
-        inputs.append(kbias)
-    if st.has_codes:
-        inputs.append(kcode)
-    outs = plgpu.kernel(
-        kernel,
-        out_type=out_type,
-        scratch_types=[scratch, plgpu.Barrier(num_arrivals=n_copies, num_barriers=wgs)],
-        compiler_params=_compiler_params(),
-        grid=(N, num_q_tiles, B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=wgs + 1,
-        thread_name="wg",
-        interpret=interpret,
-    )(*inputs)
+    outs = _launch(st, kernel, out_type, scratch, n_copies=3 + int(st.has_codes),
+                   grid=(N, num_q_tiles, B), tile_axis="q_seq", wgs=wgs, interpret=interpret,
+                   inputs=[q, k, v, do, qstats], side=(qcode, kbias, kcode))
     return outs[0], (outs[1] if st.has_c else None)
 
 
@@ -534,18 +507,7 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         if st.has_codes:
             in_specs.append(plgpu.BlockSpec((bq,), lambda g, i: (lo + i,)))
             in_refs.append(qcode_ref.at[batch])
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            q_body,
-            grid=(G, n_q),
-            max_concurrent_steps=cfg.max_concurrent_steps,
-            num_compute_wgs=wgs,
-            memory_registers=40,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=compute_thread,
-            in_specs=in_specs,
-        )
-        pipeline(*in_refs)
+        _pipeline(q_body, (G, n_q), cfg, wgs, compute_thread, in_specs)(*in_refs)
 
     tf = _transforms()
     scratch = (
@@ -554,29 +516,55 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         plgpu.SMEM((wgs, bkv), jnp.float32) if st.has_b else None,
         plgpu.SMEM((wgs, bkv), jnp.int32) if st.has_codes else None,
     )
-    n_copies = 2 + int(st.has_b) + int(st.has_codes)
     out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if st.has_b:
         out_type.append(jax.ShapeDtypeStruct((B, K, Sp), jnp.float32))
-    inputs = [q5, do5, k, v, qstats5]
+    outs = _launch(st, kernel, out_type, scratch, n_copies=2 + int(st.has_b) + int(st.has_codes),
+                   grid=(K, num_kv_tiles, B), tile_axis="kv_seq", wgs=wgs, interpret=interpret,
+                   inputs=[q5, do5, k, v, qstats5], side=(qcode, kbias, kcode))
+    return outs[0], outs[1], (outs[2] if st.has_b else None)
+
+
+def _pipeline(body, grid, cfg, wgs, compute_thread, in_specs):
+    """The warp-specialized input pipeline: ``wgs`` compute warpgroups, one 40-register copier."""
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=grid,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        num_compute_wgs=wgs,
+        memory_registers=40,
+        wg_axis="wg",
+        manual_consumed_barriers=True,
+        compute_context=compute_thread,
+        in_specs=in_specs,
+    )
+
+
+def _launch(st, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, interpret, inputs,
+            side):
+    """One ``plgpu.kernel`` call: ``wgs`` compute warpgroups + 1 pipeline warpgroup.
+
+    ``side`` is ``(qcode, kbias, kcode)``; the ones the static config uses follow ``inputs``.
+    """
+    qcode, kbias, kcode = side
+    inputs = list(inputs)
     if st.has_codes:
         inputs.append(qcode)
     if st.has_b:
         inputs.append(kbias)
     if st.has_codes:
         inputs.append(kcode)
-    outs = plgpu.kernel(
+    return plgpu.kernel(
         kernel,
         out_type=out_type,
         scratch_types=[scratch, plgpu.Barrier(num_arrivals=n_copies, num_barriers=wgs)],
         compiler_params=_compiler_params(),
-        grid=(K, num_kv_tiles, B),
-        grid_names=("heads", "kv_seq", "batch"),
+        grid=grid,
+        grid_names=("heads", tile_axis, "batch"),
         num_threads=wgs + 1,
         thread_name="wg",
         interpret=interpret,
     )(*inputs)
-    return outs[0], outs[1], (outs[2] if st.has_b else None)
 
 
 # ------------------------------------------------------------------------------------------ entry

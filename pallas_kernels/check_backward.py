@@ -141,14 +141,19 @@ TUNE_CONFIGS = (
 )
 
 
-def tune_case(T, D, causal, heads=16, tokens=16384):
-    """Backward time (ms) of each :data:`TUNE_CONFIGS` entry; errors (e.g. SMEM overflow) as text."""
+def _timing_inputs(T, D, causal, heads, tokens):
+    """bf16 ``q, k, v, do`` of ``tokens / T`` sequences, the forward's ``out, lse``, scale and mask."""
     B = tokens // T
     ks = jax.random.split(jax.random.key(T + D + causal), 4)
     q, k, v, do = (jax.random.normal(kk, (B, T, heads, D), jnp.float32).astype(jnp.bfloat16) for kk in ks)
     a = 1.0 / math.sqrt(D)
     out, lse = jax.jit(_chunked_forward, static_argnums=(3, 4))(q, k, v, a, causal)
-    mask = MaskSpec(is_causal=causal)
+    return q, k, v, do, out, lse, a, MaskSpec(is_causal=causal)
+
+
+def tune_case(T, D, causal, heads=16, tokens=16384):
+    """Backward time (ms) of each :data:`TUNE_CONFIGS` entry; errors (e.g. SMEM overflow) as text."""
+    q, k, v, do, out, lse, a, mask = _timing_inputs(T, D, causal, heads, tokens)
     results = {}
     for cfg in TUNE_CONFIGS:
         fn = jax.jit(lambda q, k, v, o, s, d, cfg=cfg: flash_backward(
@@ -162,12 +167,8 @@ def tune_case(T, D, causal, heads=16, tokens=16384):
 
 
 def time_case(T, D, causal, heads=16, tokens=16384):
-    B = tokens // T
-    ks = jax.random.split(jax.random.key(T + D + causal), 4)
-    q, k, v, do = (jax.random.normal(kk, (B, T, heads, D), jnp.float32).astype(jnp.bfloat16) for kk in ks)
-    a = 1.0 / math.sqrt(D)
-    out, lse = jax.jit(_chunked_forward, static_argnums=(3, 4))(q, k, v, a, causal)
-    mask = MaskSpec(is_causal=causal)
+    q, k, v, do, out, lse, a, mask = _timing_inputs(T, D, causal, heads, tokens)
+    B = q.shape[0]
 
     ours = jax.jit(lambda q, k, v, o, s, d: flash_backward(q, k, v, o, s, d, logit_scale=a, mask=mask)[:3])
     t_ours = _median_time(ours, q, k, v, out, lse, do)

@@ -67,17 +67,23 @@ _BAD_Q_ID = -1.0  # query id of a row past its length
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tiles of the forward kernel.
+    """Tiles and static tuning choices of the forward kernel.
 
     Attributes:
       block_q: query rows per compute warpgroup (a CTA holds ``2 * block_q``); multiple of 64.
       block_kv: keys per pipeline step; multiple of 64.
       max_concurrent_steps: depth of the K/V shared-memory ring (>= 2).
+      fold_scale: on unmasked tiles with one positive row factor ``r`` (no per-query scale),
+        take the row max as ``r * max_j s_ij`` and form ``r s - m`` (and ``r s + r b``) as one
+        fused multiply-add per logit instead of a multiply and an add. Same values up to FMA
+        rounding; one floating-point op fewer per logit. Off by default until measured
+        (``benchmarks/attention.py --tune``).
     """
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
+    fold_scale: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -87,6 +93,8 @@ class BlockSizes:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
+        if not isinstance(self.fold_scale, bool):
+            raise ValueError(f"fold_scale must be a bool, got {self.fold_scale!r}")
 
 
 # Per padded head dim. Shared memory: Q 2*block_q*D + K/V 2*steps*block_kv*D (2 bytes each) must fit
@@ -209,6 +217,31 @@ def _visible(plan, q0, step, kid, qid):
     return ok
 
 
+def _shifted_logits(plan, s, kb, r, m, masked, visible):
+    """``(m_new, d)``: the running row max and ``d = z - m_new`` of one tile (base 2).
+
+    ``z = r (s + b)`` with ``r`` the row factor (``plan.row_const`` or the row vector ``r``) and
+    ``b`` the key bias ``kb`` (or none); hidden logits are ``MASKED`` on masked tiles.
+    """
+    row = lambda x: lax.broadcast_in_dim(x, s.shape, [0])
+    col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
+    rc = plan.row_const
+    if plan.blocks.fold_scale and not masked and rc is not None and rc > 0:
+        if kb is None:  # max_j (rc s_ij) = rc max_j s_ij for rc > 0; d = rc s - m is one FMA
+            m_new = jnp.maximum(m, s.max(axis=1) * rc)
+            return m_new, s * rc - row(m_new)
+        z = s * rc + col(kb * rc)  # one FMA per logit
+        m_new = jnp.maximum(m, z.max(axis=1))
+        return m_new, z - row(m_new)
+    if kb is not None:
+        s = s + col(kb)
+    z = s * rc if r is None else s * row(r)
+    if masked:
+        z = jnp.where(visible(), z, MASKED)
+    m_new = jnp.maximum(m, z.max(axis=1))
+    return m_new, z - row(m_new)
+
+
 def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref, mw_ref,
             smem, bars):
     bq, bkv = plan.blocks.block_q, plan.blocks.block_kv
@@ -262,17 +295,9 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             if plan.has_kid:
                 kid = plgpu.load(smem["kv"].at[slot, jnp.int32(plan.num_key_vecs - 1)], layout=key_layout)
             plgpu.barrier_arrive(bars["k_done"].at[slot])
-            if kb is not None:
-                s = s + lax.broadcast_in_dim(kb, s.shape, [1])
-            if r is None:
-                z = s * plan.row_const
-            else:
-                z = s * lax.broadcast_in_dim(r, s.shape, [0])
-            if masked:
-                z = jnp.where(_visible(plan, q0, step, kid, qid), z, MASKED)
-            m_new = jnp.maximum(m, z.max(axis=1))
+            m_new, d = _shifted_logits(plan, s, kb, r, m, masked, lambda: _visible(
+                plan, q0, step, kid, qid))
             alpha = jnp.exp2(m - m_new)
-            d = z - lax.broadcast_in_dim(m_new, z.shape, [0])
             p = jnp.exp2(d)
             if plan.stats:
                 ent = alpha * (ent + den * (m - m_new)) + (p * d).sum(axis=1)

@@ -43,9 +43,9 @@ def _inputs(seed, B, T, S, N, K, H, Hv, dtype, use_c, use_b):
     return q, k, v, c, b
 
 
-def _compare(q, k, v, c, b, spec, a=0.2):
+def _compare(q, k, v, c, b, spec, a=0.2, config=BLOCKS):
     out, lse, ent, mw = flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b,
-                                      mask=spec, config=BLOCKS, return_stats=True)
+                                      mask=spec, config=config, return_stats=True)
     rows = np.arange(q.shape[1])
     r_out, r_lse, r_ent, r_mw = reference_rows(q, k, v, rows, a=a, c=c, b=b, spec=spec)
     assert out.shape == q.shape[:3] + (v.shape[3],) and out.dtype == q.dtype
@@ -74,6 +74,19 @@ def test_matches_reference(name):
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
     q, k, v, c, b = _inputs(0, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
     _compare(q, k, v, c, b, MaskSpec(num_registers=R, **mask_kw))
+
+
+@pytest.mark.parametrize("use_b", [False, True])
+def test_fold_scale(use_b):
+    """BlockSizes(fold_scale=True): one FMA per logit on unmasked tiles; same results."""
+    q, k, v, _, b = _inputs(6, 1, 256, 256, 2, 1, 64, 64, jnp.bfloat16, False, use_b)
+    spec = MaskSpec(is_causal=True)  # masked diagonal tiles and unmasked ones below
+    folded = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, fold_scale=True)
+    got = _compare(q, k, v, None, b, spec, a=0.3, config=folded)
+    plain = flash_forward(q, k, v, logit_scale=0.3, key_bias=b, mask=spec, config=BLOCKS,
+                          return_stats=True)
+    for x, y in zip(got[1:], plain[1:], strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
 
 
 def test_lengths_segments_and_empty_rows():
