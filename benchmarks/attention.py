@@ -112,6 +112,13 @@ def _mgpu(D):
     return f
 
 
+def _random_qkv(seed, B, N, D):
+    """Fresh standard-normal bf16 ``q, k, v`` of shape ``[B, N, HEADS, D]``."""
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(kk, (B, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
+                 for kk in ks)
+
+
 def _time(fn, args, reps):
     out = fn(*args)
     jax.block_until_ready(out)
@@ -172,9 +179,7 @@ def main(argv=None):
     for D in map(int, args.dims.split(",")):
         for N in map(int, args.lengths.split(",")):
             B = max(1, TOKENS // N)
-            ks = jax.random.split(jax.random.key(N + D), 3)
-            q, k, v = (jax.random.normal(kk, (B, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
-                       for kk in ks)
+            q, k, v = _random_qkv(N + D, B, N, D)
             for causal in map(bool, map(int, args.causal.split(","))):
                 flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
                 for mode in args.modes.split(","):
@@ -238,9 +243,7 @@ def tune_forward(dims, lengths, causals, reps):
         default = DEFAULT_BLOCK_SIZES.get(D)
         for N in lengths:
             B = max(1, TOKENS // N)
-            ks = jax.random.split(jax.random.key(N + D), 3)
-            q, k, v = (jax.random.normal(kk, (B, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
-                       for kk in ks)
+            q, k, v = _random_qkv(N + D, B, N, D)
             bias = jnp.transpose(-0.5 * jnp.sum(k.astype(jnp.float32) ** 2, -1), (0, 2, 1))
             for causal in causals:
                 flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
@@ -268,9 +271,7 @@ def memory_check(names, N=131072, D=128):
     Prints OK with the wall time of the one call (compilation included) and the device's peak
     bytes in use so far, or the error.
     """
-    ks = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(kk, (1, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
-               for kk in ks)
+    q, k, v = _random_qkv(0, 1, N, D)
     dev = jax.devices()[0]
     for name in names:
         for mode in ("fwd", "fwdbwd"):

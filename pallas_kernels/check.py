@@ -170,7 +170,11 @@ def main(argv=None):
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
     cases = [] if args.skip_cases else CASES[:3] if args.quick else CASES
     if args.cases:
-        cases = [CASES[int(i)] for i in args.cases.split(",")]
+        try:
+            cases = [CASES[int(i)] for i in args.cases.split(",")]
+        except (ValueError, IndexError):
+            parser.error(f"--cases must be comma-separated indices in [0, {len(CASES)}), got "
+                         f"{args.cases!r}")
     results = []
     for case in cases:
         try:
