@@ -64,6 +64,9 @@ class BackwardConfig:
       block_kv_dkv: keys per compute warpgroup in the dkv kernel.
       compute_wgs: compute warpgroups per CTA (1 or 2), each owning its own rows.
       max_concurrent_steps: depth of the TMA pipeline (>= 2).
+      edge_masks: apply the causal / window / padding mask only on tiles that straddle its
+        edge (a ``lax.cond`` per tile); tiles every query sees skip the mask arithmetic. Tiles
+        with length or segment codes are always masked.
     """
 
     block_q_dq: int = 64
@@ -72,6 +75,7 @@ class BackwardConfig:
     block_kv_dkv: int = 64
     compute_wgs: int = 2
     max_concurrent_steps: int = 2
+    edge_masks: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -83,6 +87,8 @@ class BackwardConfig:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
+        if not isinstance(self.edge_masks, bool):
+            raise ValueError(f"BackwardConfig.edge_masks must be a bool, got {self.edge_masks!r}")
 
 
 # Defaults per (padded) head dim; SMEM per CTA stays under the H100's 227 KiB.
@@ -196,6 +202,39 @@ def _visible(st: _Static, qi, kj, qcode=None, kcode=None):
         code_ok = (qcode != Q_INVALID) & ((kcode == qcode) | (kcode == K_REGISTER))
         ok = conj(ok, code_ok)
     return ok
+
+
+def _tile_is_full(st: _Static, q0, bq, k0, bkv):
+    """Scalar bool: every query of ``[q0, q0 + bq)`` sees every key of ``[k0, k0 + bkv)``.
+
+    Conservative (False may still be a full tile); only the index masks, not the codes.
+    """
+    full = jnp.bool_(True)
+    first, last = k0 - st.num_registers, k0 + (bkv - 1 - st.num_registers)  # key positions
+    if st.is_causal:
+        full = full & (last <= q0)
+    if st.window is not None:
+        left, right = st.window
+        full = full & (first >= q0 + (bq - 1 - left)) & (last <= q0 + right)
+    if st.Sp != st.S:
+        full = full & (k0 + bkv <= st.S)
+    if st.Tp != st.T:
+        full = full & (q0 + bq <= st.T)
+    return full
+
+
+def _apply_mask(st: _Static, cfg: BackwardConfig, p, visible, q0, bq, k0, bkv):
+    """``p`` with hidden entries zeroed; ``visible()`` builds the bool tile (or returns None).
+
+    With ``cfg.edge_masks`` (and no codes) tiles that :func:`_tile_is_full` clears skip it.
+    """
+    if not (st.is_causal or st.window is not None or st.Sp != st.S or st.Tp != st.T
+            or st.has_codes):
+        return p
+    masked = lambda p: jnp.where(visible(), p, 0.0)
+    if not cfg.edge_masks or st.has_codes:
+        return masked(p)
+    return lax.cond(_tile_is_full(st, q0, bq, k0, bkv), lambda p: p, masked, p)
 
 
 def _kv_range(st: _Static, q_start, q_stop, block_kv):
@@ -336,16 +375,18 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             else:
                 z2 = u * LOG2E
             p = jnp.exp2(z2 - lax.broadcast_in_dim(lse2, (bq, bkv), [0]))
-            qi = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
-            kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
             qc = kc = None
             if st.has_codes:
                 qc = lax.broadcast_in_dim(plgpu.load(qcode_smem2.at[wg], layout=ROW), (bq, bkv), [0])
                 kc = lax.broadcast_in_dim(plgpu.load(kc_smem, layout=COL), (bq, bkv), [1])
                 plgpu.barrier_arrive(consumed[-1])
-            vis = _visible(st, qi, kj, qc, kc)
-            if vis is not None:
-                p = jnp.where(vis, p, 0.0)
+
+            def visible():
+                qi = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+                kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                return _visible(st, qi, kj, qc, kc)
+
+            p = _apply_mask(st, cfg, p, visible, q0, bq, k0, bkv)
 
             dp = _mm_smem(do_smem, v_smem.transpose((1, 0)), (bq, bkv))
             plgpu.barrier_arrive(consumed[1])
@@ -479,11 +520,13 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             else:
                 z2 = u_t * LOG2E
             p_t = jnp.exp2(z2 - lax.broadcast_in_dim(lse2, shape, [1]))
-            kj = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-            qi = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            vis = _visible(st, qi, kj, qc, kc)
-            if vis is not None:
-                p_t = jnp.where(vis, p_t, 0.0)
+
+            def visible():
+                kj = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+                qi = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+                return _visible(st, qi, kj, qc, kc)
+
+            p_t = _apply_mask(st, cfg, p_t, visible, q0, bq, k0, bkv)
 
             dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
             dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
@@ -639,7 +682,8 @@ def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
 
 
 def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=None, key_bias=None,
-                   mask: MaskSpec | None = None, config: BackwardConfig | None = None, interpret=None):
+                   mask: MaskSpec | None = None, config: BackwardConfig | None = None, interpret=None,
+                   kernels: tuple[str, ...] = ("dq", "dkv")):
     """Gradients of the kernel-level attention problem, with two fused Mosaic GPU kernels.
 
     .. math::
@@ -664,16 +708,22 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
       config: block sizes; :func:`default_config` of the head dim when None.
       interpret: a ``plgpu.InterpretGPUParams`` or a bool (None: interpret iff the default backend
         is cpu).
+      kernels: which of the two kernels run, ``"dq"`` (dq, dquery_scale) and ``"dkv"`` (dk, dv,
+        dkey_bias); the outputs of a kernel left out are None. For timing one kernel alone.
 
     Returns:
       ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
-      ``[B, N, T]`` and dkey_bias ``[B, K, S]`` float32, each None iff its input is None.
+      ``[B, N, T]`` and dkey_bias ``[B, K, S]`` float32, each None iff its input is None (or its
+      kernel is left out).
 
     Raises:
       NotImplementedError: float32 inputs, head dims above 256.
     """
     mask = MaskSpec() if mask is None else mask
     _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask)
+    kernels = tuple(kernels)
+    if not kernels or any(x not in ("dq", "dkv") for x in kernels):
+        raise ValueError(f"kernels must be a non-empty subset of ('dq', 'dkv'), got {kernels!r}")
     if not isinstance(logit_scale, (int, float, np.integer, np.floating)) or isinstance(logit_scale, bool):
         raise TypeError(f"logit_scale must be a python float, got {type(logit_scale).__name__}")
     if interpret is None:
@@ -707,7 +757,8 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     key_bias = None if key_bias is None else key_bias.astype(jnp.float32)
     mask = jax.tree.map(lambda x: x.astype(jnp.int32), mask)
     with _interpret_context(st.interpret), jax.enable_x64(False):
-        return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret)
+        return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
+                               kernels)
 
 
 @contextlib.contextmanager
@@ -722,8 +773,9 @@ def _interpret_context(interpret: bool):
         yield
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 11))
-def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret):
+@functools.partial(jax.jit, static_argnums=(0, 1, 11, 12))
+def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
+                    kernels):
     B, T, N, H0 = q.shape
     S, Hv0 = k.shape[1], v.shape[-1]
     delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), dout.astype(jnp.float32))
@@ -739,11 +791,14 @@ def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_
     qcode = kcode = None
     if st.has_codes:
         qcode, kcode = _codes(mask, B, T, S, st.Tp, st.Sp, st.num_registers)
-    dq, dc = _dq_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, interpret)
-    dk, dv, db = _dkv_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, interpret)
-    dq = dq[:, :T, :, :H0]
-    dk = dk[:, :S, :, :H0]
-    dv = dv[:, :S, :, :Hv0]
-    dc = None if dc is None else dc[:, :, :T]
-    db = None if db is None else db[:, :, :S]
+    dq = dk = dv = dc = db = None
+    if "dq" in kernels:
+        dq, dc = _dq_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, interpret)
+        dq = dq[:, :T, :, :H0]
+        dc = None if dc is None else dc[:, :, :T]
+    if "dkv" in kernels:
+        dk, dv, db = _dkv_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, interpret)
+        dk = dk[:, :S, :, :H0]
+        dv = dv[:, :S, :, :Hv0]
+        db = None if db is None else db[:, :, :S]
     return dq, dk, dv, dc, db

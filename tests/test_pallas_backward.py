@@ -219,6 +219,47 @@ def test_causal_ranges_skip_tiles():
     assert dkv_tiles == [4, 4, 3, 3, 2, 2, 1, 1]
 
 
+@hypothesis.settings(deadline=None, max_examples=30)
+@hypothesis.given(
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.tuples(st.integers(0, 200), st.integers(0, 200))),
+    registers=st.sampled_from([0, 3]),
+    T=st.sampled_from([128, 200, 384]),
+    S=st.sampled_from([128, 190, 256]),
+    bq=st.sampled_from([64, 128]),
+    bkv=st.sampled_from([64, 128]),
+)
+def test_full_tiles_see_every_key(causal, window, registers, T, S, bq, bkv):
+    """``_tile_is_full`` never clears a tile holding a hidden (query, key) pair, and clears some."""
+    spec = MaskSpec(is_causal=causal, local_window_size=window, num_registers=registers)
+    Tp, Sp = -(-T // bq) * bq, -(-(S + registers) // bkv) * bkv
+    vis = np.zeros((Tp, Sp), bool)
+    vis[:T, :S + registers] = np.asarray(visible(spec, 0, jnp.arange(T)[:, None],
+                                                 jnp.arange(S + registers)[None, :]))
+    stt = backward._Static(logit_scale=1.0, num_registers=registers, is_causal=causal, window=window,
+                           has_codes=False, has_c=False, has_b=False, T=T, S=S + registers, Tp=Tp,
+                           Sp=Sp, G=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
+    cleared = 0
+    with jax.enable_x64(False):
+        for q0 in range(0, Tp, bq):
+            for k0 in range(0, Sp, bkv):
+                if bool(backward._tile_is_full(stt, jnp.int32(q0), bq, jnp.int32(k0), bkv)):
+                    assert vis[q0:q0 + bq, k0:k0 + bkv].all(), (q0, k0)
+                    cleared += 1
+    if not causal and window is None and T % bq == 0 and (S + registers) % bkv == 0:
+        assert cleared == (Tp // bq) * (Sp // bkv)
+
+
+@pytest.mark.parametrize("name", ["causal_ragged_gqa2", "window_registers_f16", "d128_causal_ragged_kv"])
+def test_edge_masks_match_reference(name):
+    """``BackwardConfig.edge_masks``: masks only on edge tiles (64-wide tiles, several per row)."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
+    q, k, v, dout, c, b = _inputs(1, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
+    cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+                         edge_masks=True)
+    _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
+
+
 def test_one_compute_warpgroup_config():
     """A non-default config (1 compute warpgroup, 3 stages, 128-key dkv tiles) gives the same result."""
     q, k, v, dout, c, b = _inputs(3, 1, 128, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
@@ -287,7 +328,8 @@ def test_unsupported_raises_not_implemented():
         _bad_call(q=big, k=jnp.ones((1, 64, 1, 320), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=3), dict(max_concurrent_steps=1)])
+@pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=3), dict(max_concurrent_steps=1),
+                                    dict(edge_masks=1)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="BackwardConfig"):
         BackwardConfig(**kwargs)

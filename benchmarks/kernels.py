@@ -1,0 +1,185 @@
+"""Per-kernel times of the fused attention on one GPU: ``python benchmarks/kernels.py``.
+
+Where :mod:`benchmarks.attention` times whole variants through ``jaxattn.attention``, this times
+the three kernels of :mod:`pallas_kernels` on their own -- the forward, the backward's dq kernel
+and its dk/dv kernel -- for the three shapes of the kernel-level problem
+``z_ij = c_i (a q_i . k_j + b_j)`` that the variants map to:
+
+* ``plain``: no ``c``, no ``b`` (softmax, temperature);
+* ``c``: a per-query scale (scalable-softmax, adaptive temperature), ``c ~ U(0.5, 1.5)``;
+* ``b``: a per-key bias (RBF), ``b_j = -||k_j||^2 / 2``.
+
+Each backward configuration of ``--bwd-configs`` is timed (``default``, ``edge`` = default with
+``edge_masks``, ``kv64`` = 64-key dq tiles, ``kv64edge``), and the forward with ``fold_scale`` off
+and on; each config's outputs are compared with the first config's (relative norm of the
+difference: a config that breaks the kernel shows up). bf16, H = 16, B * N = 16384 tokens
+(``--tokens``); median of ``--reps`` calls
+after a warm-up. FLOPs as :mod:`benchmarks.attention`: forward ``4 B H N^2 D`` (halved when
+causal), and each backward kernel counted at half the backward's ``2.5 x fwd``, so the two rates
+compare kernel against kernel. Prints one table; ``--out`` writes the rows as JSON.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels.backward import default_config, flash_backward  # noqa: E402
+from pallas_kernels.common import MaskSpec  # noqa: E402
+from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, flash_forward  # noqa: E402
+
+HEADS = 16
+TOKENS = 16384
+
+
+def bwd_configs(D):
+    """Named backward configs to compare at padded head dim ``D``."""
+    base = default_config(D)
+    return {
+        "default": base,
+        "edge": dataclasses.replace(base, edge_masks=True),
+        "kv64": dataclasses.replace(base, block_kv_dq=64),
+        "kv64edge": dataclasses.replace(base, block_kv_dq=64, edge_masks=True),
+    }
+
+
+def _inputs(seed, B, N, D, flags):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q, k, v, do = (jax.random.normal(kk, (B, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
+                   for kk in ks[:4])
+    c = jax.random.uniform(ks[4], (B, HEADS, N), jnp.float32, 0.5, 1.5) if "c" in flags else None
+    b = None
+    if "b" in flags:
+        b = jnp.transpose(-0.5 * jnp.sum(k.astype(jnp.float32) ** 2, -1), (0, 2, 1))
+    return q, k, v, do, c, b
+
+
+def _time(fn, args, reps):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _try_time(fn, args, reps):
+    """``(seconds, outputs, error)``; the outputs of the warm-up call, for the cross-check."""
+    try:
+        outs = [x for x in jax.tree.leaves(fn(*args)) if x is not None]
+        return _time(fn, args, reps), outs, None
+    except Exception as e:  # noqa: BLE001 - a failing config is a table entry
+        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def _rel_diff(outs, ref):
+    """Largest ``||x - r|| / ||r||`` over the outputs (configs must agree to bf16 rounding)."""
+    if outs is None or ref is None:
+        return None
+    diffs = []
+    for x, r in zip(outs, ref, strict=True):
+        x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
+        diffs.append(float(np.linalg.norm(x - r) / max(np.linalg.norm(r), 1e-30)))
+    return max(diffs)
+
+
+def measure(D, N, causal, flags, reps, configs, tokens=TOKENS):
+    """Rows ``dict(kernel, config, ms, tflops, error)`` for one problem."""
+    B = max(1, tokens // N)
+    q, k, v, do, c, b = _inputs(N + D + len(flags), B, N, D, flags)
+    a = 1.0 / math.sqrt(D)
+    mask = MaskSpec(is_causal=causal)
+    fwd_flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
+    rows = []
+
+    refs = {}
+
+    def add(kernel, config, result, flops):
+        t, outs, err = result
+        refs.setdefault(kernel, outs)
+        rows.append(dict(D=D, N=N, causal=causal, flags=flags, kernel=kernel, config=config,
+                         ms=None if t is None else t * 1e3,
+                         tflops=None if t is None else flops / t / 1e12, error=err,
+                         rel_diff_to_first=_rel_diff(outs, refs[kernel])))
+        print(rows[-1], flush=True)
+
+    base = DEFAULT_BLOCK_SIZES[D]
+    for fold in (False, True):
+        cfg = dataclasses.replace(base, fold_scale=fold)
+        fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
+            q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg))
+        add("fwd", "fold" if fold else "default", _try_time(fn, (q, k, v, c, b), reps), fwd_flops)
+    out, lse = jax.jit(lambda q, k, v, c, b: flash_forward(
+        q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask))(q, k, v, c, b)
+    for name in configs:
+        cfg = bwd_configs(D)[name]
+        for part in ("dq", "dkv"):
+            fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg, part=part: flash_backward(
+                q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
+                config=cfg, kernels=(part,)))
+            add(part, name, _try_time(fn, (q, k, v, out, lse, do, c, b), reps), 1.25 * fwd_flops)
+    return rows
+
+
+def _table(rows):
+    print("\nms per kernel (TFLOP/s); dq and dkv counted at 1.25 x fwd FLOPs each")
+    keys = list(dict.fromkeys((r["D"], r["N"], r["causal"], r["flags"]) for r in rows))
+    cols = list(dict.fromkeys((r["kernel"], r["config"]) for r in rows))
+    print(f"{'D':>4} {'N':>6} {'c':>2} {'flags':<6} " + " ".join(f"{k + ':' + c:>17}" for k, c in cols))
+    by = {(r["D"], r["N"], r["causal"], r["flags"], r["kernel"], r["config"]): r for r in rows}
+    for key in keys:
+        cells = []
+        for kernel, config in cols:
+            r = by.get((*key, kernel, config))
+            cells.append(f"{'-':>17}" if r is None or r["ms"] is None
+                         else f"{r['ms']:8.3f} ({r['tflops']:4.0f})")
+        print(f"{key[0]:4d} {key[1]:6d} {int(key[2]):2d} {key[3]:<6} " + " ".join(cells))
+    worst = max((r["rel_diff_to_first"] or 0.0 for r in rows), default=0.0)
+    print(f"largest relative difference of a config's outputs to the first config's: {worst:.2e}")
+    for r in rows:
+        if r["error"]:
+            print("error:", r["D"], r["N"], r["causal"], r["flags"], r["kernel"], r["config"], r["error"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--lengths", default="4096")
+    parser.add_argument("--causal", default="0,1")
+    parser.add_argument("--flags", default="plain,c,b")
+    parser.add_argument("--bwd-configs", default="default,edge,kv64,kv64edge")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="B * N")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    configs = [x for x in args.bwd_configs.split(",") if x]
+    for name in configs:
+        if name not in bwd_configs(64):
+            parser.error(f"--bwd-configs: unknown {name!r}; choose from {sorted(bwd_configs(64))}")
+    print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+    rows = []
+    for D in ints(args.dims):
+        for N in ints(args.lengths):
+            for causal in ints(args.causal):
+                for flags in args.flags.split(","):
+                    rows += measure(D, N, bool(causal), flags, args.reps, configs, args.tokens)
+                    if args.out:
+                        with open(args.out, "w") as f:
+                            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                                           rows=rows), f, indent=1)
+    _table(rows)
+
+
+if __name__ == "__main__":
+    main()
