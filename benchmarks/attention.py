@@ -15,8 +15,10 @@ Measures, bf16, ``B * N = 16384`` tokens, ``H = 16`` heads, head dims D and sequ
   as wheels (``../shared/tools/gpu-wheels --tokamax``); without it these rows report the
   ImportError.
 
-FLOPs: forward ``4 B H N^2 D`` (halved when causal), forward+backward 3.5x that. Time: median of
-``--reps`` jitted calls after a warm-up call, each synchronised with ``block_until_ready``. Prints
+FLOPs: forward ``4 B H N^2 D`` (halved when causal), forward+backward 3.5x that. Time: every
+implementation of one cell (D, N, causal, mode) is compiled and warmed up, then timed in
+``--rounds`` interleaved rounds of back-to-back calls (:func:`benchmarks.timing.compare`: steady
+clocks, no per-call dispatch latency, the same conditions for every column of a row). Prints
 TFLOP/s and the ratios to cuDNN and to our softmax, and writes JSON (device, versions, rows).
 """
 
@@ -31,11 +33,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jaxattn  # noqa: E402
+from benchmarks.timing import compare  # noqa: E402
 from jaxattn import variants  # noqa: E402
 
 HEADS = 16
@@ -119,17 +121,6 @@ def _random_qkv(seed, B, N, D):
                  for kk in ks)
 
 
-def _time(fn, args, reps):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _fwd_bwd(f):
     def loss(q, k, v, causal):
         return jnp.sum(f(q, k, v, causal).astype(jnp.float32) ** 2)
@@ -137,13 +128,9 @@ def _fwd_bwd(f):
     return grad
 
 
-def measure(name, f, q, k, v, causal, mode, reps):
+def _jitted(f, causal, mode):
     fn = f if mode == "fwd" else _fwd_bwd(f)
-    jitted = jax.jit(functools.partial(fn, causal=causal))
-    try:
-        return _time(jitted, (q, k, v), reps), None
-    except Exception as e:  # noqa: BLE001 - a failing implementation is a table entry, not a crash
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return jax.jit(functools.partial(fn, causal=causal))
 
 
 def main(argv=None):
@@ -154,7 +141,8 @@ def main(argv=None):
     parser.add_argument("--modes", default="fwd,fwdbwd")
     parser.add_argument("--impls", default="softmax,temperature,ssmax,rbf,adaptive,cudnn,xla,mgpu,"
                                            "cudnn_rbf")
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="timed rounds per cell (benchmarks/timing.py)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--tune", action="store_true",
                         help="only the forward block-size sweep: flash_forward per BlockSizes "
@@ -169,9 +157,12 @@ def main(argv=None):
     if args.memory:
         return memory_check([i for i in impls if i in OURS])
     if args.tune:
-        return tune_forward([int(d) for d in args.dims.split(",")],
+        rows = tune_forward([int(d) for d in args.dims.split(",")],
                             [int(n) for n in args.lengths.split(",")],
-                            [bool(int(c)) for c in args.causal.split(",")], args.reps)
+                            [bool(int(c)) for c in args.causal.split(",")], args.rounds)
+        if args.out:
+            _write(args.out, dev, rows)
+        return None
     rows = []
     path = args.out or os.path.join(os.path.dirname(__file__), "results",
                                     f"attention-{dev.device_kind.replace(' ', '_')}-"
@@ -184,6 +175,7 @@ def main(argv=None):
                 flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
                 for mode in args.modes.split(","):
                     total = flops * (3.5 if mode == "fwdbwd" else 1.0)
+                    cands = {}
                     for impl in impls:
                         if impl in OURS:
                             f = _ours(OURS[impl])
@@ -196,7 +188,8 @@ def main(argv=None):
                                      tokamax=_tokamax, tokamax_rbf=_tokamax_rbf)[impl]
                         if impl == "xla" and N > 4096:
                             continue  # T x S logits: minutes and tens of GB
-                        t, err = measure(impl, f, q, k, v, causal, mode, args.reps)
+                        cands[impl] = (_jitted(f, causal, mode), (q, k, v))
+                    for impl, (t, _, err) in compare(cands, rounds=args.rounds).items():
                         row = dict(D=D, N=N, B=B, causal=causal, mode=mode, impl=impl,
                                    time_s=t, tflops=None if t is None else total / t / 1e12,
                                    error=err)
@@ -204,7 +197,7 @@ def main(argv=None):
                         tf = "-" if t is None else f"{row['tflops']:.0f}"
                         print(f"D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {impl:<12} "
                               f"{tf:>6} TFLOP/s {'' if err is None else err}", flush=True)
-                        _write(path, dev, rows)  # after every row: a cut-off run keeps its rows
+                    _write(path, dev, rows)  # after every cell: a cut-off run keeps its rows
     _summary(rows)
     print(f"wrote {path}")
 
@@ -232,13 +225,15 @@ def tune_candidates(D):
     return out
 
 
-def tune_forward(dims, lengths, causals, reps):
-    """Times ``flash_forward`` per :func:`tune_candidates` entry; prints TFLOP/s per config.
+def tune_forward(dims, lengths, causals, rounds):
+    """Times ``flash_forward`` per :func:`tune_candidates` entry, without and with a key bias.
 
-    Softmax for every candidate; with an RBF-like key bias too for the default tiles (fold on/off).
+    The bias is RBF-like (``-||k||^2 / 2``). Every candidate of one (D, N, causal) is timed in the
+    same interleaved rounds; prints TFLOP/s per config and returns the rows.
     """
     from pallas_kernels.common import MaskSpec
     from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, flash_forward
+    rows = []
     for D in dims:
         default = DEFAULT_BLOCK_SIZES.get(D)
         for N in lengths:
@@ -247,22 +242,24 @@ def tune_forward(dims, lengths, causals, reps):
             bias = jnp.transpose(-0.5 * jnp.sum(k.astype(jnp.float32) ** 2, -1), (0, 2, 1))
             for causal in causals:
                 flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
+                cands = {}
                 for cfg in tune_candidates(D):
-                    same_tiles = default is not None and (cfg.block_kv, cfg.max_concurrent_steps) == (
-                        default.block_kv, default.max_concurrent_steps)
-                    for b in (None, bias) if same_tiles else (None,):
+                    for b in (None, bias):
                         fn = jax.jit(lambda q, k, v, b, cfg=cfg, causal=causal, a=D ** -0.5:
                                      flash_forward(q, k, v, logit_scale=a, key_bias=b,
                                                    mask=MaskSpec(is_causal=causal), config=cfg)[0])
-                        try:
-                            t = _time(fn, (q, k, v, b), reps)
-                            res = f"{flops / t / 1e12:6.0f} TFLOP/s"
-                        except Exception as e:  # noqa: BLE001 - e.g. shared memory overflow
-                            res = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                        print(f"tune D={D} N={N} causal={int(causal)} block_kv={cfg.block_kv} "
-                              f"steps={cfg.max_concurrent_steps} fold={int(cfg.fold_scale)} "
-                              f"bias={int(b is not None)}: {res}"
-                              f"{' (default)' if cfg == default else ''}", flush=True)
+                        cands[(cfg, b is not None)] = (fn, (q, k, v, b))
+                for (cfg, has_bias), (t, _, err) in compare(cands, rounds=rounds).items():
+                    rows.append(dict(D=D, N=N, causal=causal, block_kv=cfg.block_kv,
+                                     steps=cfg.max_concurrent_steps, fold=cfg.fold_scale,
+                                     bias=has_bias, default=cfg == default,
+                                     tflops=None if t is None else flops / t / 1e12, error=err))
+                    res = f"{rows[-1]['tflops']:6.0f} TFLOP/s" if t is not None else err
+                    print(f"tune D={D} N={N} causal={int(causal)} block_kv={cfg.block_kv} "
+                          f"steps={cfg.max_concurrent_steps} fold={int(cfg.fold_scale)} "
+                          f"bias={int(has_bias)}: {res}{' (default)' if cfg == default else ''}",
+                          flush=True)
+    return rows
 
 
 def memory_check(names, N=131072, D=128):

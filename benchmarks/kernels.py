@@ -13,10 +13,11 @@ Each backward configuration of ``--bwd-configs`` is timed (``default``, ``edge``
 ``edge_masks``, ``kv64`` = 64-key dq tiles, ``kv64edge``), and the forward with ``fold_scale`` off
 and on; each config's outputs are compared with the first config's (relative norm of the
 difference: a config that breaks the kernel shows up). bf16, H = 16, B * N = 16384 tokens
-(``--tokens``); median of ``--reps`` calls
-after a warm-up. FLOPs as :mod:`benchmarks.attention`: forward ``4 B H N^2 D`` (halved when
-causal), and each backward kernel counted at half the backward's ``2.5 x fwd``, so the two rates
-compare kernel against kernel. Prints one table; ``--out`` writes the rows as JSON.
+(``--tokens``); timed by :func:`benchmarks.timing.compare` (every candidate of one problem in
+interleaved rounds of back-to-back calls, after a warm-up). FLOPs as :mod:`benchmarks.attention`:
+forward ``4 B H N^2 D`` (halved when causal), and each backward kernel counted at half the
+backward's ``2.5 x fwd``, so the two rates compare kernel against kernel. Prints one table;
+``--out`` writes the rows as JSON.
 """
 
 import argparse
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import compare  # noqa: E402
 from pallas_kernels.backward import default_config, flash_backward  # noqa: E402
 from pallas_kernels.common import MaskSpec  # noqa: E402
 from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, flash_forward  # noqa: E402
@@ -63,25 +64,6 @@ def _inputs(seed, B, N, D, flags):
     return q, k, v, do, c, b
 
 
-def _time(fn, args, reps):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def _try_time(fn, args, reps):
-    """``(seconds, outputs, error)``; the outputs of the warm-up call, for the cross-check."""
-    try:
-        outs = [x for x in jax.tree.leaves(fn(*args)) if x is not None]
-        return _time(fn, args, reps), outs, None
-    except Exception as e:  # noqa: BLE001 - a failing config is a table entry
-        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-
-
 def _rel_diff(outs, ref):
     """Largest ``||x - r|| / ||r||`` over the outputs (configs must agree to bf16 rounding)."""
     if outs is None or ref is None:
@@ -93,41 +75,40 @@ def _rel_diff(outs, ref):
     return max(diffs)
 
 
-def measure(D, N, causal, flags, reps, configs, tokens=TOKENS):
-    """Rows ``dict(kernel, config, ms, tflops, error)`` for one problem."""
+def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS):
+    """Rows ``dict(kernel, config, ms, tflops, error, rel_diff_to_first)`` for one problem."""
     B = max(1, tokens // N)
     q, k, v, do, c, b = _inputs(N + D + len(flags), B, N, D, flags)
     a = 1.0 / math.sqrt(D)
     mask = MaskSpec(is_causal=causal)
     fwd_flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
-    rows = []
-
-    refs = {}
-
-    def add(kernel, config, result, flops):
-        t, outs, err = result
-        refs.setdefault(kernel, outs)
-        rows.append(dict(D=D, N=N, causal=causal, flags=flags, kernel=kernel, config=config,
-                         ms=None if t is None else t * 1e3,
-                         tflops=None if t is None else flops / t / 1e12, error=err,
-                         rel_diff_to_first=_rel_diff(outs, refs[kernel])))
-        print(rows[-1], flush=True)
-
+    candidates = {}
     base = DEFAULT_BLOCK_SIZES[D]
     for fold in (False, True):
         cfg = dataclasses.replace(base, fold_scale=fold)
         fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg))
-        add("fwd", "fold" if fold else "default", _try_time(fn, (q, k, v, c, b), reps), fwd_flops)
+        candidates[("fwd", "fold" if fold else "default")] = (fn, (q, k, v, c, b))
     out, lse = jax.jit(lambda q, k, v, c, b: flash_forward(
         q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask))(q, k, v, c, b)
-    for name in configs:
-        cfg = bwd_configs(D)[name]
-        for part in ("dq", "dkv"):
+    for part in ("dq", "dkv"):
+        for name in configs:
+            cfg = bwd_configs(D)[name]
             fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg, part=part: flash_backward(
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
                 config=cfg, kernels=(part,)))
-            add(part, name, _try_time(fn, (q, k, v, out, lse, do, c, b), reps), 1.25 * fwd_flops)
+            candidates[(part, name)] = (fn, (q, k, v, out, lse, do, c, b))
+    results = compare(candidates, rounds=rounds)
+    rows, refs = [], {}
+    for (kernel, config), (t, outs, err) in results.items():
+        outs = None if outs is None else [x for x in jax.tree.leaves(outs) if x is not None]
+        refs.setdefault(kernel, outs)
+        flops = fwd_flops if kernel == "fwd" else 1.25 * fwd_flops
+        rows.append(dict(D=D, N=N, causal=causal, flags=flags, kernel=kernel, config=config,
+                         ms=None if t is None else t * 1e3,
+                         tflops=None if t is None else flops / t / 1e12, error=err,
+                         rel_diff_to_first=_rel_diff(outs, refs[kernel])))
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -158,7 +139,7 @@ def main(argv=None):
     parser.add_argument("--causal", default="0,1")
     parser.add_argument("--flags", default="plain,c,b")
     parser.add_argument("--bwd-configs", default="default,edge,kv64,kv64edge")
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (benchmarks/timing.py)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="B * N")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -173,7 +154,7 @@ def main(argv=None):
         for N in ints(args.lengths):
             for causal in ints(args.causal):
                 for flags in args.flags.split(","):
-                    rows += measure(D, N, bool(causal), flags, args.reps, configs, args.tokens)
+                    rows += measure(D, N, bool(causal), flags, args.rounds, configs, args.tokens)
                     if args.out:
                         with open(args.out, "w") as f:
                             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,

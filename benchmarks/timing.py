@@ -1,0 +1,72 @@
+"""Steady-state GPU timing of several jitted calls, interleaved: :func:`compare`.
+
+Why not a median of single synchronised calls: a ~1 ms kernel timed 10 times right after its
+compilation runs while the GPU clocks are still ramping up from idle, and each timed call also pays
+the host's dispatch latency; on the H100 that spread one configuration's time by ~20 % between two
+identical runs. Here every candidate is compiled and warmed up first (``warmup_s`` of back-to-back
+calls in total), then timed in ``rounds`` rounds that visit the candidates in turn, each a batch of
+back-to-back calls lasting about ``batch_s`` with one synchronisation at its end. A candidate's time
+is the median over rounds of its per-call batch time; candidates of one comparison see the same
+clock and thermal state, so their ratios are what the benchmarks report.
+"""
+
+import math
+import statistics
+import time
+
+import jax
+
+__all__ = ["compare"]
+
+
+def _batch(fn, args, n):
+    """Seconds per call over ``n`` back-to-back calls, synchronised once at the end."""
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n
+
+
+def _error(e):
+    text = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {text}"
+
+
+def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03):
+    """Per-call seconds of each candidate, timed in interleaved rounds.
+
+    Args:
+      candidates: ``{name: (fn, args)}``; ``fn(*args)`` is a jitted call.
+      rounds: timed rounds (the median is reported).
+      warmup_s: total seconds of untimed back-to-back calls before the first round.
+      batch_s: target length of one timed batch.
+
+    Returns:
+      ``{name: (seconds, outputs, error)}``: ``outputs`` of the first call (for cross-checks);
+      a candidate that fails to compile or run has ``seconds = outputs = None`` and the error text.
+    """
+    results, live = {}, {}
+    for name, (fn, args) in candidates.items():
+        try:
+            out = fn(*args)
+            jax.block_until_ready(out)
+            live[name] = (fn, args, out)
+        except Exception as e:  # noqa: BLE001 - a failing candidate is a result, not a crash
+            results[name] = (None, None, _error(e))
+    sizes = {}
+    for name, (fn, args, _) in live.items():
+        t1 = _batch(fn, args, 1)
+        sizes[name] = max(1, math.ceil(batch_s / max(t1, 1e-6)))
+    deadline = time.perf_counter() + warmup_s
+    while live and time.perf_counter() < deadline:
+        for name, (fn, args, _) in live.items():
+            _batch(fn, args, sizes[name])
+    times = {name: [] for name in live}
+    for _ in range(rounds):
+        for name, (fn, args, _) in live.items():
+            times[name].append(_batch(fn, args, sizes[name]))
+    for name, (_, _, out) in live.items():
+        results[name] = (statistics.median(times[name]), out, None)
+    return {name: results[name] for name in candidates}
