@@ -9,8 +9,9 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 * ``c``: a per-query scale (scalable-softmax, adaptive temperature), ``c ~ U(0.5, 1.5)``;
 * ``b``: a per-key bias (RBF), ``b_j = -||k_j||^2 / 2``.
 
-Each backward configuration of ``--bwd-configs`` is timed (``default``, ``edge`` = default with
-``edge_masks``, ``kv64`` = 64-key dq tiles, ``kv64edge``), and the forward with ``fold_scale`` off
+Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
+``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
+kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles), and the forward with ``fold_scale`` off
 and on; each config's outputs are compared with the first config's (relative norm of the
 difference: a config that breaks the kernel shows up). bf16, H = 16, B * N = 16384 tokens
 (``--tokens``); timed by :func:`benchmarks.timing.compare` (every candidate of one problem in
@@ -34,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import compare  # noqa: E402
-from pallas_kernels.backward import default_config, flash_backward  # noqa: E402
+from pallas_kernels.backward import BackwardConfig, default_config, flash_backward  # noqa: E402
 from pallas_kernels.common import MaskSpec  # noqa: E402
 from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, flash_forward  # noqa: E402
 
@@ -42,14 +43,16 @@ HEADS = 16
 TOKENS = 16384
 
 
-def bwd_configs(D):
+def bwd_configs(D, query_scale=False):
     """Named backward configs to compare at padded head dim ``D``."""
-    base = default_config(D)
+    base = default_config(D, query_scale)
     return {
         "default": base,
-        "edge": dataclasses.replace(base, edge_masks=True),
+        "first": BackwardConfig(64, 128 if D < 256 else 64, 64, 64, 2 if D < 256 else 1, 2),
+        "edge": dataclasses.replace(base, dq_edge_masks=True, dkv_edge_masks=True),
+        "noedge": dataclasses.replace(base, dq_edge_masks=False, dkv_edge_masks=False),
         "kv64": dataclasses.replace(base, block_kv_dq=64),
-        "kv64edge": dataclasses.replace(base, block_kv_dq=64, edge_masks=True),
+        "kv128": dataclasses.replace(base, block_kv_dq=128),
     }
 
 
@@ -93,7 +96,7 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS):
         q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask))(q, k, v, c, b)
     for part in ("dq", "dkv"):
         for name in configs:
-            cfg = bwd_configs(D)[name]
+            cfg = bwd_configs(D, c is not None)[name]
             fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg, part=part: flash_backward(
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
                 config=cfg, kernels=(part,)))
@@ -138,7 +141,7 @@ def main(argv=None):
     parser.add_argument("--lengths", default="4096")
     parser.add_argument("--causal", default="0,1")
     parser.add_argument("--flags", default="plain,c,b")
-    parser.add_argument("--bwd-configs", default="default,edge,kv64,kv64edge")
+    parser.add_argument("--bwd-configs", default="default,first,edge,kv64")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (benchmarks/timing.py)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="B * N")
     parser.add_argument("--out", default=None)

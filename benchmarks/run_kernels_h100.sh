@@ -18,7 +18,7 @@ if [ "${PTXAS:-0}" = 1 ]; then
   grep -E "^\{|spill stores" "$out/ptxas.log" | grep -v "^ " | cut -c1-120
 fi
 timeout "${KERNELS_TIMEOUT:-260}" python3 benchmarks/kernels.py --dims "${DIMS:-128,64}" \
-  --lengths "${LENGTHS:-4096}" --rounds "${ROUNDS:-7}" --bwd-configs "${CONFIGS:-default,edge,kv64,kv64edge}" \
+  --lengths "${LENGTHS:-4096}" --rounds "${ROUNDS:-7}" --bwd-configs "${CONFIGS:-default,first,edge,kv64}" \
   --out "$out/kernels.json" 2>&1 | filter > "$out/kernels.log"
 timeout "${TUNE_TIMEOUT:-260}" python3 benchmarks/attention.py --tune --dims "${DIMS:-128,64}" \
   --lengths "${LENGTHS:-4096}" --rounds "${ROUNDS:-7}" --out "$out/tune.json" 2>&1 | filter \

@@ -64,9 +64,9 @@ class BackwardConfig:
       block_kv_dkv: keys per compute warpgroup in the dkv kernel.
       compute_wgs: compute warpgroups per CTA (1 or 2), each owning its own rows.
       max_concurrent_steps: depth of the TMA pipeline (>= 2).
-      edge_masks: apply the causal / window / padding mask only on tiles that straddle its
-        edge (a ``lax.cond`` per tile); tiles every query sees skip the mask arithmetic. Tiles
-        with length or segment codes are always masked.
+      dq_edge_masks, dkv_edge_masks: in that kernel, apply the causal / window / padding mask
+        only on tiles that straddle its edge (a ``lax.cond`` per tile); tiles every query sees
+        skip the mask arithmetic. Tiles with length or segment codes are always masked.
     """
 
     block_q_dq: int = 64
@@ -75,7 +75,8 @@ class BackwardConfig:
     block_kv_dkv: int = 64
     compute_wgs: int = 2
     max_concurrent_steps: int = 2
-    edge_masks: bool = False
+    dq_edge_masks: bool = False
+    dkv_edge_masks: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -87,21 +88,40 @@ class BackwardConfig:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        if not isinstance(self.edge_masks, bool):
-            raise ValueError(f"BackwardConfig.edge_masks must be a bool, got {self.edge_masks!r}")
+        for name in ("dq_edge_masks", "dkv_edge_masks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
-# Defaults per (padded) head dim; SMEM per CTA stays under the H100's 227 KiB.
+# Defaults per (padded) head dim and whether there is a per-query scale ``c``; SMEM per CTA stays
+# under the H100's 227 KiB. Chosen from `python benchmarks/kernels.py` on the H100 (jax 0.11.2,
+# bf16, H = 16, B = 4, N = 4096; benchmarks/results/h100-kernels-20261123c.json, ms per kernel):
+# * dkv_edge_masks: the dkv kernel, causal, D = 128: 1.250 -> 1.219 (plain), 1.398 -> 1.229 (c);
+#   D = 64: 0.724 -> 0.704, 0.840 -> 0.769; with a key bias 1.224 -> 1.249 (the one loss, 2 %).
+# * the dq kernel keeps full masks: edge masks cost it 6-13 % at D = 64 causal (0.581 -> 0.658).
+# * block_kv_dq = 64 with ``c`` at D = 128: ptxas spills 240 bytes in the 128-key dq kernel;
+#   causal 1.538 -> 1.140 ms, non-causal 1.852 -> 1.886. At D = 64 the 128-key tile stays (1.107
+#   vs 1.299 non-causal), and without ``c`` too (a key bias: 1.594 vs 1.730).
+# D = 256 is not measured: the first defaults stay.
 _DEFAULTS = {
-    64: BackwardConfig(64, 128, 64, 64, 2, 2),
-    128: BackwardConfig(64, 128, 64, 64, 2, 2),
-    256: BackwardConfig(64, 64, 64, 64, 1, 2),
+    (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True),
+    (64, True): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True),
+    (128, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True),
+    (128, True): BackwardConfig(64, 64, 64, 64, 2, 2, dkv_edge_masks=True),
+    (256, False): BackwardConfig(64, 64, 64, 64, 1, 2),
+    (256, True): BackwardConfig(64, 64, 64, 64, 1, 2),
 }
 
 
-def default_config(head_dim: int) -> BackwardConfig:
-    """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256)."""
-    return _DEFAULTS[_padded_dim(head_dim)]
+def default_config(head_dim: int, query_scale: bool = False) -> BackwardConfig:
+    """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256).
+
+    Args:
+      head_dim: the larger of the qk and v head dims.
+      query_scale: whether the problem has a per-query scale ``c`` (its dq kernel holds more live
+        tiles and takes smaller key tiles at D = 128).
+    """
+    return _DEFAULTS[(_padded_dim(head_dim), bool(query_scale))]
 
 
 def _padded_dim(d: int) -> int:
@@ -223,16 +243,16 @@ def _tile_is_full(st: _Static, q0, bq, k0, bkv):
     return full
 
 
-def _apply_mask(st: _Static, cfg: BackwardConfig, p, visible, q0, bq, k0, bkv):
-    """``p`` with hidden entries zeroed; ``visible()`` builds the bool tile (or returns None).
+def _apply_mask(st: _Static, edge: bool, p, visible, q0, bq, k0, bkv):
+    """``p`` with hidden entries zeroed; ``visible()`` builds the bool tile.
 
-    With ``cfg.edge_masks`` (and no codes) tiles that :func:`_tile_is_full` clears skip it.
+    With ``edge`` (and no codes), tiles that :func:`_tile_is_full` clears skip the mask.
     """
     if not (st.is_causal or st.window is not None or st.Sp != st.S or st.Tp != st.T
             or st.has_codes):
         return p
     masked = lambda p: jnp.where(visible(), p, 0.0)
-    if not cfg.edge_masks or st.has_codes:
+    if not edge or st.has_codes:
         return masked(p)
     return lax.cond(_tile_is_full(st, q0, bq, k0, bkv), lambda p: p, masked, p)
 
@@ -386,7 +406,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 return _visible(st, qi, kj, qc, kc)
 
-            p = _apply_mask(st, cfg, p, visible, q0, bq, k0, bkv)
+            p = _apply_mask(st, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
 
             dp = _mm_smem(do_smem, v_smem.transpose((1, 0)), (bq, bkv))
             plgpu.barrier_arrive(consumed[1])
@@ -526,7 +546,7 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 qi = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
                 return _visible(st, qi, kj, qc, kc)
 
-            p_t = _apply_mask(st, cfg, p_t, visible, q0, bq, k0, bkv)
+            p_t = _apply_mask(st, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv)
 
             dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
             dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
@@ -737,7 +757,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     B, T, N, H0 = q.shape
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
     H, Hv = _padded_dim(H0), _padded_dim(Hv0)
-    cfg = config if config is not None else default_config(max(H, Hv))
+    cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None)
     if not isinstance(cfg, BackwardConfig):
         raise TypeError(f"config must be a BackwardConfig, got {type(cfg).__name__}")
     R = mask.num_registers

@@ -76,8 +76,8 @@ class BlockSizes:
       fold_scale: on unmasked tiles with one positive row factor ``r`` (no per-query scale),
         take the row max as ``r * max_j s_ij`` and form ``r s - m`` (and ``r s + r b``) as one
         fused multiply-add per logit instead of a multiply and an add. Same values up to FMA
-        rounding; one floating-point op fewer per logit. Off by default until measured
-        (``benchmarks/attention.py --tune``).
+        rounding; one floating-point op fewer per logit. Measured (``benchmarks/attention.py
+        --tune``): +1-7 % at D = 64, -1-4 % at D = 128; see :data:`DEFAULT_BLOCK_SIZES`.
     """
 
     block_q: int = 64
@@ -98,10 +98,18 @@ class BlockSizes:
 
 
 # Per padded head dim. Shared memory: Q 2*block_q*D + K/V 2*steps*block_kv*D (2 bytes each) must fit
-# in 227 KiB. Chosen as jax's attention_mgpu benchmark does (largest block_kv that fits); see
-# pallas_kernels/NOTES.md for the measurements.
+# in 227 KiB. First chosen as jax's attention_mgpu benchmark does (largest block_kv that fits, 2
+# stages); D = 64 re-chosen from the forward sweep `benchmarks/attention.py --tune` on the H100
+# (jax 0.11.2, bf16, H = 16, B = 4, N = 4096; benchmarks/results/h100-tune-20261123c.json), TFLOP/s
+# non-causal / causal, without / with an RBF key bias:
+#   D = 64:  256 x 2 (first default) 420 / 345, bias 363 / 271;
+#            256 x 3 + fold_scale    442 / 367, bias 359 / 282   <- chosen;
+#            128 x 2 + fold 418 / 353; 64-key tiles <= 348 / 315.
+#   D = 128: 128 x 2 579 / 511, bias 493 / 424 (kept); + fold_scale 558 / 506 (slower);
+#            64-key tiles, 2-4 stages: <= 472 / 432.
+# D = 192 / 256 are not swept (64-key tiles, 2 stages).
 DEFAULT_BLOCK_SIZES = {
-    64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2),
+    64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=3, fold_scale=True),
     128: BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2),
     192: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
     256: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),

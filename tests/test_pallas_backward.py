@@ -252,11 +252,11 @@ def test_full_tiles_see_every_key(causal, window, registers, T, S, bq, bkv):
 
 @pytest.mark.parametrize("name", ["causal_ragged_gqa2", "window_registers_f16", "d128_causal_ragged_kv"])
 def test_edge_masks_match_reference(name):
-    """``BackwardConfig.edge_masks``: masks only on edge tiles (64-wide tiles, several per row)."""
+    """Edge-only masks in both kernels: masks only on edge tiles (64-wide tiles, several per row)."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
     q, k, v, dout, c, b = _inputs(1, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
     cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
-                         edge_masks=True)
+                         dq_edge_masks=True, dkv_edge_masks=True)
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
@@ -329,7 +329,7 @@ def test_unsupported_raises_not_implemented():
 
 
 @pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=3), dict(max_concurrent_steps=1),
-                                    dict(edge_masks=1)])
+                                    dict(dq_edge_masks=1), dict(dkv_edge_masks=None)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="BackwardConfig"):
         BackwardConfig(**kwargs)
@@ -338,5 +338,7 @@ def test_config_validation(kwargs):
 def test_default_config_per_head_dim():
     assert default_config(48) == default_config(64)
     assert default_config(256).compute_wgs == 1
+    assert default_config(128, query_scale=True).block_kv_dq == 64
+    assert default_config(128).dkv_edge_masks and not default_config(128).dq_edge_masks
     with pytest.raises(NotImplementedError):
         default_config(257)
