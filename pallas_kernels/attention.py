@@ -223,8 +223,14 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
                                   key_bias=None if b is None else stop(b), mask=spec)[1]
         else:
             entropy = _entropy(query, key, c0, b, spec, a_static)
-    c_variant = variant.query_scale(num_visible, entropy)
+    with jax.ensure_compile_time_eval():  # a constant c (temperature) stays a constant under jit
+        c_variant = variant.query_scale(num_visible, entropy)
     c = c_variant
+    if c is not None and _is_static(c):
+        # One constant c: z = (c a) q.k + c b, the constant-scale kernels (no row vector, no dc).
+        a_static *= float(c)
+        b = None if b is None else b * float(c)
+        c = None
     if a_traced is not None:
         c = a_traced if c is None else c * a_traced
     if c is not None:

@@ -6,6 +6,8 @@ the kernel's own rounding (P in the input dtype before P @ V, 16-bit gradients).
 """
 
 
+import importlib
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -184,3 +186,37 @@ def test_query_scale_gradient_is_exact_with_bf16_output():
     got = float(_grad(q, k, v, rk, rv, p, name="softmax", impl="pallas")[5])
     want = float(_grad(*_f32((q, k, v, rk, rv)), p, name="softmax", impl="xla")[5])
     assert abs(got - want) <= 1e-2 * abs(want), (got, want)
+
+
+def test_constant_temperature_takes_the_constant_scale_kernels(monkeypatch):
+    """A constant temperature is folded into the logit scale (no per-query row vector, no dc); a
+    traced one still goes through the per-query scale, so d/d(temperature) exists."""
+    pk = importlib.import_module("pallas_kernels.attention")
+    seen = []
+    real = pk.flash_forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["logit_scale"], kwargs["query_scale"], kwargs["key_bias"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pk, "flash_forward", spy)
+    q, k, v, _ = _inputs(7, registers=False)
+    scale = 1.0 / np.sqrt(H)
+    f = jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, variant=variants.Softmax(0.7),
+                                                  implementation="pallas"))
+    out = f(q, k, v)
+    (a, c, b), = seen
+    assert c is None and b is None and a == pytest.approx(scale / 0.7, rel=1e-12)
+    ref = jaxattn.attention(*_f32((q, k, v)), variant=variants.Softmax(0.7), implementation="xla")
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
+
+    seen.clear()
+    jax.jit(lambda q, k, v, t: jaxattn.attention(q, k, v, variant=variants.Softmax(t),
+                                                 implementation="pallas"))(q, k, v, 0.7)
+    (a, c, b), = seen
+    assert c is not None and a == pytest.approx(scale)
+
+    seen.clear()  # RBF: the constant scales the key bias too (z = c (a q.k + b))
+    jaxattn.attention(q, k, v, variant=variants.RBF(0.05), implementation="pallas")
+    (a, c, b), = seen
+    assert c is None and b is not None
