@@ -119,6 +119,11 @@ class Variant:
         del num_visible, entropy
         return None
 
+    def query_scale_nonnegative(self) -> bool:
+        """True when :meth:`query_scale` is known to be ``>= 0`` everywhere (a kernel hint: the
+        fused forward then takes the row max before scaling, one multiply-add per logit)."""
+        return False
+
 
 @dataclasses.dataclass(frozen=True)
 class Softmax(Variant):
@@ -191,6 +196,9 @@ class AdaptiveTemperature(Variant):
     def query_scale(self, num_visible, entropy):
         return self.beta(entropy)
 
+    def query_scale_nonnegative(self) -> bool:
+        return True  # beta >= 1 by construction
+
 
 @dataclasses.dataclass(frozen=True)
 class ScalableSoftmax(Variant):
@@ -225,6 +233,9 @@ class ScalableSoftmax(Variant):
         # Default float dtype: float32, or float64 under jax_enable_x64 (the reference casts c to
         # the logits' dtype).
         return s * jnp.log(jnp.maximum(num_visible, 1).astype(float))
+
+    def query_scale_nonnegative(self) -> bool:
+        return _is_concrete(self.s) and bool(np.all(np.asarray(self.s) >= 0))  # log n_i >= 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,22 +75,22 @@ def _value(x):
     return None if x is None else x.value
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _flash(q, k, v, c, b, spec, a, stats):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(q, k, v, c, b, spec, a, stats, c_nonneg=False):
     out, lse, *rest = flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
-                                    return_stats=stats)
+                                    return_stats=stats, query_scale_nonnegative=c_nonneg)
     return (out, lse, *rest) if stats else (out, lse, None, None)
 
 
-def _fwd_rule(q, k, v, c, b, spec, a, stats):
+def _fwd_rule(q, k, v, c, b, spec, a, stats, c_nonneg):
     q, k, v, c, b = (_value(x) for x in (q, k, v, c, b))
     spec = jax.tree.map(_value, spec)
-    result = _flash(q, k, v, c, b, spec, a, stats)
+    result = _flash(q, k, v, c, b, spec, a, stats, c_nonneg)
     return result, (q, k, v, c, b, spec, result[0], result[1])
 
 
-def _bwd(a, stats, res, cts):
-    del stats
+def _bwd(a, stats, c_nonneg, res, cts):
+    del stats, c_nonneg
     q, k, v, c, b, spec, out, lse = res
     dout, dlse, dent, dmw = cts
     for name, ct in (("logsumexp", dlse), ("entropy", dent), ("max_weight", dmw)):
@@ -235,7 +235,11 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
         c = a_traced if c is None else c * a_traced
     if c is not None:
         c = jnp.broadcast_to(jnp.asarray(c, jnp.float32), (B, N, T))
-    out, lse, ent, max_weight = _flash(query, key, value, c, b, spec, a_static, return_stats)
+    # c >= 0 (kernel hint) when the variant says so and no traced logit scale of unknown sign
+    # is folded into it.
+    c_nonneg = c is not None and a_traced is None and variant.query_scale_nonnegative()
+    out, lse, ent, max_weight = _flash(query, key, value, c, b, spec, a_static, return_stats,
+                                       c_nonneg)
     if not return_stats:
         return out
     offset = variant.query_offset(query, scale)  # [B, T, N] or None

@@ -354,6 +354,8 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 # low-precision output it is not, and dc_i = sum_j dZ_ij u_ij inherits that error
                 # times the row mean of u. Centering u on its p-mean removes it.
                 dc = dc - pu_sum * dz_sum
+                if not st.has_b:
+                    dc = dc * a  # u = s without a bias: sum dZ (a s) = a sum dZ s
             if st.has_c:
                 scale = plgpu.load(stats_smem.at[2], layout=ROW) * a
                 dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
@@ -384,17 +386,17 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             delta = plgpu.load(stats_smem.at[1], layout=ROW)
 
             s = _mm_smem(q_smem, k_smem.transpose((1, 0)), (bq, bkv))
-            u = s * a
+            row = lambda x: lax.broadcast_in_dim(x, (bq, bkv), [0])
+            crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E if st.has_c else None
             if st.has_b:
                 kb = plgpu.load(kb_smem, layout=COL)
                 plgpu.barrier_arrive(consumed[2])
-                u = u + lax.broadcast_in_dim(kb, (bq, bkv), [1])
-            if st.has_c:
-                crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E
-                z2 = u * lax.broadcast_in_dim(crow, (bq, bkv), [0])
-            else:
-                z2 = u * LOG2E
-            p = jnp.exp2(z2 - lax.broadcast_in_dim(lse2, (bq, bkv), [0]))
+                u = s * a + lax.broadcast_in_dim(kb, (bq, bkv), [1])
+                z2 = u * (row(crow) if st.has_c else LOG2E)
+            else:  # one FMA per logit with the exponent's shift; dc pairs dZ with s, times a later
+                u = s
+                z2 = s * (row(crow * a) if st.has_c else a * LOG2E)
+            p = jnp.exp2(z2 - row(lse2))
             qc = kc = None
             if st.has_codes:
                 qc = lax.broadcast_in_dim(plgpu.load(qcode_smem2.at[wg], layout=ROW), (bq, bkv), [0])
@@ -531,15 +533,14 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 kc = lax.broadcast_in_dim(plgpu.load(kc_smem2.at[wg], layout=ROW), shape, [0])
 
             s_t = _mm_smem(k_smem, q_smem.transpose((1, 0)), shape)
-            u_t = s_t * a
+            col = lambda x: lax.broadcast_in_dim(x, shape, [1])
             if st.has_b:
                 kb = plgpu.load(kb_smem2.at[wg], layout=ROW)
-                u_t = u_t + lax.broadcast_in_dim(kb, shape, [0])
-            if st.has_c:
-                z2 = u_t * lax.broadcast_in_dim(crow * LOG2E, shape, [1])
-            else:
-                z2 = u_t * LOG2E
-            p_t = jnp.exp2(z2 - lax.broadcast_in_dim(lse2, shape, [1]))
+                u_t = s_t * a + lax.broadcast_in_dim(kb, shape, [0])
+                z2 = u_t * (col(crow * LOG2E) if st.has_c else LOG2E)
+            else:  # one FMA per logit with the exponent's shift
+                z2 = s_t * (col(crow * (a * LOG2E)) if st.has_c else a * LOG2E)
+            p_t = jnp.exp2(z2 - col(lse2))
 
             def visible():
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
@@ -551,9 +552,10 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
             dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
             plgpu.barrier_arrive(consumed[1])
-            dz_t = p_t * (dp_t - lax.broadcast_in_dim(delta, shape, [1]))
-            if st.has_c:
-                dz_t = dz_t * lax.broadcast_in_dim(crow, shape, [1])
+            if st.has_c:  # c (dP - delta) as one FMA
+                dz_t = p_t * (dp_t * col(crow) - col(delta * crow))
+            else:
+                dz_t = p_t * (dp_t - col(delta))
             if st.has_b:
                 db = db + jnp.sum(dz_t, axis=1)
             dk_acc = _mma_acc(dk_acc, dz_t.astype(st.dtype), q_smem, st.interpret)

@@ -73,9 +73,10 @@ class BlockSizes:
       block_q: query rows per compute warpgroup (a CTA holds ``2 * block_q``); multiple of 64.
       block_kv: keys per pipeline step; multiple of 64.
       max_concurrent_steps: depth of the K/V shared-memory ring (>= 2).
-      fold_scale: on unmasked tiles with one positive row factor ``r`` (no per-query scale),
-        take the row max as ``r * max_j s_ij`` and form ``r s - m`` (and ``r s + r b``) as one
-        fused multiply-add per logit instead of a multiply and an add. Same values up to FMA
+      fold_scale: on unmasked tiles with one positive row factor ``r`` (or a per-query scale the
+        caller declares nonnegative, without a key bias), take the row max as
+        ``r * max_j s_ij`` and form ``r s - m`` (and ``r s + r b``) as one fused multiply-add per
+        logit instead of a multiply and an add. Same values up to FMA
         rounding; one floating-point op fewer per logit. Measured (``benchmarks/attention.py
         --tune``): +1-7 % at D = 64, -1-4 % at D = 128; see :data:`DEFAULT_BLOCK_SIZES`.
     """
@@ -129,6 +130,7 @@ class _Plan:
     causal: bool
     window: tuple[int, int] | None
     row_const: float | None  # r_i when it is one constant, else None (row vector)
+    row_nonneg: bool  # the caller promises r_i >= 0 (lets fold_scale treat a row vector)
     has_bias: bool
     has_kid: bool
     has_qid: bool
@@ -234,6 +236,10 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     row = lambda x: lax.broadcast_in_dim(x, s.shape, [0])
     col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
     rc = plan.row_const
+    if plan.blocks.fold_scale and not masked and rc is None and plan.row_nonneg and kb is None:
+        # max_j (r_i s_ij) = r_i max_j s_ij for r_i >= 0; d = r s - m is one FMA
+        m_new = jnp.maximum(m, s.max(axis=1) * r)
+        return m_new, s * row(r) - row(m_new)
     if plan.blocks.fold_scale and not masked and rc is not None and rc > 0:
         if kb is None:  # max_j (rc s_ij) = rc max_j s_ij for rc > 0; d = rc s - m is one FMA
             m_new = jnp.maximum(m, s.max(axis=1) * rc)
@@ -606,7 +612,8 @@ def _check_inputs(q, k, v, logit_scale):
         raise NotImplementedError(f"head dims above 256 are not supported, got {head_dim}")
 
 
-def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv):
+def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv,
+             nonneg=False):
     """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -658,6 +665,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     plan = _Plan(
         blocks=blocks, head_dim=D, dtype=jnp.dtype(q.dtype), group=N // K, num_registers=R,
         seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
+        row_nonneg=bool(nonneg) and query_scale is not None and logit_scale > 0,
         has_bias=key_bias is not None, has_kid=has_kid, has_qid=has_qid, stats=stats,
         pv=pv, interpret=bool(interpret))
     return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs))
@@ -665,7 +673,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
 
 def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
                   mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
-                  return_stats: bool = False):
+                  return_stats: bool = False, query_scale_nonnegative: bool = False):
     """Fused attention forward for the kernel-level problem of :mod:`pallas_kernels.common`.
 
     .. math::
@@ -684,6 +692,9 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
       config: :class:`BlockSizes`; None picks :data:`DEFAULT_BLOCK_SIZES` by head dim.
       interpret: run in the Mosaic GPU interpreter; None = when the default backend is the CPU.
       return_stats: also return the entropy and max weight per query.
+      query_scale_nonnegative: the caller guarantees ``c >= 0`` (SSMax with ``s >= 0``, adaptive
+        temperature's ``beta >= 1``); lets ``BlockSizes.fold_scale`` fuse the per-query scale.
+        A negative ``c`` under this promise gives wrong results (the row max would be wrong).
 
     Returns:
       ``(out [B, T, N, Hv] in q's dtype, lse [B, N, T] float32)``, and with ``return_stats``
@@ -696,7 +707,7 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
     _check_inputs(q, k, v, logit_scale)
     mask = MaskSpec() if mask is None else mask
     plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
-                            stats=return_stats, pv=True)
+                            stats=return_stats, pv=True, nonneg=query_scale_nonnegative)
     out, lse, ent, mw = _run(plan, *arrays)
     T, Hv = q.shape[1], v.shape[3]
     out = out[:, :T, :, :Hv]
@@ -707,7 +718,8 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
 
 
 def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
-                mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None):
+                mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
+                query_scale_nonnegative: bool = False):
     """The statistics sweep: ``(lse, entropy)`` of ``softmax(z)`` per query, without P @ V.
 
     The entropy is streamed exactly, ``H_i = lse_i - sum_j p_ij z_ij`` (in nats); the paper's
@@ -719,7 +731,8 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     this sweep: it takes ~75 % of a forward at D = 128 on the H100 (``pallas_kernels/NOTES.md``).
 
     Args:
-      q, k, logit_scale, query_scale, key_bias, mask, config, interpret: as :func:`flash_forward`.
+      q, k, logit_scale, query_scale, key_bias, mask, config, interpret,
+      query_scale_nonnegative: as :func:`flash_forward`.
 
     Returns:
       ``(lse, entropy)``, float32 ``[B, N, T]``; zeros for rows with no visible key.
@@ -727,7 +740,7 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     _check_inputs(q, k, None, logit_scale)
     mask = MaskSpec() if mask is None else mask
     plan, arrays = _prepare(q, k, k, logit_scale, query_scale, key_bias, mask, config, interpret,
-                            stats=True, pv=False)
+                            stats=True, pv=False, nonneg=query_scale_nonnegative)
     _, lse, ent, _ = _run(plan, *arrays)
     T = q.shape[1]
     return lse[..., :T], ent[..., :T]

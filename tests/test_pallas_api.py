@@ -220,3 +220,33 @@ def test_constant_temperature_takes_the_constant_scale_kernels(monkeypatch):
     jaxattn.attention(q, k, v, variant=variants.RBF(0.05), implementation="pallas")
     (a, c, b), = seen
     assert c is None and b is not None
+
+
+@pytest.mark.parametrize("variant, promise", [
+    (variants.ScalableSoftmax(0.43), True),
+    (variants.ScalableSoftmax(np.array([0.4, 0.0, 0.3, 0.5])), True),
+    (variants.ScalableSoftmax(np.array([0.4, -0.1, 0.3, 0.5])), False),
+    (variants.AdaptiveTemperature(stop_gradient_beta=True), True),
+])
+def test_nonnegative_query_scale_hint(monkeypatch, variant, promise):
+    """The kernel hint ``query_scale_nonnegative`` is given only where c >= 0 is certain."""
+    pk = importlib.import_module("pallas_kernels.attention")
+    seen = []
+    real = pk.flash_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("query_scale_nonnegative", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pk, "flash_forward", spy)
+    q, k, v, _ = _inputs(8, registers=False)
+    out = jaxattn.attention(q, k, v, variant=variant, implementation="pallas", is_causal=True)
+    assert seen[-1] is promise
+    ref = jaxattn.attention(*_f32((q, k, v)), variant=variant, implementation="xla", is_causal=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
+    # a traced s (a learned parameter) has no known sign
+    if isinstance(variant, variants.ScalableSoftmax):
+        seen.clear()
+        jax.jit(lambda s: jaxattn.attention(q, k, v, variant=variants.ScalableSoftmax(s),
+                                            implementation="pallas"))(jnp.float32(0.43))
+        assert seen[-1] is False

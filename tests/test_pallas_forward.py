@@ -76,17 +76,46 @@ def test_matches_reference(name):
     _compare(q, k, v, c, b, MaskSpec(num_registers=R, **mask_kw))
 
 
-@pytest.mark.parametrize("use_b", [False, True])
-def test_fold_scale(use_b):
-    """BlockSizes(fold_scale=True): one FMA per logit on unmasked tiles; same results."""
-    q, k, v, _, b = _inputs(6, 1, 256, 256, 2, 1, 64, 64, jnp.bfloat16, False, use_b)
+@pytest.mark.parametrize("flags", ["const", "bias", "nonneg_c"])
+def test_fold_scale(flags):
+    """BlockSizes(fold_scale=True): one FMA per logit on unmasked tiles; same results.
+
+    ``nonneg_c``: a per-query scale declared nonnegative (``query_scale_nonnegative``), with some
+    rows at exactly 0 (SSMax's ``log 1``).
+    """
+    use_b, use_c = flags == "bias", flags == "nonneg_c"
+    q, k, v, c, b = _inputs(6, 1, 256, 256, 2, 1, 64, 64, jnp.bfloat16, use_c, use_b)
+    if use_c:
+        c = jnp.where((jnp.arange(256) % 7 == 0)[None, None, :], 0.0, c)
     spec = MaskSpec(is_causal=True)  # masked diagonal tiles and unmasked ones below
     folded = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, fold_scale=True)
-    got = _compare(q, k, v, None, b, spec, a=0.3, config=folded)
-    plain = flash_forward(q, k, v, logit_scale=0.3, key_bias=b, mask=spec, config=BLOCKS,
-                          return_stats=True)
+    got = flash_forward(q, k, v, logit_scale=0.3, query_scale=c, key_bias=b, mask=spec,
+                        config=folded, return_stats=True, query_scale_nonnegative=use_c)
+    rows = np.arange(q.shape[1])
+    r_out, r_lse, r_ent, r_mw = reference_rows(q, k, v, rows, a=0.3, c=c, b=b, spec=spec)
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    for x, y in zip(got[1:], (r_lse, r_ent, r_mw), strict=True):
+        np.testing.assert_allclose(x, y, atol=STAT_TOL, rtol=STAT_TOL)
+    plain = flash_forward(q, k, v, logit_scale=0.3, query_scale=c, key_bias=b, mask=spec,
+                          config=BLOCKS, return_stats=True)
     for x, y in zip(got[1:], plain[1:], strict=True):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_scale_needs_the_nonnegative_promise():
+    """Without ``query_scale_nonnegative`` a per-query scale of either sign stays exact under
+    fold_scale (the row vector is never folded); the promise is what enables the fold."""
+    q, k, v, c, _ = _inputs(8, 1, 128, 128, 2, 1, 64, 64, jnp.bfloat16, True, False)
+    # Odd rows: c = -40, sharp logits of either sign. There the folded row max r max_j s_ij is
+    # r min_j s_ij, far below the true max: exp2(z - m) overflows.
+    c = jnp.where((jnp.arange(128) % 2 == 1)[None, None, :], -40.0, c)
+    folded = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, fold_scale=True)
+    _compare(q, k, v, c, None, MaskSpec(), a=0.3, config=folded)
+    _, lse, _, _ = flash_forward(q, k, v, logit_scale=0.3, query_scale=c, mask=MaskSpec(),
+                                 config=folded, return_stats=True, query_scale_nonnegative=True)
+    r_lse = reference_rows(q, k, v, np.arange(128), a=0.3, c=c, b=None, spec=MaskSpec())[1]
+    broken = ~np.isclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
+    assert broken[..., 1::2].any() and not broken[..., 0::2].any()  # a broken promise shows
 
 
 def test_lengths_segments_and_empty_rows():
