@@ -78,8 +78,30 @@ def _rel_diff(outs, ref):
     return max(diffs)
 
 
-def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS):
-    """Rows ``dict(kernel, config, ms, tflops, error, rel_diff_to_first)`` for one problem."""
+def _baseline_candidates(pkg, D, mask, a, fwd_args, bwd_args):
+    """The forward, dq and dkv kernels of an older copy of the package (``--baseline``), at its
+    own defaults, for an A/B comparison in the same process."""
+    import importlib
+    fwd_mod = importlib.import_module(f"{pkg}.forward")
+    bwd_mod = importlib.import_module(f"{pkg}.backward")
+    mask = importlib.import_module(f"{pkg}.common").MaskSpec(is_causal=mask.is_causal)
+    out = {("fwd", "base"): (jax.jit(lambda q, k, v, c, b: fwd_mod.flash_forward(
+        q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask)), fwd_args)}
+    for part in ("dq", "dkv"):
+        fn = jax.jit(lambda q, k, v, o, s, d, c, b, part=part: bwd_mod.flash_backward(
+            q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
+            kernels=(part,)))
+        out[(part, "base")] = (fn, bwd_args)
+    return out
+
+
+def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None):
+    """Rows ``dict(kernel, config, ms, tflops, error, rel_diff_to_first)`` for one problem.
+
+    ``c`` here is positive, so the forward is called with ``query_scale_nonnegative=True`` (as
+    the dispatcher does for SSMax and adaptive temperature). ``baseline``: a package name whose
+    kernels are timed beside these (config ``base``).
+    """
     B = max(1, tokens // N)
     q, k, v, do, c, b = _inputs(N + D + len(flags), B, N, D, flags)
     a = 1.0 / math.sqrt(D)
@@ -90,8 +112,9 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS):
     for fold in (False, True):
         cfg = dataclasses.replace(base, fold_scale=fold)
         fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
-            q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg))
-        candidates[("fwd", "fold" if fold else "default")] = (fn, (q, k, v, c, b))
+            q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
+            query_scale_nonnegative=c is not None))
+        candidates[("fwd", "fold" if fold else "nofold")] = (fn, (q, k, v, c, b))
     out, lse = jax.jit(lambda q, k, v, c, b: flash_forward(
         q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask))(q, k, v, c, b)
     for part in ("dq", "dkv"):
@@ -101,6 +124,9 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS):
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
                 config=cfg, kernels=(part,)))
             candidates[(part, name)] = (fn, (q, k, v, out, lse, do, c, b))
+    if baseline:
+        candidates.update(_baseline_candidates(baseline, D, mask, a, (q, k, v, c, b),
+                                               (q, k, v, out, lse, do, c, b)))
     results = compare(candidates, rounds=rounds)
     rows, refs = [], {}
     for (kernel, config), (t, outs, err) in results.items():
@@ -145,6 +171,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (benchmarks/timing.py)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="B * N")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--baseline", default=None,
+                        help="importable name of an older copy of pallas_kernels to time beside "
+                             "this one (e.g. made by `git archive`; its imports renamed)")
     args = parser.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]
     configs = [x for x in args.bwd_configs.split(",") if x]
@@ -157,7 +186,8 @@ def main(argv=None):
         for N in ints(args.lengths):
             for causal in ints(args.causal):
                 for flags in args.flags.split(","):
-                    rows += measure(D, N, bool(causal), flags, args.rounds, configs, args.tokens)
+                    rows += measure(D, N, bool(causal), flags, args.rounds, configs, args.tokens,
+                                    args.baseline)
                     if args.out:
                         with open(args.out, "w") as f:
                             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,

@@ -81,6 +81,8 @@ CASES = [
     ("long N=16384 D=256", 1, 16384, 16384, 2, 2, 256, "bfloat16", dict(is_causal=True), True,
      True, 0),
     ("long N=16384 D=128", 1, 16384, 16384, 4, 4, 128, "bfloat16", {}, False, True, 0),
+    ("ssmax D64 causal", 2, 4096, 4096, 8, 8, 64, "bfloat16", dict(is_causal=True), True, False,
+     0),
 ]
 
 
@@ -127,8 +129,11 @@ def check_case(case, seed=0):
     jax.block_until_ready(r_out)
     _poison()
     t0 = time.perf_counter()
+    # c > 0 here: the forward takes the promise, as the dispatcher does for SSMax / adaptive
+    # (fold_scale's per-query path at D = 64); the statistics sweep below runs without it.
     out, lse, ent, mw = flash_forward(q, k, v, logit_scale=float(a), query_scale=c, key_bias=b,
-                                      mask=spec, return_stats=True)
+                                      mask=spec, return_stats=True,
+                                      query_scale_nonnegative=c is not None)
     out.block_until_ready()
     elapsed = time.perf_counter() - t0
     jax.block_until_ready(reference_rows(q, k, v, rows[:8], a=float(a), c=c, b=b, spec=spec))
