@@ -147,6 +147,10 @@ def main(argv=None):
     parser.add_argument("--tune", action="store_true",
                         help="only the forward block-size sweep: flash_forward per BlockSizes "
                              "candidate (see tune_forward) at each --dims / --lengths / --causal")
+    parser.add_argument("--tune-flags", default="plain,b",
+                        help="--tune problems: plain, b (key bias), c (per-query scale)")
+    parser.add_argument("--tune-block-kv", default="64,128,256", help="--tune key tiles")
+    parser.add_argument("--tune-stages", default="2,3,4", help="--tune pipeline depths")
     parser.add_argument("--memory", action="store_true",
                         help="only the memory target: B=1, H=16, D=128, N=131072, fwd and fwd+bwd "
                              "of each of our variants, once each")
@@ -157,9 +161,11 @@ def main(argv=None):
     if args.memory:
         return memory_check([i for i in impls if i in OURS])
     if args.tune:
-        rows = tune_forward([int(d) for d in args.dims.split(",")],
-                            [int(n) for n in args.lengths.split(",")],
-                            [bool(int(c)) for c in args.causal.split(",")], args.rounds)
+        ints = lambda x: tuple(int(i) for i in x.split(","))
+        rows = tune_forward(ints(args.dims), ints(args.lengths),
+                            [bool(c) for c in ints(args.causal)], args.rounds,
+                            flags=tuple(args.tune_flags.split(",")),
+                            block_kvs=ints(args.tune_block_kv), stages=ints(args.tune_stages))
         if args.out:
             _write(args.out, dev, rows)
         return None
@@ -211,12 +217,12 @@ def _write(path, dev, rows):
                   f, indent=1)
 
 
-def tune_candidates(D):
+def tune_candidates(D, block_kvs=(64, 128, 256), stages=(2, 3, 4)):
     """Forward :class:`BlockSizes` worth timing at padded head dim ``D`` (shared memory permitting)."""
     from pallas_kernels.forward import BlockSizes
     out = []
-    for block_kv in (64, 128, 256):
-        for steps in (2, 3, 4):
+    for block_kv in block_kvs:
+        for steps in stages:
             smem = 2 * (2 * 64 * D + 2 * steps * block_kv * D)  # Q tiles + K/V ring, 2 bytes each
             if smem <= 220 * 1024:
                 for fold in (False, True):
@@ -225,11 +231,13 @@ def tune_candidates(D):
     return out
 
 
-def tune_forward(dims, lengths, causals, rounds):
-    """Times ``flash_forward`` per :func:`tune_candidates` entry, without and with a key bias.
+def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs=(64, 128, 256),
+                 stages=(2, 3, 4)):
+    """Times ``flash_forward`` per :func:`tune_candidates` entry and per problem flag.
 
-    The bias is RBF-like (``-||k||^2 / 2``). Every candidate of one (D, N, causal) is timed in the
-    same interleaved rounds; prints TFLOP/s per config and returns the rows.
+    Flags: ``plain``; ``b``, an RBF-like key bias (``-||k||^2 / 2``); ``c``, a positive per-query
+    scale declared nonnegative (SSMax / adaptive). Every candidate of one (D, N, causal) is timed
+    in the same interleaved rounds; prints TFLOP/s per config and returns the rows.
     """
     from pallas_kernels.common import MaskSpec
     from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, flash_forward
@@ -240,24 +248,29 @@ def tune_forward(dims, lengths, causals, rounds):
             B = max(1, TOKENS // N)
             q, k, v = _random_qkv(N + D, B, N, D)
             bias = jnp.transpose(-0.5 * jnp.sum(k.astype(jnp.float32) ** 2, -1), (0, 2, 1))
+            scale = jnp.linspace(0.5, 1.5, B * HEADS * N, dtype=jnp.float32).reshape(B, HEADS, N)
             for causal in causals:
                 flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
                 cands = {}
-                for cfg in tune_candidates(D):
-                    for b in (None, bias):
-                        fn = jax.jit(lambda q, k, v, b, cfg=cfg, causal=causal, a=D ** -0.5:
-                                     flash_forward(q, k, v, logit_scale=a, key_bias=b,
-                                                   mask=MaskSpec(is_causal=causal), config=cfg)[0])
-                        cands[(cfg, b is not None)] = (fn, (q, k, v, b))
-                for (cfg, has_bias), (t, _, err) in compare(cands, rounds=rounds).items():
+                for cfg in tune_candidates(D, block_kvs, stages):
+                    for flag in flags:
+                        c = scale if flag == "c" else None
+                        b = bias if flag == "b" else None
+                        fn = jax.jit(lambda q, k, v, c, b, cfg=cfg, causal=causal, a=D ** -0.5:
+                                     flash_forward(q, k, v, logit_scale=a, query_scale=c,
+                                                   key_bias=b, mask=MaskSpec(is_causal=causal),
+                                                   config=cfg,
+                                                   query_scale_nonnegative=c is not None)[0])
+                        cands[(cfg, flag)] = (fn, (q, k, v, c, b))
+                for (cfg, flag), (t, _, err) in compare(cands, rounds=rounds).items():
                     rows.append(dict(D=D, N=N, causal=causal, block_kv=cfg.block_kv,
                                      steps=cfg.max_concurrent_steps, fold=cfg.fold_scale,
-                                     bias=has_bias, default=cfg == default,
+                                     flag=flag, bias=flag == "b", default=cfg == default,
                                      tflops=None if t is None else flops / t / 1e12, error=err))
                     res = f"{rows[-1]['tflops']:6.0f} TFLOP/s" if t is not None else err
                     print(f"tune D={D} N={N} causal={int(causal)} block_kv={cfg.block_kv} "
                           f"steps={cfg.max_concurrent_steps} fold={int(cfg.fold_scale)} "
-                          f"bias={int(has_bias)}: {res}{' (default)' if cfg == default else ''}",
+                          f"flag={flag}: {res}{' (default)' if cfg == default else ''}",
                           flush=True)
     return rows
 
