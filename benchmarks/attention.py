@@ -231,6 +231,11 @@ def tune_candidates(D, block_kvs=(64, 128, 256), stages=(2, 3, 4)):
     return out
 
 
+def _default(D, flag):
+    from pallas_kernels.forward import default_block_sizes
+    return default_block_sizes(D, flag == "c", flag == "b")
+
+
 def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs=(64, 128, 256),
                  stages=(2, 3, 4)):
     """Times ``flash_forward`` per :func:`tune_candidates` entry and per problem flag.
@@ -240,10 +245,9 @@ def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs
     in the same interleaved rounds; prints TFLOP/s per config and returns the rows.
     """
     from pallas_kernels.common import MaskSpec
-    from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, flash_forward
+    from pallas_kernels.forward import flash_forward
     rows = []
     for D in dims:
-        default = DEFAULT_BLOCK_SIZES.get(D)
         for N in lengths:
             B = max(1, TOKENS // N)
             q, k, v = _random_qkv(N + D, B, N, D)
@@ -265,12 +269,12 @@ def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs
                 for (cfg, flag), (t, _, err) in compare(cands, rounds=rounds).items():
                     rows.append(dict(D=D, N=N, causal=causal, block_kv=cfg.block_kv,
                                      steps=cfg.max_concurrent_steps, fold=cfg.fold_scale,
-                                     flag=flag, bias=flag == "b", default=cfg == default,
+                                     flag=flag, bias=flag == "b", default=cfg == _default(D, flag),
                                      tflops=None if t is None else flops / t / 1e12, error=err))
                     res = f"{rows[-1]['tflops']:6.0f} TFLOP/s" if t is not None else err
                     print(f"tune D={D} N={N} causal={int(causal)} block_kv={cfg.block_kv} "
                           f"steps={cfg.max_concurrent_steps} fold={int(cfg.fold_scale)} "
-                          f"flag={flag}: {res}{' (default)' if cfg == default else ''}",
+                          f"flag={flag}: {res}{' (default)' if cfg == _default(D, flag) else ''}",
                           flush=True)
     return rows
 

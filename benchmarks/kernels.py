@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import compare  # noqa: E402
 from pallas_kernels.backward import BackwardConfig, default_config, flash_backward  # noqa: E402
 from pallas_kernels.common import MaskSpec  # noqa: E402
-from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, flash_forward  # noqa: E402
+from pallas_kernels.forward import default_block_sizes, flash_forward  # noqa: E402
 
 HEADS = 16
 TOKENS = 16384
@@ -108,7 +108,7 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None):
     mask = MaskSpec(is_causal=causal)
     fwd_flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
     candidates = {}
-    base = DEFAULT_BLOCK_SIZES[D]
+    base = default_block_sizes(D, c is not None, b is not None)
     for fold in (False, True):
         cfg = dataclasses.replace(base, fold_scale=fold)
         fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(

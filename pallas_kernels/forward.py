@@ -52,8 +52,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import MaskSpec
 
-__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "flash_forward", "flash_stats", "count_visible",
-           "segment_ranks"]
+__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "flash_forward",
+           "flash_stats", "count_visible", "segment_ranks"]
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -115,6 +115,28 @@ DEFAULT_BLOCK_SIZES = {
     192: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
     256: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
 }
+
+# D = 64 with a per-query scale or a key bias: 256-key tiles spill (ptxas, causal forward: 276
+# bytes with c, 140 with b, 0 plain; 168 registers). `benchmarks/attention.py --tune --tune-flags
+# plain,c,b` on the H200 (2026-11-30, N = 4096, B = 4, H = 16; benchmarks/results/
+# h200-tune-d64-flags-20261130.json), TFLOP/s non-causal / causal:
+#   c: 256 x 3 + fold 420 / 297; 128 x 2 + fold 413 / 353   <- chosen;  128 x 3 + fold 368 / 329
+#   b: 256 x 3 + fold 353 / 287; 128 x 3 + fold 348 / 317   <- chosen;  128 x 2 + fold 343 / 303
+_D64_WITH_SCALE = BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True)
+_D64_WITH_BIAS = BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=3, fold_scale=True)
+
+
+def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False):
+    """The tuned :class:`BlockSizes` for a padded head dim and the problem's per-row / per-key terms.
+
+    :data:`DEFAULT_BLOCK_SIZES` by head dim, except at D = 64 with a per-query scale or a key bias
+    (smaller key tiles: no register spills; see the table above).
+    """
+    if head_dim == 64 and query_scale:
+        return _D64_WITH_SCALE
+    if head_dim == 64 and key_bias:
+        return _D64_WITH_BIAS
+    return DEFAULT_BLOCK_SIZES[head_dim]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,7 +641,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     S, K = k.shape[1], k.shape[2]
     Hv = v.shape[3] if v is not None else H
     D = _round_up(max(H, Hv), 64)
-    blocks = config or DEFAULT_BLOCK_SIZES[D]
+    blocks = config or default_block_sizes(D, query_scale is not None, key_bias is not None)
     Tp = _round_up(T, _COMPUTE_WGS * blocks.block_q)
     Sp = _round_up(S, blocks.block_kv)
     R = mask.num_registers
@@ -689,7 +711,7 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
       query_scale: ``c``, float32 broadcastable to ``[B, N, T]``, or None for 1.
       key_bias: ``b``, float32 ``[B, K, S]``, or None for 0.
       mask: a :class:`~pallas_kernels.common.MaskSpec`.
-      config: :class:`BlockSizes`; None picks :data:`DEFAULT_BLOCK_SIZES` by head dim.
+      config: :class:`BlockSizes`; None picks :func:`default_block_sizes` (head dim, c, b).
       interpret: run in the Mosaic GPU interpreter; None = when the default backend is the CPU.
       return_stats: also return the entropy and max weight per query.
       query_scale_nonnegative: the caller guarantees ``c >= 0`` (SSMax with ``s >= 0``, adaptive

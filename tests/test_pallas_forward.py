@@ -216,3 +216,14 @@ def test_unsupported_inputs_raise():
         BlockSizes(block_q=64, block_kv=96)
     with pytest.raises(ValueError, match="max_concurrent_steps"):
         BlockSizes(max_concurrent_steps=1)
+
+
+def test_default_block_sizes():
+    """The tuned table: D = 64 with c or b takes 128-key tiles (256-key ones spill there)."""
+    from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, default_block_sizes
+    assert default_block_sizes(64) == DEFAULT_BLOCK_SIZES[64]
+    assert default_block_sizes(64, query_scale=True).block_kv == 128
+    assert default_block_sizes(64, key_bias=True).block_kv == 128
+    for D in (128, 192, 256):
+        for c in (False, True):
+            assert default_block_sizes(D, c, not c) == DEFAULT_BLOCK_SIZES[D]
