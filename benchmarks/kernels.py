@@ -43,9 +43,9 @@ HEADS = 16
 TOKENS = 16384
 
 
-def bwd_configs(D, query_scale=False):
+def bwd_configs(D, query_scale=False, masked=True):
     """Named backward configs to compare at padded head dim ``D``."""
-    base = default_config(D, query_scale)
+    base = default_config(D, query_scale, masked)
     return {
         "default": base,
         "first": BackwardConfig(64, 128 if D < 256 else 64, 64, 64, 2 if D < 256 else 1, 2),
@@ -119,7 +119,7 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None):
         q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask))(q, k, v, c, b)
     for part in ("dq", "dkv"):
         for name in configs:
-            cfg = bwd_configs(D, c is not None)[name]
+            cfg = bwd_configs(D, c is not None, causal)[name]
             fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg, part=part: flash_backward(
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
                 config=cfg, kernels=(part,)))

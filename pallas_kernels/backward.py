@@ -102,6 +102,10 @@ class BackwardConfig:
 # * block_kv_dq = 64 with ``c`` at D = 128: ptxas spills 240 bytes in the 128-key dq kernel;
 #   causal 1.538 -> 1.140 ms, non-causal 1.852 -> 1.886. At D = 64 the 128-key tile stays (1.107
 #   vs 1.299 non-causal), and without ``c`` too (a key bias: 1.594 vs 1.730).
+# * H200, this code (2026-11-30, benchmarks/results/h200-kernels-d128-dq-tiles-20261130.json),
+#   D = 128 with ``c``: without a mask the 128-key dq tile wins (1.968 -> 1.698 ms); causal it
+#   still loses (1.160 -> 1.430). So the 64-key tile is kept only where masks exist
+#   (:func:`default_config`'s ``masked``).
 # D = 256 is not measured: the first defaults stay.
 _DEFAULTS = {
     (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True),
@@ -113,15 +117,20 @@ _DEFAULTS = {
 }
 
 
-def default_config(head_dim: int, query_scale: bool = False) -> BackwardConfig:
+def default_config(head_dim: int, query_scale: bool = False, masked: bool = True) -> BackwardConfig:
     """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256).
 
     Args:
       head_dim: the larger of the qk and v head dims.
       query_scale: whether the problem has a per-query scale ``c`` (its dq kernel holds more live
-        tiles and takes smaller key tiles at D = 128).
+        tiles and takes smaller key tiles at D = 128 when masks exist).
+      masked: whether a causal / window / length / segment mask exists (masked tiles hold more
+        live registers).
     """
-    return _DEFAULTS[(_padded_dim(head_dim), bool(query_scale))]
+    D = _padded_dim(head_dim)
+    if D == 128 and query_scale and not masked:
+        return _DEFAULTS[(128, False)]
+    return _DEFAULTS[(D, bool(query_scale))]
 
 
 def _padded_dim(d: int) -> int:
@@ -759,7 +768,10 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     B, T, N, H0 = q.shape
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
     H, Hv = _padded_dim(H0), _padded_dim(Hv0)
-    cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None)
+    masked = (mask.is_causal or mask.local_window_size is not None
+              or any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids)))
+    cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None,
+                                                           masked)
     if not isinstance(cfg, BackwardConfig):
         raise TypeError(f"config must be a BackwardConfig, got {type(cfg).__name__}")
     R = mask.num_registers

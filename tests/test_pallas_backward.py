@@ -339,6 +339,8 @@ def test_default_config_per_head_dim():
     assert default_config(48) == default_config(64)
     assert default_config(256).compute_wgs == 1
     assert default_config(128, query_scale=True).block_kv_dq == 64
+    assert default_config(128, query_scale=True, masked=False).block_kv_dq == 128
+    assert default_config(64, query_scale=True, masked=False) == default_config(64, True)
     assert default_config(128).dkv_edge_masks and not default_config(128).dq_edge_masks
     with pytest.raises(NotImplementedError):
         default_config(257)
