@@ -13,6 +13,7 @@ f16 inputs against float32: pass below 1e-2) and max abs errors of lse / entropy
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import MaskSpec, visible
-from pallas_kernels.forward import flash_forward, flash_stats
+from pallas_kernels.forward import default_block_sizes, flash_forward, flash_stats
 
 REL_TOL = 1e-2
 STAT_TOL = 1e-2
@@ -117,8 +118,12 @@ def _stat_err(x, ref):
     return float(np.max(np.abs(x - ref) / np.maximum(1.0, np.abs(ref))))
 
 
-def check_case(case, seed=0):
-    """Runs one case; returns a dict of errors and pass flags."""
+def check_case(case, seed=0, factor_bias=False):
+    """Runs one case; returns a dict of errors and pass flags.
+
+    ``factor_bias``: for a case with a key bias and no per-query scale, also run the forward with
+    ``BlockSizes.factor_bias`` (no statistics: that path has none) and check its out and lse.
+    """
     q, k, v, c, b, spec = _make(case, seed)
     a = 1.0 / np.sqrt(q.shape[-1])
     T = q.shape[1]
@@ -155,6 +160,15 @@ def check_case(case, seed=0):
     res["pass"] = bool(not res["nan"] and res["out_rel"] < REL_TOL and max(
         res[key] for key in ("lse", "entropy", "max_weight", "stats_lse", "stats_entropy"))
         < STAT_TOL)
+    if factor_bias and b is not None and c is None:
+        D = -(-max(q.shape[3], v.shape[3]) // 64) * 64
+        cfg = dataclasses.replace(default_block_sizes(D, False, True), factor_bias=True)
+        _poison()
+        out3, lse3 = flash_forward(q, k, v, logit_scale=float(a), key_bias=b, mask=spec, config=cfg)
+        res["factor_out_rel"] = _rel(out3[:, rows], r_out)
+        res["factor_lse"] = _stat_err(lse3[:, :, rows], r_lse)
+        res["pass"] = bool(res["pass"] and res["factor_out_rel"] < REL_TOL
+                           and res["factor_lse"] < STAT_TOL)
     return res
 
 
@@ -169,6 +183,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only the first three cases")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--skip-cases", action="store_true", help="run no check case")
+    parser.add_argument("--factor-bias", action="store_true",
+                        help="also check BlockSizes.factor_bias on the cases with a key bias")
     parser.add_argument("--cases", default=None,
                         help="comma-separated case indices (0-based) to run, default all")
     args = parser.parse_args(argv)
@@ -183,7 +199,7 @@ def main(argv=None):
     results = []
     for case in cases:
         try:
-            res = check_case(case)
+            res = check_case(case, factor_bias=args.factor_bias)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cases
             res = dict(name=case[0], shape="", error=f"{type(e).__name__}: {str(e)[:2000]}",
                        **{"pass": False})

@@ -60,6 +60,7 @@ LN2 = math.log(2.0)
 MASKED = -1e30  # base-2 logit of a hidden key
 _EMPTY = 0.5 * MASKED  # a final row max at or below this: no visible key
 _COMPUTE_WGS = 2
+FACTOR_MAX_SPREAD = 64.0  # BlockSizes.factor_bias: largest (max b - min b) log2 e it takes
 _REG_ID = -3.0  # key id of a register: visible to every valid query
 _PAD_ID = -2.0  # key id of a padded / out-of-length key: visible to none
 _BAD_Q_ID = -1.0  # query id of a row past its length
@@ -79,12 +80,19 @@ class BlockSizes:
         logit instead of a multiply and an add. Same values up to FMA
         rounding; one floating-point op fewer per logit. Measured (``benchmarks/attention.py
         --tune``): +1-7 % at D = 64, -1-4 % at D = 128; see :data:`DEFAULT_BLOCK_SIZES`.
+      factor_bias: with a key bias and no per-query scale, outside the statistics paths: write
+        ``2^(z_ij - m_i) = 2^(r s_ij - m_i) w_j`` with ``w_j = e^(b_j - max b)``, fold ``w_j``
+        into V (``V'_j = w_j v_j``, one XLA pass) and into the row sum (a multiply-add), so the
+        tile loop does softmax's work per logit; the logsumexp gets ``max b`` back. Taken only
+        when ``(max b - min b) log2 e <= 64`` (then the row sum stays >= 2^-64 of its largest
+        term), chosen at run time; else the exact kernel runs. Off until measured on the GPU.
     """
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     fold_scale: bool = False
+    factor_bias: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -94,8 +102,9 @@ class BlockSizes:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        if not isinstance(self.fold_scale, bool):
-            raise ValueError(f"fold_scale must be a bool, got {self.fold_scale!r}")
+        for name in ("fold_scale", "factor_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 # Per padded head dim. Shared memory: Q 2*block_q*D + K/V 2*steps*block_kv*D (2 bytes each) must fit
@@ -154,6 +163,7 @@ class _Plan:
     row_const: float | None  # r_i when it is one constant, else None (row vector)
     row_nonneg: bool  # the caller promises r_i >= 0 (lets fold_scale treat a row vector)
     has_bias: bool
+    key_weights: bool  # factor_bias taken: the bias strip holds w_j, V holds w_j v_j
     has_kid: bool
     has_qid: bool
     stats: bool
@@ -162,7 +172,7 @@ class _Plan:
 
     @property
     def num_row_vecs(self):
-        return int(self.row_const is None) + int(self.has_qid)
+        return int(self.row_const is None) + int(self.key_weights) + int(self.has_qid)
 
     @property
     def num_key_vecs(self):
@@ -331,10 +341,14 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             if plan.has_kid:
                 kid = plgpu.load(smem["kv"].at[slot, jnp.int32(plan.num_key_vecs - 1)], layout=key_layout)
             plgpu.barrier_arrive(bars["k_done"].at[slot])
+            kw = None
+            if plan.key_weights:  # the strip holds w_j: logits without the bias, weights in den
+                kb, kw = None, lax.broadcast_in_dim(kb, s.shape, [1])
             m_new, d = _shifted_logits(plan, s, kb, r, m, masked, lambda: _visible(
                 plan, q0, step, kid, qid))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(d)
+            row_sum = lambda p: (p if kw is None else p * kw).sum(axis=1)
             if plan.stats:
                 ent = alpha * (ent + den * (m - m_new)) + (p * d).sum(axis=1)
             den = den * alpha
@@ -345,7 +359,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
                 plgpu.barrier_wait(bars["sched"])
 
             if not plan.pv:
-                den = den + p.sum(axis=1)
+                den = den + row_sum(p)
                 end_softmax()
                 plgpu.barrier_arrive(bars["v_done"].at[slot])
                 return acc, m_new, den, ent
@@ -353,12 +367,12 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             p16 = p.astype(plan.dtype)
 
             if plan.head_dim <= 128:
-                den = den + p.sum(axis=1)
+                den = den + row_sum(p)
                 acc, den, m_new, p16 = lax.optimization_barrier((acc, den, m_new, p16))
                 end_softmax()
             else:
                 end_softmax()
-                den = den + p.sum(axis=1)
+                den = den + row_sum(p)
             acc = _pv(acc, p16, smem["v"].at[slot], plan.interpret)
             plgpu.barrier_arrive(bars["v_done"].at[slot])
             return acc, m_new, den, ent
@@ -402,7 +416,11 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             scale = jnp.where(empty, 0.0, inv)
             acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
             q_smem[...] = acc.astype(plan.dtype)
-        smem["lse"].at[wg][...] = jnp.where(empty, 0.0, (m + log2_l) * LN2)
+        lse = (m + log2_l) * LN2
+        if plan.key_weights:  # w_j = e^(b_j - max b): give max b back
+            lse = lse + plgpu.load(smem["rv"].at[wg, jnp.int32(int(plan.row_const is None))],
+                                   layout=row_layout)
+        smem["lse"].at[wg][...] = jnp.where(empty, 0.0, lse)
         if plan.stats:
             smem["ent"].at[wg][...] = jnp.where(empty, 0.0, (log2_l - ent * inv) * LN2)
             smem["mw"].at[wg][...] = jnp.where(empty, 0.0, inv)
@@ -634,14 +652,20 @@ def _check_inputs(q, k, v, logit_scale):
         raise NotImplementedError(f"head dims above 256 are not supported, got {head_dim}")
 
 
+def _blocks(q, v, config, query_scale, key_bias):
+    D = _round_up(max(q.shape[3], v.shape[3] if v is not None else 0), 64)
+    return D, config or default_block_sizes(D, query_scale is not None, key_bias is not None)
+
+
 def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv,
-             nonneg=False):
-    """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
+             nonneg=False, factor=False):
+    """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays).
+
+    ``factor``: take ``BlockSizes.factor_bias`` (the caller checked its conditions).
+    """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    Hv = v.shape[3] if v is not None else H
-    D = _round_up(max(H, Hv), 64)
-    blocks = config or default_block_sizes(D, query_scale is not None, key_bias is not None)
+    D, blocks = _blocks(q, v, config, query_scale, key_bias)
     Tp = _round_up(T, _COMPUTE_WGS * blocks.block_q)
     Sp = _round_up(S, blocks.block_kv)
     R = mask.num_registers
@@ -649,6 +673,13 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     q_p = pad4(q, T, Tp)
     k_p = pad4(k, S, Sp)
     v_p = k_p if v is k else (pad4(v, S, Sp) if v is not None else None)
+    w = bmax = None
+    if factor:  # w_j = e^(b_j - max b) per (batch, kv head); V'_j = w_j v_j
+        b32 = jnp.broadcast_to(jnp.asarray(key_bias, jnp.float32), (B, K, S))
+        bmax = jnp.max(b32, axis=2)  # [B, K]
+        w = jnp.exp(b32 - bmax[..., None])
+        v_w = (v.astype(jnp.float32) * jnp.transpose(w, (0, 2, 1))[..., None]).astype(v.dtype)
+        v_p = pad4(v_w, S, Sp)
 
     has_qid = mask.q_lengths is not None or mask.q_segment_ids is not None
     has_kid = has_qid or mask.kv_lengths is not None
@@ -659,6 +690,8 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     else:
         c = jnp.broadcast_to(jnp.asarray(query_scale, jnp.float32), (B, N, T))
         row_vecs.append(jnp.pad(c * (logit_scale * LOG2E), ((0, 0), (0, 0), (0, Tp - T))))
+    if factor:  # the logsumexp's offset, max b of the query head's kv head
+        row_vecs.append(jnp.broadcast_to(jnp.repeat(bmax, N // K, axis=1)[..., None], (B, N, Tp)))
     q_seg = kv_seg = None
     if mask.q_segment_ids is not None:
         q_seg, kv_seg = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
@@ -670,7 +703,9 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         qid = jnp.pad(qid, ((0, 0), (0, Tp - T)), constant_values=_BAD_Q_ID)
         row_vecs.append(jnp.broadcast_to(qid[:, None], (B, N, Tp)))
     key_vecs = []
-    if key_bias is not None:
+    if factor:
+        key_vecs.append(jnp.pad(w, ((0, 0), (0, 0), (0, Sp - S))))
+    elif key_bias is not None:
         kb = jnp.broadcast_to(jnp.asarray(key_bias, jnp.float32), (B, K, S)) / logit_scale
         key_vecs.append(jnp.pad(kb, ((0, 0), (0, 0), (0, Sp - S))))
     if has_kid:
@@ -688,7 +723,8 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         blocks=blocks, head_dim=D, dtype=jnp.dtype(q.dtype), group=N // K, num_registers=R,
         seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
         row_nonneg=bool(nonneg) and query_scale is not None and logit_scale > 0,
-        has_bias=key_bias is not None, has_kid=has_kid, has_qid=has_qid, stats=stats,
+        has_bias=key_bias is not None, key_weights=bool(factor), has_kid=has_kid, has_qid=has_qid,
+        stats=stats,
         pv=pv, interpret=bool(interpret))
     return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs))
 
@@ -728,9 +764,20 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
     """
     _check_inputs(q, k, v, logit_scale)
     mask = MaskSpec() if mask is None else mask
-    plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
-                            stats=return_stats, pv=True, nonneg=query_scale_nonnegative)
-    out, lse, ent, mw = _run(plan, *arrays)
+
+    def run(factor):
+        plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config,
+                                interpret, stats=return_stats, pv=True,
+                                nonneg=query_scale_nonnegative, factor=factor)
+        return _run(plan, *arrays)
+
+    blocks = _blocks(q, v, config, query_scale, key_bias)[1]
+    if blocks.factor_bias and key_bias is not None and query_scale is None and not return_stats:
+        b = jnp.asarray(key_bias, jnp.float32)
+        ok = (jnp.max(b) - jnp.min(b)) * LOG2E <= FACTOR_MAX_SPREAD
+        out, lse, ent, mw = lax.cond(ok, lambda: run(True), lambda: run(False))
+    else:
+        out, lse, ent, mw = run(False)
     T, Hv = q.shape[1], v.shape[3]
     out = out[:, :T, :, :Hv]
     lse = lse[..., :T]

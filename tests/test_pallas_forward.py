@@ -227,3 +227,52 @@ def test_default_block_sizes():
     for D in (128, 192, 256):
         for c in (False, True):
             assert default_block_sizes(D, c, not c) == DEFAULT_BLOCK_SIZES[D]
+
+
+FACTOR = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, fold_scale=True,
+                    factor_bias=True)
+
+
+def _check_out_lse(out, lse, q, k, v, b, spec, a):
+    r_out, r_lse, _, _ = reference_rows(q, k, v, np.arange(q.shape[1]), a=a, c=None, b=b, spec=spec)
+    assert not np.isnan(np.asarray(out, np.float32)).any() and not np.isnan(np.asarray(lse)).any()
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
+
+
+@pytest.mark.parametrize("mask_kw, R", [({}, 0), (dict(is_causal=True), 2),
+                                        (dict(kv_lengths=np.array([150, 90])), 0)])
+def test_factor_bias_kernel(mask_kw, R):
+    """The factored key bias (w_j in V and in the row sum, max b back in the lse), run directly."""
+    from pallas_kernels import forward
+    B, T, S, N, K, H = 2, 128, 200, 4, 2, 64
+    q, k, v, _, b = _inputs(9, B, T, S + R, N, K, H, H, jnp.bfloat16, False, True)
+    b = 3.0 * b  # spread ~ 20 nats: weights down to ~e^-20
+    spec = MaskSpec(num_registers=R, **mask_kw)
+    plan, arrays = forward._prepare(q, k, v, 0.2, None, b, spec, FACTOR, None, stats=False,
+                                    pv=True, factor=True)
+    assert plan.key_weights
+    out, lse, _, _ = forward._run(plan, *arrays)
+    _check_out_lse(out[:, :T, :, :H], lse[..., :T], q, k, v, b, spec, 0.2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 80.0])
+def test_factor_bias_dispatch(scale):
+    """flash_forward with factor_bias: a mild bias takes the factored kernel, a bias spread past
+    FACTOR_MAX_SPREAD the exact one; both match the reference."""
+    q, k, v, _, b = _inputs(10, 1, 128, 128, 2, 1, 64, 64, jnp.bfloat16, False, True)
+    b = scale * b
+    spec = MaskSpec(is_causal=True)
+    out, lse = flash_forward(q, k, v, logit_scale=0.2, key_bias=b, mask=spec, config=FACTOR)
+    _check_out_lse(out, lse, q, k, v, b, spec, 0.2)
+
+
+def test_gpu_check_case_runs_in_the_interpreter(monkeypatch):
+    """`python -m pallas_kernels.check`'s per-case routine (with --factor-bias) at a tiny size."""
+    from pallas_kernels import check
+    monkeypatch.setattr(check, "_poison", lambda: None)  # 2 GiB of NaN: a GPU habit
+    case = ("tiny rbf causal", 1, 128, 128, 2, 1, 64, "bfloat16", dict(is_causal=True), False,
+            True, 0)
+    res = check.check_case(case, factor_bias=True)
+    assert res["pass"], res
+    assert res["factor_out_rel"] < 1e-2 and res["factor_lse"] < 1e-4
