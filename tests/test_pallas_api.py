@@ -48,6 +48,16 @@ def _inputs(seed, dtype=jnp.bfloat16, registers=True):
     return q, k, v, regs
 
 
+def _ready(x):
+    """Waits for an interpreted kernel before queueing other work on the CPU device.
+
+    The interpreter's simulated threads run eager jnp ops from io_callbacks; XLA work queued on
+    the same device behind the kernel then waits for the kernel, which waits for those ops: a
+    deadlock (py-spy: main thread in the XLA reference, a thread_map callback in apply_primitive).
+    """
+    return jax.block_until_ready(x)
+
+
 def _f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
@@ -60,8 +70,8 @@ OPTIONS = dict(is_causal=True, query_seq_lengths=np.array([120], np.int32),
 def test_forward_and_stats_match_xla(name):
     variant = VARIANTS[name]
     q, k, v, regs = _inputs(0)
-    out, stats = jaxattn.attention(q, k, v, variant=variant, registers=regs, return_stats=True,
-                                   implementation="pallas", **OPTIONS)
+    out, stats = _ready(jaxattn.attention(q, k, v, variant=variant, registers=regs,
+                                          return_stats=True, implementation="pallas", **OPTIONS))
     r_out, r_stats = jaxattn.attention(*_f32((q, k, v)), variant=variant, registers=_f32(regs),
                                        return_stats=True, implementation="xla", **OPTIONS)
     assert out.dtype == q.dtype and out.shape == r_out.shape
@@ -81,7 +91,7 @@ def test_softmax_temperature_random(seed, temperature, dtype, window):
     q, k, v, _ = _inputs(seed, dtype, registers=False)
     opts = dict(local_window_size=(30, 10) if window else None)
     variant = variants.Softmax(temperature)
-    out = jaxattn.attention(q, k, v, variant=variant, implementation="pallas", **opts)
+    out = _ready(jaxattn.attention(q, k, v, variant=variant, implementation="pallas", **opts))
     ref = jaxattn.attention(*_f32((q, k, v)), variant=variant, implementation="xla", **opts)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
 
@@ -107,7 +117,7 @@ def test_gradients_match_xla(name, param):
     """dq, dk, dv, the register keys/values and the variant parameter (temperature, s, gamma)."""
     q, k, v, (rk, rv) = _inputs(1)
     p = jnp.float32(param)
-    got = _grad(q, k, v, rk, rv, p, name=name, impl="pallas")
+    got = _ready(_grad(q, k, v, rk, rv, p, name=name, impl="pallas"))
     want = _grad(*_f32((q, k, v, rk, rv)), p, name=name, impl="xla")
     for label, a, b in zip(("dq", "dk", "dv", "dregister_k", "dregister_v", "dparam"), got, want,
                            strict=True):
@@ -131,7 +141,7 @@ _adaptive_grad = jax.jit(jax.grad(_adaptive_loss, argnums=(0, 1, 2)),
 def test_adaptive_temperature_gradients_match_xla(stop_gradient_beta):
     """Both gradient modes; the beta path must matter at these inputs, else the check is empty."""
     q, k, v, _ = _inputs(3, registers=False)
-    got = _adaptive_grad(q, k, v, stop_gradient_beta=stop_gradient_beta, impl="pallas")
+    got = _ready(_adaptive_grad(q, k, v, stop_gradient_beta=stop_gradient_beta, impl="pallas"))
     want = _adaptive_grad(*_f32((q, k, v)), stop_gradient_beta=stop_gradient_beta, impl="xla")
     other = _adaptive_grad(*_f32((q, k, v)), stop_gradient_beta=not stop_gradient_beta, impl="xla")
     dq_gap = np.abs(np.asarray(other[0]) - np.asarray(want[0])).max() / np.abs(want[0]).max()
@@ -183,7 +193,7 @@ def test_query_scale_gradient_is_exact_with_bf16_output():
     q, k, v, (rk, rv) = _inputs(2)
     q, k = 2 * q, 2 * k  # exact in bf16
     p = jnp.float32(0.5)
-    got = float(_grad(q, k, v, rk, rv, p, name="softmax", impl="pallas")[5])
+    got = float(_ready(_grad(q, k, v, rk, rv, p, name="softmax", impl="pallas"))[5])
     want = float(_grad(*_f32((q, k, v, rk, rv)), p, name="softmax", impl="xla")[5])
     assert abs(got - want) <= 1e-2 * abs(want), (got, want)
 
@@ -204,20 +214,20 @@ def test_constant_temperature_takes_the_constant_scale_kernels(monkeypatch):
     scale = 1.0 / np.sqrt(H)
     f = jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, variant=variants.Softmax(0.7),
                                                   implementation="pallas"))
-    out = f(q, k, v)
+    out = _ready(f(q, k, v))
     (a, c, b), = seen
     assert c is None and b is None and a == pytest.approx(scale / 0.7, rel=1e-12)
     ref = jaxattn.attention(*_f32((q, k, v)), variant=variants.Softmax(0.7), implementation="xla")
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
 
     seen.clear()
-    jax.jit(lambda q, k, v, t: jaxattn.attention(q, k, v, variant=variants.Softmax(t),
-                                                 implementation="pallas"))(q, k, v, 0.7)
+    _ready(jax.jit(lambda q, k, v, t: jaxattn.attention(q, k, v, variant=variants.Softmax(t),
+                                                        implementation="pallas"))(q, k, v, 0.7))
     (a, c, b), = seen
     assert c is not None and a == pytest.approx(scale)
 
     seen.clear()  # RBF: the constant scales the key bias too (z = c (a q.k + b))
-    jaxattn.attention(q, k, v, variant=variants.RBF(0.05), implementation="pallas")
+    _ready(jaxattn.attention(q, k, v, variant=variants.RBF(0.05), implementation="pallas"))
     (a, c, b), = seen
     assert c is None and b is not None
 
@@ -240,13 +250,14 @@ def test_nonnegative_query_scale_hint(monkeypatch, variant, promise):
 
     monkeypatch.setattr(pk, "flash_forward", spy)
     q, k, v, _ = _inputs(8, registers=False)
-    out = jaxattn.attention(q, k, v, variant=variant, implementation="pallas", is_causal=True)
+    out = _ready(jaxattn.attention(q, k, v, variant=variant, implementation="pallas",
+                                   is_causal=True))
     assert seen[-1] is promise
     ref = jaxattn.attention(*_f32((q, k, v)), variant=variant, implementation="xla", is_causal=True)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
     # a traced s (a learned parameter) has no known sign
     if isinstance(variant, variants.ScalableSoftmax):
         seen.clear()
-        jax.jit(lambda s: jaxattn.attention(q, k, v, variant=variants.ScalableSoftmax(s),
-                                            implementation="pallas"))(jnp.float32(0.43))
+        _ready(jax.jit(lambda s: jaxattn.attention(q, k, v, variant=variants.ScalableSoftmax(s),
+                                                   implementation="pallas"))(jnp.float32(0.43)))
         assert seen[-1] is False
