@@ -83,15 +83,18 @@ def _flash(q, k, v, c, b, spec, a, stats, c_nonneg=False):
 
 
 def _fwd_rule(q, k, v, c, b, spec, a, stats, c_nonneg):
+    c_perturbed = c is not None and c.perturbed
     q, k, v, c, b = (_value(x) for x in (q, k, v, c, b))
     spec = jax.tree.map(_value, spec)
+    # The pytree structure says whether c's gradient is wanted: a zero-size marker, or None.
+    want_dc = None if not c_perturbed else jnp.zeros((0,), jnp.float32)
     result = _flash(q, k, v, c, b, spec, a, stats, c_nonneg)
-    return result, (q, k, v, c, b, spec, result[0], result[1])
+    return result, (q, k, v, c, b, spec, result[0], result[1], want_dc)
 
 
 def _bwd(a, stats, c_nonneg, res, cts):
     del stats, c_nonneg
-    q, k, v, c, b, spec, out, lse = res
+    q, k, v, c, b, spec, out, lse, want_dc = res
     dout, dlse, dent, dmw = cts
     for name, ct in (("logsumexp", dlse), ("entropy", dent), ("max_weight", dmw)):
         if ct is not None and not isinstance(ct, _SymbolicZero):
@@ -105,7 +108,10 @@ def _bwd(a, stats, c_nonneg, res, cts):
     except ImportError as e:  # pragma: no cover - only before the backward module exists
         raise NotImplementedError("backward kernel not available") from e
     dq, dk, dv, dc, db = flash_backward(q, k, v, out, lse, dout.astype(out.dtype), logit_scale=a,
-                                        query_scale=c, key_bias=b, mask=spec)
+                                        query_scale=c, key_bias=b, mask=spec,
+                                        query_scale_grad=want_dc is not None)
+    if c is not None and dc is None:  # c's gradient is not wanted (not perturbed)
+        dc = jnp.zeros(c.shape, c.dtype)
     return dq, dk, dv, dc, db, _zeros_like_spec(spec)
 
 

@@ -196,6 +196,7 @@ class _Static:
     window: tuple[int, int] | None
     has_codes: bool
     has_c: bool
+    need_dc: bool  # has_c and its gradient is wanted (else the dq kernel skips the dc sums)
     has_b: bool
     T: int  # true lengths (before padding)
     S: int
@@ -334,7 +335,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         kbias_ref = rest.pop(0) if st.has_b else None
         kcode_ref = rest.pop(0) if st.has_codes else None
         dq_ref = rest.pop(0)
-        dc_ref = rest.pop(0) if st.has_c else None
+        dc_ref = rest.pop(0) if st.need_dc else None
         (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2), barriers = rest
         batch = lax.axis_index("batch")
         head = lax.axis_index("heads")
@@ -358,7 +359,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             plgpu.barrier_wait(barriers.at[wg])
             carry = (_zeros((bq, H)), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW))
             dq_acc, dc, dz_sum, pu_sum = pipeline_callback(carry)
-            if st.has_c:
+            if st.need_dc:
                 # sum_j dZ_ij = sum_j p dP - delta_i is 0 with the exact delta; with delta from the
                 # low-precision output it is not, and dc_i = sum_j dZ_ij u_ij inherits that error
                 # times the row mean of u. Centering u on its p-mean removes it.
@@ -371,11 +372,11 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             else:
                 dq = dq_acc * a
             q_smem[...] = dq.astype(st.dtype)
-            if st.has_c:
+            if st.need_dc:
                 dc_smem2.at[wg][...] = dc
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
-            if st.has_c:
+            if st.need_dc:
                 plgpu.copy_smem_to_gmem(dc_smem2.at[wg], dc_ref.at[batch, head, pl.ds(q0, bq)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -422,7 +423,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             dp = _mm_smem(do_smem, v_smem.transpose((1, 0)), (bq, bkv))
             plgpu.barrier_arrive(consumed[1])
             dz = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
-            if st.has_c:
+            if st.need_dc:
                 dc = dc + jnp.sum(dz * u, axis=1)
                 dz_sum = dz_sum + jnp.sum(dz, axis=1)
                 pu_sum = pu_sum + jnp.sum(p * u, axis=1)
@@ -450,15 +451,15 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         plgpu.SMEM((wgs, bq, Hv), st.dtype, transforms=tf),
         plgpu.SMEM((wgs, n_stats, bq), jnp.float32),
         plgpu.SMEM((wgs, bq), jnp.int32) if st.has_codes else None,
-        plgpu.SMEM((wgs, bq), jnp.float32) if st.has_c else None,
+        plgpu.SMEM((wgs, bq), jnp.float32) if st.need_dc else None,
     )
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    if st.has_c:
+    if st.need_dc:
         out_type.append(jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
     outs = _launch(st, kernel, out_type, scratch, n_copies=3 + int(st.has_codes),
                    grid=(N, num_q_tiles, B), tile_axis="q_seq", wgs=wgs, interpret=interpret,
                    inputs=[q, k, v, do, qstats], side=(qcode, kbias, kcode))
-    return outs[0], (outs[1] if st.has_c else None)
+    return outs[0], (outs[1] if st.need_dc else None)
 
 
 # -------------------------------------------------------------------------------------------- dkv
@@ -714,7 +715,7 @@ def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
 
 def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=None, key_bias=None,
                    mask: MaskSpec | None = None, config: BackwardConfig | None = None, interpret=None,
-                   kernels: tuple[str, ...] = ("dq", "dkv")):
+                   kernels: tuple[str, ...] = ("dq", "dkv"), query_scale_grad: bool = True):
     """Gradients of the kernel-level attention problem, with two fused Mosaic GPU kernels.
 
     .. math::
@@ -741,6 +742,9 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         is cpu).
       kernels: which of the two kernels run, ``"dq"`` (dq, dquery_scale) and ``"dkv"`` (dk, dv,
         dkey_bias); the outputs of a kernel left out are None. For timing one kernel alone.
+      query_scale_grad: False when the gradient of ``query_scale`` is not wanted (a constant SSMax
+        ``s``, a stop-gradient beta): the dq kernel then skips its three ``dc`` row sums and
+        dquery_scale is None.
 
     Returns:
       ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
@@ -782,6 +786,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     st = _Static(
         logit_scale=float(logit_scale), num_registers=R, is_causal=mask.is_causal,
         window=mask.local_window_size, has_codes=has_codes, has_c=query_scale is not None,
+        need_dc=query_scale is not None and bool(query_scale_grad),
         has_b=key_bias is not None, T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with

@@ -261,3 +261,35 @@ def test_nonnegative_query_scale_hint(monkeypatch, variant, promise):
         _ready(jax.jit(lambda s: jaxattn.attention(q, k, v, variant=variants.ScalableSoftmax(s),
                                                    implementation="pallas"))(jnp.float32(0.43)))
         assert seen[-1] is False
+
+
+@pytest.mark.parametrize("traced_s", [False, True])
+def test_query_scale_gradient_only_when_wanted(monkeypatch, traced_s):
+    """A constant SSMax s: the backward skips dc (query_scale_grad=False) and dq/dk/dv still match
+    XLA; a differentiated s: dc is computed and d/ds matches."""
+    bwd = importlib.import_module("pallas_kernels.backward")
+    seen = []
+    real = bwd.flash_backward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("query_scale_grad", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bwd, "flash_backward", spy)
+    q, k, v, _ = _inputs(11, registers=False)
+    g = jnp.cos(jnp.arange(H, dtype=jnp.float32))[None, None, None, :]
+
+    def loss(q, k, v, s, impl):
+        s = s if traced_s else 0.43
+        out = jaxattn.attention(q, k, v, variant=variants.ScalableSoftmax(s), implementation=impl,
+                                is_causal=True)
+        return jnp.sum(out.astype(jnp.float32) * g)
+
+    argnums = (0, 1, 2, 3) if traced_s else (0, 1, 2)
+    grad = jax.jit(jax.grad(loss, argnums=argnums), static_argnames="impl")
+    got = _ready(grad(q, k, v, jnp.float32(0.43), impl="pallas"))
+    assert seen == [traced_s]
+    want = grad(*_f32((q, k, v)), jnp.float32(0.43), impl="xla")
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= GRAD_RTOL * np.abs(b).max()

@@ -344,3 +344,18 @@ def test_default_config_per_head_dim():
     assert default_config(128).dkv_edge_masks and not default_config(128).dq_edge_masks
     with pytest.raises(NotImplementedError):
         default_config(257)
+
+
+def test_query_scale_grad_off_skips_dc_only():
+    """query_scale_grad=False: dc is None, and dq / dk / dv are the same arrays as with dc."""
+    q, k, v, dout, c, b = _inputs(12, 1, 128, 136, 2, 1, 64, 64, jnp.bfloat16, True, True)
+    spec = MaskSpec(is_causal=True)
+    out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
+    full = _compare(q, k, v, dout, c, b, spec)
+    got = flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c, key_bias=b,
+                         mask=spec, query_scale_grad=False)
+    assert got[3] is None
+    for name, x, y in zip(("dq", "dk", "dv", "db"), (*got[:3], got[4]), (*full[:3], full[4]),
+                          strict=True):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                      err_msg=name)
