@@ -772,8 +772,8 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     B, T, N, H0 = q.shape
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
     H, Hv = _padded_dim(H0), _padded_dim(Hv0)
-    masked = (mask.is_causal or mask.local_window_size is not None
-              or any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids)))
+    has_codes = any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
+    masked = mask.is_causal or mask.local_window_size is not None or has_codes
     cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None,
                                                            masked)
     if not isinstance(cfg, BackwardConfig):
@@ -782,7 +782,6 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     q_mult = math.lcm(cfg.block_q_dq * cfg.compute_wgs, cfg.block_q_dkv)
     k_mult = math.lcm(cfg.block_kv_dkv * cfg.compute_wgs, cfg.block_kv_dq)
     Tp, Sp = _cdiv(T, q_mult) * q_mult, _cdiv(S, k_mult) * k_mult
-    has_codes = any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
     st = _Static(
         logit_scale=float(logit_scale), num_registers=R, is_causal=mask.is_causal,
         window=mask.local_window_size, has_codes=has_codes, has_c=query_scale is not None,

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import MaskSpec, visible
-from pallas_kernels.forward import default_block_sizes, flash_forward, flash_stats
+from pallas_kernels.forward import _blocks as forward_blocks
+from pallas_kernels.forward import flash_forward, flash_stats
 
 REL_TOL = 1e-2
 STAT_TOL = 1e-2
@@ -161,8 +162,7 @@ def check_case(case, seed=0, factor_bias=False):
         res[key] for key in ("lse", "entropy", "max_weight", "stats_lse", "stats_entropy"))
         < STAT_TOL)
     if factor_bias and b is not None and c is None:
-        D = -(-max(q.shape[3], v.shape[3]) // 64) * 64
-        cfg = dataclasses.replace(default_block_sizes(D, False, True), factor_bias=True)
+        cfg = dataclasses.replace(forward_blocks(q, v, None, None, b)[1], factor_bias=True)
         _poison()
         out3, lse3 = flash_forward(q, k, v, logit_scale=float(a), key_bias=b, mask=spec, config=cfg)
         res["factor_out_rel"] = _rel(out3[:, rows], r_out)

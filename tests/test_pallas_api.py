@@ -198,18 +198,24 @@ def test_query_scale_gradient_is_exact_with_bf16_output():
     assert abs(got - want) <= 1e-2 * abs(want), (got, want)
 
 
+def _spy(monkeypatch, module, name, record):
+    """Replaces ``module.name`` by a wrapper that appends ``record(kwargs)`` to the returned list."""
+    mod = importlib.import_module(module)
+    seen, real = [], getattr(mod, name)
+
+    def spy(*args, **kwargs):
+        seen.append(record(kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, name, spy)
+    return seen
+
+
 def test_constant_temperature_takes_the_constant_scale_kernels(monkeypatch):
     """A constant temperature is folded into the logit scale (no per-query row vector, no dc); a
     traced one still goes through the per-query scale, so d/d(temperature) exists."""
-    pk = importlib.import_module("pallas_kernels.attention")
-    seen = []
-    real = pk.flash_forward
-
-    def spy(*args, **kwargs):
-        seen.append((kwargs["logit_scale"], kwargs["query_scale"], kwargs["key_bias"]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pk, "flash_forward", spy)
+    seen = _spy(monkeypatch, "pallas_kernels.attention", "flash_forward",
+                lambda kw: (kw["logit_scale"], kw["query_scale"], kw["key_bias"]))
     q, k, v, _ = _inputs(7, registers=False)
     scale = 1.0 / np.sqrt(H)
     f = jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, variant=variants.Softmax(0.7),
@@ -240,15 +246,8 @@ def test_constant_temperature_takes_the_constant_scale_kernels(monkeypatch):
 ])
 def test_nonnegative_query_scale_hint(monkeypatch, variant, promise):
     """The kernel hint ``query_scale_nonnegative`` is given only where c >= 0 is certain."""
-    pk = importlib.import_module("pallas_kernels.attention")
-    seen = []
-    real = pk.flash_forward
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("query_scale_nonnegative", False))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pk, "flash_forward", spy)
+    seen = _spy(monkeypatch, "pallas_kernels.attention", "flash_forward",
+                lambda kw: kw.get("query_scale_nonnegative", False))
     q, k, v, _ = _inputs(8, registers=False)
     out = _ready(jaxattn.attention(q, k, v, variant=variant, implementation="pallas",
                                    is_causal=True))
@@ -267,15 +266,8 @@ def test_nonnegative_query_scale_hint(monkeypatch, variant, promise):
 def test_query_scale_gradient_only_when_wanted(monkeypatch, traced_s):
     """A constant SSMax s: the backward skips dc (query_scale_grad=False) and dq/dk/dv still match
     XLA; a differentiated s: dc is computed and d/ds matches."""
-    bwd = importlib.import_module("pallas_kernels.backward")
-    seen = []
-    real = bwd.flash_backward
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("query_scale_grad", True))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(bwd, "flash_backward", spy)
+    seen = _spy(monkeypatch, "pallas_kernels.backward", "flash_backward",
+                lambda kw: kw.get("query_scale_grad", True))
     q, k, v, _ = _inputs(11, registers=False)
     g = jnp.cos(jnp.arange(H, dtype=jnp.float32))[None, None, None, :]
 
