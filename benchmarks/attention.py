@@ -151,8 +151,8 @@ def main(argv=None):
                         help="--tune problems: plain, b (key bias), c (per-query scale)")
     parser.add_argument("--tune-block-kv", default="64,128,256", help="--tune key tiles")
     parser.add_argument("--tune-stages", default="2,3,4", help="--tune pipeline depths")
-    parser.add_argument("--tune-factor", default="0",
-                        help="--tune BlockSizes.factor_bias values (0,1 to compare; flag b only)")
+    parser.add_argument("--tune-mma", default="0",
+                        help="--tune BlockSizes.mma_bias values (0,1 to compare; flag b only)")
     parser.add_argument("--memory", action="store_true",
                         help="only the memory target: B=1, H=16, D=128, N=131072, fwd and fwd+bwd "
                              "of each of our variants, once each")
@@ -168,7 +168,7 @@ def main(argv=None):
                             [bool(c) for c in ints(args.causal)], args.rounds,
                             flags=tuple(args.tune_flags.split(",")),
                             block_kvs=ints(args.tune_block_kv), stages=ints(args.tune_stages),
-                            factors=tuple(bool(f) for f in ints(args.tune_factor)))
+                            mmas=tuple(bool(f) for f in ints(args.tune_mma)))
         if args.out:
             _write(args.out, dev, rows)
         return None
@@ -220,20 +220,23 @@ def _write(path, dev, rows):
                   f, indent=1)
 
 
-def tune_candidates(D, block_kvs=(64, 128, 256), stages=(2, 3, 4), factors=(False,)):
+def tune_candidates(D, block_kvs=(64, 128, 256), stages=(2, 3, 4), mmas=(False,)):
     """Forward :class:`BlockSizes` worth timing at padded head dim ``D`` (shared memory permitting);
-    ``factors``: the ``factor_bias`` values to try (it only changes problems with a key bias)."""
+    ``mmas``: the ``mma_bias`` values to try (it only changes problems with a key bias)."""
     from pallas_kernels.forward import BlockSizes
     out = []
     for block_kv in block_kvs:
         for steps in stages:
-            smem = 2 * (2 * 64 * D + 2 * steps * block_kv * D)  # Q tiles + K/V ring, 2 bytes each
-            if smem <= 220 * 1024:
+            for mma in mmas:
+                # Q tiles + K/V ring (+ the bias operands), 2 bytes each
+                width = D + (16 if mma else 0)
+                smem = 2 * (2 * 64 * width + steps * block_kv * (D + width))
+                if smem > 220 * 1024:
+                    continue
                 for fold in (False, True):
-                    for factor in factors:
-                        out.append(BlockSizes(block_q=64, block_kv=block_kv,
-                                              max_concurrent_steps=steps, fold_scale=fold,
-                                              factor_bias=factor))
+                    out.append(BlockSizes(block_q=64, block_kv=block_kv,
+                                          max_concurrent_steps=steps, fold_scale=fold,
+                                          mma_bias=mma))
     return out
 
 
@@ -243,7 +246,7 @@ def _default(D, flag):
 
 
 def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs=(64, 128, 256),
-                 stages=(2, 3, 4), factors=(False,)):
+                 stages=(2, 3, 4), mmas=(False,)):
     """Times ``flash_forward`` per :func:`tune_candidates` entry and per problem flag.
 
     Flags: ``plain``; ``b``, an RBF-like key bias (``-||k||^2 / 2``); ``c``, a positive per-query
@@ -262,10 +265,10 @@ def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs
             for causal in causals:
                 flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
                 cands = {}
-                for cfg in tune_candidates(D, block_kvs, stages, factors):
+                for cfg in tune_candidates(D, block_kvs, stages, mmas):
                     for flag in flags:
-                        if cfg.factor_bias and flag != "b":
-                            continue  # the same kernel as without factor_bias
+                        if cfg.mma_bias and flag != "b":
+                            continue  # the same kernel as without mma_bias
                         c = scale if flag == "c" else None
                         b = bias if flag == "b" else None
                         fn = jax.jit(lambda q, k, v, c, b, cfg=cfg, causal=causal, a=D ** -0.5:
@@ -277,13 +280,13 @@ def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs
                 for (cfg, flag), (t, _, err) in compare(cands, rounds=rounds).items():
                     rows.append(dict(D=D, N=N, causal=causal, block_kv=cfg.block_kv,
                                      steps=cfg.max_concurrent_steps, fold=cfg.fold_scale,
-                                     factor=cfg.factor_bias,
+                                     mma=cfg.mma_bias,
                                      flag=flag, bias=flag == "b", default=cfg == _default(D, flag),
                                      tflops=None if t is None else flops / t / 1e12, error=err))
                     res = f"{rows[-1]['tflops']:6.0f} TFLOP/s" if t is not None else err
                     print(f"tune D={D} N={N} causal={int(causal)} block_kv={cfg.block_kv} "
                           f"steps={cfg.max_concurrent_steps} fold={int(cfg.fold_scale)} "
-                          f"factor={int(cfg.factor_bias)} "
+                          f"mma={int(cfg.mma_bias)} "
                           f"flag={flag}: {res}{' (default)' if cfg == _default(D, flag) else ''}",
                           flush=True)
     return rows

@@ -116,11 +116,11 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None):
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             query_scale_nonnegative=c is not None))
         candidates[("fwd", "fold" if fold else "nofold")] = (fn, (q, k, v, c, b))
-    if b is not None:  # BlockSizes.factor_bias (off by default until measured)
-        cfg = dataclasses.replace(base, factor_bias=True)
+    if b is not None:  # BlockSizes.mma_bias flipped
+        cfg = dataclasses.replace(base, mma_bias=not base.mma_bias)
         fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg))
-        candidates[("fwd", "factor")] = (fn, (q, k, v, c, b))
+        candidates[("fwd", "mma" if cfg.mma_bias else "nomma")] = (fn, (q, k, v, c, b))
     out, lse = jax.jit(lambda q, k, v, c, b: flash_forward(
         q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask))(q, k, v, c, b)
     for part in ("dq", "dkv"):

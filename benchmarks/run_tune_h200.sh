@@ -22,6 +22,6 @@ PY
 grep -E "^=== |spill stores|Used [0-9]+ registers" "$out/ptxas.log" | cut -c1-140
 timeout "${TUNE_TIMEOUT:-300}" python3 benchmarks/attention.py --tune --dims "${DIMS:-64}" \
   --lengths "${LENGTHS:-4096}" --causal 0,1 --tune-flags "${FLAGS:-plain,c,b}" \
-  --tune-block-kv "${BLOCK_KV:-128,256}" --tune-stages "${STAGES:-2,3}" --tune-factor "${FACTOR:-0}" --rounds "${ROUNDS:-5}" \
+  --tune-block-kv "${BLOCK_KV:-128,256}" --tune-stages "${STAGES:-2,3}" --tune-mma "${MMA:-0}" --rounds "${ROUNDS:-5}" \
   --out "$out/tune.json" 2>&1 | filter > "$out/tune.log"
 grep "^tune" "$out/tune.log" | sed "s/^tune //"

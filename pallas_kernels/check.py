@@ -66,7 +66,8 @@ def reference_rows(q, k, v, rows, *, a, c, b, spec):
 
 
 CASES = [
-    # name, B, T, S, N, K, H, dtype, mask kwargs, per-query scale, per-key bias, registers
+    # name, B, T, S, N, K, H, dtype, mask kwargs, per-query scale, per-key bias (True: N(0, 1);
+    # "rbf": RBF-like, see _make), registers
     ("softmax", 2, 4096, 4096, 8, 8, 128, "bfloat16", {}, False, False, 0),
     ("softmax causal", 2, 4096, 4096, 8, 8, 128, "bfloat16", dict(is_causal=True), False, False, 0),
     ("softmax f16 D64", 2, 4096, 4096, 8, 8, 64, "float16", {}, False, False, 0),
@@ -85,6 +86,10 @@ CASES = [
     ("long N=16384 D=128", 1, 16384, 16384, 4, 4, 128, "bfloat16", {}, False, True, 0),
     ("ssmax D64 causal", 2, 4096, 4096, 8, 8, 64, "bfloat16", dict(is_causal=True), True, False,
      0),
+    ("rbf D64 segments", 2, 4096, 4096, 8, 4, 64, "bfloat16", dict(segments=True), False, "rbf",
+     0),
+    ("rbf D64 f16 causal", 2, 4096, 4096, 8, 8, 64, "float16", dict(is_causal=True), False,
+     "rbf", 0),
 ]
 
 
@@ -97,6 +102,8 @@ def _make(case, seed):
     v = jax.random.normal(ks[2], (B, S + R, K, H), jnp.float32).astype(dtype)
     c = jax.random.uniform(ks[3], (B, N, T), minval=0.5, maxval=2.0) if use_c else None
     b = jax.random.normal(ks[4], (B, K, S + R)) if use_b else None
+    if use_b == "rbf":  # RBF's -gamma ||k_j||^2 (gamma = 1/sqrt(H)), shifted: large |b|, wide spread
+        b = 30.0 - jnp.sum(k.astype(jnp.float32) ** 2, axis=-1).transpose(0, 2, 1) / np.sqrt(H)
     kw = dict(mask_kw)
     if kw.pop("q_lengths", False):
         kw["q_lengths"] = jax.random.randint(ks[5], (B,), T // 2, T + 1)
@@ -119,11 +126,12 @@ def _stat_err(x, ref):
     return float(np.max(np.abs(x - ref) / np.maximum(1.0, np.abs(ref))))
 
 
-def check_case(case, seed=0, factor_bias=False):
+def check_case(case, seed=0, flip_mma_bias=False):
     """Runs one case; returns a dict of errors and pass flags.
 
-    ``factor_bias``: for a case with a key bias and no per-query scale, also run the forward with
-    ``BlockSizes.factor_bias`` (no statistics: that path has none) and check its out and lse.
+    ``flip_mma_bias``: for a case with a key bias, also run the forward (with statistics) and the
+    statistics sweep with ``BlockSizes.mma_bias`` flipped from the default (the other way of
+    adding the bias) and check them too (keys ``flip_*``).
     """
     q, k, v, c, b, spec = _make(case, seed)
     a = 1.0 / np.sqrt(q.shape[-1])
@@ -161,14 +169,24 @@ def check_case(case, seed=0, factor_bias=False):
     res["pass"] = bool(not res["nan"] and res["out_rel"] < REL_TOL and max(
         res[key] for key in ("lse", "entropy", "max_weight", "stats_lse", "stats_entropy"))
         < STAT_TOL)
-    if factor_bias and b is not None and c is None:
-        cfg = dataclasses.replace(forward_blocks(q, v, None, None, b)[1], factor_bias=True)
+    if flip_mma_bias and b is not None:
+        cfg = forward_blocks(q, v, None, c, b)[1]
+        cfg = dataclasses.replace(cfg, mma_bias=not cfg.mma_bias)
         _poison()
-        out3, lse3 = flash_forward(q, k, v, logit_scale=float(a), key_bias=b, mask=spec, config=cfg)
-        res["factor_out_rel"] = _rel(out3[:, rows], r_out)
-        res["factor_lse"] = _stat_err(lse3[:, :, rows], r_lse)
-        res["pass"] = bool(res["pass"] and res["factor_out_rel"] < REL_TOL
-                           and res["factor_lse"] < STAT_TOL)
+        out3, lse3, ent3, mw3 = flash_forward(
+            q, k, v, logit_scale=float(a), query_scale=c, key_bias=b, mask=spec, config=cfg,
+            return_stats=True, query_scale_nonnegative=c is not None)
+        _poison()
+        lse4, ent4 = flash_stats(q, k, logit_scale=float(a), query_scale=c, key_bias=b,
+                                 mask=spec, config=cfg)
+        res["flip_out_rel"] = _rel(out3[:, rows], r_out)
+        stats = dict(lse=(lse3, r_lse), entropy=(ent3, r_ent), max_weight=(mw3, r_mw),
+                     stats_lse=(lse4, r_lse), stats_entropy=(ent4, r_ent))
+        for key, (x, ref) in stats.items():
+            res["flip_" + key] = _stat_err(x[:, :, rows], ref)
+        res["nan"] = bool(res["nan"] or np.isnan(np.asarray(out3, np.float32)).any())
+        res["pass"] = bool(res["pass"] and not res["nan"] and res["flip_out_rel"] < REL_TOL
+                           and max(res["flip_" + key] for key in stats) < STAT_TOL)
     return res
 
 
@@ -183,8 +201,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only the first three cases")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--skip-cases", action="store_true", help="run no check case")
-    parser.add_argument("--factor-bias", action="store_true",
-                        help="also check BlockSizes.factor_bias on the cases with a key bias")
+    parser.add_argument("--flip-mma-bias", action="store_true",
+                        help="on the cases with a key bias, also check the forward with "
+                             "BlockSizes.mma_bias flipped from its default")
     parser.add_argument("--cases", default=None,
                         help="comma-separated case indices (0-based) to run, default all")
     args = parser.parse_args(argv)
@@ -199,7 +218,7 @@ def main(argv=None):
     results = []
     for case in cases:
         try:
-            res = check_case(case, factor_bias=args.factor_bias)
+            res = check_case(case, flip_mma_bias=args.flip_mma_bias)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cases
             res = dict(name=case[0], shape="", error=f"{type(e).__name__}: {str(e)[:2000]}",
                        **{"pass": False})
@@ -216,6 +235,10 @@ def main(argv=None):
         print(f"{r['name']:<24} {r['shape']:<40} {r['out_rel']:9.2e} {r['lse']:9.2e} "
               f"{r['entropy']:9.2e} {r['max_weight']:9.2e} {r['stats_lse']:9.2e} "
               f"{r['stats_entropy']:9.2e}  {'PASS' if r['pass'] else 'FAIL'}")
+        if "flip_out_rel" in r:
+            keys = ("out_rel", "lse", "entropy", "max_weight", "stats_lse", "stats_entropy")
+            print(f"{'  mma_bias flipped':<24} {'':<40} "
+                  + " ".join(f"{r['flip_' + key]:9.2e}" for key in keys))
     ok = all(r["pass"] for r in results)
     print("ALL PASS" if ok else "SOME FAILED")
     return 0 if ok else 1

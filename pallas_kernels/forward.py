@@ -60,7 +60,8 @@ LN2 = math.log(2.0)
 MASKED = -1e30  # base-2 logit of a hidden key
 _EMPTY = 0.5 * MASKED  # a final row max at or below this: no visible key
 _COMPUTE_WGS = 2
-FACTOR_MAX_SPREAD = 64.0  # BlockSizes.factor_bias: largest (max b - min b) log2 e it takes
+MMA_BIAS_WIDTH = 16  # BlockSizes.mma_bias: columns of the bias operand (one bf16 wgmma k-step)
+MMA_BIAS_TERMS = 3  # bf16 terms of the split bias (relative error <= 2^-24)
 _REG_ID = -3.0  # key id of a register: visible to every valid query
 _PAD_ID = -2.0  # key id of a padded / out-of-length key: visible to none
 _BAD_Q_ID = -1.0  # query id of a row past its length
@@ -80,19 +81,19 @@ class BlockSizes:
         logit instead of a multiply and an add. Same values up to FMA
         rounding; one floating-point op fewer per logit. Measured (``benchmarks/attention.py
         --tune``): +1-7 % at D = 64, -1-4 % at D = 128; see :data:`DEFAULT_BLOCK_SIZES`.
-      factor_bias: with a key bias and no per-query scale, outside the statistics paths: write
-        ``2^(z_ij - m_i) = 2^(r s_ij - m_i) w_j`` with ``w_j = e^(b_j - max b)``, fold ``w_j``
-        into V (``V'_j = w_j v_j``, one XLA pass) and into the row sum (a multiply-add), so the
-        tile loop does softmax's work per logit; the logsumexp gets ``max b`` back. Taken only
-        when ``(max b - min b) log2 e <= 64`` (then the row sum stays >= 2^-64 of its largest
-        term), chosen at run time; else the exact kernel runs. Off until measured on the GPU.
+      mma_bias: with a bfloat16 key bias, add it to the logits on the tensor cores: the bias
+        ``b_j / a`` is split into three bfloat16 terms ``t1 + t2 + t3`` (relative error
+        <= 2^-24) and a second wgmma of one k-step accumulates ``[1, 1, 1, 0..] . [t1, t2, t3,
+        0..]`` into the ``q . k`` tile, so the softmax does plain softmax's work per logit (no
+        bias strip in registers, no add). Costs a ``[S, 16]`` operand per kv head (one XLA pass)
+        and ``16 / D`` more QK work. float16 inputs keep the strip (the split could overflow).
     """
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     fold_scale: bool = False
-    factor_bias: bool = False
+    mma_bias: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -102,7 +103,7 @@ class BlockSizes:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("fold_scale", "factor_bias"):
+        for name in ("fold_scale", "mma_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -125,26 +126,40 @@ DEFAULT_BLOCK_SIZES = {
     256: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
 }
 
-# D = 64 with a per-query scale or a key bias: 256-key tiles spill (ptxas, causal forward: 276
-# bytes with c, 140 with b, 0 plain; 168 registers). `benchmarks/attention.py --tune --tune-flags
-# plain,c,b` on the H200 (2026-11-30, N = 4096, B = 4, H = 16; benchmarks/results/
-# h200-tune-d64-flags-20261130.json), TFLOP/s non-causal / causal:
+# D = 64 with a per-query scale: 256-key tiles spill (ptxas, causal forward: 276 bytes; 168
+# registers). `benchmarks/attention.py --tune --tune-flags plain,c,b` on the H200 (2026-11-30,
+# N = 4096, B = 4, H = 16; benchmarks/results/h200-tune-d64-flags-20261130.json), TFLOP/s
+# non-causal / causal:
 #   c: 256 x 3 + fold 420 / 297; 128 x 2 + fold 413 / 353   <- chosen;  128 x 3 + fold 368 / 329
-#   b: 256 x 3 + fold 353 / 287; 128 x 3 + fold 348 / 317   <- chosen;  128 x 2 + fold 343 / 303
+# With a key bias (RBF), `mma_bias` (the bias added by a second wgmma, fifth session; H200,
+# benchmarks/results/h200-tune-mma-20261130.json, same problem, TFLOP/s non-causal / causal):
+#   D = 64:  strip 128 x 3 + fold (the old default) 341 / 311, best strip 256 x 2 + fold 370 / 276;
+#            mma 256 x 2 + fold 415 / 334   <- chosen;  mma 128 x 2 + fold 393 / 339;
+#            mma 128 x 3 + fold 365 / 313.
+#   D = 128: strip 128 x 2 482 / 423 (old default), + fold 491 / 435;
+#            mma 128 x 2 + fold 538 / 484   <- chosen;  mma 128 x 2 540 / 472.
+# D = 192 / 256 keep the strip (mma_bias not timed there).
 _D64_WITH_SCALE = BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True)
-_D64_WITH_BIAS = BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=3, fold_scale=True)
+_WITH_BIAS = {
+    64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2, fold_scale=True,
+                   mma_bias=True),
+    128: BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True,
+                    mma_bias=True),
+}
 
 
 def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False):
     """The tuned :class:`BlockSizes` for a padded head dim and the problem's per-row / per-key terms.
 
-    :data:`DEFAULT_BLOCK_SIZES` by head dim, except at D = 64 with a per-query scale or a key bias
-    (smaller key tiles: no register spills; see the table above).
+    :data:`DEFAULT_BLOCK_SIZES` by head dim, except: at D = 64 with a per-query scale smaller key
+    tiles (no register spills); at D = 64 and 128 with a key bias, ``mma_bias`` (and the tiles
+    tuned for it; with both, the per-query scale's tiles plus ``mma_bias``). See the table above.
     """
     if head_dim == 64 and query_scale:
-        return _D64_WITH_SCALE
-    if head_dim == 64 and key_bias:
-        return _D64_WITH_BIAS
+        base = _D64_WITH_SCALE
+        return dataclasses.replace(base, mma_bias=True) if key_bias else base
+    if key_bias and head_dim in _WITH_BIAS:
+        return _WITH_BIAS[head_dim]
     return DEFAULT_BLOCK_SIZES[head_dim]
 
 
@@ -163,7 +178,7 @@ class _Plan:
     row_const: float | None  # r_i when it is one constant, else None (row vector)
     row_nonneg: bool  # the caller promises r_i >= 0 (lets fold_scale treat a row vector)
     has_bias: bool
-    key_weights: bool  # factor_bias taken: the bias strip holds w_j, V holds w_j v_j
+    mma_bias: bool  # the key bias comes from a second wgmma (BlockSizes.mma_bias); has_bias False
     has_kid: bool
     has_qid: bool
     stats: bool
@@ -172,7 +187,7 @@ class _Plan:
 
     @property
     def num_row_vecs(self):
-        return int(self.row_const is None) + int(self.key_weights) + int(self.has_qid)
+        return int(self.row_const is None) + int(self.has_qid)
 
     @property
     def num_key_vecs(self):
@@ -288,8 +303,8 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     return m_new, z - row(m_new)
 
 
-def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref, mw_ref,
-            smem, bars):
+def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref, lse_ref, ent_ref,
+            mw_ref, smem, bars):
     bq, bkv = plan.blocks.block_q, plan.blocks.block_kv
     steps = plan.blocks.max_concurrent_steps
     batch = lax.axis_index("batch")
@@ -312,6 +327,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
         q0 = cta_q0 + wg * bq
         q_smem = smem["q"].at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, bq), head], q_smem, bars["q"].at[wg])
+        if plan.mma_bias:
+            plgpu.copy_gmem_to_smem(ones_ref, smem["qb"].at[wg], bars["q"].at[wg])
         if plan.num_row_vecs:
             plgpu.copy_gmem_to_smem(rv_ref.at[batch, head, :, pl.ds(q0, bq)], smem["rv"].at[wg],
                                     bars["q"].at[wg])
@@ -330,6 +347,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
 
             def compute_qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, smem["k"].at[slot].transpose((1, 0)))
+                if plan.mma_bias:  # + [1, 1, 1, 0..] . [t1, t2, t3, 0..] = b_j / a
+                    plgpu.wgmma(acc_ref, smem["qb"].at[wg], smem["kb"].at[slot].transpose((1, 0)))
                 schedule()
                 return acc_ref[...]
 
@@ -341,14 +360,11 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             if plan.has_kid:
                 kid = plgpu.load(smem["kv"].at[slot, jnp.int32(plan.num_key_vecs - 1)], layout=key_layout)
             plgpu.barrier_arrive(bars["k_done"].at[slot])
-            kw = None
-            if plan.key_weights:  # the strip holds w_j: logits without the bias, weights in den
-                kb, kw = None, lax.broadcast_in_dim(kb, s.shape, [1])
             m_new, d = _shifted_logits(plan, s, kb, r, m, masked, lambda: _visible(
                 plan, q0, step, kid, qid))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(d)
-            row_sum = lambda p: (p if kw is None else p * kw).sum(axis=1)
+            row_sum = lambda p: p.sum(axis=1)
             if plan.stats:
                 ent = alpha * (ent + den * (m - m_new)) + (p * d).sum(axis=1)
             den = den * alpha
@@ -417,9 +433,6 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
             q_smem[...] = acc.astype(plan.dtype)
         lse = (m + log2_l) * LN2
-        if plan.key_weights:  # w_j = e^(b_j - max b): give max b back
-            lse = lse + plgpu.load(smem["rv"].at[wg, jnp.int32(int(plan.row_const is None))],
-                                   layout=row_layout)
         smem["lse"].at[wg][...] = jnp.where(empty, 0.0, lse)
         if plan.stats:
             smem["ent"].at[wg][...] = jnp.where(empty, 0.0, (log2_l - ent * inv) * LN2)
@@ -444,6 +457,9 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, out_ref, lse_ref, ent_ref
             if plan.num_key_vecs:
                 plgpu.copy_gmem_to_smem(kv_ref.at[batch, kv_head, :, pl.ds(step * bkv, bkv)],
                                         smem["kv"].at[slot], bars["k"].at[slot])
+            if plan.mma_bias:
+                plgpu.copy_gmem_to_smem(kb_ref.at[batch, pl.ds(step * bkv, bkv), kv_head],
+                                        smem["kb"].at[slot], bars["k"].at[slot])
 
         def issue_v(step, slot):
             plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(step * bkv, bkv), kv_head],
@@ -476,19 +492,26 @@ def _scratch(plan):
     bq, bkv, steps = plan.blocks.block_q, plan.blocks.block_kv, plan.blocks.max_concurrent_steps
     D, cw = plan.head_dim, _COMPUTE_WGS
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    narrow = (plgpu.TilingTransform((8, MMA_BIAS_WIDTH)), plgpu.SwizzleTransform(2 * MMA_BIAS_WIDTH))
     smem = dict(
         q=plgpu.SMEM((cw, bq, D), plan.dtype, transforms=transforms),
         k=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms),
         v=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms),
         rv=plgpu.SMEM((cw, plan.num_row_vecs, bq), jnp.float32) if plan.num_row_vecs else None,
         kv=plgpu.SMEM((steps, plan.num_key_vecs, bkv), jnp.float32) if plan.num_key_vecs else None,
+        qb=plgpu.SMEM((cw, bq, MMA_BIAS_WIDTH), plan.dtype, transforms=narrow)
+        if plan.mma_bias else None,
+        kb=plgpu.SMEM((steps, bkv, MMA_BIAS_WIDTH), plan.dtype, transforms=narrow)
+        if plan.mma_bias else None,
         lse=plgpu.SMEM((cw, bq), jnp.float32),
         ent=plgpu.SMEM((cw, bq), jnp.float32) if plan.stats else None,
         mw=plgpu.SMEM((cw, bq), jnp.float32) if plan.stats else None,
     )
     bars = dict(
-        q=plgpu.Barrier(num_arrivals=1 + int(plan.num_row_vecs > 0), num_barriers=cw),
-        k=plgpu.Barrier(num_arrivals=1 + int(plan.num_key_vecs > 0), num_barriers=steps),
+        q=plgpu.Barrier(num_arrivals=1 + int(plan.num_row_vecs > 0) + int(plan.mma_bias),
+                        num_barriers=cw),
+        k=plgpu.Barrier(num_arrivals=1 + int(plan.num_key_vecs > 0) + int(plan.mma_bias),
+                        num_barriers=steps),
         v=plgpu.Barrier(num_barriers=steps),
         k_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
         v_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
@@ -497,7 +520,7 @@ def _scratch(plan):
     return smem, bars
 
 
-def _launch(plan, q, k, v, row_vecs, key_vecs):
+def _launch(plan, q, k, v, row_vecs, key_vecs, kb_mma, ones):
     """Runs the kernel on padded operands; returns (out|None, lse, ent|None, mw|None)."""
     B, Tp, N, D = q.shape
     cw_rows = _COMPUTE_WGS * plan.blocks.block_q
@@ -508,8 +531,9 @@ def _launch(plan, q, k, v, row_vecs, key_vecs):
         jax.ShapeDtypeStruct((B, N, Tp), f32) if plan.stats else None,
         jax.ShapeDtypeStruct((B, N, Tp), f32) if plan.stats else None,
     ]
-    inputs = [x for x in (q, k, v, row_vecs, key_vecs) if x is not None]
-    present = [x is not None for x in (q, k, v, row_vecs, key_vecs)]
+    operands = (q, k, v, row_vecs, key_vecs, kb_mma, ones)
+    inputs = [x for x in operands if x is not None]
+    present = [x is not None for x in operands]
 
     def entry(*refs):
         refs = list(refs)
@@ -657,12 +681,25 @@ def _blocks(q, v, config, query_scale, key_bias):
     return D, config or default_block_sizes(D, query_scale is not None, key_bias is not None)
 
 
-def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv,
-             nonneg=False, factor=False):
-    """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays).
+def split_bias(kb, dtype, terms=MMA_BIAS_TERMS, width=MMA_BIAS_WIDTH):
+    """``kb`` float32 ``[..., S]`` as ``terms`` low-precision parts summing to it, ``[..., S, width]``.
 
-    ``factor``: take ``BlockSizes.factor_bias`` (the caller checked its conditions).
+    Each part is the rounding of what the earlier ones left: ``t1 = bf16(kb)``,
+    ``t2 = bf16(kb - t1)``, ...; three bfloat16 parts carry 24 bits, float32's precision.
+    The remaining columns are zero.
     """
+    parts, rest = [], kb
+    for _ in range(terms):
+        t = rest.astype(dtype)
+        parts.append(t)
+        rest = rest - t.astype(jnp.float32)
+    zeros = jnp.zeros(kb.shape + (width - terms,), dtype)
+    return jnp.concatenate([jnp.stack(parts, axis=-1), zeros], axis=-1)
+
+
+def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv,
+             nonneg=False):
+    """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     D, blocks = _blocks(q, v, config, query_scale, key_bias)
@@ -673,13 +710,15 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     q_p = pad4(q, T, Tp)
     k_p = pad4(k, S, Sp)
     v_p = k_p if v is k else (pad4(v, S, Sp) if v is not None else None)
-    w = bmax = None
-    if factor:  # w_j = e^(b_j - max b) per (batch, kv head); V'_j = w_j v_j
-        b32 = jnp.broadcast_to(jnp.asarray(key_bias, jnp.float32), (B, K, S))
-        bmax = jnp.max(b32, axis=2)  # [B, K]
-        w = jnp.exp(b32 - bmax[..., None])
-        v_w = (v.astype(jnp.float32) * jnp.transpose(w, (0, 2, 1))[..., None]).astype(v.dtype)
-        v_p = pad4(v_w, S, Sp)
+    kb = kb_mma = ones = None
+    if key_bias is not None:
+        kb = jnp.broadcast_to(jnp.asarray(key_bias, jnp.float32), (B, K, S)) / logit_scale
+        kb = jnp.pad(kb, ((0, 0), (0, 0), (0, Sp - S)))
+    mma = blocks.mma_bias and kb is not None and q.dtype == jnp.bfloat16
+    if mma:  # [B, Sp, K, 16]: the bias's bf16 parts beside K; Q's side a [1, 1, 1, 0..] tile
+        kb_mma = jnp.transpose(split_bias(kb, q.dtype), (0, 2, 1, 3))
+        ones = jnp.broadcast_to((jnp.arange(MMA_BIAS_WIDTH) < MMA_BIAS_TERMS).astype(q.dtype),
+                                (blocks.block_q, MMA_BIAS_WIDTH))
 
     has_qid = mask.q_lengths is not None or mask.q_segment_ids is not None
     has_kid = has_qid or mask.kv_lengths is not None
@@ -690,8 +729,6 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     else:
         c = jnp.broadcast_to(jnp.asarray(query_scale, jnp.float32), (B, N, T))
         row_vecs.append(jnp.pad(c * (logit_scale * LOG2E), ((0, 0), (0, 0), (0, Tp - T))))
-    if factor:  # the logsumexp's offset, max b of the query head's kv head
-        row_vecs.append(jnp.broadcast_to(jnp.repeat(bmax, N // K, axis=1)[..., None], (B, N, Tp)))
     q_seg = kv_seg = None
     if mask.q_segment_ids is not None:
         q_seg, kv_seg = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
@@ -703,11 +740,8 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         qid = jnp.pad(qid, ((0, 0), (0, Tp - T)), constant_values=_BAD_Q_ID)
         row_vecs.append(jnp.broadcast_to(qid[:, None], (B, N, Tp)))
     key_vecs = []
-    if factor:
-        key_vecs.append(jnp.pad(w, ((0, 0), (0, 0), (0, Sp - S))))
-    elif key_bias is not None:
-        kb = jnp.broadcast_to(jnp.asarray(key_bias, jnp.float32), (B, K, S)) / logit_scale
-        key_vecs.append(jnp.pad(kb, ((0, 0), (0, 0), (0, Sp - S))))
+    if kb is not None and not mma:
+        key_vecs.append(kb)
     if has_kid:
         pos = jnp.arange(S - R, dtype=jnp.int32)[None]
         kid = jnp.zeros((B, S - R), jnp.float32) if kv_seg is None else kv_seg.astype(jnp.float32)
@@ -723,10 +757,10 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         blocks=blocks, head_dim=D, dtype=jnp.dtype(q.dtype), group=N // K, num_registers=R,
         seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
         row_nonneg=bool(nonneg) and query_scale is not None and logit_scale > 0,
-        has_bias=key_bias is not None, key_weights=bool(factor), has_kid=has_kid, has_qid=has_qid,
+        has_bias=kb is not None and not mma, mma_bias=mma, has_kid=has_kid, has_qid=has_qid,
         stats=stats,
         pv=pv, interpret=bool(interpret))
-    return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs))
+    return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs), kb_mma, ones)
 
 
 def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
@@ -765,19 +799,9 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
     _check_inputs(q, k, v, logit_scale)
     mask = MaskSpec() if mask is None else mask
 
-    def run(factor):
-        plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config,
-                                interpret, stats=return_stats, pv=True,
-                                nonneg=query_scale_nonnegative, factor=factor)
-        return _run(plan, *arrays)
-
-    blocks = _blocks(q, v, config, query_scale, key_bias)[1]
-    if blocks.factor_bias and key_bias is not None and query_scale is None and not return_stats:
-        b = jnp.asarray(key_bias, jnp.float32)
-        ok = (jnp.max(b) - jnp.min(b)) * LOG2E <= FACTOR_MAX_SPREAD
-        out, lse, ent, mw = lax.cond(ok, lambda: run(True), lambda: run(False))
-    else:
-        out, lse, ent, mw = run(False)
+    plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
+                            stats=return_stats, pv=True, nonneg=query_scale_nonnegative)
+    out, lse, ent, mw = _run(plan, *arrays)
     T, Hv = q.shape[1], v.shape[3]
     out = out[:, :T, :, :Hv]
     lse = lse[..., :T]
@@ -816,5 +840,5 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _run(plan, q, k, v, row_vecs, key_vecs):
-    return _launch(plan, q, k, v, row_vecs, key_vecs)
+def _run(plan, q, k, v, row_vecs, key_vecs, kb_mma=None, ones=None):
+    return _launch(plan, q, k, v, row_vecs, key_vecs, kb_mma, ones)

@@ -219,60 +219,80 @@ def test_unsupported_inputs_raise():
 
 
 def test_default_block_sizes():
-    """The tuned table: D = 64 with c or b takes 128-key tiles (256-key ones spill there)."""
+    """The tuned table: D = 64 with c takes 128-key tiles (256-key ones spill there); a key bias
+    takes mma_bias at D = 64 and 128."""
     from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, default_block_sizes
     assert default_block_sizes(64) == DEFAULT_BLOCK_SIZES[64]
     assert default_block_sizes(64, query_scale=True).block_kv == 128
-    assert default_block_sizes(64, key_bias=True).block_kv == 128
-    for D in (128, 192, 256):
+    assert not default_block_sizes(64, query_scale=True).mma_bias
+    for D in (64, 128):
+        assert default_block_sizes(D, key_bias=True).mma_bias
+        assert default_block_sizes(D, True, True).mma_bias
+        assert not default_block_sizes(D).mma_bias
+    for D in (192, 256):
         for c in (False, True):
             assert default_block_sizes(D, c, not c) == DEFAULT_BLOCK_SIZES[D]
 
 
-FACTOR = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, fold_scale=True,
-                    factor_bias=True)
+MMA = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, fold_scale=True, mma_bias=True)
 
 
-def _check_out_lse(out, lse, q, k, v, b, spec, a):
-    r_out, r_lse, _, _ = reference_rows(q, k, v, np.arange(q.shape[1]), a=a, c=None, b=b, spec=spec)
-    assert not np.isnan(np.asarray(out, np.float32)).any() and not np.isnan(np.asarray(lse)).any()
-    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
-    np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
+def _rbf_bias(k, offset=30.0):
+    """RBF's ``-||k_j||^2 / sqrt(H)`` plus an offset: |b| ~ 20-40, more than one bf16 term holds."""
+    kf = k.astype(jnp.float32)
+    return offset - jnp.transpose(jnp.sum(kf * kf, -1), (0, 2, 1)) / np.sqrt(k.shape[-1])
 
 
-@pytest.mark.parametrize("mask_kw, R", [({}, 0), (dict(is_causal=True), 2),
-                                        (dict(kv_lengths=np.array([150, 90])), 0)])
-def test_factor_bias_kernel(mask_kw, R):
-    """The factored key bias (w_j in V and in the row sum, max b back in the lse), run directly."""
+@pytest.mark.parametrize("mask_kw, R, use_c", [({}, 0, False), (dict(is_causal=True), 2, True),
+                                               (dict(kv_lengths=np.array([150, 90])), 0, False)])
+def test_mma_bias_kernel(mask_kw, R, use_c):
+    """The key bias added by the second wgmma (three bf16 parts) matches the reference: output
+    and every statistic, with and without a per-query scale, under masks."""
     from pallas_kernels import forward
     B, T, S, N, K, H = 2, 128, 200, 4, 2, 64
-    q, k, v, _, b = _inputs(9, B, T, S + R, N, K, H, H, jnp.bfloat16, False, True)
-    b = 3.0 * b  # spread ~ 20 nats: weights down to ~e^-20
+    q, k, v, c, _ = _inputs(9, B, T, S + R, N, K, H, H, jnp.bfloat16, use_c, False)
+    b = _rbf_bias(k)
     spec = MaskSpec(num_registers=R, **mask_kw)
-    plan, arrays = forward._prepare(q, k, v, 0.2, None, b, spec, FACTOR, None, stats=False,
-                                    pv=True, factor=True)
-    assert plan.key_weights
-    out, lse, _, _ = forward._run(plan, *arrays)
-    _check_out_lse(out[:, :T, :, :H], lse[..., :T], q, k, v, b, spec, 0.2)
+    plan, _ = forward._prepare(q, k, v, 0.2, c, b, spec, MMA, None, stats=True, pv=True)
+    assert plan.mma_bias and not plan.has_bias
+    _compare(q, k, v, c, b, spec, config=MMA)
+    lse, ent = flash_stats(q, k, logit_scale=0.2, query_scale=c, key_bias=b, mask=spec, config=MMA)
+    _, r_lse, r_ent, _ = reference_rows(q, k, v, np.arange(T), a=0.2, c=c, b=b, spec=spec)
+    np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
+    np.testing.assert_allclose(ent, r_ent, atol=STAT_TOL, rtol=STAT_TOL)
 
 
-@pytest.mark.parametrize("scale", [1.0, 80.0])
-def test_factor_bias_dispatch(scale):
-    """flash_forward with factor_bias: a mild bias takes the factored kernel, a bias spread past
-    FACTOR_MAX_SPREAD the exact one; both match the reference."""
-    q, k, v, _, b = _inputs(10, 1, 128, 128, 2, 1, 64, 64, jnp.bfloat16, False, True)
-    b = scale * b
+def test_mma_bias_float16_keeps_the_strip():
+    """float16 inputs do not take mma_bias (the split could overflow); the result is still right."""
+    from pallas_kernels import forward
+    q, k, v, _, _ = _inputs(10, 1, 128, 128, 2, 1, 64, 64, jnp.float16, False, False)
+    b = _rbf_bias(k)
     spec = MaskSpec(is_causal=True)
-    out, lse = flash_forward(q, k, v, logit_scale=0.2, key_bias=b, mask=spec, config=FACTOR)
-    _check_out_lse(out, lse, q, k, v, b, spec, 0.2)
+    plan, _ = forward._prepare(q, k, v, 0.2, None, b, spec, MMA, None, stats=True, pv=True)
+    assert plan.has_bias and not plan.mma_bias
+    _compare(q, k, v, None, b, spec, config=MMA)
+
+
+@hypothesis.settings(deadline=None, max_examples=50)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-20, 20))
+def test_split_bias_sums_to_float32(seed, log_scale):
+    """Three bf16 parts of a float32 vector sum back to it within 2^-24 of its magnitude."""
+    from pallas_kernels.forward import MMA_BIAS_TERMS, MMA_BIAS_WIDTH, split_bias
+    x = jax.random.normal(jax.random.key(seed), (3, 40), jnp.float32) * np.float32(2.0**log_scale)
+    parts = split_bias(x, jnp.bfloat16)
+    assert parts.shape == (3, 40, MMA_BIAS_WIDTH) and parts.dtype == jnp.bfloat16
+    assert not np.asarray(parts[..., MMA_BIAS_TERMS:], np.float32).any()
+    total = np.asarray(parts, np.float64).sum(-1)
+    np.testing.assert_allclose(total, np.asarray(x, np.float64),
+                               atol=0, rtol=2.0**-24 * 2)
 
 
 def test_gpu_check_case_runs_in_the_interpreter(monkeypatch):
-    """`python -m pallas_kernels.check`'s per-case routine (with --factor-bias) at a tiny size."""
+    """`python -m pallas_kernels.check`'s per-case routine (with --flip-mma-bias) at a tiny size."""
     from pallas_kernels import check
     monkeypatch.setattr(check, "_poison", lambda: None)  # 2 GiB of NaN: a GPU habit
     case = ("tiny rbf causal", 1, 128, 128, 2, 1, 64, "bfloat16", dict(is_causal=True), False,
             True, 0)
-    res = check.check_case(case, factor_bias=True)
+    res = check.check_case(case, flip_mma_bias=True)
     assert res["pass"], res
-    assert res["factor_out_rel"] < 1e-2 and res["factor_lse"] < 1e-4
+    assert res["flip_out_rel"] < 1e-2 and res["flip_lse"] < 1e-4
