@@ -4,6 +4,8 @@ Measures, bf16, ``B * N = 16384`` tokens, ``H = 16`` heads, head dims D and sequ
 
 * ours: ``jaxattn.attention(..., implementation="pallas")`` for softmax, temperature (0.7),
   scalable_softmax, rbf and adaptive_temperature (stop_gradient_beta=True);
+  ``ssmax_learned``: scalable_softmax with ``s`` a traced argument (one value per head, as a
+  model learns it; forward+backward also differentiates ``s``);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (no mask array);
 * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
 * ``mgpu``: jax's ``pallas/ops/gpu/attention_mgpu.attention`` (float16 inputs, its only dtype);
@@ -49,6 +51,19 @@ OURS = {
     "rbf": variants.RBF(),
     "adaptive": variants.AdaptiveTemperature(stop_gradient_beta=True),
 }
+
+
+# Variants with a learned parameter: (variant from the parameter, the parameter's initial value).
+LEARNED = {
+    "ssmax_learned": (variants.ScalableSoftmax, lambda: jnp.full((HEADS,), 0.43, jnp.float32)),
+}
+
+
+def _ours_learned(make_variant):
+    def f(q, k, v, param, causal):
+        return jaxattn.attention(q, k, v, variant=make_variant(param), is_causal=causal,
+                                 implementation="pallas")
+    return f
 
 
 def _ours(variant):
@@ -121,15 +136,15 @@ def _random_qkv(seed, B, N, D):
                  for kk in ks)
 
 
-def _fwd_bwd(f):
-    def loss(q, k, v, causal):
-        return jnp.sum(f(q, k, v, causal).astype(jnp.float32) ** 2)
-    grad = jax.grad(loss, argnums=(0, 1, 2))
+def _fwd_bwd(f, num_args=3):
+    def loss(*args, causal):
+        return jnp.sum(f(*args, causal=causal).astype(jnp.float32) ** 2)
+    grad = jax.grad(loss, argnums=tuple(range(num_args)))
     return grad
 
 
-def _jitted(f, causal, mode):
-    fn = f if mode == "fwd" else _fwd_bwd(f)
+def _jitted(f, causal, mode, num_args=3):
+    fn = f if mode == "fwd" else _fwd_bwd(f, num_args)
     return jax.jit(functools.partial(fn, causal=causal))
 
 
@@ -186,6 +201,11 @@ def main(argv=None):
                     total = flops * (3.5 if mode == "fwdbwd" else 1.0)
                     cands = {}
                     for impl in impls:
+                        if impl in LEARNED:
+                            make, init = LEARNED[impl]
+                            fn = _jitted(_ours_learned(make), causal, mode, num_args=4)
+                            cands[impl] = (fn, (q, k, v, init()))
+                            continue
                         if impl in OURS:
                             f = _ours(OURS[impl])
                         elif impl == "mgpu":

@@ -53,6 +53,8 @@ def bwd_configs(D, query_scale=False, masked=True):
         "noedge": dataclasses.replace(base, dq_edge_masks=False, dkv_edge_masks=False),
         "kv64": dataclasses.replace(base, block_kv_dq=64),
         "kv128": dataclasses.replace(base, block_kv_dq=128),
+        "nomma": dataclasses.replace(base, mma_bias=False),
+        "mma": dataclasses.replace(base, mma_bias=True),
     }
 
 

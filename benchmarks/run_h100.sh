@@ -33,8 +33,10 @@ bench() {  # mode, impls, timeout
     --lengths "${LENGTHS:-4096,16384}" --causal 0,1 --modes "$1" --impls "$2" \
     --rounds "${ROUNDS:-7}" --out "$out/bench-$1.json" 2>&1 | filter > "$out/bench-$1.log"
 }
-bench fwdbwd softmax,temperature,ssmax,rbf,adaptive,cudnn,tokamax_rbf,cudnn_rbf "${FWDBWD_TIMEOUT:-300}"
-bench fwd softmax,temperature,ssmax,rbf,adaptive,cudnn,tokamax,tokamax_rbf "${FWD_TIMEOUT:-220}"
+bench fwdbwd "${IMPLS_FWDBWD:-softmax,temperature,ssmax,ssmax_learned,rbf,adaptive,cudnn,tokamax_rbf,cudnn_rbf}" \
+  "${FWDBWD_TIMEOUT:-300}"
+bench fwd "${IMPLS_FWD:-softmax,temperature,ssmax,ssmax_learned,rbf,adaptive,cudnn,tokamax,tokamax_rbf}" \
+  "${FWD_TIMEOUT:-220}"
 
 if [ "${SKIP_CHECKS:-0}" != 1 ]; then tail -n 14 "$out/check.log"; cat "$out/memory.log"; fi
 for m in fwdbwd fwd; do

@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.common import MaskSpec
+from pallas_kernels.forward import MMA_BIAS_TERMS, MMA_BIAS_WIDTH, split_bias
 
 __all__ = ["BackwardConfig", "default_config", "flash_backward"]
 
@@ -67,6 +68,9 @@ class BackwardConfig:
       dq_edge_masks, dkv_edge_masks: in that kernel, apply the causal / window / padding mask
         only on tiles that straddle its edge (a ``lax.cond`` per tile); tiles every query sees
         skip the mask arithmetic. Tiles with length or segment codes are always masked.
+      mma_bias: with a bfloat16 key bias, both kernels add it to the recomputed logits with a
+        second wgmma of one k-step, as the forward's ``BlockSizes.mma_bias`` (three bf16 parts of
+        ``b / a``), instead of a per-logit add from a float32 strip.
     """
 
     block_q_dq: int = 64
@@ -77,6 +81,7 @@ class BackwardConfig:
     max_concurrent_steps: int = 2
     dq_edge_masks: bool = False
     dkv_edge_masks: bool = False
+    mma_bias: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -88,7 +93,7 @@ class BackwardConfig:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("dq_edge_masks", "dkv_edge_masks"):
+        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -106,12 +111,13 @@ class BackwardConfig:
 #   D = 128 with ``c``: without a mask the 128-key dq tile wins (1.968 -> 1.698 ms); causal it
 #   still loses (1.160 -> 1.430). So the 64-key tile is kept only where masks exist
 #   (:func:`default_config`'s ``masked``).
+# * mma_bias (fifth session, H200): PENDING MEASUREMENT.
 # D = 256 is not measured: the first defaults stay.
 _DEFAULTS = {
-    (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True),
-    (64, True): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True),
-    (128, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True),
-    (128, True): BackwardConfig(64, 64, 64, 64, 2, 2, dkv_edge_masks=True),
+    (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True),
+    (64, True): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True),
+    (128, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True),
+    (128, True): BackwardConfig(64, 64, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True),
     (256, False): BackwardConfig(64, 64, 64, 64, 1, 2),
     (256, True): BackwardConfig(64, 64, 64, 64, 1, 2),
 }
@@ -168,11 +174,14 @@ def _mma_acc(acc, lhs, rhs_smem, interpret: bool):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _mm_smem(lhs_smem, rhs_smem_t, shape):
-    """``lhs_smem @ rhs_smem_t`` (both operands in SMEM) into a fresh float32 accumulator."""
+def _mm_smem(lhs_smem, rhs_smem_t, shape, extra=None):
+    """``lhs_smem @ rhs_smem_t`` (both operands in SMEM) into a fresh float32 accumulator; plus
+    ``extra[0] @ extra[1]`` (the mma_bias product) when given."""
 
     def body(acc_ref):
         plgpu.wgmma(acc_ref, lhs_smem, rhs_smem_t)
+        if extra is not None:
+            plgpu.wgmma(acc_ref, *extra)
         return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
@@ -198,6 +207,7 @@ class _Static:
     has_c: bool
     need_dc: bool  # has_c and its gradient is wanted (else the dq kernel skips the dc sums)
     has_b: bool
+    mma_bias: bool  # has_b, added by a second wgmma (BackwardConfig.mma_bias): no strip in the loop
     T: int  # true lengths (before padding)
     S: int
     Tp: int  # padded lengths
@@ -312,6 +322,11 @@ def _transforms():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def _narrow_transforms():
+    """SMEM layout of the ``[rows, 16]`` mma_bias operands (32-byte rows)."""
+    return (plgpu.TilingTransform((8, MMA_BIAS_WIDTH)), plgpu.SwizzleTransform(2 * MMA_BIAS_WIDTH))
+
+
 def _compiler_params():
     return plgpu.CompilerParams(approx_math=True)
 
@@ -319,8 +334,12 @@ def _compiler_params():
 # --------------------------------------------------------------------------------------------- dq
 
 
-def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, interpret):
-    """dq ``[B, Tp, N, H]`` (input dtype) and dc ``[B, N, Tp]`` float32 (or None)."""
+def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
+             interpret):
+    """dq ``[B, Tp, N, H]`` (input dtype) and dc ``[B, N, Tp]`` float32 (or None).
+
+    ``kbm`` / ``ones``: the mma_bias operands (``[B, Sp, K, 16]`` and ``[block_q, 16]``) or None.
+    """
     B, Tp, N, H = q.shape
     Hv = v.shape[-1]
     bq, bkv, wgs = cfg.block_q_dq, cfg.block_kv_dq, cfg.compute_wgs
@@ -328,15 +347,19 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
     num_q_tiles = Tp // (bq * wgs)
     a = st.logit_scale
     G = st.G
+    strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
+    ones = None if ones is None else ones[:bq]
 
     def kernel(q_ref, k_ref, v_ref, do_ref, qstats_ref, *rest):
         rest = list(rest)
         qcode_ref = rest.pop(0) if st.has_codes else None
-        kbias_ref = rest.pop(0) if st.has_b else None
+        kbias_ref = rest.pop(0) if strip else None
         kcode_ref = rest.pop(0) if st.has_codes else None
+        kbm_ref = rest.pop(0) if st.mma_bias else None
+        ones_ref = rest.pop(0) if st.mma_bias else None
         dq_ref = rest.pop(0)
         dc_ref = rest.pop(0) if st.need_dc else None
-        (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2), barriers = rest
+        (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2, ones_smem2), barriers = rest
         batch = lax.axis_index("batch")
         head = lax.axis_index("heads")
         kv_head = lax.div(head, jnp.int32(G))
@@ -356,6 +379,8 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             if st.has_codes:
                 plgpu.copy_gmem_to_smem(qcode_ref.at[batch, pl.ds(q0, bq)], qcode_smem2.at[wg],
                                         barriers.at[wg])
+            if st.mma_bias:
+                plgpu.copy_gmem_to_smem(ones_ref, ones_smem2.at[wg], barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
             carry = (_zeros((bq, H)), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW))
             dq_acc, dc, dz_sum, pu_sum = pipeline_callback(carry)
@@ -364,8 +389,8 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 # low-precision output it is not, and dc_i = sum_j dZ_ij u_ij inherits that error
                 # times the row mean of u. Centering u on its p-mean removes it.
                 dc = dc - pu_sum * dz_sum
-                if not st.has_b:
-                    dc = dc * a  # u = s without a bias: sum dZ (a s) = a sum dZ s
+                if not strip:
+                    dc = dc * a  # u = a s (s holds b / a with mma_bias): sum dZ u = a sum dZ s
             if st.has_c:
                 scale = plgpu.load(stats_smem.at[2], layout=ROW) * a
                 dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
@@ -385,8 +410,9 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             smem_refs, consumed, carry = refs[:n_in], refs[n_in:2 * n_in], refs[-1]
             k_smem, v_smem = smem_refs[0], smem_refs[1]
             extra = list(smem_refs[2:])
-            kb_smem = extra.pop(0) if st.has_b else None
+            kb_smem = extra.pop(0) if strip else None
             kc_smem = extra.pop(0) if st.has_codes else None
+            kbm_smem = extra.pop(0) if st.mma_bias else None
             dq_acc, dc, dz_sum, pu_sum = carry
             q0 = tile_start + wg * bq
             k0 = (lo + indices[0]) * bkv
@@ -395,10 +421,15 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             lse2 = plgpu.load(stats_smem.at[0], layout=ROW)
             delta = plgpu.load(stats_smem.at[1], layout=ROW)
 
-            s = _mm_smem(q_smem, k_smem.transpose((1, 0)), (bq, bkv))
+            bias_mm = None
+            if st.mma_bias:  # s = q . k + b / a
+                bias_mm = (ones_smem2.at[wg], kbm_smem.transpose((1, 0)))
+            s = _mm_smem(q_smem, k_smem.transpose((1, 0)), (bq, bkv), bias_mm)
+            if st.mma_bias:
+                plgpu.barrier_arrive(consumed[-1])
             row = lambda x: lax.broadcast_in_dim(x, (bq, bkv), [0])
             crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E if st.has_c else None
-            if st.has_b:
+            if strip:
                 kb = plgpu.load(kb_smem, layout=COL)
                 plgpu.barrier_arrive(consumed[2])
                 u = s * a + lax.broadcast_in_dim(kb, (bq, bkv), [1])
@@ -411,7 +442,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             if st.has_codes:
                 qc = lax.broadcast_in_dim(plgpu.load(qcode_smem2.at[wg], layout=ROW), (bq, bkv), [0])
                 kc = lax.broadcast_in_dim(plgpu.load(kc_smem, layout=COL), (bq, bkv), [1])
-                plgpu.barrier_arrive(consumed[-1])
+                plgpu.barrier_arrive(consumed[2 + int(strip)])
 
             def visible():
                 qi = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
@@ -437,12 +468,16 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             plgpu.BlockSpec((bkv, Hv), lambda i: (lo + i, 0), transforms=tf),
         ]
         in_refs = [k_ref.at[batch, :, kv_head, :], v_ref.at[batch, :, kv_head, :]]
-        if st.has_b:
+        if strip:
             in_specs.append(plgpu.BlockSpec((bkv,), lambda i: (lo + i,)))
             in_refs.append(kbias_ref.at[batch, kv_head])
         if st.has_codes:
             in_specs.append(plgpu.BlockSpec((bkv,), lambda i: (lo + i,)))
             in_refs.append(kcode_ref.at[batch])
+        if st.mma_bias:
+            in_specs.append(plgpu.BlockSpec((bkv, MMA_BIAS_WIDTH), lambda i: (lo + i, 0),
+                                            transforms=_narrow_transforms()))
+            in_refs.append(kbm_ref.at[batch, :, kv_head, :])
         _pipeline(kv_body, (n_kv,), cfg, wgs, compute_thread, in_specs)(*in_refs)
 
     tf = _transforms()
@@ -452,20 +487,24 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         plgpu.SMEM((wgs, n_stats, bq), jnp.float32),
         plgpu.SMEM((wgs, bq), jnp.int32) if st.has_codes else None,
         plgpu.SMEM((wgs, bq), jnp.float32) if st.need_dc else None,
+        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=_narrow_transforms())
+        if st.mma_bias else None,
     )
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if st.need_dc:
         out_type.append(jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
-    outs = _launch(st, kernel, out_type, scratch, n_copies=3 + int(st.has_codes),
+    outs = _launch(st, kernel, out_type, scratch,
+                   n_copies=3 + int(st.has_codes) + int(st.mma_bias),
                    grid=(N, num_q_tiles, B), tile_axis="q_seq", wgs=wgs, interpret=interpret,
-                   inputs=[q, k, v, do, qstats], side=(qcode, kbias, kcode))
+                   inputs=[q, k, v, do, qstats], side=(qcode, kbias, kcode, kbm, ones))
     return outs[0], (outs[1] if st.need_dc else None)
 
 
 # -------------------------------------------------------------------------------------------- dkv
 
 
-def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, interpret):
+def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
+              interpret):
     """dk ``[B, Sp, K, H]``, dv ``[B, Sp, K, Hv]`` (input dtype), db ``[B, K, Sp]`` float32 or None."""
     B, Tp, N, H = q.shape
     Sp, K = k.shape[1], k.shape[2]
@@ -478,15 +517,19 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
     q5 = q.reshape(B, Tp, K, G, H)
     do5 = do.reshape(B, Tp, K, G, Hv)
     qstats5 = qstats.reshape(B, K, G, n_stats, Tp)
+    strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
+    ones = None if ones is None else ones[:bq]
 
     def kernel(q_ref, do_ref, k_ref, v_ref, qstats_ref, *rest):
         rest = list(rest)
         qcode_ref = rest.pop(0) if st.has_codes else None
-        kbias_ref = rest.pop(0) if st.has_b else None
+        kbias_ref = rest.pop(0) if strip else None
         kcode_ref = rest.pop(0) if st.has_codes else None
+        kbm_ref = rest.pop(0) if st.mma_bias else None
+        ones_ref = rest.pop(0) if st.mma_bias else None
         dk_ref, dv_ref = rest.pop(0), rest.pop(0)
         db_ref = rest.pop(0) if st.has_b else None
-        (k_smem2, v_smem2, kb_smem2, kc_smem2), barriers = rest
+        (k_smem2, v_smem2, kb_smem2, kc_smem2, kbm_smem2, ones_smem), barriers = rest
         batch = lax.axis_index("batch")
         kv_head = lax.axis_index("heads")
         wg = lax.axis_index("wg")
@@ -499,9 +542,12 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             rows = (batch, pl.ds(k0, bkv), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, barriers.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, barriers.at[wg])
-            if st.has_b:
+            if strip:
                 plgpu.copy_gmem_to_smem(kbias_ref.at[batch, kv_head, pl.ds(k0, bkv)], kb_smem2.at[wg],
                                         barriers.at[wg])
+            if st.mma_bias:
+                plgpu.copy_gmem_to_smem(kbm_ref.at[rows], kbm_smem2.at[wg], barriers.at[wg])
+                plgpu.copy_gmem_to_smem(ones_ref, ones_smem.at[wg], barriers.at[wg])
             if st.has_codes:
                 plgpu.copy_gmem_to_smem(kcode_ref.at[batch, pl.ds(k0, bkv)], kc_smem2.at[wg],
                                         barriers.at[wg])
@@ -542,9 +588,12 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 plgpu.barrier_arrive(consumed[3])
                 kc = lax.broadcast_in_dim(plgpu.load(kc_smem2.at[wg], layout=ROW), shape, [0])
 
-            s_t = _mm_smem(k_smem, q_smem.transpose((1, 0)), shape)
+            bias_mm = None
+            if st.mma_bias:  # s = k . q + b / a
+                bias_mm = (kbm_smem2.at[wg], ones_smem.at[wg].transpose((1, 0)))
+            s_t = _mm_smem(k_smem, q_smem.transpose((1, 0)), shape, bias_mm)
             col = lambda x: lax.broadcast_in_dim(x, shape, [1])
-            if st.has_b:
+            if strip:
                 kb = plgpu.load(kb_smem2.at[wg], layout=ROW)
                 u_t = s_t * a + lax.broadcast_in_dim(kb, shape, [0])
                 z2 = u_t * (col(crow * LOG2E) if st.has_c else LOG2E)
@@ -590,13 +639,18 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         plgpu.SMEM((wgs, bkv, Hv), st.dtype, transforms=tf),
         plgpu.SMEM((wgs, bkv), jnp.float32) if st.has_b else None,
         plgpu.SMEM((wgs, bkv), jnp.int32) if st.has_codes else None,
+        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=_narrow_transforms())
+        if st.mma_bias else None,
+        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=_narrow_transforms())
+        if st.mma_bias else None,
     )
     out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if st.has_b:
         out_type.append(jax.ShapeDtypeStruct((B, K, Sp), jnp.float32))
-    outs = _launch(st, kernel, out_type, scratch, n_copies=2 + int(st.has_b) + int(st.has_codes),
+    outs = _launch(st, kernel, out_type, scratch,
+                   n_copies=2 + int(strip) + int(st.has_codes) + 2 * int(st.mma_bias),
                    grid=(K, num_kv_tiles, B), tile_axis="kv_seq", wgs=wgs, interpret=interpret,
-                   inputs=[q5, do5, k, v, qstats5], side=(qcode, kbias, kcode))
+                   inputs=[q5, do5, k, v, qstats5], side=(qcode, kbias, kcode, kbm, ones))
     return outs[0], outs[1], (outs[2] if st.has_b else None)
 
 
@@ -619,16 +673,19 @@ def _launch(st, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, in
             side):
     """One ``plgpu.kernel`` call: ``wgs`` compute warpgroups + 1 pipeline warpgroup.
 
-    ``side`` is ``(qcode, kbias, kcode)``; the ones the static config uses follow ``inputs``.
+    ``side`` is ``(qcode, kbias, kcode, kbm, ones)``; the ones the static config uses follow
+    ``inputs`` (``kbias`` only without mma_bias; ``kbm`` and ``ones`` only with it).
     """
-    qcode, kbias, kcode = side
+    qcode, kbias, kcode, kbm, ones = side
     inputs = list(inputs)
     if st.has_codes:
         inputs.append(qcode)
-    if st.has_b:
+    if st.has_b and not st.mma_bias:
         inputs.append(kbias)
     if st.has_codes:
         inputs.append(kcode)
+    if st.mma_bias:
+        inputs += [kbm, ones]
     return plgpu.kernel(
         kernel,
         out_type=out_type,
@@ -786,7 +843,9 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         logit_scale=float(logit_scale), num_registers=R, is_causal=mask.is_causal,
         window=mask.local_window_size, has_codes=has_codes, has_c=query_scale is not None,
         need_dc=query_scale is not None and bool(query_scale_grad),
-        has_b=key_bias is not None, T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
+        has_b=key_bias is not None,
+        mma_bias=key_bias is not None and cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16,
+        T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
     # python ints, which fails under jax_enable_x64.
@@ -826,16 +885,24 @@ def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_
     vp = _pad_axis(_pad_axis(v, 3, st.Hv), 1, st.Sp)
     dop = _pad_axis(_pad_axis(dout.astype(q.dtype), 3, st.Hv), 1, st.Tp)
     kbias = None if key_bias is None else _pad_axis(key_bias.astype(jnp.float32), 2, st.Sp)
+    kbm = ones = None
+    if st.mma_bias:  # [B, Sp, K, 16]: bf16 parts of b / a; [rows, 16]: [1, 1, 1, 0..]
+        kbm = jnp.transpose(split_bias(kbias / st.logit_scale, q.dtype), (0, 2, 1, 3))
+        rows = max(cfg.block_q_dq, cfg.block_q_dkv)
+        ones = jnp.broadcast_to((jnp.arange(MMA_BIAS_WIDTH) < MMA_BIAS_TERMS).astype(q.dtype),
+                                (rows, MMA_BIAS_WIDTH))
     qcode = kcode = None
     if st.has_codes:
         qcode, kcode = _codes(mask, B, T, S, st.Tp, st.Sp, st.num_registers)
     dq = dk = dv = dc = db = None
     if "dq" in kernels:
-        dq, dc = _dq_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, interpret)
+        dq, dc = _dq_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones,
+                          interpret)
         dq = dq[:, :T, :, :H0]
         dc = None if dc is None else dc[:, :, :T]
     if "dkv" in kernels:
-        dk, dv, db = _dkv_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, interpret)
+        dk, dv, db = _dkv_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones,
+                               interpret)
         dk = dk[:, :S, :, :H0]
         dv = dv[:, :S, :, :Hv0]
         db = None if db is None else db[:, :, :S]

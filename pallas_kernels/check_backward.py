@@ -25,7 +25,8 @@ import numpy as np
 from pallas_kernels.backward import BackwardConfig, flash_backward
 from pallas_kernels.common import MaskSpec, flash_reference
 
-# name: (B, T, S, N, K, D, mask kwargs, registers, use query_scale, use key_bias)
+# name: (B, T, S, N, K, D, mask kwargs, registers, use query_scale, use key_bias (True: N(0, 1);
+# "rbf": RBF-like, 30 - ||k_j||^2 / sqrt(D)))
 CHECKS = {
     "plain_d64": (2, 1024, 1024, 4, 4, 64, {}, 0, False, False),
     "causal_gqa_scale_bias_d128": (1, 2048, 2048, 8, 2, 128, dict(is_causal=True), 0, True, True),
@@ -36,6 +37,8 @@ CHECKS = {
     "d256_causal": (1, 2048, 2048, 2, 1, 256, dict(is_causal=True), 0, True, True),
     "long_16k_d256": (1, 16384, 16384, 1, 1, 256, {}, 0, False, True),
     "long_16k_causal_d128": (1, 16384, 16384, 2, 1, 128, dict(is_causal=True), 0, True, False),
+    "rbf_causal_gqa_d64": (2, 2048, 2048, 4, 2, 64, dict(is_causal=True), 0, False, "rbf"),
+    "rbf_d128": (1, 2048, 2048, 4, 4, 128, {}, 0, False, "rbf"),
 }
 TOL = 1e-2
 
@@ -59,6 +62,8 @@ def _inputs(key, B, T, S, N, K, D, use_c, use_b, dtype=jnp.bfloat16):
     do = jax.random.normal(ks[3], (B, T, N, D), jnp.float32).astype(dtype)
     c = jax.random.uniform(ks[4], (B, N, T), jnp.float32, 0.5, 1.5) if use_c else None
     b = jax.random.normal(ks[5], (B, K, S), jnp.float32) if use_b else None
+    if use_b == "rbf":
+        b = 30.0 - jnp.sum(k.astype(jnp.float32) ** 2, -1).transpose(0, 2, 1) / math.sqrt(D)
     return q, k, v, do, c, b, ks[6]
 
 

@@ -61,7 +61,7 @@ MASKED = -1e30  # base-2 logit of a hidden key
 _EMPTY = 0.5 * MASKED  # a final row max at or below this: no visible key
 _COMPUTE_WGS = 2
 MMA_BIAS_WIDTH = 16  # BlockSizes.mma_bias: columns of the bias operand (one bf16 wgmma k-step)
-MMA_BIAS_TERMS = 3  # bf16 terms of the split bias (relative error <= 2^-24)
+MMA_BIAS_TERMS = 3  # bf16 terms of the split bias (3 x 8 bits: a float32 exactly)
 _REG_ID = -3.0  # key id of a register: visible to every valid query
 _PAD_ID = -2.0  # key id of a padded / out-of-length key: visible to none
 _BAD_Q_ID = -1.0  # query id of a row past its length
@@ -82,11 +82,12 @@ class BlockSizes:
         rounding; one floating-point op fewer per logit. Measured (``benchmarks/attention.py
         --tune``): +1-7 % at D = 64, -1-4 % at D = 128; see :data:`DEFAULT_BLOCK_SIZES`.
       mma_bias: with a bfloat16 key bias, add it to the logits on the tensor cores: the bias
-        ``b_j / a`` is split into three bfloat16 terms ``t1 + t2 + t3`` (relative error
-        <= 2^-24) and a second wgmma of one k-step accumulates ``[1, 1, 1, 0..] . [t1, t2, t3,
-        0..]`` into the ``q . k`` tile, so the softmax does plain softmax's work per logit (no
-        bias strip in registers, no add). Costs a ``[S, 16]`` operand per kv head (one XLA pass)
-        and ``16 / D`` more QK work. float16 inputs keep the strip (the split could overflow).
+        ``b_j / a`` is split into three bfloat16 terms ``t1 + t2 + t3`` (exact: 3 x 8 bits,
+        :func:`split_bias`) and a second wgmma of one k-step accumulates
+        ``[1, 1, 1, 0..] . [t1, t2, t3, 0..]`` into the ``q . k`` tile, so the softmax does plain
+        softmax's work per logit (no bias strip in registers, no add). Costs a ``[S, 16]``
+        operand per kv head (one XLA pass) and ``16 / D`` more QK work. float16 inputs keep the
+        strip.
     """
 
     block_q: int = 64
@@ -681,19 +682,32 @@ def _blocks(q, v, config, query_scale, key_bias):
     return D, config or default_block_sizes(D, query_scale is not None, key_bias is not None)
 
 
-def split_bias(kb, dtype, terms=MMA_BIAS_TERMS, width=MMA_BIAS_WIDTH):
-    """``kb`` float32 ``[..., S]`` as ``terms`` low-precision parts summing to it, ``[..., S, width]``.
+def _truncate_to_bf16(x):
+    """float32 ``x`` with the low 16 mantissa bits cleared: exactly representable in bfloat16.
 
-    Each part is the rounding of what the earlier ones left: ``t1 = bf16(kb)``,
-    ``t2 = bf16(kb - t1)``, ...; three bfloat16 parts carry 24 bits, float32's precision.
+    Done on the bits: an ``f32 -> bf16 -> f32`` round trip may be removed by XLA's excess-precision
+    rewrites inside a jitted fusion (it was, on the GPU: the split's low parts came out zero).
+    """
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def split_bias(kb, dtype=jnp.bfloat16, terms=MMA_BIAS_TERMS, width=MMA_BIAS_WIDTH):
+    """``kb`` float32 ``[..., S]`` as ``terms`` bfloat16 parts summing to it, ``[..., S, width]``.
+
+    Each part is the truncation of what the earlier ones left: ``t1 = trunc(kb)``,
+    ``t2 = trunc(kb - t1)``, ...; every subtraction is exact, and three parts hold all 24 bits of
+    a float32, so the parts sum to ``kb`` exactly. Non-finite entries go whole into ``t1``.
     The remaining columns are zero.
     """
-    parts, rest = [], kb
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise NotImplementedError(f"split_bias makes bfloat16 parts, got dtype {dtype}")
+    parts, rest = [], jnp.asarray(kb, jnp.float32)
     for _ in range(terms):
-        t = rest.astype(dtype)
-        parts.append(t)
-        rest = rest - t.astype(jnp.float32)
-    zeros = jnp.zeros(kb.shape + (width - terms,), dtype)
+        t = _truncate_to_bf16(rest)
+        parts.append(t.astype(dtype))  # exact: t is a bfloat16 value
+        rest = jnp.where(jnp.isfinite(t), rest - t, 0.0)
+    zeros = jnp.zeros(rest.shape + (width - terms,), dtype)
     return jnp.concatenate([jnp.stack(parts, axis=-1), zeros], axis=-1)
 
 

@@ -261,6 +261,21 @@ def test_edge_masks_match_reference(name):
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
+@pytest.mark.parametrize("name", ["plain_mqa4_scale_bias", "causal_ragged_gqa2",
+                                  "d128_causal_ragged_kv"])
+@pytest.mark.parametrize("mma", [False, True])
+def test_bias_paths_match_reference(name, mma):
+    """Both ways of adding the key bias (a float32 strip, or mma_bias's second wgmma with three
+    bf16 parts) against the reference, with an RBF-like bias (|b / a| ~ 100: one bf16 part would
+    be off by ~0.2 in the logits)."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, _ = CASES[name]
+    q, k, v, dout, c, _ = _inputs(4, B, T, S + R, N, K, H, Hv, dtype, use_c, False)
+    kf = k.astype(jnp.float32)
+    b = 30.0 - jnp.transpose(jnp.sum(kf * kf, -1), (0, 2, 1)) / np.sqrt(H)
+    cfg = dataclasses.replace(default_config(max(H, Hv), use_c), mma_bias=mma)
+    _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
+
+
 def test_one_compute_warpgroup_config():
     """A non-default config (1 compute warpgroup, 3 stages, 128-key dkv tiles) gives the same result."""
     q, k, v, dout, c, b = _inputs(3, 1, 128, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
