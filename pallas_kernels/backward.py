@@ -111,7 +111,10 @@ class BackwardConfig:
 #   D = 128 with ``c``: without a mask the 128-key dq tile wins (1.968 -> 1.698 ms); causal it
 #   still loses (1.160 -> 1.430). So the 64-key tile is kept only where masks exist
 #   (:func:`default_config`'s ``masked``).
-# * mma_bias (fifth session, H200): PENDING MEASUREMENT.
+# * mma_bias (fifth session, H200, N = 4096, a key bias; benchmarks/results/
+#   h200-kernels-mma-20261130.json, ms with / without): D = 64 dq 0.905 / 0.955, dkv 1.308 / 1.432;
+#   causal dq 0.592 / 0.632, dkv 0.773 / 0.862; D = 128 dq 1.489 / 1.579, dkv 2.027 / 2.252;
+#   causal dq 1.041 / 1.020, dkv 1.218 / 1.219. On at D = 64 / 128 (ignored without a bias).
 # D = 256 is not measured: the first defaults stay.
 _DEFAULTS = {
     (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True),

@@ -15,7 +15,9 @@ extra memory.
 Structure (one CTA = one query head, ``2 * block_q`` queries, one batch entry): two compute
 warpgroups each own ``block_q`` query rows; a third warpgroup streams K/V tiles (and a small
 ``[n, block_kv]`` float32 strip of per-key data: the bias ``b_j / a`` and a key id used for
-lengths and segment masks) by TMA into a ``max_concurrent_steps``-deep ring. A schedule barrier
+lengths and segment masks; with ``BlockSizes.mma_bias`` the bias instead comes as a
+``[block_kv, 16]`` bfloat16 tile of its parts, added by a second wgmma) by TMA into a
+``max_concurrent_steps``-deep ring. A schedule barrier
 ping-pongs the compute warpgroups so one runs its softmax while the other's wgmma runs
 (FlashAttention-3). Key blocks that no query of a tile can see (causal, sliding window) are never
 loaded; blocks every query sees run without mask arithmetic.
