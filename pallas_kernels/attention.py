@@ -28,12 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import forward as _fwd
 from pallas_kernels.common import MaskSpec
 from pallas_kernels.forward import count_visible, flash_forward, flash_stats
 
 __all__ = ["attention"]
 
 _SymbolicZero = jax.custom_derivatives.SymbolicZero
+AT_RUN_TIME = "at_run_time"  # the kernel hint c >= 0 decided from c's values (a lax.cond)
 
 
 def _unsupported(variant, query, bias, mask):
@@ -75,10 +77,32 @@ def _value(x):
     return None if x is None else x.value
 
 
+def _forward(q, k, v, c, b, spec, a, stats, c_nonneg):
+    """flash_forward with the hint ``c_nonneg``: True, False, or :data:`AT_RUN_TIME` (both kernels
+    compiled, the folded one taken when every ``c >= 0``)."""
+    def run(nonneg):
+        return tuple(flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                                   return_stats=stats, query_scale_nonnegative=nonneg))
+
+    if c_nonneg == AT_RUN_TIME:
+        return jax.lax.cond(jnp.all(c >= 0), lambda: run(True), lambda: run(False))
+    return run(bool(c_nonneg))
+
+
+def _nonneg_hint(variant, query, value, c, b, a_traced):
+    """The forward's ``query_scale_nonnegative``: True where the variant guarantees c >= 0 (and no
+    traced logit scale of unknown sign is folded into c); else, when the forward's tiles would
+    fold the scale (``BlockSizes.fold_scale``), :data:`AT_RUN_TIME`; else False."""
+    if c is None:
+        return False
+    if a_traced is None and variant.query_scale_nonnegative():
+        return True
+    return AT_RUN_TIME if _fwd._blocks(query, value, None, c, b)[1].fold_scale else False
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _flash(q, k, v, c, b, spec, a, stats, c_nonneg=False):
-    out, lse, *rest = flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
-                                    return_stats=stats, query_scale_nonnegative=c_nonneg)
+    out, lse, *rest = _forward(q, k, v, c, b, spec, a, stats, c_nonneg)
     return (out, lse, *rest) if stats else (out, lse, None, None)
 
 
@@ -241,9 +265,7 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
         c = a_traced if c is None else c * a_traced
     if c is not None:
         c = jnp.broadcast_to(jnp.asarray(c, jnp.float32), (B, N, T))
-    # c >= 0 (kernel hint) when the variant says so and no traced logit scale of unknown sign
-    # is folded into it.
-    c_nonneg = c is not None and a_traced is None and variant.query_scale_nonnegative()
+    c_nonneg = _nonneg_hint(variant, query, value, c, b, a_traced)
     out, lse, ent, max_weight = _flash(query, key, value, c, b, spec, a_static, return_stats,
                                        c_nonneg)
     if not return_stats:

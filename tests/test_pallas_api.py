@@ -254,12 +254,21 @@ def test_nonnegative_query_scale_hint(monkeypatch, variant, promise):
     assert seen[-1] is promise
     ref = jaxattn.attention(*_f32((q, k, v)), variant=variant, implementation="xla", is_causal=True)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
-    # a traced s (a learned parameter) has no known sign
+    # a traced s (a learned parameter) has no sign known at trace time: at D = 64 (whose tiles
+    # fold the scale) both kernels are traced and c's values choose one (AT_RUN_TIME)
     if isinstance(variant, variants.ScalableSoftmax):
-        seen.clear()
-        _ready(jax.jit(lambda s: jaxattn.attention(q, k, v, variant=variants.ScalableSoftmax(s),
-                                                   implementation="pallas"))(jnp.float32(0.43)))
-        assert seen[-1] is False
+        k, v = (jnp.concatenate([x, x[:, :8]], axis=1) for x in (k, v))  # S = 128, T = 128:
+        # no mask and no padded key, so the 128-key tiles fold
+        for s in (0.43, -8.0):  # -8: sharp logits, where a wrong fold overflows
+            seen.clear()
+            f = jax.jit(lambda s: jaxattn.attention(q, k, v, variant=variants.ScalableSoftmax(s),
+                                                    implementation="pallas"))
+            out = _ready(f(jnp.float32(s)))
+            assert sorted(seen) == [False, True]
+            ref = jaxattn.attention(*_f32((q, k, v)), variant=variants.ScalableSoftmax(s),
+                                    implementation="xla")
+            np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype],
+                                       rtol=0)
 
 
 @pytest.mark.parametrize("traced_s", [False, True])
