@@ -55,6 +55,7 @@ def bwd_configs(D, query_scale=False, masked=True):
         "kv128": dataclasses.replace(base, block_kv_dq=128),
         "nomma": dataclasses.replace(base, mma_bias=False),
         "mma": dataclasses.replace(base, mma_bias=True),
+        "mmadb": dataclasses.replace(base, mma_db=True),
     }
 
 

@@ -71,6 +71,10 @@ class BackwardConfig:
       mma_bias: with a bfloat16 key bias, both kernels add it to the recomputed logits with a
         second wgmma of one k-step, as the forward's ``BlockSizes.mma_bias`` (three bf16 parts of
         ``b / a``), instead of a per-logit add from a float32 strip.
+      mma_db: with a bfloat16 key bias, the dkv kernel sums ``db_j = sum_i c_i dZ_ij`` with a
+        wgmma of the 16-bit ``c dZ`` tile it forms for dk against a ``[block_q, 16]`` tile of
+        ones (column 0 kept) instead of a per-logit float32 row sum. ``db`` then carries dk's
+        rounding of ``dZ`` (bf16) instead of float32 sums. Off until measured on the GPU.
     """
 
     block_q_dq: int = 64
@@ -82,6 +86,7 @@ class BackwardConfig:
     dq_edge_masks: bool = False
     dkv_edge_masks: bool = False
     mma_bias: bool = False
+    mma_db: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -93,7 +98,7 @@ class BackwardConfig:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias"):
+        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -211,6 +216,7 @@ class _Static:
     need_dc: bool  # has_c and its gradient is wanted (else the dq kernel skips the dc sums)
     has_b: bool
     mma_bias: bool  # has_b, added by a second wgmma (BackwardConfig.mma_bias): no strip in the loop
+    mma_db: bool  # has_b, db summed by a wgmma against ones (BackwardConfig.mma_db)
     T: int  # true lengths (before padding)
     S: int
     Tp: int  # padded lengths
@@ -351,7 +357,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
     a = st.logit_scale
     G = st.G
     strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
-    ones = None if ones is None else ones[:bq]
+    ones = ones[:bq] if st.mma_bias else None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, qstats_ref, *rest):
         rest = list(rest)
@@ -521,7 +527,8 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
     do5 = do.reshape(B, Tp, K, G, Hv)
     qstats5 = qstats.reshape(B, K, G, n_stats, Tp)
     strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
-    ones = None if ones is None else ones[:bq]
+    use_ones = st.mma_bias or st.mma_db
+    ones = ones[:bq] if use_ones else None
 
     def kernel(q_ref, do_ref, k_ref, v_ref, qstats_ref, *rest):
         rest = list(rest)
@@ -529,7 +536,7 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         kbias_ref = rest.pop(0) if strip else None
         kcode_ref = rest.pop(0) if st.has_codes else None
         kbm_ref = rest.pop(0) if st.mma_bias else None
-        ones_ref = rest.pop(0) if st.mma_bias else None
+        ones_ref = rest.pop(0) if use_ones else None
         dk_ref, dv_ref = rest.pop(0), rest.pop(0)
         db_ref = rest.pop(0) if st.has_b else None
         (k_smem2, v_smem2, kb_smem2, kc_smem2, kbm_smem2, ones_smem), barriers = rest
@@ -550,13 +557,18 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                                         barriers.at[wg])
             if st.mma_bias:
                 plgpu.copy_gmem_to_smem(kbm_ref.at[rows], kbm_smem2.at[wg], barriers.at[wg])
+            if use_ones:
                 plgpu.copy_gmem_to_smem(ones_ref, ones_smem.at[wg], barriers.at[wg])
             if st.has_codes:
                 plgpu.copy_gmem_to_smem(kcode_ref.at[batch, pl.ds(k0, bkv)], kc_smem2.at[wg],
                                         barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
-            carry = (_zeros((bkv, H)), _zeros((bkv, Hv)), _zeros_vec(bkv, ROW))
+            db0 = _zeros((bkv, MMA_BIAS_WIDTH)) if st.mma_db else _zeros_vec(bkv, ROW)
+            carry = (_zeros((bkv, H)), _zeros((bkv, Hv)), db0)
             dk_acc, dv_acc, db = pipeline_callback(carry)
+            if st.mma_db:  # every column with a one holds db; keep column 0
+                colid = plgpu.broadcasted_iota(jnp.int32, db.shape, 1, layout=plgpu.Layout.WGMMA)
+                db = jnp.sum(jnp.where(colid == 0, db, 0.0), axis=1)
             k_smem[...] = (dk_acc * a).astype(st.dtype)
             v_smem[...] = dv_acc.astype(st.dtype)
             if st.has_b:
@@ -618,9 +630,12 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 dz_t = p_t * (dp_t * col(crow) - col(delta * crow))
             else:
                 dz_t = p_t * (dp_t - col(delta))
-            if st.has_b:
+            dz16 = dz_t.astype(st.dtype)
+            if st.mma_db:
+                db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
+            elif st.has_b:
                 db = db + jnp.sum(dz_t, axis=1)
-            dk_acc = _mma_acc(dk_acc, dz_t.astype(st.dtype), q_smem, st.interpret)
+            dk_acc = _mma_acc(dk_acc, dz16, q_smem, st.interpret)
             plgpu.barrier_arrive(consumed[0])
             return dk_acc, dv_acc, db
 
@@ -645,13 +660,13 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=_narrow_transforms())
         if st.mma_bias else None,
         plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=_narrow_transforms())
-        if st.mma_bias else None,
+        if use_ones else None,
     )
     out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if st.has_b:
         out_type.append(jax.ShapeDtypeStruct((B, K, Sp), jnp.float32))
     outs = _launch(st, kernel, out_type, scratch,
-                   n_copies=2 + int(strip) + int(st.has_codes) + 2 * int(st.mma_bias),
+                   n_copies=2 + int(strip) + int(st.has_codes) + int(st.mma_bias) + int(use_ones),
                    grid=(K, num_kv_tiles, B), tile_axis="kv_seq", wgs=wgs, interpret=interpret,
                    inputs=[q5, do5, k, v, qstats5], side=(qcode, kbias, kcode, kbm, ones))
     return outs[0], outs[1], (outs[2] if st.has_b else None)
@@ -677,7 +692,7 @@ def _launch(st, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, in
     """One ``plgpu.kernel`` call: ``wgs`` compute warpgroups + 1 pipeline warpgroup.
 
     ``side`` is ``(qcode, kbias, kcode, kbm, ones)``; the ones the static config uses follow
-    ``inputs`` (``kbias`` only without mma_bias; ``kbm`` and ``ones`` only with it).
+    ``inputs`` (``kbias`` only without mma_bias, ``kbm`` only with it, ``ones`` when given).
     """
     qcode, kbias, kcode, kbm, ones = side
     inputs = list(inputs)
@@ -688,7 +703,9 @@ def _launch(st, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, in
     if st.has_codes:
         inputs.append(kcode)
     if st.mma_bias:
-        inputs += [kbm, ones]
+        inputs.append(kbm)
+    if ones is not None:
+        inputs.append(ones)
     return plgpu.kernel(
         kernel,
         out_type=out_type,
@@ -848,6 +865,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         need_dc=query_scale is not None and bool(query_scale_grad),
         has_b=key_bias is not None,
         mma_bias=key_bias is not None and cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16,
+        mma_db=key_bias is not None and cfg.mma_db and jnp.dtype(q.dtype) == jnp.bfloat16,
         T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
@@ -889,8 +907,9 @@ def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_
     dop = _pad_axis(_pad_axis(dout.astype(q.dtype), 3, st.Hv), 1, st.Tp)
     kbias = None if key_bias is None else _pad_axis(key_bias.astype(jnp.float32), 2, st.Sp)
     kbm = ones = None
-    if st.mma_bias:  # [B, Sp, K, 16]: bf16 parts of b / a; [rows, 16]: [1, 1, 1, 0..]
+    if st.mma_bias:  # [B, Sp, K, 16]: bf16 parts of b / a
         kbm = jnp.transpose(split_bias(kbias / st.logit_scale, q.dtype), (0, 2, 1, 3))
+    if st.mma_bias or st.mma_db:  # [rows, 16]: [1, 1, 1, 0..]
         rows = max(cfg.block_q_dq, cfg.block_q_dkv)
         ones = jnp.broadcast_to((jnp.arange(MMA_BIAS_WIDTH) < MMA_BIAS_TERMS).astype(q.dtype),
                                 (rows, MMA_BIAS_WIDTH))

@@ -101,8 +101,8 @@ def _compare(q, k, v, dout, c, b, spec, a=0.3, config=None, jit=False):
 def _index_static(**fields):
     """A ``backward._Static`` for the tile-range helpers: no c, b or codes; ``fields`` override."""
     base = dict(logit_scale=1.0, num_registers=0, is_causal=False, window=None, has_codes=False,
-                has_c=False, need_dc=False, has_b=False, mma_bias=False, G=1, H=64, Hv=64,
-                dtype=jnp.bfloat16, interpret=True)
+                has_c=False, need_dc=False, has_b=False, mma_bias=False, mma_db=False, G=1,
+                H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
     return backward._Static(**{**base, **fields})
 
 
@@ -264,18 +264,21 @@ def test_edge_masks_match_reference(name):
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
-@pytest.mark.parametrize("name", ["plain_mqa4_scale_bias", "causal_ragged_gqa2",
-                                  "d128_causal_ragged_kv"])
-@pytest.mark.parametrize("mma", [False, True])
-def test_bias_paths_match_reference(name, mma):
+@pytest.mark.parametrize("name, mma, mma_db", [
+    (name, mma, mma_db) for name in ("plain_mqa4_scale_bias", "causal_ragged_gqa2",
+                                     "d128_causal_ragged_kv")
+    for mma, mma_db in ((False, False), (True, False), (True, True))] + [
+    ("causal_ragged_gqa2", False, True)])
+def test_bias_paths_match_reference(name, mma, mma_db):
     """Both ways of adding the key bias (a float32 strip, or mma_bias's second wgmma with three
-    bf16 parts) against the reference, with an RBF-like bias (|b / a| ~ 100: one bf16 part would
-    be off by ~0.2 in the logits)."""
+    bf16 parts) and of summing db (float32 row sums, or mma_db's wgmma against ones) against the
+    reference, with an RBF-like bias (|b / a| ~ 100: one bf16 part would be off by ~0.2 in the
+    logits)."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, _ = CASES[name]
     q, k, v, dout, c, _ = _inputs(4, B, T, S + R, N, K, H, Hv, dtype, use_c, False)
     kf = k.astype(jnp.float32)
     b = 30.0 - jnp.transpose(jnp.sum(kf * kf, -1), (0, 2, 1)) / np.sqrt(H)
-    cfg = dataclasses.replace(default_config(max(H, Hv), use_c), mma_bias=mma)
+    cfg = dataclasses.replace(default_config(max(H, Hv), use_c), mma_bias=mma, mma_db=mma_db)
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
@@ -378,3 +381,14 @@ def test_query_scale_grad_off_skips_dc_only():
                           strict=True):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32),
                                       err_msg=name)
+
+
+@pytest.mark.parametrize("mma_db", [False, True])
+def test_gpu_check_case_runs_in_the_interpreter(monkeypatch, mma_db):
+    """`python -m pallas_kernels.check_backward`'s per-case routine (with --mma-db) at a tiny size."""
+    from pallas_kernels import check_backward
+    tiny = (1, 128, 128, 2, 1, 64, dict(is_causal=True), 0, False, "rbf")
+    monkeypatch.setitem(check_backward.CHECKS, "tiny_rbf", tiny)
+    errs = check_backward.check_case("tiny_rbf", 0, mma_db=mma_db)
+    assert set(errs) == {"dq", "dk", "dv", "db"}
+    assert all(e < check_backward.TOL for e in errs.values()), errs
