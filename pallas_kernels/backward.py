@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.common import MaskSpec
-from pallas_kernels.forward import MMA_BIAS_TERMS, MMA_BIAS_WIDTH, split_bias
+from pallas_kernels.forward import MMA_BIAS_WIDTH, bias_ones, narrow_transforms, split_bias
 
 __all__ = ["BackwardConfig", "default_config", "flash_backward"]
 
@@ -331,11 +331,6 @@ def _transforms():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _narrow_transforms():
-    """SMEM layout of the ``[rows, 16]`` mma_bias operands (32-byte rows)."""
-    return (plgpu.TilingTransform((8, MMA_BIAS_WIDTH)), plgpu.SwizzleTransform(2 * MMA_BIAS_WIDTH))
-
-
 def _compiler_params():
     return plgpu.CompilerParams(approx_math=True)
 
@@ -485,7 +480,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             in_refs.append(kcode_ref.at[batch])
         if st.mma_bias:
             in_specs.append(plgpu.BlockSpec((bkv, MMA_BIAS_WIDTH), lambda i: (lo + i, 0),
-                                            transforms=_narrow_transforms()))
+                                            transforms=narrow_transforms()))
             in_refs.append(kbm_ref.at[batch, :, kv_head, :])
         _pipeline(kv_body, (n_kv,), cfg, wgs, compute_thread, in_specs)(*in_refs)
 
@@ -496,7 +491,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         plgpu.SMEM((wgs, n_stats, bq), jnp.float32),
         plgpu.SMEM((wgs, bq), jnp.int32) if st.has_codes else None,
         plgpu.SMEM((wgs, bq), jnp.float32) if st.need_dc else None,
-        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=_narrow_transforms())
+        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
         if st.mma_bias else None,
     )
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -657,9 +652,9 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         plgpu.SMEM((wgs, bkv, Hv), st.dtype, transforms=tf),
         plgpu.SMEM((wgs, bkv), jnp.float32) if st.has_b else None,
         plgpu.SMEM((wgs, bkv), jnp.int32) if st.has_codes else None,
-        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=_narrow_transforms())
+        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
         if st.mma_bias else None,
-        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=_narrow_transforms())
+        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
         if use_ones else None,
     )
     out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
@@ -910,9 +905,7 @@ def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_
     if st.mma_bias:  # [B, Sp, K, 16]: bf16 parts of b / a
         kbm = jnp.transpose(split_bias(kbias / st.logit_scale, q.dtype), (0, 2, 1, 3))
     if st.mma_bias or st.mma_db:  # [rows, 16]: [1, 1, 1, 0..]
-        rows = max(cfg.block_q_dq, cfg.block_q_dkv)
-        ones = jnp.broadcast_to((jnp.arange(MMA_BIAS_WIDTH) < MMA_BIAS_TERMS).astype(q.dtype),
-                                (rows, MMA_BIAS_WIDTH))
+        ones = bias_ones(max(cfg.block_q_dq, cfg.block_q_dkv), q.dtype)
     qcode = kcode = None
     if st.has_codes:
         qcode, kcode = _codes(mask, B, T, S, st.Tp, st.Sp, st.num_registers)

@@ -495,7 +495,7 @@ def _scratch(plan):
     bq, bkv, steps = plan.blocks.block_q, plan.blocks.block_kv, plan.blocks.max_concurrent_steps
     D, cw = plan.head_dim, _COMPUTE_WGS
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    narrow = (plgpu.TilingTransform((8, MMA_BIAS_WIDTH)), plgpu.SwizzleTransform(2 * MMA_BIAS_WIDTH))
+    narrow = narrow_transforms()
     smem = dict(
         q=plgpu.SMEM((cw, bq, D), plan.dtype, transforms=transforms),
         k=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms),
@@ -694,6 +694,17 @@ def _truncate_to_bf16(x):
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def bias_ones(rows, dtype=jnp.bfloat16):
+    """The ``[rows, 16]`` left operand of the mma_bias product: ``[1, 1, 1, 0..]`` per row."""
+    row = (jnp.arange(MMA_BIAS_WIDTH) < MMA_BIAS_TERMS).astype(dtype)
+    return jnp.broadcast_to(row, (rows, MMA_BIAS_WIDTH))
+
+
+def narrow_transforms():
+    """SMEM tiling and swizzle of the ``[rows, 16]`` 16-bit mma_bias operands (32-byte rows)."""
+    return (plgpu.TilingTransform((8, MMA_BIAS_WIDTH)), plgpu.SwizzleTransform(2 * MMA_BIAS_WIDTH))
+
+
 def split_bias(kb, dtype=jnp.bfloat16, terms=MMA_BIAS_TERMS, width=MMA_BIAS_WIDTH):
     """``kb`` float32 ``[..., S]`` as ``terms`` bfloat16 parts summing to it, ``[..., S, width]``.
 
@@ -733,8 +744,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     mma = blocks.mma_bias and kb is not None and q.dtype == jnp.bfloat16
     if mma:  # [B, Sp, K, 16]: the bias's bf16 parts beside K; Q's side a [1, 1, 1, 0..] tile
         kb_mma = jnp.transpose(split_bias(kb, q.dtype), (0, 2, 1, 3))
-        ones = jnp.broadcast_to((jnp.arange(MMA_BIAS_WIDTH) < MMA_BIAS_TERMS).astype(q.dtype),
-                                (blocks.block_q, MMA_BIAS_WIDTH))
+        ones = bias_ones(blocks.block_q, q.dtype)
 
     has_qid = mask.q_lengths is not None or mask.q_segment_ids is not None
     has_kid = has_qid or mask.kv_lengths is not None
