@@ -79,7 +79,8 @@ def _value(x):
 
 def _forward(q, k, v, c, b, spec, a, stats, c_nonneg):
     """flash_forward with the hint ``c_nonneg``: True, False, or :data:`AT_RUN_TIME` (both kernels
-    compiled, the folded one taken when every ``c >= 0``)."""
+    compiled, the folded one taken when every ``c >= 0``; under a ``vmap`` that batches ``c`` the
+    ``lax.cond`` becomes a select and both kernels run)."""
     def run(nonneg):
         return tuple(flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
                                    return_stats=stats, query_scale_nonnegative=nonneg))
