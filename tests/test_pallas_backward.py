@@ -163,6 +163,23 @@ def test_lengths_segments_gqa(seed, causal, registers, use_c, use_b, dtype, empt
         np.testing.assert_array_equal(np.asarray(dc)[:, :, :][np.broadcast_to(empty[:, None], dc.shape)], 0.0)
 
 
+@pytest.mark.parametrize("mma_db", [False, True])
+def test_bias_paths_with_codes(mma_db):
+    """mma_bias (and mma_db) with length and segment codes and registers: the codes' strip, the
+    bias operand and the ones tile share the pipeline (their consumed barriers in order)."""
+    B, T, S, N, K, H, R = 2, 128, 128, 4, 2, 64, 2
+    q, k, v, dout, c, _ = _inputs(13, B, T, S + R, N, K, H, H, jnp.bfloat16, True, False)
+    kf = k.astype(jnp.float32)
+    b = 30.0 - jnp.transpose(jnp.sum(kf * kf, -1), (0, 2, 1)) / np.sqrt(H)
+    rng = np.random.default_rng(13)
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    seg = np.sort(rng.integers(0, 3, (B, T)), axis=1)
+    spec = MaskSpec(q_lengths=i32([100, 128]), kv_lengths=i32([128, 90]), q_segment_ids=i32(seg),
+                    kv_segment_ids=i32(seg[:, :S]), is_causal=True, num_registers=R)
+    cfg = dataclasses.replace(default_config(H, True), mma_bias=True, mma_db=mma_db)
+    _compare(q, k, v, dout, c, b, spec, config=cfg)
+
+
 def test_gqa_equals_repeated_heads():
     """GQA dK/dV equal the sum over the group of the MHA gradients with repeated kv heads."""
     B, T, S, N, K, H = 1, 128, 128, 4, 1, 64
