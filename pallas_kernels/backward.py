@@ -131,6 +131,17 @@ _DEFAULTS = {
 }
 
 
+def _has_codes(mask: MaskSpec) -> bool:
+    """Whether lengths or segment ids need the int32 visibility codes."""
+    return any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
+
+
+def is_masked(mask: MaskSpec) -> bool:
+    """Whether ``mask`` hides keys at all (causal, window, lengths, segments): the ``masked`` of
+    :func:`default_config` that :func:`flash_backward` passes."""
+    return mask.is_causal or mask.local_window_size is not None or _has_codes(mask)
+
+
 def default_config(head_dim: int, query_scale: bool = False, masked: bool = True) -> BackwardConfig:
     """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256).
 
@@ -844,8 +855,8 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     B, T, N, H0 = q.shape
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
     H, Hv = _padded_dim(H0), _padded_dim(Hv0)
-    has_codes = any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
-    masked = mask.is_causal or mask.local_window_size is not None or has_codes
+    has_codes = _has_codes(mask)
+    masked = is_masked(mask)
     cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None,
                                                            masked)
     if not isinstance(cfg, BackwardConfig):

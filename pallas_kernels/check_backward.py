@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
+from pallas_kernels.backward import BackwardConfig, default_config, flash_backward, is_masked
 from pallas_kernels.common import MaskSpec, flash_reference
 
 # name: (B, T, S, N, K, D, mask kwargs, registers, use query_scale, use key_bias (True: N(0, 1);
@@ -93,9 +93,8 @@ def check_case(name, seed, query_scale_grad=True, mma_db=False):
     refs = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     config = None
     if mma_db:
-        masked = mask.is_causal or mask.local_window_size is not None or any(
-            x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
-        config = dataclasses.replace(default_config(D, c is not None, masked), mma_db=True)
+        config = dataclasses.replace(default_config(D, c is not None, is_masked(mask)),
+                                     mma_db=True)
     got = flash_backward(q, k, v, out.astype(q.dtype), lse, do, logit_scale=a, query_scale=c,
                          key_bias=b, mask=mask, query_scale_grad=query_scale_grad, config=config)
     got = jax.block_until_ready(got)

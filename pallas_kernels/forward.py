@@ -367,7 +367,6 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                 plan, q0, step, kid, qid))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(d)
-            row_sum = lambda p: p.sum(axis=1)
             if plan.stats:
                 ent = alpha * (ent + den * (m - m_new)) + (p * d).sum(axis=1)
             den = den * alpha
@@ -378,7 +377,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                 plgpu.barrier_wait(bars["sched"])
 
             if not plan.pv:
-                den = den + row_sum(p)
+                den = den + p.sum(axis=1)
                 end_softmax()
                 plgpu.barrier_arrive(bars["v_done"].at[slot])
                 return acc, m_new, den, ent
@@ -386,12 +385,12 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             p16 = p.astype(plan.dtype)
 
             if plan.head_dim <= 128:
-                den = den + row_sum(p)
+                den = den + p.sum(axis=1)
                 acc, den, m_new, p16 = lax.optimization_barrier((acc, den, m_new, p16))
                 end_softmax()
             else:
                 end_softmax()
-                den = den + row_sum(p)
+                den = den + p.sum(axis=1)
             acc = _pv(acc, p16, smem["v"].at[slot], plan.interpret)
             plgpu.barrier_arrive(bars["v_done"].at[slot])
             return acc, m_new, den, ent
