@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import compare  # noqa: E402
 from pallas_kernels.backward import BackwardConfig, default_config, flash_backward  # noqa: E402
 from pallas_kernels.common import MaskSpec  # noqa: E402
-from pallas_kernels.forward import default_block_sizes, flash_forward  # noqa: E402
+from pallas_kernels.forward import default_block_sizes, default_stats_block_sizes, flash_forward, flash_stats  # noqa: E402
 
 HEADS = 16
 TOKENS = 16384
@@ -56,6 +56,25 @@ def bwd_configs(D, query_scale=False, masked=True):
         "nomma": dataclasses.replace(base, mma_bias=False),
         "mma": dataclasses.replace(base, mma_bias=True),
         "mmadb": dataclasses.replace(base, mma_db=True),
+        "nommadb": dataclasses.replace(base, mma_db=False),
+    }
+
+
+def stats_configs(D, query_scale=False, key_bias=False):
+    """Named :func:`flash_stats` configs (``--stats-configs``): the default, the forward's
+    ping-pong tiles, and free-running warpgroups (2-4, no schedule barrier) over other tiles."""
+    base = default_block_sizes(D, query_scale, key_bias)
+    free = lambda wgs, bkv, steps: dataclasses.replace(
+        base, pingpong=False, compute_wgs=wgs, block_kv=bkv, max_concurrent_steps=steps)
+    return {
+        "default": default_stats_block_sizes(D, query_scale, key_bias),
+        "pp": base,
+        "free2": dataclasses.replace(base, pingpong=False),
+        "free2kv128": free(2, 128, 2),
+        "free3": free(3, 128, 2),
+        "free3kv64": free(3, 64, 3),
+        "free4": free(4, 128, 2),
+        "free4kv64": free(4, 64, 3),
     }
 
 
@@ -99,12 +118,13 @@ def _baseline_candidates(pkg, D, mask, a, fwd_args, bwd_args):
     return out
 
 
-def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None):
+def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, stats=()):
     """Rows ``dict(kernel, config, ms, tflops, error, rel_diff_to_first)`` for one problem.
 
     ``c`` here is positive, so the forward is called with ``query_scale_nonnegative=True`` (as
     the dispatcher does for SSMax and adaptive temperature). ``baseline``: a package name whose
-    kernels are timed beside these (config ``base``).
+    kernels are timed beside these (config ``base``). ``stats``: names of
+    :func:`stats_configs` to time the statistics sweep with (kernel ``stats``).
     """
     B = max(1, tokens // N)
     q, k, v, do, c, b = _inputs(N + D + len(flags), B, N, D, flags)
@@ -139,6 +159,12 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None):
             q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             kernels=("dq",), query_scale_grad=False))
         candidates[("dq", "nodc")] = (fn, (q, k, v, out, lse, do, c, b))
+    for name in stats:
+        cfg = stats_configs(D, c is not None, b is not None)[name]
+        fn = jax.jit(lambda q, k, c, b, cfg=cfg: flash_stats(
+            q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
+            query_scale_nonnegative=c is not None))
+        candidates[("stats", name)] = (fn, (q, k, c, b))
     if baseline:
         candidates.update(_baseline_candidates(baseline, D, mask, a, (q, k, v, c, b),
                                                (q, k, v, out, lse, do, c, b)))
@@ -147,7 +173,7 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None):
     for (kernel, config), (t, outs, err) in results.items():
         outs = None if outs is None else [x for x in jax.tree.leaves(outs) if x is not None]
         refs.setdefault(kernel, outs)
-        flops = fwd_flops if kernel == "fwd" else 1.25 * fwd_flops
+        flops = fwd_flops if kernel in ("fwd", "stats") else 1.25 * fwd_flops
         rows.append(dict(D=D, N=N, causal=causal, flags=flags, kernel=kernel, config=config,
                          ms=None if t is None else t * 1e3,
                          tflops=None if t is None else flops / t / 1e12, error=err,
@@ -183,6 +209,8 @@ def main(argv=None):
     parser.add_argument("--causal", default="0,1")
     parser.add_argument("--flags", default="plain,c,b")
     parser.add_argument("--bwd-configs", default="default,first,edge,kv64")
+    parser.add_argument("--stats-configs", default="",
+                        help="statistics-sweep configs to time too (stats_configs)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (benchmarks/timing.py)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="B * N")
     parser.add_argument("--out", default=None)
@@ -195,6 +223,10 @@ def main(argv=None):
     for name in configs:
         if name not in bwd_configs(64):
             parser.error(f"--bwd-configs: unknown {name!r}; choose from {sorted(bwd_configs(64))}")
+    stats = [x for x in args.stats_configs.split(",") if x]
+    for name in stats:
+        if name not in stats_configs(64):
+            parser.error(f"--stats-configs: unknown {name!r}; choose from {sorted(stats_configs(64))}")
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
     rows = []
     for D in ints(args.dims):
@@ -202,7 +234,7 @@ def main(argv=None):
             for causal in ints(args.causal):
                 for flags in args.flags.split(","):
                     rows += measure(D, N, bool(causal), flags, args.rounds, configs, args.tokens,
-                                    args.baseline)
+                                    args.baseline, stats)
                     if args.out:
                         with open(args.out, "w") as f:
                             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,

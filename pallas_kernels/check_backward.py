@@ -75,9 +75,9 @@ def _rel(x, ref):
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def check_case(name, seed, query_scale_grad=True, mma_db=False):
-    """Errors of one CHECKS case against the float32 oracle; ``mma_db``: the default config with
-    ``BackwardConfig.mma_db`` on."""
+def check_case(name, seed, query_scale_grad=True, flip_mma_db=False):
+    """Errors of one CHECKS case against the float32 oracle; ``flip_mma_db``: the default config
+    with ``BackwardConfig.mma_db`` flipped (on at D = 64 by default)."""
     B, T, S, N, K, D, mask_kind, R, use_c, use_b = CHECKS[name]
     q, k, v, do, c, b, mkey = _inputs(jax.random.key(seed), B, T, S + R, N, K, D, use_c, use_b)
     mask = _mask(mask_kind, B, T, S, mkey)
@@ -92,9 +92,9 @@ def check_case(name, seed, query_scale_grad=True, mma_db=False):
     (out, lse), vjp = jax.vjp(ref_fn, q, k, v, c, b)
     refs = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     config = None
-    if mma_db:
-        config = dataclasses.replace(default_config(D, c is not None, is_masked(mask)),
-                                     mma_db=True)
+    if flip_mma_db:
+        base = default_config(D, c is not None, is_masked(mask))
+        config = dataclasses.replace(base, mma_db=not base.mma_db)
     got = flash_backward(q, k, v, out.astype(q.dtype), lse, do, logit_scale=a, query_scale=c,
                          key_bias=b, mask=mask, query_scale_grad=query_scale_grad, config=config)
     got = jax.block_until_ready(got)
@@ -203,8 +203,8 @@ def main():
     parser.add_argument("--seed", type=int, default=int(time.time()) % 10_000)
     parser.add_argument("--no-query-scale-grad", action="store_true",
                         help="run the dq kernel without the dc sums (query_scale_grad=False)")
-    parser.add_argument("--mma-db", action="store_true",
-                        help="the default config with BackwardConfig.mma_db on")
+    parser.add_argument("--flip-mma-db", action="store_true",
+                        help="the default config with BackwardConfig.mma_db flipped")
     args = parser.parse_args()
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, "seed", args.seed, flush=True)
     rows, timings = [], []
@@ -212,7 +212,8 @@ def main():
         for i, name in enumerate(args.cases.split(",")):
             t0 = time.perf_counter()
             try:
-                errs = check_case(name, args.seed + i, not args.no_query_scale_grad, args.mma_db)
+                errs = check_case(name, args.seed + i, not args.no_query_scale_grad,
+                                  args.flip_mma_db)
                 ok = all(e < TOL for e in errs.values())
                 rows.append((name, "PASS" if ok else "FAIL",
                              " ".join(f"{k}={v:.2e}" for k, v in errs.items())))

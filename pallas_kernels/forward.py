@@ -54,14 +54,30 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import MaskSpec
 
-__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "flash_forward",
-           "flash_stats", "count_visible", "segment_ranks"]
+__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "default_stats_block_sizes",
+           "flash_forward", "flash_stats", "count_visible", "segment_ranks"]
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 MASKED = -1e30  # base-2 logit of a hidden key
 _EMPTY = 0.5 * MASKED  # a final row max at or below this: no visible key
-_COMPUTE_WGS = 2
+_TMA_REGISTERS = 40
+
+
+def _compute_registers(compute_wgs):
+    """Registers per thread a compute warpgroup raises itself to (``setmaxnreg``).
+
+    A CTA starts with ``64 K / threads`` registers per thread (rounded down to 8); ``setmaxnreg.inc``
+    only takes what the CTA's own warps released (the TMA warpgroup's drop to 40), and waits
+    forever for more: 2 warpgroups 168 -> 232, 3: 128 -> 152, 4: 96 -> 104 (jax's pipeline
+    formula, ``(512 - 40) / 4``, asks 112 there: more than was released).
+    """
+    launch = 65536 // (128 * (compute_wgs + 1)) // 8 * 8
+    spare = (launch - _TMA_REGISTERS) // compute_wgs // 8 * 8
+    return min(launch + spare, 256)
+
+
+_COMPUTE_REGISTERS = {n: _compute_registers(n) for n in (2, 3, 4)}
 MMA_BIAS_WIDTH = 16  # BlockSizes.mma_bias: columns of the bias operand (one bf16 wgmma k-step)
 MMA_BIAS_TERMS = 3  # bf16 terms of the split bias (3 x 8 bits: a float32 exactly)
 _REG_ID = -3.0  # key id of a register: visible to every valid query
@@ -90,6 +106,13 @@ class BlockSizes:
         softmax's work per logit (no bias strip in registers, no add). Costs a ``[S, 16]``
         operand per kv head (one XLA pass) and ``16 / D`` more QK work. float16 inputs keep the
         strip.
+      compute_wgs: compute warpgroups per CTA (2, 3 or 4; each owns ``block_q`` query rows).
+        More than 2 leaves fewer registers each (:data:`_COMPUTE_REGISTERS`): meant for the
+        statistics sweep, which holds no output accumulator.
+      pingpong: order the two compute warpgroups with a schedule barrier so one runs its softmax
+        while the other's wgmmas run (FlashAttention-3). Needs ``compute_wgs == 2``. Without P @ V
+        (the statistics sweep) the tensor cores are mostly idle and the barrier only serializes
+        the two softmaxes.
     """
 
     block_q: int = 64
@@ -97,6 +120,8 @@ class BlockSizes:
     max_concurrent_steps: int = 2
     fold_scale: bool = False
     mma_bias: bool = False
+    compute_wgs: int = 2
+    pingpong: bool = True
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -106,9 +131,14 @@ class BlockSizes:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("fold_scale", "mma_bias"):
+        for name in ("fold_scale", "mma_bias", "pingpong"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.compute_wgs not in _COMPUTE_REGISTERS:
+            raise ValueError(f"compute_wgs must be one of {sorted(_COMPUTE_REGISTERS)}, got "
+                             f"{self.compute_wgs!r}")
+        if self.pingpong and self.compute_wgs != 2:
+            raise ValueError(f"pingpong needs compute_wgs == 2, got {self.compute_wgs}")
 
 
 # Per padded head dim. Shared memory: Q 2*block_q*D + K/V 2*steps*block_kv*D (2 bytes each) must fit
@@ -164,6 +194,31 @@ def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool
     if key_bias and head_dim in _WITH_BIAS:
         return _WITH_BIAS[head_dim]
     return DEFAULT_BLOCK_SIZES[head_dim]
+
+
+# The statistics sweep (flash_stats): without P @ V the ping-pong schedule only serializes the
+# warpgroups' softmaxes; free-running warpgroups, more of them, win. H200 (2026-11-30, N = 4096,
+# B = 4, H = 16, no c / b; benchmarks/results/h200-stats-sweep-20261130.json and
+# h200-stats-sweep-4wg-20261130.json, `kernels.py --stats-configs`), ms non-causal / causal
+# (the forward: D = 64 0.612 / 0.374, D = 128 0.952 / 0.511):
+#   D = 64:  ping-pong 256 x 3 (the forward's) 0.539 / 0.325; 2 free 0.521 / 0.318;
+#            3 free 128 x 2 0.522 / 0.331; 3 free 64 x 3 0.670 / 0.394;
+#            4 free 128 x 2 0.446 (forward 0.619 in that run)   <- chosen; 4 free 64 x 3 0.541.
+#   D = 128: ping-pong 128 x 2 0.791 / 0.442; 2 free 0.765 / 0.454; 3 free 128 x 2 0.721 / 0.437
+#            <- chosen; 3 free 64 x 3 0.784 / 0.474. (4 warpgroups not timed at D = 128.)
+# D = 192 / 256 keep the forward's tiles and schedule (not timed).
+_STATS_LAYOUT = {64: dict(compute_wgs=4, block_kv=128), 128: dict(compute_wgs=3, block_kv=128)}
+
+
+def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False):
+    """The :class:`BlockSizes` of :func:`flash_stats` (the statistics sweep) for a padded head dim:
+    the forward's (:func:`default_block_sizes`) with free-running warpgroups at D = 64 and 128
+    (the table above)."""
+    base = default_block_sizes(head_dim, query_scale, key_bias)
+    if head_dim not in _STATS_LAYOUT:
+        return base
+    return dataclasses.replace(base, pingpong=False, max_concurrent_steps=2,
+                               **_STATS_LAYOUT[head_dim])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,19 +369,23 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
     head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(plan.group))
-    cta_q0 = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq)
-    lo, _, _, hi = _key_range(plan, cta_q0, _COMPUTE_WGS * bq)
+    cw = plan.blocks.compute_wgs
+    cta_q0 = lax.axis_index("q_seq") * (cw * bq)
+    lo, _, _, hi = _key_range(plan, cta_q0, cw * bq)
 
     def slot_of(step):
         return lax.rem(step - lo, jnp.int32(steps))
 
-    def schedule():
-        plgpu.barrier_arrive(bars["sched"])
-        plgpu.barrier_wait(bars["sched"])
+    pingpong = plan.blocks.pingpong
 
-    @pl.when(wg < _COMPUTE_WGS)
+    def schedule():
+        if pingpong:
+            plgpu.barrier_arrive(bars["sched"])
+            plgpu.barrier_wait(bars["sched"])
+
+    @pl.when(wg < cw)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(_COMPUTE_REGISTERS[cw], action="increase")
         q0 = cta_q0 + wg * bq
         q_smem = smem["q"].at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, bq), head], q_smem, bars["q"].at[wg])
@@ -372,9 +431,11 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             den = den * alpha
 
             def end_softmax():
-                plgpu.barrier_arrive(bars["sched"])
+                if pingpong:
+                    plgpu.barrier_arrive(bars["sched"])
                 plgpu.barrier_wait(bars["v"].at[slot])
-                plgpu.barrier_wait(bars["sched"])
+                if pingpong:
+                    plgpu.barrier_wait(bars["sched"])
 
             if not plan.pv:
                 den = den + p.sum(axis=1)
@@ -449,9 +510,9 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             plgpu.copy_smem_to_gmem(smem["mw"].at[wg], mw_ref.at[batch, head, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _COMPUTE_WGS)
+    @pl.when(wg == cw)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(_TMA_REGISTERS, action="decrease")
 
         def issue_k(step, slot):
             plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(step * bkv, bkv), kv_head],
@@ -492,7 +553,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
 
 def _scratch(plan):
     bq, bkv, steps = plan.blocks.block_q, plan.blocks.block_kv, plan.blocks.max_concurrent_steps
-    D, cw = plan.head_dim, _COMPUTE_WGS
+    D, cw = plan.head_dim, plan.blocks.compute_wgs
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     narrow = narrow_transforms()
     smem = dict(
@@ -517,7 +578,7 @@ def _scratch(plan):
         v=plgpu.Barrier(num_barriers=steps),
         k_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
         v_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
-        sched=plgpu.Barrier(num_arrivals=cw),
+        sched=plgpu.Barrier(num_arrivals=cw) if plan.blocks.pingpong else None,
     )
     return smem, bars
 
@@ -525,7 +586,7 @@ def _scratch(plan):
 def _launch(plan, q, k, v, row_vecs, key_vecs, kb_mma, ones):
     """Runs the kernel on padded operands; returns (out|None, lse, ent|None, mw|None)."""
     B, Tp, N, D = q.shape
-    cw_rows = _COMPUTE_WGS * plan.blocks.block_q
+    cw_rows = plan.blocks.compute_wgs * plan.blocks.block_q
     f32 = jnp.float32
     out_types = [
         jax.ShapeDtypeStruct(q.shape, q.dtype) if plan.pv else None,
@@ -551,7 +612,7 @@ def _launch(plan, q, k, v, row_vecs, key_vecs, kb_mma, ones):
         out_type=tuple(t for t in out_types if t is not None),
         grid=(N, Tp // cw_rows, B),
         grid_names=("heads", "q_seq", "batch"),
-        num_threads=_COMPUTE_WGS + 1,
+        num_threads=plan.blocks.compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
@@ -678,9 +739,10 @@ def _check_inputs(q, k, v, logit_scale):
         raise NotImplementedError(f"head dims above 256 are not supported, got {head_dim}")
 
 
-def _blocks(q, v, config, query_scale, key_bias):
+def _blocks(q, v, config, query_scale, key_bias, defaults=None):
     D = _round_up(max(q.shape[3], v.shape[3] if v is not None else 0), 64)
-    return D, config or default_block_sizes(D, query_scale is not None, key_bias is not None)
+    defaults = defaults or default_block_sizes
+    return D, config or defaults(D, query_scale is not None, key_bias is not None)
 
 
 def _truncate_to_bf16(x):
@@ -729,7 +791,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     D, blocks = _blocks(q, v, config, query_scale, key_bias)
-    Tp = _round_up(T, _COMPUTE_WGS * blocks.block_q)
+    Tp = _round_up(T, blocks.compute_wgs * blocks.block_q)
     Sp = _round_up(S, blocks.block_kv)
     R = mask.num_registers
     pad4 = lambda x, n, n_to: jnp.pad(x, ((0, 0), (0, n_to - n), (0, 0), (0, D - x.shape[3])))
@@ -849,14 +911,16 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     this sweep: it takes ~75 % of a forward at D = 128 on the H100 (``pallas_kernels/NOTES.md``).
 
     Args:
-      q, k, logit_scale, query_scale, key_bias, mask, config, interpret,
-      query_scale_nonnegative: as :func:`flash_forward`.
+      q, k, logit_scale, query_scale, key_bias, mask, interpret, query_scale_nonnegative: as
+        :func:`flash_forward`.
+      config: :class:`BlockSizes`; None picks :func:`default_stats_block_sizes`.
 
     Returns:
       ``(lse, entropy)``, float32 ``[B, N, T]``; zeros for rows with no visible key.
     """
     _check_inputs(q, k, None, logit_scale)
     mask = MaskSpec() if mask is None else mask
+    config = _blocks(q, k, config, query_scale, key_bias, default_stats_block_sizes)[1]
     plan, arrays = _prepare(q, k, k, logit_scale, query_scale, key_bias, mask, config, interpret,
                             stats=True, pv=False, nonneg=query_scale_nonnegative)
     _, lse, ent, _ = _run(plan, *arrays)

@@ -186,13 +186,24 @@ def test_random_flags(seed, dtype, causal, use_c, use_b, a):
     _compare(q, k, v, c, b, MaskSpec(is_causal=causal), a=a)
 
 
-def test_stats_sweep():
+# The statistics sweep's warpgroup layouts: ping-pong (the forward's), two or three free-running
+# compute warpgroups (3 or 4 x 64 rows: T = 200 leaves a ragged CTA).
+STATS_CONFIGS = {
+    "pingpong": BLOCKS,
+    "free2": BlockSizes(block_q=64, block_kv=64, pingpong=False),
+    "free3": BlockSizes(block_q=64, block_kv=64, compute_wgs=3, pingpong=False),
+    "free4": BlockSizes(block_q=64, block_kv=64, compute_wgs=4, pingpong=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATS_CONFIGS))
+def test_stats_sweep(name):
     """flash_stats (P @ V skipped): the lse and exact entropy of softmax(z), as the main kernel's."""
-    q, k, v, c, b = _inputs(5, 1, 128, 136, 2, 1, 64, 64, jnp.bfloat16, True, True)
+    q, k, v, c, b = _inputs(5, 1, 200, 136, 2, 1, 64, 64, jnp.bfloat16, True, True)
     spec = MaskSpec(is_causal=True, kv_lengths=jnp.array([120]))
     lse, ent = flash_stats(q, k, logit_scale=0.2, query_scale=c, key_bias=b, mask=spec,
-                           config=BLOCKS)
-    _, r_lse, r_ent, _ = reference_rows(q, k, v, np.arange(128), a=0.2, c=c, b=b, spec=spec)
+                           config=STATS_CONFIGS[name])
+    _, r_lse, r_ent, _ = reference_rows(q, k, v, np.arange(200), a=0.2, c=c, b=b, spec=spec)
     np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
     np.testing.assert_allclose(ent, r_ent, atol=STAT_TOL, rtol=STAT_TOL)
     _, f_lse, f_ent, _ = flash_forward(q, k, v, logit_scale=0.2, query_scale=c, key_bias=b,
@@ -216,6 +227,10 @@ def test_unsupported_inputs_raise():
         BlockSizes(block_q=64, block_kv=96)
     with pytest.raises(ValueError, match="max_concurrent_steps"):
         BlockSizes(max_concurrent_steps=1)
+    with pytest.raises(ValueError, match="compute_wgs must be one of"):
+        BlockSizes(compute_wgs=5, pingpong=False)
+    with pytest.raises(ValueError, match="pingpong needs compute_wgs == 2"):
+        BlockSizes(compute_wgs=3)
 
 
 def test_default_block_sizes():
@@ -232,6 +247,25 @@ def test_default_block_sizes():
     for D in (192, 256):
         for c in (False, True):
             assert default_block_sizes(D, c, not c) == DEFAULT_BLOCK_SIZES[D]
+
+
+def test_default_stats_block_sizes():
+    """The statistics sweep: free-running warpgroups at D = 64 (4) and 128 (3), the forward's
+    tiles and bias path otherwise; every choice fits the register split."""
+    from pallas_kernels.forward import _COMPUTE_REGISTERS, default_block_sizes, default_stats_block_sizes
+    for D, wgs in ((64, 4), (128, 3)):
+        for c in (False, True):
+            for b in (False, True):
+                cfg = default_stats_block_sizes(D, c, b)
+                assert (cfg.compute_wgs, cfg.pingpong, cfg.block_kv) == (wgs, False, 128)
+                assert cfg.mma_bias == default_block_sizes(D, c, b).mma_bias
+    for D in (192, 256):
+        assert default_stats_block_sizes(D) == default_block_sizes(D)
+    # setmaxnreg.inc only takes what the TMA warpgroup released: 128 (wgs + 1) threads start with
+    # 64 K / threads registers each (rounded down to 8)
+    for wgs, regs in _COMPUTE_REGISTERS.items():
+        launch = 65536 // (128 * (wgs + 1)) // 8 * 8
+        assert regs % 8 == 0 and wgs * (regs - launch) <= launch - 40
 
 
 MMA = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, fold_scale=True, mma_bias=True)
