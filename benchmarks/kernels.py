@@ -12,8 +12,8 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles), and the forward with ``fold_scale`` off
-and on; each config's outputs are compared with the first config's (relative norm of the
-difference: a config that breaks the kernel shows up). bf16, H = 16, B * N = 16384 tokens
+and on and given the exact row max (``fixedmax``); each config's outputs are compared with the
+first config's (relative norm of the difference: a config that breaks the kernel shows up). bf16, H = 16, B * N = 16384 tokens
 (``--tokens``); timed by :func:`benchmarks.timing.compare` (every candidate of one problem in
 interleaved rounds of back-to-back calls, after a warm-up). FLOPs as :mod:`benchmarks.attention`:
 forward ``4 B H N^2 D`` (halved when causal), and each backward kernel counted at half the
@@ -139,6 +139,13 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             query_scale_nonnegative=c is not None))
         candidates[("fwd", "fold" if fold else "nofold")] = (fn, (q, k, v, c, b))
+    # the forward given the exact row max (no online max), as adaptive temperature's main sweep
+    row_max = flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
+                          return_row_max=True)[2]
+    fn = jax.jit(lambda q, k, v, c, b, m: flash_forward(
+        q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
+        query_scale_nonnegative=c is not None, row_max=m))
+    candidates[("fwd", "fixedmax")] = (fn, (q, k, v, c, b, row_max))
     if b is not None:  # BlockSizes.mma_bias flipped
         cfg = dataclasses.replace(base, mma_bias=not base.mma_bias)
         fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(

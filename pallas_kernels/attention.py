@@ -77,13 +77,14 @@ def _value(x):
     return None if x is None else x.value
 
 
-def _forward(q, k, v, c, b, spec, a, stats, c_nonneg):
+def _forward(q, k, v, c, b, spec, a, stats, c_nonneg, row_max=None):
     """flash_forward with the hint ``c_nonneg``: True, False, or :data:`AT_RUN_TIME` (both kernels
     compiled, the folded one taken when every ``c >= 0``; under a ``vmap`` that batches ``c`` the
     ``lax.cond`` becomes a select and both kernels run)."""
     def run(nonneg):
         return tuple(flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
-                                   return_stats=stats, query_scale_nonnegative=nonneg))
+                                   return_stats=stats, query_scale_nonnegative=nonneg,
+                                   row_max=row_max))
 
     if c_nonneg == AT_RUN_TIME:
         return jax.lax.cond(jnp.all(c >= 0), lambda: run(True), lambda: run(False))
@@ -101,19 +102,21 @@ def _nonneg_hint(variant, query, value, c, b, a_traced):
     return AT_RUN_TIME if _fwd._blocks(query, value, None, c, b)[1].fold_scale else False
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _flash(q, k, v, c, b, spec, a, stats, c_nonneg=False):
-    out, lse, *rest = _forward(q, k, v, c, b, spec, a, stats, c_nonneg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg=False):
+    """The attention forward; ``row_max``: the exact row max of the base-2 logits or None (a
+    shift the softmax does not depend on: its cotangent is zero)."""
+    out, lse, *rest = _forward(q, k, v, c, b, spec, a, stats, c_nonneg, row_max)
     return (out, lse, *rest) if stats else (out, lse, None, None)
 
 
-def _fwd_rule(q, k, v, c, b, spec, a, stats, c_nonneg):
+def _fwd_rule(q, k, v, c, b, spec, row_max, a, stats, c_nonneg):
     c_perturbed = c is not None and c.perturbed
-    q, k, v, c, b = (_value(x) for x in (q, k, v, c, b))
+    q, k, v, c, b, row_max = (_value(x) for x in (q, k, v, c, b, row_max))
     spec = jax.tree.map(_value, spec)
     # The pytree structure says whether c's gradient is wanted: a zero-size marker, or None.
     want_dc = None if not c_perturbed else jnp.zeros((0,), jnp.float32)
-    result = _flash(q, k, v, c, b, spec, a, stats, c_nonneg)
+    result = _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg)
     return result, (q, k, v, c, b, spec, result[0], result[1], want_dc)
 
 
@@ -137,7 +140,7 @@ def _bwd(a, stats, c_nonneg, res, cts):
                                         query_scale_grad=want_dc is not None)
     if c is not None and dc is None:  # c's gradient is not wanted (not perturbed)
         dc = jnp.zeros(c.shape, c.dtype)
-    return dq, dk, dv, dc, db, _zeros_like_spec(spec)
+    return dq, dk, dv, dc, db, _zeros_like_spec(spec), None  # row_max: zero
 
 
 _flash.defvjp(_fwd_rule, _bwd, symbolic_zeros=True)
@@ -145,7 +148,8 @@ _flash.defvjp(_fwd_rule, _bwd, symbolic_zeros=True)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _entropy(q, k, c, b, spec, a):
-    """Entropy ``H_i`` of ``softmax(z0)``, ``z0_ij = c_i (a q_i . k_j + b_j)``, ``[B, N, T]``.
+    """Entropy ``H_i`` of ``softmax(z0)``, ``z0_ij = c_i (a q_i . k_j + b_j)``, ``[B, N, T]``, and
+    the row max of ``z0 log2(e)`` (``flash_stats``'s ``row_max``; no gradient flows through it).
 
     Its VJP reuses the attention backward kernel: ``dH_i / dz0_ij = -p_ij (z0_ij - sum_j p_ij z0_ij)``
     is the attention ``dZ = P (dP - delta)`` with ``dP_ij = -g_i z0_ij = dO'_i . v'_j`` for values
@@ -153,7 +157,8 @@ def _entropy(q, k, c, b, spec, a):
     forward output with ``v' = k``). Only the logits' gradients (dq, dk, dc) are kept: ``v' = k`` is a
     device to form dP, not a dependence. With a key bias the VJP is not implemented (it raises).
     """
-    return flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=spec)[1]
+    return flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                       return_row_max=True)[1:]
 
 
 def _entropy_fwd(q, k, c, b, spec, a):
@@ -161,13 +166,17 @@ def _entropy_fwd(q, k, c, b, spec, a):
     spec = jax.tree.map(_value, spec)
     if b is not None:
         return _entropy(q, k, c, b, spec, a), (q, k, c, b, spec, None, None)
-    out, lse, ent, _ = flash_forward(q, k, k, logit_scale=a, query_scale=c, mask=spec,
-                                     return_stats=True)
-    return ent, (q, k, c, b, spec, out, lse)
+    out, lse, ent, mw = flash_forward(q, k, k, logit_scale=a, query_scale=c, mask=spec,
+                                      return_stats=True)
+    # max_j z0_ij log2(e) = lse_i log2(e) - log2(l_i), max weight = 1 / l_i (up to rounding)
+    row_max = jnp.where(mw > 0, lse * _fwd.LOG2E + jnp.log2(jnp.where(mw > 0, mw, 1.0)),
+                        _fwd.MASKED)
+    return (ent, row_max), (q, k, c, b, spec, out, lse)
 
 
-def _entropy_bwd(a, res, ct):
+def _entropy_bwd(a, res, cts):
     q, k, c, b, spec, out, lse = res
+    ct = cts[0]  # the row max's cotangent is ignored (the softmax does not depend on it)
     zeros = lambda x: None if x is None else jnp.zeros(x.shape, x.dtype)
     if isinstance(ct, _SymbolicZero):
         return zeros(q), zeros(k), zeros(c), zeros(b), _zeros_like_spec(spec)
@@ -249,13 +258,20 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
         c0 = None if a_traced is None else jnp.broadcast_to(a_traced, (B, N, T))
         if getattr(variant, "stop_gradient_beta", False):
             stop = jax.lax.stop_gradient
-            entropy = flash_stats(stop(query), stop(key), logit_scale=a_static,
-                                  query_scale=None if c0 is None else stop(c0),
-                                  key_bias=None if b is None else stop(b), mask=spec)[1]
+            _, entropy, row_max0 = flash_stats(
+                stop(query), stop(key), logit_scale=a_static,
+                query_scale=None if c0 is None else stop(c0),
+                key_bias=None if b is None else stop(b), mask=spec, return_row_max=True)
         else:
-            entropy = _entropy(query, key, c0, b, spec, a_static)
+            entropy, row_max0 = _entropy(query, key, c0, b, spec, a_static)
     with jax.ensure_compile_time_eval():  # a constant c (temperature) stays a constant under jit
         c_variant = variant.query_scale(num_visible, entropy)
+    row_max = None
+    if entropy is not None and variant.query_scale_nonnegative():
+        # the main logits are c_variant times the sweep's: max_j (c z0_ij) = c max_j z0_ij, c >= 0
+        m0 = jax.lax.stop_gradient(row_max0)
+        factor = jax.lax.stop_gradient(jnp.broadcast_to(jnp.asarray(c_variant, jnp.float32), m0.shape))
+        row_max = jnp.where(m0 <= _fwd._EMPTY, _fwd.MASKED, factor * m0)
     c = c_variant
     if c is not None and _is_static(c):
         # One constant c: z = (c a) q.k + c b, the constant-scale kernels (no row vector, no dc).
@@ -267,8 +283,8 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
     if c is not None:
         c = jnp.broadcast_to(jnp.asarray(c, jnp.float32), (B, N, T))
     c_nonneg = _nonneg_hint(variant, query, value, c, b, a_traced)
-    out, lse, ent, max_weight = _flash(query, key, value, c, b, spec, a_static, return_stats,
-                                       c_nonneg)
+    out, lse, ent, max_weight = _flash(query, key, value, c, b, spec, row_max, a_static,
+                                       return_stats, c_nonneg)
     if not return_stats:
         return out
     offset = variant.query_offset(query, scale)  # [B, T, N] or None

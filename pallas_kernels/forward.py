@@ -242,10 +242,11 @@ class _Plan:
     stats: bool
     pv: bool  # False: the statistics sweep (V streamed and waited on as usual, P @ V skipped)
     interpret: bool
+    fixed_max: bool = False  # the exact row max is an input (row vector): no online max
 
     @property
     def num_row_vecs(self):
-        return int(self.row_const is None) + int(self.has_qid)
+        return int(self.row_const is None) + int(self.has_qid) + int(self.fixed_max)
 
     @property
     def num_key_vecs(self):
@@ -336,28 +337,30 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     """``(m_new, d)``: the running row max and ``d = z - m_new`` of one tile (base 2).
 
     ``z = r (s + b)`` with ``r`` the row factor (``plan.row_const`` or the row vector ``r``) and
-    ``b`` the key bias ``kb`` (or none); hidden logits are ``MASKED`` on masked tiles.
+    ``b`` the key bias ``kb`` (or none); hidden logits are ``MASKED`` on masked tiles. With
+    ``plan.fixed_max`` ``m`` is the row's final max already and stays.
     """
     row = lambda x: lax.broadcast_in_dim(x, s.shape, [0])
     col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
+    new_max = lambda tile_max: m if plan.fixed_max else jnp.maximum(m, tile_max())
     rc = plan.row_const
     if plan.blocks.fold_scale and not masked and rc is None and plan.row_nonneg and kb is None:
         # max_j (r_i s_ij) = r_i max_j s_ij for r_i >= 0; d = r s - m is one FMA
-        m_new = jnp.maximum(m, s.max(axis=1) * r)
+        m_new = new_max(lambda: s.max(axis=1) * r)
         return m_new, s * row(r) - row(m_new)
     if plan.blocks.fold_scale and not masked and rc is not None and rc > 0:
         if kb is None:  # max_j (rc s_ij) = rc max_j s_ij for rc > 0; d = rc s - m is one FMA
-            m_new = jnp.maximum(m, s.max(axis=1) * rc)
+            m_new = new_max(lambda: s.max(axis=1) * rc)
             return m_new, s * rc - row(m_new)
         z = s * rc + col(kb * rc)  # one FMA per logit
-        m_new = jnp.maximum(m, z.max(axis=1))
+        m_new = new_max(lambda: z.max(axis=1))
         return m_new, z - row(m_new)
     if kb is not None:
         s = s + col(kb)
     z = s * rc if r is None else s * row(r)
     if masked:
         z = jnp.where(visible(), z, MASKED)
-    m_new = jnp.maximum(m, z.max(axis=1))
+    m_new = new_max(lambda: z.max(axis=1))
     return m_new, z - row(m_new)
 
 
@@ -396,11 +399,14 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                                     bars["q"].at[wg])
         plgpu.barrier_wait(bars["q"].at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        r = qid = None
+        r = qid = m_fixed = None
+        row_vec_at = lambda i: plgpu.load(smem["rv"].at[wg, jnp.int32(i)], layout=row_layout)
         if plan.row_const is None:
-            r = plgpu.load(smem["rv"].at[wg, jnp.int32(0)], layout=row_layout)
+            r = row_vec_at(0)
         if plan.has_qid:
-            qid = plgpu.load(smem["rv"].at[wg, jnp.int32(plan.num_row_vecs - 1)], layout=row_layout)
+            qid = row_vec_at(int(plan.row_const is None))
+        if plan.fixed_max:
+            m_fixed = row_vec_at(plan.num_row_vecs - 1)
 
         def step_fn(step, carry, masked):
             acc, m, den, ent = carry
@@ -424,11 +430,14 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             plgpu.barrier_arrive(bars["k_done"].at[slot])
             m_new, d = _shifted_logits(plan, s, kb, r, m, masked, lambda: _visible(
                 plan, q0, step, kid, qid))
-            alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(d)
-            if plan.stats:
+            alpha = None if plan.fixed_max else jnp.exp2(m - m_new)
+            if plan.stats and alpha is None:
+                ent = ent + (p * d).sum(axis=1)
+            elif plan.stats:
                 ent = alpha * (ent + den * (m - m_new)) + (p * d).sum(axis=1)
-            den = den * alpha
+            if alpha is not None:
+                den = den * alpha
 
             def end_softmax():
                 if pingpong:
@@ -442,7 +451,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                 end_softmax()
                 plgpu.barrier_arrive(bars["v_done"].at[slot])
                 return acc, m_new, den, ent
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if alpha is not None:
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p16 = p.astype(plan.dtype)
 
             if plan.head_dim <= 128:
@@ -472,7 +482,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
         if plan.pv:
             acc = plgpu.layout_cast(jnp.zeros((bq, plan.head_dim), jnp.float32),
                                     plgpu.Layout.WGMMA)
-        carry = (acc, row_vec(MASKED), row_vec(0.0), row_vec(0.0) if plan.stats else None)
+        m0 = m_fixed if plan.fixed_max else row_vec(MASKED)
+        carry = (acc, m0, row_vec(0.0), row_vec(0.0) if plan.stats else None)
         my_lo, full_lo, full_hi, my_hi = _key_range(plan, q0, bq)
         my_lo = jnp.clip(my_lo, lo, hi)
         my_hi = jnp.clip(my_hi, my_lo, hi)
@@ -499,7 +510,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
         smem["lse"].at[wg][...] = jnp.where(empty, 0.0, lse)
         if plan.stats:
             smem["ent"].at[wg][...] = jnp.where(empty, 0.0, (log2_l - ent * inv) * LN2)
-            smem["mw"].at[wg][...] = jnp.where(empty, 0.0, inv)
+            # the statistics sweep returns the row max (base 2) where the forward has 1 / l
+            smem["mw"].at[wg][...] = jnp.where(empty, 0.0, inv) if plan.pv else m
         plgpu.commit_smem()
         if plan.pv:
             plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q0, bq), head])
@@ -786,7 +798,7 @@ def split_bias(kb, dtype=jnp.bfloat16, terms=MMA_BIAS_TERMS, width=MMA_BIAS_WIDT
 
 
 def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv,
-             nonneg=False):
+             nonneg=False, row_max=None):
     """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -826,6 +838,9 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
             qid = jnp.where(jnp.arange(T, dtype=jnp.int32)[None] < q_len, qid, _BAD_Q_ID)
         qid = jnp.pad(qid, ((0, 0), (0, Tp - T)), constant_values=_BAD_Q_ID)
         row_vecs.append(jnp.broadcast_to(qid[:, None], (B, N, Tp)))
+    if row_max is not None:
+        m = jnp.broadcast_to(jnp.asarray(row_max, jnp.float32), (B, N, T))
+        row_vecs.append(jnp.pad(m, ((0, 0), (0, 0), (0, Tp - T)), constant_values=MASKED))
     key_vecs = []
     if kb is not None and not mma:
         key_vecs.append(kb)
@@ -845,14 +860,14 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
         row_nonneg=bool(nonneg) and query_scale is not None and logit_scale > 0,
         has_bias=kb is not None and not mma, mma_bias=mma, has_kid=has_kid, has_qid=has_qid,
-        stats=stats,
-        pv=pv, interpret=bool(interpret))
+        stats=stats, pv=pv, interpret=bool(interpret), fixed_max=row_max is not None)
     return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs), kb_mma, ones)
 
 
 def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
                   mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
-                  return_stats: bool = False, query_scale_nonnegative: bool = False):
+                  return_stats: bool = False, query_scale_nonnegative: bool = False,
+                  row_max=None):
     """Fused attention forward for the kernel-level problem of :mod:`pallas_kernels.common`.
 
     .. math::
@@ -874,6 +889,12 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
       query_scale_nonnegative: the caller guarantees ``c >= 0`` (SSMax with ``s >= 0``, adaptive
         temperature's ``beta >= 1``); lets ``BlockSizes.fold_scale`` fuse the per-query scale.
         A negative ``c`` under this promise gives wrong results (the row max would be wrong).
+      row_max: the exact row max of the base-2 logits ``max_j z_ij log2(e)``, float32
+        broadcastable to ``[B, N, T]`` (``flash_stats(..., return_row_max=True)`` of the same
+        logits, times a nonnegative per-query factor if ``c`` carries one), ``<= -5e29`` for rows
+        with no visible key; the kernel then skips its online max and rescaling. Only exact
+        maxima are safe: a value ``delta`` below the true max scales the row's weights by up to
+        ``2^delta`` before the normalisation (overflow past ``delta ~ 127``).
 
     Returns:
       ``(out [B, T, N, Hv] in q's dtype, lse [B, N, T] float32)``, and with ``return_stats``
@@ -887,7 +908,8 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
     mask = MaskSpec() if mask is None else mask
 
     plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
-                            stats=return_stats, pv=True, nonneg=query_scale_nonnegative)
+                            stats=return_stats, pv=True, nonneg=query_scale_nonnegative,
+                            row_max=row_max)
     out, lse, ent, mw = _run(plan, *arrays)
     T, Hv = q.shape[1], v.shape[3]
     out = out[:, :T, :, :Hv]
@@ -899,7 +921,7 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
 
 def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
                 mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
-                query_scale_nonnegative: bool = False):
+                query_scale_nonnegative: bool = False, return_row_max: bool = False):
     """The statistics sweep: ``(lse, entropy)`` of ``softmax(z)`` per query, without P @ V.
 
     The entropy is streamed exactly, ``H_i = lse_i - sum_j p_ij z_ij`` (in nats); the paper's
@@ -914,17 +936,22 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
       q, k, logit_scale, query_scale, key_bias, mask, interpret, query_scale_nonnegative: as
         :func:`flash_forward`.
       config: :class:`BlockSizes`; None picks :func:`default_stats_block_sizes`.
+      return_row_max: also return the row max of the base-2 logits, ``max_j z_ij log2(e)``
+        (``-1e30`` for rows with no visible key): ``flash_forward``'s ``row_max``.
 
     Returns:
-      ``(lse, entropy)``, float32 ``[B, N, T]``; zeros for rows with no visible key.
+      ``(lse, entropy)``, float32 ``[B, N, T]``; zeros for rows with no visible key. With
+      ``return_row_max``, ``(lse, entropy, row_max)``.
     """
     _check_inputs(q, k, None, logit_scale)
     mask = MaskSpec() if mask is None else mask
     config = _blocks(q, k, config, query_scale, key_bias, default_stats_block_sizes)[1]
     plan, arrays = _prepare(q, k, k, logit_scale, query_scale, key_bias, mask, config, interpret,
                             stats=True, pv=False, nonneg=query_scale_nonnegative)
-    _, lse, ent, _ = _run(plan, *arrays)
+    _, lse, ent, row_max = _run(plan, *arrays)
     T = q.shape[1]
+    if return_row_max:
+        return lse[..., :T], ent[..., :T], row_max[..., :T]
     return lse[..., :T], ent[..., :T]
 
 

@@ -158,7 +158,7 @@ def test_entropy_gradient_with_key_bias_raises():
     q, k, _, _ = _inputs(6, registers=False)
     b = jnp.zeros((B, K, S), jnp.float32)
     with pytest.raises(NotImplementedError, match="per-key bias"):
-        jax.grad(lambda q: jnp.sum(_entropy(q, k, None, b, MaskSpec(), 0.1)))(q)
+        jax.grad(lambda q: jnp.sum(_entropy(q, k, None, b, MaskSpec(), 0.1)[0]))(q)
 
 
 @pytest.mark.parametrize("kwargs, match", [

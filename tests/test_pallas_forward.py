@@ -336,3 +336,27 @@ def test_gpu_check_case_runs_in_the_interpreter(monkeypatch):
     res = check.check_case(case, flip_mma_bias=True)
     assert res["pass"], res
     assert res["flip_out_rel"] < 1e-2 and res["flip_lse"] < 1e-4
+
+
+@pytest.mark.parametrize("config", [BLOCKS, MMA], ids=["strip", "mma_bias"])
+def test_fixed_row_max(config):
+    """The forward given the exact row max (the statistics sweep's, times a per-query factor
+    beta >= 0, as adaptive temperature runs it) skips the online max: same results as the
+    reference, rows without a visible key zeros; a wrong max changes the statistics."""
+    B, T, S, N, K, H = 2, 200, 136, 2, 1, 64
+    q, k, v, _, b = _inputs(11, B, T, S, N, K, H, H, jnp.bfloat16, False, True)
+    beta = jax.random.uniform(jax.random.key(3), (B, N, T), jnp.float32, 1.0, 3.0)
+    spec = MaskSpec(is_causal=True, q_lengths=jnp.array([180, 200]), kv_lengths=jnp.array([120, 0]))
+    _, _, m = flash_stats(q, k, logit_scale=0.2, key_bias=b, mask=spec, config=config,
+                          return_row_max=True)
+    row_max = jnp.where(m <= -5e29, m, beta * m)
+    out, lse, ent, mw = flash_forward(q, k, v, logit_scale=0.2, query_scale=beta, key_bias=b,
+                                      mask=spec, config=config, return_stats=True, row_max=row_max)
+    r_out, r_lse, r_ent, r_mw = reference_rows(q, k, v, np.arange(T), a=0.2, c=beta, b=b, spec=spec)
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    for x, r in ((lse, r_lse), (ent, r_ent), (mw, r_mw)):
+        np.testing.assert_allclose(x, r, atol=STAT_TOL, rtol=STAT_TOL)
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)  # kv_lengths 0
+    off = flash_forward(q, k, v, logit_scale=0.2, query_scale=beta, key_bias=b, mask=spec,
+                        config=config, return_stats=True, row_max=row_max - 1.0)[3]
+    assert not np.allclose(off, r_mw, atol=STAT_TOL, rtol=STAT_TOL)
