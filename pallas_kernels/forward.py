@@ -206,6 +206,9 @@ def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool
 #            4 free 128 x 2 0.446 (forward 0.619 in that run)   <- chosen; 4 free 64 x 3 0.541.
 #   D = 128: ping-pong 128 x 2 0.791 / 0.442; 2 free 0.765 / 0.454; 3 free 128 x 2 0.721 / 0.437
 #            <- chosen; 3 free 64 x 3 0.784 / 0.474. (4 warpgroups not timed at D = 128.)
+# A later run (h200-kernels-fixedmax-20261130.json, the chosen layouts): D = 64 0.455 / 0.274
+# (c: 0.484 / 0.285), D = 128 0.789 / n.a. (c: 0.760 / 0.473) with the forward at 0.962 there: the
+# D = 128 gain did not repeat (run-to-run spread ~9 %); re-time 2 vs 3 free warpgroups there.
 # D = 192 / 256 keep the forward's tiles and schedule (not timed).
 _STATS_LAYOUT = {64: dict(compute_wgs=4, block_kv=128), 128: dict(compute_wgs=3, block_kv=128)}
 
