@@ -25,7 +25,9 @@ loaded; blocks every query sees run without mask arithmetic.
 Statistics: with ``return_stats`` the kernel also streams ``V_i = sum_j p_ij (z_ij - m_i)`` (base 2,
 rescaled like ``l_i``) and returns the exact entropy ``H_i = ln 2 (log2 l_i - V_i / l_i)`` and the
 max weight ``1 / l_i`` (``m_i`` is the exact row max). :func:`flash_stats` runs the same kernel
-with P @ V skipped, for adaptive temperature.
+with P @ V skipped and the compute warpgroups free-running (no ping-pong: nothing to overlap), for
+adaptive temperature; it can return each row's max, which lets the main sweep skip its online max
+(``flash_forward(row_max=...)``).
 
 Masked logits are set to ``-1e30`` (base 2), never ``-inf``; a row whose running max stays there has
 no visible key and gives zeros (lse, entropy and max weight 0). Visible logits below ``-5e29`` would
@@ -931,9 +933,10 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     ``-sum p log(p + eps)`` differs from it by at most ``n_i * eps`` nats.
 
     Runs the main kernel with ``v = k`` and the P @ V product skipped: the K/V pipeline, its
-    barriers and the warpgroup schedule are the main kernel's (the V tiles, the same memory as
-    the K tiles, are streamed and waited on but unused). The exponentials, not the matmuls, bound
-    this sweep: it takes ~75 % of a forward at D = 128 on the H100 (``pallas_kernels/NOTES.md``).
+    barriers are the main kernel's (the V tiles, the same memory as the K tiles, are streamed and
+    waited on but unused). Its default tiles (:func:`default_stats_block_sizes`) drop the
+    ping-pong schedule and run 3-4 compute warpgroups: ~0.73 of a forward at D = 64 on the H200
+    (``pallas_kernels/NOTES.md``).
 
     Args:
       q, k, logit_scale, query_scale, key_bias, mask, interpret, query_scale_nonnegative: as
