@@ -11,15 +11,15 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
-kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles), and the forward with ``fold_scale`` off
-and on and given the exact row max (``fixedmax``); each config's outputs are compared with the
-first config's (relative norm of the difference: a config that breaks the kernel shows up);
-``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16, H = 16, B * N = 16384
-tokens (``--tokens``); timed by :func:`benchmarks.timing.compare` (every candidate of one problem in
-interleaved rounds of back-to-back calls, after a warm-up). FLOPs as :mod:`benchmarks.attention`:
-forward ``4 B H N^2 D`` (halved when causal), and each backward kernel counted at half the
-backward's ``2.5 x fwd``, so the two rates compare kernel against kernel. Prints one table;
-``--out`` writes the rows as JSON.
+kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups), and the
+forward with ``fold_scale`` off and on and given the exact row max (``fixedmax``); each config's
+outputs are compared with the first config's (relative norm of the difference: a config that breaks
+the kernel shows up); ``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16,
+H = 16, B * N = 16384 tokens (``--tokens``); timed by :func:`benchmarks.timing.compare` (every
+candidate of one problem in interleaved rounds of back-to-back calls, after a warm-up). FLOPs as
+:mod:`benchmarks.attention`: forward ``4 B H N^2 D`` (halved when causal), and each backward kernel
+counted at half the backward's ``2.5 x fwd``, so the two rates compare kernel against kernel.
+Prints one table; ``--out`` writes the rows as JSON.
 """
 
 import argparse
@@ -58,6 +58,8 @@ def bwd_configs(D, query_scale=False, masked=True):
         "mma": dataclasses.replace(base, mma_bias=True),
         "mmadb": dataclasses.replace(base, mma_db=True),
         "nommadb": dataclasses.replace(base, mma_db=False),
+        "wgs3": dataclasses.replace(base, compute_wgs=3),
+        "wgs3kv64": dataclasses.replace(base, compute_wgs=3, block_kv_dq=64),
     }
 
 

@@ -63,7 +63,9 @@ class BackwardConfig:
       block_kv_dq: keys per pipelined K/V tile in the dq kernel.
       block_q_dkv: queries per pipelined Q/dO tile in the dkv kernel.
       block_kv_dkv: keys per compute warpgroup in the dkv kernel.
-      compute_wgs: compute warpgroups per CTA (1 or 2), each owning its own rows.
+      compute_wgs: compute warpgroups per CTA (1, 2 or 3), each owning its own rows. Three get
+        152 registers each (jax's pipeline split; 4 would ask 112 of the 104 a 5-warpgroup CTA
+        can give and hang, ``forward._compute_registers``). Not timed on the GPU at 3.
       max_concurrent_steps: depth of the TMA pipeline (>= 2).
       dq_edge_masks, dkv_edge_masks: in that kernel, apply the causal / window / padding mask
         only on tiles that straddle its edge (a ``lax.cond`` per tile); tiles every query sees
@@ -93,8 +95,8 @@ class BackwardConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value % 64:
                 raise ValueError(f"BackwardConfig.{name} must be a positive multiple of 64, got {value!r}")
-        if self.compute_wgs not in (1, 2):
-            raise ValueError(f"BackwardConfig.compute_wgs must be 1 or 2, got {self.compute_wgs!r}")
+        if self.compute_wgs not in (1, 2, 3):
+            raise ValueError(f"BackwardConfig.compute_wgs must be 1, 2 or 3, got {self.compute_wgs!r}")
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")

@@ -299,11 +299,13 @@ def test_bias_paths_match_reference(name, mma, mma_db):
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
-def test_one_compute_warpgroup_config():
-    """A non-default config (1 compute warpgroup, 3 stages, 128-key dkv tiles) gives the same result."""
-    q, k, v, dout, c, b = _inputs(3, 1, 128, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
+@pytest.mark.parametrize("wgs", [1, 3])
+def test_compute_warpgroup_configs(wgs):
+    """Non-default configs (1 or 3 compute warpgroups, 3 stages, 128-key dkv tiles; T = 200 leaves
+    ragged tiles) give the reference's gradients."""
+    q, k, v, dout, c, b = _inputs(3, 1, 200, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
     cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=128,
-                         compute_wgs=1, max_concurrent_steps=3)
+                         compute_wgs=wgs, max_concurrent_steps=3)
     _compare(q, k, v, dout, c, b, MaskSpec(is_causal=True), config=cfg, jit=True)
 
 
@@ -367,7 +369,7 @@ def test_unsupported_raises_not_implemented():
         _bad_call(q=big, k=jnp.ones((1, 64, 1, 320), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=3), dict(max_concurrent_steps=1),
+@pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=4), dict(max_concurrent_steps=1),
                                     dict(dq_edge_masks=1), dict(dkv_edge_masks=None)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="BackwardConfig"):
