@@ -756,6 +756,19 @@ def _check_inputs(q, k, v, logit_scale):
         raise NotImplementedError(f"head dims above 256 are not supported, got {head_dim}")
 
 
+def _check_row_max(row_max, q):
+    B, T, N, _ = q.shape
+    shape = jnp.shape(row_max)
+    try:
+        fits = jnp.broadcast_shapes(shape, (B, N, T)) == (B, N, T)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"row_max must broadcast to [B, N, T] = {(B, N, T)}, got shape {shape}")
+    if not jnp.issubdtype(jnp.result_type(row_max), jnp.floating):
+        raise TypeError(f"row_max must be a float array, got {jnp.result_type(row_max)}")
+
+
 def _blocks(q, v, config, query_scale, key_bias, defaults=None):
     D = _round_up(max(q.shape[3], v.shape[3] if v is not None else 0), 64)
     defaults = defaults or default_block_sizes
@@ -908,8 +921,11 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
 
     Raises:
       NotImplementedError: float32 inputs, head dims above 256, or a zero logit scale.
+      ValueError, TypeError: a ``row_max`` that does not broadcast to ``[B, N, T]`` or is not float.
     """
     _check_inputs(q, k, v, logit_scale)
+    if row_max is not None:
+        _check_row_max(row_max, q)
     mask = MaskSpec() if mask is None else mask
 
     plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,

@@ -231,6 +231,10 @@ def test_unsupported_inputs_raise():
         BlockSizes(compute_wgs=5, pingpong=False)
     with pytest.raises(ValueError, match="pingpong needs compute_wgs == 2"):
         BlockSizes(compute_wgs=3)
+    with pytest.raises(ValueError, match=r"row_max must broadcast to \[B, N, T\]"):
+        flash_forward(q, k, v, logit_scale=0.1, row_max=jnp.zeros((1, 64, 1)))
+    with pytest.raises(TypeError, match="row_max must be a float array"):
+        flash_forward(q, k, v, logit_scale=0.1, row_max=jnp.zeros((1, 1, 64), jnp.int32))
 
 
 def test_default_block_sizes():
