@@ -364,3 +364,32 @@ def test_fixed_row_max(config):
     off = flash_forward(q, k, v, logit_scale=0.2, query_scale=beta, key_bias=b, mask=spec,
                         config=config, return_stats=True, row_max=row_max - 1.0)[3]
     assert not np.allclose(off, r_mw, atol=STAT_TOL, rtol=STAT_TOL)
+
+
+@hypothesis.settings(deadline=None, max_examples=4)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), layout=st.sampled_from(sorted(STATS_CONFIGS)),
+                  causal=st.booleans(), use_c=st.booleans(), use_b=st.booleans(),
+                  lengths=st.booleans())
+def test_random_stats_layouts_and_fixed_max(seed, layout, causal, use_c, use_b, lengths):
+    """One shape bucket (GQA, ragged T and S); warpgroup layout, flags and values drawn: the
+    statistics sweep's lse, entropy and row max, then the forward given that row max, against the
+    reference."""
+    B, T, S, N, K, H = 2, 136, 120, 4, 2, 64
+    q, k, v, c, b = _inputs(seed, B, T, S, N, K, H, H, jnp.bfloat16, use_c, use_b)
+    kv_len = jnp.array([S, S // 2]) if lengths else None
+    spec = MaskSpec(is_causal=causal, kv_lengths=kv_len)
+    lse, ent, m = flash_stats(q, k, logit_scale=0.2, query_scale=c, key_bias=b, mask=spec,
+                              config=STATS_CONFIGS[layout], return_row_max=True)
+    r_out, r_lse, r_ent, r_mw = reference_rows(q, k, v, np.arange(T), a=0.2, c=c, b=b, spec=spec)
+    np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
+    np.testing.assert_allclose(ent, r_ent, atol=STAT_TOL, rtol=STAT_TOL)
+    # the row max: lse - ln(1 / max weight), in base 2
+    visible_rows = np.asarray(r_mw) > 0
+    want_m = (np.asarray(r_lse) + np.log(np.where(visible_rows, r_mw, 1.0))) / np.log(2.0)
+    np.testing.assert_allclose(np.asarray(m)[visible_rows], want_m[visible_rows], atol=1e-3, rtol=1e-5)
+    assert np.all(np.asarray(m)[~visible_rows] <= -5e29)
+    out, lse2, ent2, mw2 = flash_forward(q, k, v, logit_scale=0.2, query_scale=c, key_bias=b,
+                                         mask=spec, config=BLOCKS, return_stats=True, row_max=m)
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    for x, r in ((lse2, r_lse), (ent2, r_ent), (mw2, r_mw)):
+        np.testing.assert_allclose(x, r, atol=STAT_TOL, rtol=STAT_TOL)
