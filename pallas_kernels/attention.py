@@ -168,10 +168,7 @@ def _entropy_fwd(q, k, c, b, spec, a):
         return _entropy(q, k, c, b, spec, a), (q, k, c, b, spec, None, None)
     out, lse, ent, mw = flash_forward(q, k, k, logit_scale=a, query_scale=c, mask=spec,
                                       return_stats=True)
-    # max_j z0_ij log2(e) = lse_i log2(e) - log2(l_i), max weight = 1 / l_i (up to rounding)
-    row_max = jnp.where(mw > 0, lse * _fwd.LOG2E + jnp.log2(jnp.where(mw > 0, mw, 1.0)),
-                        _fwd.MASKED)
-    return (ent, row_max), (q, k, c, b, spec, out, lse)
+    return (ent, _fwd.row_max_from_stats(lse, mw)), (q, k, c, b, spec, out, lse)
 
 
 def _entropy_bwd(a, res, cts):
@@ -268,10 +265,8 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
         c_variant = variant.query_scale(num_visible, entropy)
     row_max = None
     if entropy is not None and variant.query_scale_nonnegative():
-        # the main logits are c_variant times the sweep's: max_j (c z0_ij) = c max_j z0_ij, c >= 0
-        m0 = jax.lax.stop_gradient(row_max0)
-        factor = jax.lax.stop_gradient(jnp.broadcast_to(jnp.asarray(c_variant, jnp.float32), m0.shape))
-        row_max = jnp.where(m0 <= _fwd._EMPTY, _fwd.MASKED, factor * m0)
+        # the main logits are c_variant (>= 0) times the sweep's
+        row_max = jax.lax.stop_gradient(_fwd.scale_row_max(row_max0, c_variant))
     c = c_variant
     if c is not None and _is_static(c):
         # One constant c: z = (c a) q.k + c b, the constant-scale kernels (no row vector, no dc).

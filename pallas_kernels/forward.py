@@ -57,7 +57,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.common import MaskSpec
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "default_stats_block_sizes",
-           "flash_forward", "flash_stats", "count_visible", "segment_ranks"]
+           "flash_forward", "flash_stats", "scale_row_max", "row_max_from_stats", "count_visible",
+           "segment_ranks"]
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -437,10 +438,9 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                 plan, q0, step, kid, qid))
             p = jnp.exp2(d)
             alpha = None if plan.fixed_max else jnp.exp2(m - m_new)
-            if plan.stats and alpha is None:
-                ent = ent + (p * d).sum(axis=1)
-            elif plan.stats:
-                ent = alpha * (ent + den * (m - m_new)) + (p * d).sum(axis=1)
+            if plan.stats:
+                ent = (p * d).sum(axis=1) + (
+                    ent if alpha is None else alpha * (ent + den * (m - m_new)))
             if alpha is not None:
                 den = den * alpha
 
@@ -769,10 +769,25 @@ def _check_row_max(row_max, q):
         raise TypeError(f"row_max must be a float array, got {jnp.result_type(row_max)}")
 
 
-def _blocks(q, v, config, query_scale, key_bias, defaults=None):
+def _blocks(q, v, config, query_scale, key_bias, defaults=default_block_sizes):
     D = _round_up(max(q.shape[3], v.shape[3] if v is not None else 0), 64)
-    defaults = defaults or default_block_sizes
     return D, config or defaults(D, query_scale is not None, key_bias is not None)
+
+
+def scale_row_max(row_max, factor):
+    """The row max of ``factor_i z_ij`` from that of ``z_ij`` (``flash_stats``'s), for a
+    nonnegative per-query ``factor``: ``factor_i max_j z_ij``; rows with no visible key stay
+    marked as such. What :func:`flash_forward`'s ``row_max`` takes when its ``c`` is ``factor``
+    times the sweep's."""
+    return jnp.where(row_max <= _EMPTY, MASKED, factor * row_max)
+
+
+def row_max_from_stats(lse, max_weight):
+    """The row max of the base-2 logits from the forward's statistics, up to rounding:
+    ``lse log2(e) + log2(max weight)`` (the max weight is ``1 / l`` with ``l`` taken at the
+    max); rows with no visible key (max weight 0) get ``MASKED``."""
+    seen = max_weight > 0
+    return jnp.where(seen, lse * LOG2E + jnp.log2(jnp.where(seen, max_weight, 1.0)), MASKED)
 
 
 def _truncate_to_bf16(x):

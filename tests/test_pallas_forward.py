@@ -21,7 +21,14 @@ import pytest
 
 from pallas_kernels.check import reference_rows
 from pallas_kernels.common import MaskSpec, visible
-from pallas_kernels.forward import BlockSizes, count_visible, flash_forward, flash_stats, segment_ranks
+from pallas_kernels.forward import (
+    BlockSizes,
+    count_visible,
+    flash_forward,
+    flash_stats,
+    scale_row_max,
+    segment_ranks,
+)
 from tests.interpreter import needs_interpreter_threads
 
 BLOCKS = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2)
@@ -353,7 +360,7 @@ def test_fixed_row_max(config):
     spec = MaskSpec(is_causal=True, q_lengths=jnp.array([180, 200]), kv_lengths=jnp.array([120, 0]))
     _, _, m = flash_stats(q, k, logit_scale=0.2, key_bias=b, mask=spec, config=config,
                           return_row_max=True)
-    row_max = jnp.where(m <= -5e29, m, beta * m)
+    row_max = scale_row_max(m, beta)
     out, lse, ent, mw = flash_forward(q, k, v, logit_scale=0.2, query_scale=beta, key_bias=b,
                                       mask=spec, config=config, return_stats=True, row_max=row_max)
     r_out, r_lse, r_ent, r_mw = reference_rows(q, k, v, np.arange(T), a=0.2, c=beta, b=b, spec=spec)
@@ -393,3 +400,18 @@ def test_random_stats_layouts_and_fixed_max(seed, layout, causal, use_c, use_b, 
     np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
     for x, r in ((lse2, r_lse), (ent2, r_ent), (mw2, r_mw)):
         np.testing.assert_allclose(x, r, atol=STAT_TOL, rtol=STAT_TOL)
+
+
+def test_row_max_from_stats():
+    """The row max derived from the forward's lse and max weight (adaptive temperature's gradient
+    path) is the statistics sweep's, rows without a visible key included."""
+    from pallas_kernels.forward import row_max_from_stats
+    q, k, v, c, b = _inputs(12, 2, 128, 120, 2, 1, 64, 64, jnp.bfloat16, True, True)
+    spec = MaskSpec(is_causal=True, kv_lengths=jnp.array([120, 0]))
+    _, lse, _, mw = flash_forward(q, k, v, logit_scale=0.2, query_scale=c, key_bias=b, mask=spec,
+                                  config=BLOCKS, return_stats=True)
+    _, _, m = flash_stats(q, k, logit_scale=0.2, query_scale=c, key_bias=b, mask=spec,
+                          config=BLOCKS, return_row_max=True)
+    np.testing.assert_allclose(row_max_from_stats(lse, mw)[0], m[0], atol=1e-4, rtol=1e-5)
+    assert np.all(np.asarray(row_max_from_stats(lse, mw)[1]) <= -5e29)
+    assert np.all(np.asarray(m[1]) <= -5e29)
