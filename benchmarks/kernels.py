@@ -11,7 +11,8 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
-kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups), and the
+kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
+``overlap`` = :attr:`BackwardConfig.overlap`), and the
 forward with ``fold_scale`` off and on and given the exact row max (``fixedmax``); each config's
 outputs are compared with the first config's (relative norm of the difference: a config that breaks
 the kernel shows up); ``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16,
@@ -60,6 +61,8 @@ def bwd_configs(D, query_scale=False, masked=True):
         "nommadb": dataclasses.replace(base, mma_db=False),
         "wgs3": dataclasses.replace(base, compute_wgs=3),
         "wgs3kv64": dataclasses.replace(base, compute_wgs=3, block_kv_dq=64),
+        "overlap": dataclasses.replace(base, overlap=True),
+        "overlapkv64": dataclasses.replace(base, overlap=True, block_kv_dq=64),
     }
 
 
@@ -121,13 +124,14 @@ def _baseline_candidates(pkg, D, mask, a, fwd_args, bwd_args):
     return out
 
 
-def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, stats=()):
+def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, stats=(), forward=True):
     """Rows ``dict(kernel, config, ms, tflops, error, rel_diff_to_first)`` for one problem.
 
     ``c`` here is positive, so the forward is called with ``query_scale_nonnegative=True`` (as
     the dispatcher does for SSMax and adaptive temperature). ``baseline``: a package name whose
     kernels are timed beside these (config ``base``). ``stats``: names of
-    :func:`stats_configs` to time the statistics sweep with (kernel ``stats``).
+    :func:`stats_configs` to time the statistics sweep with (kernel ``stats``). ``forward``:
+    False leaves the forward candidates out (``--no-forward``).
     """
     B = max(1, tokens // N)
     q, k, v, do, c, b = _inputs(N + D + len(flags), B, N, D, flags)
@@ -136,7 +140,7 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
     fwd_flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
     candidates = {}
     base = default_block_sizes(D, c is not None, b is not None)
-    for fold in (False, True):
+    for fold in (False, True) if forward else ():
         cfg = dataclasses.replace(base, fold_scale=fold)
         fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
@@ -145,15 +149,15 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
     # the forward given the exact row max (no online max), as adaptive temperature's main sweep
     row_max = flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
                           return_row_max=True)[2]
-    fixed = {"fixedmax": None}
-    if D == 64:  # without the running max fewer registers are live: 256-key tiles with c?
+    fixed = {"fixedmax": None} if forward else {}
+    if D == 64 and forward:  # without the running max fewer registers are live: 256-key tiles with c?
         fixed["fixedmax256"] = dataclasses.replace(base, block_kv=256, max_concurrent_steps=2)
     for name, cfg in fixed.items():
         fn = jax.jit(lambda q, k, v, c, b, m, cfg=cfg: flash_forward(
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             query_scale_nonnegative=c is not None, row_max=m))
         candidates[("fwd", name)] = (fn, (q, k, v, c, b, row_max))
-    if b is not None:  # BlockSizes.mma_bias flipped
+    if b is not None and forward:  # BlockSizes.mma_bias flipped
         cfg = dataclasses.replace(base, mma_bias=not base.mma_bias)
         fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg))
@@ -225,6 +229,7 @@ def main(argv=None):
     parser.add_argument("--bwd-configs", default="default,first,edge,kv64")
     parser.add_argument("--stats-configs", default="",
                         help="statistics-sweep configs to time too (stats_configs)")
+    parser.add_argument("--no-forward", action="store_true", help="time the backward kernels only")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (benchmarks/timing.py)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="B * N")
     parser.add_argument("--out", default=None)
@@ -248,7 +253,7 @@ def main(argv=None):
             for causal in ints(args.causal):
                 for flags in args.flags.split(","):
                     rows += measure(D, N, bool(causal), flags, args.rounds, configs, args.tokens,
-                                    args.baseline, stats)
+                                    args.baseline, stats, not args.no_forward)
                     if args.out:
                         with open(args.out, "w") as f:
                             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,

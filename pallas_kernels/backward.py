@@ -77,6 +77,10 @@ class BackwardConfig:
         wgmma of the 16-bit ``c dZ`` tile it forms for dk against a ``[block_q, 16]`` tile of
         ones (column 0 kept) instead of a per-logit float32 row sum. ``db`` then carries dk's
         rounding of ``dZ`` (bf16) instead of float32 sums. On at D = 64 (see :data:`_DEFAULTS`).
+      overlap: issue each tile's second and third wgmma before the register math that does not
+        feed them and wait after it, so the softmax runs while the tensor cores form ``dP`` and the
+        ``dc`` / ``db`` sums (and, in the dkv kernel, ``dZ``) while they accumulate dq / dv / dk.
+        Off: every wgmma is awaited at once (the math is the same).
     """
 
     block_q_dq: int = 64
@@ -89,6 +93,7 @@ class BackwardConfig:
     dkv_edge_masks: bool = False
     mma_bias: bool = False
     mma_db: bool = False
+    overlap: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -100,7 +105,7 @@ class BackwardConfig:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db"):
+        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -212,6 +217,30 @@ def _mm_smem(lhs_smem, rhs_smem_t, shape, extra=None):
         return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _mma_while(acc, lhs, rhs_smem, work, interpret, *, lhs_in_registers, shape=None, extra=None):
+    """``(acc + lhs @ rhs_smem, work())`` with ``work``'s register math between the wgmma's issue
+    and its wait (``BackwardConfig.overlap``): the ALU runs while the tensor cores do the product.
+
+    ``acc`` None: a fresh float32 accumulator of ``shape``; ``extra``: a second product into it (the
+    mma_bias operands). ``lhs_in_registers`` under the interpreter: a ``jnp.dot`` (as
+    :func:`_mma_acc`); SMEM operands run the wgmma there too.
+    """
+    if interpret and lhs_in_registers:
+        prod = jnp.dot(lhs, rhs_smem[...], preferred_element_type=jnp.float32)
+        return (prod if acc is None else acc + prod), work()
+
+    def body(acc_ref):
+        if acc is not None:
+            acc_ref[...] = acc
+        plgpu.wgmma(acc_ref, lhs, rhs_smem)
+        if extra is not None:
+            plgpu.wgmma(acc_ref, *extra)
+        out = work()
+        return acc_ref[...], out
+
+    return pl.run_scoped(body, plgpu.ACC(acc.shape if shape is None else shape, jnp.float32))
 
 
 def _zeros(shape):
@@ -452,15 +481,10 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 plgpu.barrier_arrive(consumed[-1])
             row = lambda x: lax.broadcast_in_dim(x, (bq, bkv), [0])
             crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E if st.has_c else None
+            kb = None
             if strip:
                 kb = plgpu.load(kb_smem, layout=COL)
                 plgpu.barrier_arrive(consumed[2])
-                u = s * a + lax.broadcast_in_dim(kb, (bq, bkv), [1])
-                z2 = u * (row(crow) if st.has_c else LOG2E)
-            else:  # one FMA per logit with the exponent's shift; dc pairs dZ with s, times a later
-                u = s
-                z2 = s * (row(crow * a) if st.has_c else a * LOG2E)
-            p = jnp.exp2(z2 - row(lse2))
             qc = kc = None
             if st.has_codes:
                 qc = lax.broadcast_in_dim(plgpu.load(qcode_smem2.at[wg], layout=ROW), (bq, bkv), [0])
@@ -472,16 +496,39 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 return _visible(st, qi, kj, qc, kc)
 
-            p = _apply_mask(st, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
+            def softmax():  # (u, p, sum_j p u): the logits' u and the probabilities
+                if strip:
+                    u = s * a + lax.broadcast_in_dim(kb, (bq, bkv), [1])
+                    z2 = u * (row(crow) if st.has_c else LOG2E)
+                else:  # one FMA per logit with the exponent's shift; dc pairs dZ with s, times a later
+                    u = s
+                    z2 = s * (row(crow * a) if st.has_c else a * LOG2E)
+                p = jnp.exp2(z2 - row(lse2))
+                p = _apply_mask(st, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
+                return u, p, (jnp.sum(p * u, axis=1) if st.need_dc else None)
 
-            dp = _mm_smem(do_smem, v_smem.transpose((1, 0)), (bq, bkv))
+            def dc_sums(dz):  # dc_i = sum_j dZ_ij u_ij and sum_j dZ_ij (centered at the end)
+                if not st.need_dc:
+                    return dc, dz_sum
+                return dc + jnp.sum(dz * u, axis=1), dz_sum + jnp.sum(dz, axis=1)
+
+            if cfg.overlap:  # the softmax runs while the tensor cores form dP
+                dp, (u, p, pu) = _mma_while(None, do_smem, v_smem.transpose((1, 0)), softmax,
+                                            st.interpret, lhs_in_registers=False, shape=(bq, bkv))
+            else:
+                u, p, pu = softmax()
+                dp = _mm_smem(do_smem, v_smem.transpose((1, 0)), (bq, bkv))
             plgpu.barrier_arrive(consumed[1])
             dz = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
+            dz16 = dz.astype(st.dtype)
+            if cfg.overlap:  # the dc sums run while the tensor cores accumulate dq
+                dq_acc, (dc, dz_sum) = _mma_while(dq_acc, dz16, k_smem, lambda: dc_sums(dz),
+                                                  st.interpret, lhs_in_registers=True)
+            else:
+                dc, dz_sum = dc_sums(dz)
+                dq_acc = _mma_acc(dq_acc, dz16, k_smem, st.interpret)
             if st.need_dc:
-                dc = dc + jnp.sum(dz * u, axis=1)
-                dz_sum = dz_sum + jnp.sum(dz, axis=1)
-                pu_sum = pu_sum + jnp.sum(p * u, axis=1)
-            dq_acc = _mma_acc(dq_acc, dz.astype(st.dtype), k_smem, st.interpret)
+                pu_sum = pu_sum + pu
             plgpu.barrier_arrive(consumed[0])
             return dq_acc, dc, dz_sum, pu_sum
 
@@ -622,34 +669,53 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 bias_mm = (kbm_smem2.at[wg], ones_smem.at[wg].transpose((1, 0)))
             s_t = _mm_smem(k_smem, q_smem.transpose((1, 0)), shape, bias_mm)
             col = lambda x: lax.broadcast_in_dim(x, shape, [1])
-            if strip:
-                kb = plgpu.load(kb_smem2.at[wg], layout=ROW)
-                u_t = s_t * a + lax.broadcast_in_dim(kb, shape, [0])
-                z2 = u_t * (col(crow * LOG2E) if st.has_c else LOG2E)
-            else:  # one FMA per logit with the exponent's shift
-                z2 = s_t * (col(crow * (a * LOG2E)) if st.has_c else a * LOG2E)
-            p_t = jnp.exp2(z2 - col(lse2))
+            kb = plgpu.load(kb_smem2.at[wg], layout=ROW) if strip else None
 
             def visible():
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
                 qi = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
                 return _visible(st, qi, kj, qc, kc)
 
-            p_t = _apply_mask(st, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv)
+            def softmax():
+                if strip:
+                    u_t = s_t * a + lax.broadcast_in_dim(kb, shape, [0])
+                    z2 = u_t * (col(crow * LOG2E) if st.has_c else LOG2E)
+                else:  # one FMA per logit with the exponent's shift
+                    z2 = s_t * (col(crow * (a * LOG2E)) if st.has_c else a * LOG2E)
+                p_t = jnp.exp2(z2 - col(lse2))
+                return _apply_mask(st, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv)
 
-            dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
-            dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
-            plgpu.barrier_arrive(consumed[1])
-            if st.has_c:  # c (dP - delta) as one FMA
-                dz_t = p_t * (dp_t * col(crow) - col(delta * crow))
+            def dz_of(p_t, dp_t):
+                if st.has_c:  # c (dP - delta) as one FMA
+                    dz_t = p_t * (dp_t * col(crow) - col(delta * crow))
+                else:
+                    dz_t = p_t * (dp_t - col(delta))
+                return dz_t, dz_t.astype(st.dtype)
+
+            def db_sum(dz_t):
+                return db + jnp.sum(dz_t, axis=1) if st.has_b and not st.mma_db else db
+
+            if cfg.overlap:  # each wgmma in flight while the math that does not feed it runs
+                dp_t, p_t = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
+                                       st.interpret, lhs_in_registers=False, shape=shape)
+                dv_acc, (dz_t, dz16) = _mma_while(dv_acc, p_t.astype(st.dtype), do_smem,
+                                                  lambda: dz_of(p_t, dp_t), st.interpret,
+                                                  lhs_in_registers=True)
+                plgpu.barrier_arrive(consumed[1])
+                if st.mma_db:
+                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
+                dk_acc, db = _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(dz_t), st.interpret,
+                                        lhs_in_registers=True)
             else:
-                dz_t = p_t * (dp_t - col(delta))
-            dz16 = dz_t.astype(st.dtype)
-            if st.mma_db:
-                db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
-            elif st.has_b:
-                db = db + jnp.sum(dz_t, axis=1)
-            dk_acc = _mma_acc(dk_acc, dz16, q_smem, st.interpret)
+                p_t = softmax()
+                dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
+                dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
+                plgpu.barrier_arrive(consumed[1])
+                dz_t, dz16 = dz_of(p_t, dp_t)
+                if st.mma_db:
+                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
+                db = db_sum(dz_t)
+                dk_acc = _mma_acc(dk_acc, dz16, q_smem, st.interpret)
             plgpu.barrier_arrive(consumed[0])
             return dk_acc, dv_acc, db
 

@@ -75,9 +75,10 @@ def _rel(x, ref):
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def check_case(name, seed, query_scale_grad=True, flip_mma_db=False):
+def check_case(name, seed, query_scale_grad=True, flip_mma_db=False, overrides=None):
     """Errors of one CHECKS case against the float32 oracle; ``flip_mma_db``: the default config
-    with ``BackwardConfig.mma_db`` flipped (on at D = 64 by default)."""
+    with ``BackwardConfig.mma_db`` flipped (on at D = 64 by default); ``overrides``: fields of
+    the default config to replace (``--set``)."""
     B, T, S, N, K, D, mask_kind, R, use_c, use_b = CHECKS[name]
     q, k, v, do, c, b, mkey = _inputs(jax.random.key(seed), B, T, S + R, N, K, D, use_c, use_b)
     mask = _mask(mask_kind, B, T, S, mkey)
@@ -92,9 +93,11 @@ def check_case(name, seed, query_scale_grad=True, flip_mma_db=False):
     (out, lse), vjp = jax.vjp(ref_fn, q, k, v, c, b)
     refs = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     config = None
-    if flip_mma_db:
-        base = default_config(D, c is not None, is_masked(mask))
-        config = dataclasses.replace(base, mma_db=not base.mma_db)
+    if flip_mma_db or overrides:
+        config = default_config(D, c is not None, is_masked(mask))
+        if flip_mma_db:
+            config = dataclasses.replace(config, mma_db=not config.mma_db)
+        config = dataclasses.replace(config, **(overrides or {}))
     got = flash_backward(q, k, v, out.astype(q.dtype), lse, do, logit_scale=a, query_scale=c,
                          key_bias=b, mask=mask, query_scale_grad=query_scale_grad, config=config)
     got = jax.block_until_ready(got)
@@ -196,6 +199,19 @@ def time_case(T, D, causal, heads=16, tokens=16384):
                 ours_tflops=flops / t_ours / 1e12, cudnn_tflops=flops / (t_fb - t_fwd) / 1e12)
 
 
+def _parse_overrides(text):
+    """``"overlap=1,block_kv_dq=64"`` -> ``{"overlap": True, "block_kv_dq": 64}`` (bool fields
+    by the field's default type)."""
+    fields = {f.name: type(f.default) for f in dataclasses.fields(BackwardConfig)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--set: {key!r} is not a BackwardConfig field ({', '.join(fields)})")
+        out[key] = bool(int(value)) if fields[key] is bool else int(value)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("check", "time", "both", "tune"), default="both")
@@ -205,7 +221,10 @@ def main():
                         help="run the dq kernel without the dc sums (query_scale_grad=False)")
     parser.add_argument("--flip-mma-db", action="store_true",
                         help="the default config with BackwardConfig.mma_db flipped")
+    parser.add_argument("--set", default="",
+                        help="BackwardConfig fields to override, e.g. overlap=1,block_kv_dq=64")
     args = parser.parse_args()
+    overrides = _parse_overrides(args.set)
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, "seed", args.seed, flush=True)
     rows, timings = [], []
     if args.only in ("check", "both"):
@@ -213,7 +232,7 @@ def main():
             t0 = time.perf_counter()
             try:
                 errs = check_case(name, args.seed + i, not args.no_query_scale_grad,
-                                  args.flip_mma_db)
+                                  args.flip_mma_db, overrides)
                 ok = all(e < TOL for e in errs.values())
                 rows.append((name, "PASS" if ok else "FAIL",
                              " ".join(f"{k}={v:.2e}" for k, v in errs.items())))

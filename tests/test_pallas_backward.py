@@ -299,6 +299,19 @@ def test_bias_paths_match_reference(name, mma, mma_db):
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
+@pytest.mark.parametrize("name, mma_bias, mma_db", [
+    ("plain_mqa4_scale_bias", True, True), ("causal_ragged_gqa2", False, False),
+    ("window_registers_f16", False, False), ("d128_causal_ragged_kv", True, False)])
+def test_overlap_matches_reference(name, mma_bias, mma_db):
+    """``BackwardConfig.overlap`` (each tile's math traced between a wgmma's issue and its wait)
+    gives the reference's gradients, with ``c`` (the dc sums) and both ways of adding the bias."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
+    q, k, v, dout, c, b = _inputs(6, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
+    cfg = dataclasses.replace(default_config(max(H, Hv), use_c), overlap=True, mma_bias=mma_bias,
+                              mma_db=mma_db)
+    _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
+
+
 @pytest.mark.parametrize("wgs", [1, 3])
 def test_compute_warpgroup_configs(wgs):
     """Non-default configs (1 or 3 compute warpgroups, 3 stages, 128-key dkv tiles; T = 200 leaves
@@ -370,7 +383,8 @@ def test_unsupported_raises_not_implemented():
 
 
 @pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=4), dict(max_concurrent_steps=1),
-                                    dict(dq_edge_masks=1), dict(dkv_edge_masks=None)])
+                                    dict(dq_edge_masks=1), dict(dkv_edge_masks=None),
+                                    dict(overlap=0)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="BackwardConfig"):
         BackwardConfig(**kwargs)
