@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.common import MaskSpec
+from pallas_kernels.common import MaskSpec, is_masked
 from pallas_kernels.forward import MMA_BIAS_WIDTH, bias_ones, narrow_transforms, split_bias
 
 __all__ = ["BackwardConfig", "default_config", "flash_backward"]
@@ -131,14 +131,24 @@ class BackwardConfig:
 #   h200-kernels-mmadb-20261130.json, dkv ms with / without): D = 64 1.318 / 1.367, causal
 #   0.782 / 0.785; D = 128 2.100 / 2.077, causal 1.294 / 1.220. On at D = 64 only. GPU check
 #   with it: db rel err 1.9e-3 (rbf_causal_gqa_d64; 5.7e-4 with float32 sums).
+# * overlap (seventh session, H200, N = 4096, `kernels.py --no-forward --flags plain,c,b`,
+#   benchmarks/results/h200-kernels-overlap-20261130.json), ms default / overlap, non-causal and
+#   causal: dkv D = 64 plain 1.193 / 1.119, 0.702 / 0.665; c 1.275 / 1.210, 0.730 / 0.709; b
+#   1.339 / 1.231, 0.780 / 0.726; D = 128 plain 2.006 / 1.950, 1.189 / 1.129; c 2.070 / 2.023,
+#   1.214 / 1.172; b 2.115 / 2.043, 1.227 / 1.200. The dq kernel is unchanged by it (within
+#   +-1.5 %: D = 64 c 1.043 / 1.040, D = 128 c 1.806 / 1.808). On at D = 64 and 128.
+# * compute_wgs = 3 loses everywhere (h200-kernels-wgs3-fixedmax-20261130.json: dq D = 64 c
+#   1.067 -> 2.881 ms, dkv 1.261 -> 1.967; D = 128 dq over the SMEM limit).
 # D = 256 is not measured: the first defaults stay.
 _DEFAULTS = {
     (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                                mma_db=True),
+                                mma_db=True, overlap=True),
     (64, True): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                               mma_db=True),
-    (128, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True),
-    (128, True): BackwardConfig(64, 64, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True),
+                               mma_db=True, overlap=True),
+    (128, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
+                                 overlap=True),
+    (128, True): BackwardConfig(64, 64, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
+                                overlap=True),
     (256, False): BackwardConfig(64, 64, 64, 64, 1, 2),
     (256, True): BackwardConfig(64, 64, 64, 64, 1, 2),
 }
@@ -147,12 +157,6 @@ _DEFAULTS = {
 def _has_codes(mask: MaskSpec) -> bool:
     """Whether lengths or segment ids need the int32 visibility codes."""
     return any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
-
-
-def is_masked(mask: MaskSpec) -> bool:
-    """Whether ``mask`` hides keys at all (causal, window, lengths, segments): the ``masked`` of
-    :func:`default_config` that :func:`flash_backward` passes."""
-    return mask.is_causal or mask.local_window_size is not None or _has_codes(mask)
 
 
 def default_config(head_dim: int, query_scale: bool = False, masked: bool = True) -> BackwardConfig:

@@ -49,6 +49,13 @@ class MaskSpec:
     num_registers: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
+def is_masked(mask: MaskSpec) -> bool:
+    """Whether ``mask`` hides keys at all (causal, window, lengths, segments; registers alone do
+    not): the ``masked`` the kernels' default tiles depend on."""
+    codes = (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids)
+    return mask.is_causal or mask.local_window_size is not None or any(x is not None for x in codes)
+
+
 def visible(spec: MaskSpec, b_idx, q_idx, k_idx):
     """Bool visibility of keys ``k_idx`` (incl. registers) from queries ``q_idx`` in batch ``b_idx``.
 

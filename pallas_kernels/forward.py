@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import MaskSpec
+from pallas_kernels.common import MaskSpec, is_masked
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "default_stats_block_sizes",
            "flash_forward", "flash_stats", "scale_row_max", "row_max_from_stats", "count_visible",
@@ -176,6 +176,13 @@ DEFAULT_BLOCK_SIZES = {
 #            mma 128 x 2 + fold 538 / 484   <- chosen;  mma 128 x 2 540 / 472.
 # D = 192 / 256 keep the strip (mma_bias not timed there).
 _D64_WITH_SCALE = BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True)
+# Given the exact row max (adaptive temperature's main sweep, `flash_forward(row_max=)`), with c
+# at D = 64, ms (H200, 2026-11-30, N = 4096, `kernels.py --flags c`, two runs:
+# benchmarks/results/h200-kernels-wgs3-fixedmax-20261130.json, h200-kernels-stats-c-20261130.json):
+# 128-key tiles 0.629 / 0.615,
+# 256-key 0.579 / 0.579 <- chosen without a mask; causal 128-key 0.334 / 0.333 <- kept,
+# 256-key 0.376 / 0.377.
+_D64_FIXED_MAX = dataclasses.replace(_D64_WITH_SCALE, block_kv=256)
 _WITH_BIAS = {
     64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2, fold_scale=True,
                    mma_bias=True),
@@ -184,16 +191,20 @@ _WITH_BIAS = {
 }
 
 
-def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False):
+def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False, *,
+                        fixed_max: bool = False, masked: bool = True):
     """The tuned :class:`BlockSizes` for a padded head dim and the problem's per-row / per-key terms.
 
     :data:`DEFAULT_BLOCK_SIZES` by head dim, except: at D = 64 with a per-query scale smaller key
-    tiles (no register spills); at D = 64 and 128 with a key bias, ``mma_bias`` (and the tiles
-    tuned for it; with both, the per-query scale's tiles plus ``mma_bias``). See the table above.
+    tiles (no register spills), unless the forward is given the row max (``fixed_max``, no online
+    max: fewer live registers) and no mask hides keys; at D = 64 and 128 with a key bias,
+    ``mma_bias`` (and the tiles tuned for it; with both, the per-query scale's tiles plus
+    ``mma_bias``). See the table above.
     """
     if head_dim == 64 and query_scale:
-        base = _D64_WITH_SCALE
-        return dataclasses.replace(base, mma_bias=True) if key_bias else base
+        if key_bias:
+            return dataclasses.replace(_D64_WITH_SCALE, mma_bias=True)
+        return _D64_FIXED_MAX if fixed_max and not masked else _D64_WITH_SCALE
     if key_bias and head_dim in _WITH_BIAS:
         return _WITH_BIAS[head_dim]
     return DEFAULT_BLOCK_SIZES[head_dim]
@@ -769,9 +780,9 @@ def _check_row_max(row_max, q):
         raise TypeError(f"row_max must be a float array, got {jnp.result_type(row_max)}")
 
 
-def _blocks(q, v, config, query_scale, key_bias, defaults=default_block_sizes):
+def _blocks(q, v, config, query_scale, key_bias, defaults=default_block_sizes, **kwargs):
     D = _round_up(max(q.shape[3], v.shape[3] if v is not None else 0), 64)
-    return D, config or defaults(D, query_scale is not None, key_bias is not None)
+    return D, config or defaults(D, query_scale is not None, key_bias is not None, **kwargs)
 
 
 def scale_row_max(row_max, factor):
@@ -835,7 +846,8 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    D, blocks = _blocks(q, v, config, query_scale, key_bias)
+    extra = dict(fixed_max=row_max is not None, masked=is_masked(mask)) if pv else {}
+    D, blocks = _blocks(q, v, config, query_scale, key_bias, **extra)
     Tp = _round_up(T, blocks.compute_wgs * blocks.block_q)
     Sp = _round_up(S, blocks.block_kv)
     R = mask.num_registers
