@@ -12,7 +12,7 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
-``overlap`` = :attr:`BackwardConfig.overlap`), and the
+``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off), and the
 forward with ``fold_scale`` off and on and given the exact row max (``fixedmax``); each config's
 outputs are compared with the first config's (relative norm of the difference: a config that breaks
 the kernel shows up); ``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16,
@@ -63,6 +63,8 @@ def bwd_configs(D, query_scale=False, masked=True):
         "wgs3kv64": dataclasses.replace(base, compute_wgs=3, block_kv_dq=64),
         "overlap": dataclasses.replace(base, overlap=True),
         "overlapkv64": dataclasses.replace(base, overlap=True, block_kv_dq=64),
+        "dcmma": dataclasses.replace(base, dc_mma=True),
+        "nodcmma": dataclasses.replace(base, dc_mma=False),
     }
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.common import MaskSpec, is_masked
-from pallas_kernels.forward import MMA_BIAS_WIDTH, bias_ones, narrow_transforms, split_bias
+from pallas_kernels.forward import MMA_BIAS_TERMS, MMA_BIAS_WIDTH, bias_ones, narrow_transforms, split_bias
 
 __all__ = ["BackwardConfig", "default_config", "flash_backward"]
 
@@ -81,6 +81,13 @@ class BackwardConfig:
         feed them and wait after it, so the softmax runs while the tensor cores form ``dP`` and the
         ``dc`` / ``db`` sums (and, in the dkv kernel, ``dZ``) while they accumulate dq / dv / dk.
         Off: every wgmma is awaited at once (the math is the same).
+      dc_mma: the dq kernel takes ``dc``'s two dZ sums from the tensor cores instead of two
+        float32 row sums per logit: ``sum_j dZ_ij s_ij = q_i . (sum_j dZ_ij k_j)`` from the dq
+        accumulator (one row dot at the end) plus ``sum_j dZ_ij b_j / a`` and ``sum_j dZ_ij`` from
+        a ``[block_kv, 16]`` wgmma of the 16-bit ``dZ`` tile against the mma_bias parts of
+        ``b / a`` and a ones column. ``dc`` then carries dq's rounding of ``dZ`` (relative error
+        ~2e-3 as dq's, instead of ~1e-6); the centering on ``sum_j p_ij s_ij`` (float32) stays.
+        Only without a key bias or with mma_bias (a float32 strip keeps the row sums).
     """
 
     block_q_dq: int = 64
@@ -94,6 +101,7 @@ class BackwardConfig:
     mma_bias: bool = False
     mma_db: bool = False
     overlap: bool = False
+    dc_mma: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -105,7 +113,7 @@ class BackwardConfig:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap"):
+        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap", "dc_mma"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -142,13 +150,13 @@ class BackwardConfig:
 # D = 256 is not measured: the first defaults stay.
 _DEFAULTS = {
     (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                                mma_db=True, overlap=True),
+                                mma_db=True, overlap=True, dc_mma=True),
     (64, True): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                               mma_db=True, overlap=True),
+                               mma_db=True, overlap=True, dc_mma=True),
     (128, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                                 overlap=True),
+                                 overlap=True, dc_mma=True),
     (128, True): BackwardConfig(64, 64, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                                overlap=True),
+                                overlap=True, dc_mma=True),
     (256, False): BackwardConfig(64, 64, 64, 64, 1, 2),
     (256, True): BackwardConfig(64, 64, 64, 64, 1, 2),
 }
@@ -210,6 +218,20 @@ def _mma_acc(acc, lhs, rhs_smem, interpret: bool):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+def _mma_accs(products, interpret: bool):
+    """``[acc + lhs @ rhs for (acc, lhs, rhs) in products]`` (16-bit ``lhs`` in registers, ``rhs``
+    in SMEM): the wgmmas issued together, one wait. Interpreter: ``jnp.dot`` (as :func:`_mma_acc`)."""
+    if interpret:
+        return tuple(acc + jnp.dot(lhs, rhs[...], preferred_element_type=jnp.float32)
+                     for acc, lhs, rhs in products)
+
+    def body(acc_refs):
+        for ref, (_, lhs, rhs) in zip(acc_refs, products, strict=True):
+            plgpu.wgmma(ref, lhs, rhs)
+
+    return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in products))
+
+
 def _mm_smem(lhs_smem, rhs_smem_t, shape, extra=None):
     """``lhs_smem @ rhs_smem_t`` (both operands in SMEM) into a fresh float32 accumulator; plus
     ``extra[0] @ extra[1]`` (the mma_bias product) when given."""
@@ -221,6 +243,9 @@ def _mm_smem(lhs_smem, rhs_smem_t, shape, extra=None):
         return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+DC_ONES_COLUMN = MMA_BIAS_TERMS  # dc_mma: the ones column of the key-side [S, 16] operand
 
 
 def _mma_while(acc, lhs, rhs_smem, work, interpret, *, lhs_in_registers, shape=None, extra=None):
@@ -269,6 +294,7 @@ class _Static:
     has_b: bool
     mma_bias: bool  # has_b, added by a second wgmma (BackwardConfig.mma_bias): no strip in the loop
     mma_db: bool  # has_b, db summed by a wgmma against ones (BackwardConfig.mma_db)
+    dc_mma: bool  # need_dc, its dZ sums from wgmmas (BackwardConfig.dc_mma)
     T: int  # true lengths (before padding)
     S: int
     Tp: int  # padded lengths
@@ -404,7 +430,9 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
     a = st.logit_scale
     G = st.G
     strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
-    ones = ones[:bq] if st.mma_bias else None
+    kv_ones = st.dc_mma and not st.mma_bias  # dc_mma without a bias: sum_j dZ_ij from ones
+    use_ones = st.mma_bias or kv_ones
+    ones = ones[:max(bq, bkv)] if use_ones else None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, qstats_ref, *rest):
         rest = list(rest)
@@ -412,10 +440,11 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         kbias_ref = rest.pop(0) if strip else None
         kcode_ref = rest.pop(0) if st.has_codes else None
         kbm_ref = rest.pop(0) if st.mma_bias else None
-        ones_ref = rest.pop(0) if st.mma_bias else None
+        ones_ref = rest.pop(0) if use_ones else None
         dq_ref = rest.pop(0)
         dc_ref = rest.pop(0) if st.need_dc else None
-        (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2, ones_smem2), barriers = rest
+        (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2, ones_smem2, kv_ones_smem2), \
+            barriers = rest
         batch = lax.axis_index("batch")
         head = lax.axis_index("heads")
         kv_head = lax.div(head, jnp.int32(G))
@@ -436,10 +465,22 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 plgpu.copy_gmem_to_smem(qcode_ref.at[batch, pl.ds(q0, bq)], qcode_smem2.at[wg],
                                         barriers.at[wg])
             if st.mma_bias:
-                plgpu.copy_gmem_to_smem(ones_ref, ones_smem2.at[wg], barriers.at[wg])
+                plgpu.copy_gmem_to_smem(ones_ref.at[pl.ds(0, bq)], ones_smem2.at[wg], barriers.at[wg])
+            if kv_ones:
+                plgpu.copy_gmem_to_smem(ones_ref.at[pl.ds(0, bkv)], kv_ones_smem2.at[wg],
+                                        barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
-            carry = (_zeros((bq, H)), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW))
-            dq_acc, dc, dz_sum, pu_sum = pipeline_callback(carry)
+            aux = _zeros((bq, MMA_BIAS_WIDTH)) if st.dc_mma else None
+            carry = (_zeros((bq, H)), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW),
+                     aux)
+            dq_acc, dc, dz_sum, pu_sum, aux = pipeline_callback(carry)
+            if st.dc_mma:  # sum_j dZ s = q . dq_acc (+ the bias parts' column sums)
+                dc = jnp.sum(q_smem[...].astype(jnp.float32) * dq_acc, axis=1)
+                col = plgpu.broadcasted_iota(jnp.int32, aux.shape, 1, layout=plgpu.Layout.WGMMA)
+                ones_col = DC_ONES_COLUMN if st.mma_bias else 0
+                dz_sum = jnp.sum(jnp.where(col == ones_col, aux, 0.0), axis=1)
+                if st.mma_bias:
+                    dc = dc + jnp.sum(jnp.where(col < MMA_BIAS_TERMS, aux, 0.0), axis=1)
             if st.need_dc:
                 # sum_j dZ_ij = sum_j p dP - delta_i is 0 with the exact delta; with delta from the
                 # low-precision output it is not, and dc_i = sum_j dZ_ij u_ij inherits that error
@@ -469,7 +510,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             kb_smem = extra.pop(0) if strip else None
             kc_smem = extra.pop(0) if st.has_codes else None
             kbm_smem = extra.pop(0) if st.mma_bias else None
-            dq_acc, dc, dz_sum, pu_sum = carry
+            dq_acc, dc, dz_sum, pu_sum, aux = carry
             q0 = tile_start + wg * bq
             k0 = (lo + indices[0]) * bkv
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -481,7 +522,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             if st.mma_bias:  # s = q . k + b / a
                 bias_mm = (ones_smem2.at[wg], kbm_smem.transpose((1, 0)))
             s = _mm_smem(q_smem, k_smem.transpose((1, 0)), (bq, bkv), bias_mm)
-            if st.mma_bias:
+            if st.mma_bias and not st.dc_mma:  # (dc_mma reads the bias parts again for dc)
                 plgpu.barrier_arrive(consumed[-1])
             row = lambda x: lax.broadcast_in_dim(x, (bq, bkv), [0])
             crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E if st.has_c else None
@@ -512,7 +553,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 return u, p, (jnp.sum(p * u, axis=1) if st.need_dc else None)
 
             def dc_sums(dz):  # dc_i = sum_j dZ_ij u_ij and sum_j dZ_ij (centered at the end)
-                if not st.need_dc:
+                if not st.need_dc or st.dc_mma:
                     return dc, dz_sum
                 return dc + jnp.sum(dz * u, axis=1), dz_sum + jnp.sum(dz, axis=1)
 
@@ -525,7 +566,10 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             plgpu.barrier_arrive(consumed[1])
             dz = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
             dz16 = dz.astype(st.dtype)
-            if cfg.overlap:  # the dc sums run while the tensor cores accumulate dq
+            if st.dc_mma:  # [sum_j dZ t1, t2, t3, 1, ..] (mma_bias) or sum_j dZ (ones)
+                rhs = kbm_smem if st.mma_bias else kv_ones_smem2.at[wg]
+                dq_acc, aux = _mma_accs(((dq_acc, dz16, k_smem), (aux, dz16, rhs)), st.interpret)
+            elif cfg.overlap:  # the dc sums run while the tensor cores accumulate dq
                 dq_acc, (dc, dz_sum) = _mma_while(dq_acc, dz16, k_smem, lambda: dc_sums(dz),
                                                   st.interpret, lhs_in_registers=True)
             else:
@@ -534,7 +578,9 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             if st.need_dc:
                 pu_sum = pu_sum + pu
             plgpu.barrier_arrive(consumed[0])
-            return dq_acc, dc, dz_sum, pu_sum
+            if st.mma_bias and st.dc_mma:
+                plgpu.barrier_arrive(consumed[-1])
+            return dq_acc, dc, dz_sum, pu_sum, aux
 
         tf = _transforms()
         in_specs = [
@@ -563,12 +609,14 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         plgpu.SMEM((wgs, bq), jnp.float32) if st.need_dc else None,
         plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
         if st.mma_bias else None,
+        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
+        if kv_ones else None,
     )
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if st.need_dc:
         out_type.append(jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
     outs = _launch(st, kernel, out_type, scratch,
-                   n_copies=3 + int(st.has_codes) + int(st.mma_bias),
+                   n_copies=3 + int(st.has_codes) + int(st.mma_bias) + int(kv_ones),
                    grid=(N, num_q_tiles, B), tile_axis="q_seq", wgs=wgs, interpret=interpret,
                    inputs=[q, k, v, do, qstats], side=(qcode, kbias, kcode, kbm, ones))
     return outs[0], (outs[1] if st.need_dc else None)
@@ -950,6 +998,8 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         has_b=key_bias is not None,
         mma_bias=key_bias is not None and cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16,
         mma_db=key_bias is not None and cfg.mma_db and jnp.dtype(q.dtype) == jnp.bfloat16,
+        dc_mma=query_scale is not None and bool(query_scale_grad) and cfg.dc_mma and (
+            key_bias is None or (cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16)),
         T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
@@ -993,8 +1043,10 @@ def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_
     kbm = ones = None
     if st.mma_bias:  # [B, Sp, K, 16]: bf16 parts of b / a
         kbm = jnp.transpose(split_bias(kbias / st.logit_scale, q.dtype), (0, 2, 1, 3))
-    if st.mma_bias or st.mma_db:  # [rows, 16]: [1, 1, 1, 0..]
-        ones = bias_ones(max(cfg.block_q_dq, cfg.block_q_dkv), q.dtype)
+        if st.dc_mma:  # a ones column for sum_j dZ_ij (the q side's [1, 1, 1, 0..] skips it)
+            kbm = kbm.at[..., DC_ONES_COLUMN].set(1)
+    if st.mma_bias or st.mma_db or st.dc_mma:  # [rows, 16]: [1, 1, 1, 0..]
+        ones = bias_ones(max(cfg.block_q_dq, cfg.block_q_dkv, cfg.block_kv_dq), q.dtype)
     qcode = kcode = None
     if st.has_codes:
         qcode, kcode = _codes(mask, B, T, S, st.Tp, st.Sp, st.num_registers)

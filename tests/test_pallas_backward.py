@@ -55,8 +55,8 @@ def _reference(q, k, v, dout, c, b, spec, a):
     """Oracle residuals (float32 out, lse) and float32 gradients of all five inputs.
 
     ``out`` stays float32 so that kernel and oracle see the same ``delta = dO . o``; in training the
-    forward's 16-bit output feeds ``delta``, whose rounding then cancels badly in ``dc`` for sharp
-    softmax rows (measured 1.2e-2 relative on ``causal_ragged_gqa2`` with a bf16 ``out``).
+    forward's 16-bit output feeds ``delta``, off by its rounding: the kernel's ``dc`` centers that
+    error away (``test_dc_centered_with_16bit_out`` runs a bf16 ``out``).
     """
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
 
@@ -101,7 +101,7 @@ def _compare(q, k, v, dout, c, b, spec, a=0.3, config=None, jit=False):
 def _index_static(**fields):
     """A ``backward._Static`` for the tile-range helpers: no c, b or codes; ``fields`` override."""
     base = dict(logit_scale=1.0, num_registers=0, is_causal=False, window=None, has_codes=False,
-                has_c=False, need_dc=False, has_b=False, mma_bias=False, mma_db=False, G=1,
+                has_c=False, need_dc=False, has_b=False, mma_bias=False, mma_db=False, dc_mma=False, G=1,
                 H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
     return backward._Static(**{**base, **fields})
 
@@ -312,6 +312,38 @@ def test_overlap_matches_reference(name, mma_bias, mma_db):
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
+@pytest.mark.parametrize("name, use_b, overlap", [
+    ("plain_mqa4_scale_bias", True, False), ("causal_ragged_gqa2", True, True),
+    ("causal_ragged_gqa2", False, False), ("window_registers_f16", False, True)])
+def test_dc_mma_matches_reference(name, use_b, overlap):
+    """``BackwardConfig.dc_mma`` (dc's dZ sums from the dq accumulator and a wgmma against the
+    bias parts and ones): the reference's dc at the same tolerance as dq, with an mma_bias key bias
+    (a ones column beside its parts) and without one (a ones tile; float16 too)."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, _ = CASES[name]
+    assert use_c
+    q, k, v, dout, c, b = _inputs(8, B, T, S + R, N, K, H, Hv, dtype, True, use_b)
+    cfg = dataclasses.replace(default_config(max(H, Hv), True), dc_mma=True, mma_bias=True,
+                              overlap=overlap)
+    _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
+
+
+@pytest.mark.parametrize("dc_mma", [False, True])
+def test_dc_centered_with_16bit_out(dc_mma):
+    """With the forward's bf16 output (as in training) ``delta`` is off by its rounding, and an
+    uncentered ``sum_j dZ_ij u_ij`` inherits that error times the row mean of ``u`` (1e-2 and up
+    on sharp rows); both dc paths center on ``sum_j p_ij u_ij`` and stay within dq's tolerance."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, _, _ = CASES["causal_ragged_gqa2"]
+    q, k, v, dout, c, _ = _inputs(9, B, T, S, N, K, H, Hv, dtype, True, False)
+    c = 3.0 * c + 2.0  # sharp rows: SSMax's s log n of a few units
+    spec = MaskSpec(**mask_kw)
+    out, lse, refs = _reference(q, k, v, dout, c, None, spec, 0.3)
+    cfg = dataclasses.replace(default_config(H, True), dc_mma=dc_mma)
+    dc = flash_backward(q, k, v, out.astype(dtype), lse, dout, logit_scale=0.3, query_scale=c,
+                        mask=spec, config=cfg)[3]
+    err = np.linalg.norm(np.asarray(dc - refs[3])) / np.linalg.norm(np.asarray(refs[3]))
+    assert err < TOL[jnp.dtype(dtype)], err
+
+
 @pytest.mark.parametrize("wgs", [1, 3])
 def test_compute_warpgroup_configs(wgs):
     """Non-default configs (1 or 3 compute warpgroups, 3 stages, 128-key dkv tiles; T = 200 leaves
@@ -384,7 +416,7 @@ def test_unsupported_raises_not_implemented():
 
 @pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=4), dict(max_concurrent_steps=1),
                                     dict(dq_edge_masks=1), dict(dkv_edge_masks=None),
-                                    dict(overlap=0)])
+                                    dict(overlap=0), dict(dc_mma=None)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="BackwardConfig"):
         BackwardConfig(**kwargs)

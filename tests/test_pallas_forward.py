@@ -251,6 +251,10 @@ def test_default_block_sizes():
     assert default_block_sizes(64) == DEFAULT_BLOCK_SIZES[64]
     assert default_block_sizes(64, query_scale=True).block_kv == 128
     assert not default_block_sizes(64, query_scale=True).mma_bias
+    # given the row max: 256-key tiles with c at D = 64 unless a mask hides keys
+    assert default_block_sizes(64, True, fixed_max=True, masked=False).block_kv == 256
+    assert default_block_sizes(64, True, fixed_max=True, masked=True).block_kv == 128
+    assert default_block_sizes(64, True, True, fixed_max=True, masked=False).block_kv == 128
     for D in (64, 128):
         assert default_block_sizes(D, key_bias=True).mma_bias
         assert default_block_sizes(D, True, True).mma_bias
@@ -400,6 +404,19 @@ def test_random_stats_layouts_and_fixed_max(seed, layout, causal, use_c, use_b, 
     np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
     for x, r in ((lse2, r_lse), (ent2, r_ent), (mw2, r_mw)):
         np.testing.assert_allclose(x, r, atol=STAT_TOL, rtol=STAT_TOL)
+
+
+def test_fixed_row_max_default_tiles():
+    """The fixed-max forward's own default tiles (256 keys at D = 64 with c, no mask; ragged S)."""
+    B, T, S, N, K, H = 1, 130, 300, 2, 1, 64
+    q, k, v, _, _ = _inputs(12, B, T, S, N, K, H, H, jnp.bfloat16, False, False)
+    beta = jax.random.uniform(jax.random.key(4), (B, N, T), jnp.float32, 1.0, 3.0)
+    _, _, m = flash_stats(q, k, logit_scale=0.2, return_row_max=True)
+    out, lse = flash_forward(q, k, v, logit_scale=0.2, query_scale=beta, query_scale_nonnegative=True,
+                             row_max=scale_row_max(m, beta))
+    r_out, r_lse, _, _ = reference_rows(q, k, v, np.arange(T), a=0.2, c=beta, b=None, spec=MaskSpec())
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
 
 
 def test_row_max_from_stats():
