@@ -11,7 +11,8 @@ Two deterministic kernels (no atomics) compute the gradients of the kernel-level
 
 * the **dq kernel** (grid: query heads x query tiles x batch) pipelines K/V tiles through shared
   memory and accumulates ``dq_i = a c_i sum_j dZ_ij k_j`` and ``dc_i = sum_j dZ_ij u_ij`` (computed as
-  ``sum_j dZ u - (sum_j p u)(sum_j dZ)``, exact also when delta comes from a bf16 output);
+  ``sum_j dZ u - (sum_j p u)(sum_j dZ)``, exact also when delta comes from a bf16 output; with
+  ``BackwardConfig.dc_mma`` the two dZ sums come from the tensor cores);
 * the **dkv kernel** (grid: kv heads x kv tiles x batch) pipelines Q/dO tiles of every query head of
   the GQA group (an inner loop over the group's heads) and accumulates ``dv_j = sum_i p_ij dO_i``,
   ``dk_j = a sum_i c_i dZ_ij q_i`` and ``db_j = sum_i c_i dZ_ij``, reduced over the group in-kernel.
@@ -23,8 +24,9 @@ running each pipeline over the tile range that causal/window masks leave visible
 
 Interpreter: the CPU interpreter (``plgpu.InterpretGPUParams``) cannot run a wgmma whose left
 operand lives in registers, and the GPU compiler rejects ``jnp.dot`` on registers: the three
-register-operand products (dq += dZ K, dv += P^T dO, dk += dZ^T Q) go through :func:`_mma_acc`, which
-picks the form from the static ``interpret`` flag. Everything else runs the same code in both.
+register-operand products (dq += dZ K, dv += P^T dO, dk += dZ^T Q, and the [*, 16] ones / bias-part
+products) go through :func:`_mma_acc`, :func:`_mma_accs` or :func:`_mma_while`, which pick the form
+from the static ``interpret`` flag. Everything else runs the same code in both.
 """
 
 import contextlib
@@ -958,8 +960,8 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
       kernels: which of the two kernels run, ``"dq"`` (dq, dquery_scale) and ``"dkv"`` (dk, dv,
         dkey_bias); the outputs of a kernel left out are None. For timing one kernel alone.
       query_scale_grad: False when the gradient of ``query_scale`` is not wanted (a constant SSMax
-        ``s``, a stop-gradient beta): the dq kernel then skips its three ``dc`` row sums and
-        dquery_scale is None.
+        ``s``, a stop-gradient beta): the dq kernel then skips its ``dc`` sums and dquery_scale
+        is None.
 
     Returns:
       ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
