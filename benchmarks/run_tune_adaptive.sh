@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One device call (~5 min) for what the sixth session left untimed (pallas_kernels/NOTES.md,
-# "Not measured yet"): the statistics sweep's warpgroup layouts with a per-query scale, the
-# fixed-max forward's tiles (adaptive temperature's main sweep), the backward with 3 compute
-# warpgroups (the dq kernel's dc sums), and ptxas register use of the 4-warpgroup sweep.
+# One device call (~6 min) for items the seventh session left untimed (pallas_kernels/NOTES.md,
+# "Not measured yet"):
+#   1. ptxas register use and spills of the 4-warpgroup statistics sweep (D = 64; plain, c, b,
+#      segments), which runs at 104 registers per thread;
+#   2. the softmax forward at D = 128 with 192-key tiles (FA3 takes 176 there; 128 now), where our
+#      forward stays at 0.92x cuDNN non-causal;
+#   3. the statistics sweep's layouts at D = 128 with c, causal and not (adaptive temperature's
+#      forward is at 0.57-0.59x our softmax causal).
 #   bash benchmarks/run_tune_adaptive.sh "$OUT"
 set -u
 out=${1:-/tmp/tune-adaptive}
@@ -25,8 +29,11 @@ for name, kw in (("plain", {}), ("c", dict(query_scale=c)), ("b", dict(key_bias=
     jax.block_until_ready(flash_stats(q, k, logit_scale=0.125, **kw))
 PY
 grep -E "^=== |spill stores|Used [0-9]+ registers" "$out/ptxas.log" | cut -c1-140
-timeout "${TUNE_TIMEOUT:-360}" python3 benchmarks/kernels.py --dims "${DIMS:-64,128}" \
-  --lengths "${LENGTHS:-4096}" --causal 0,1 --flags "${FLAGS:-c}" \
-  --bwd-configs "${BWD:-default,wgs3,wgs3kv64}" --stats-configs "${STATS:-default,pp,free2,free3,free4}" \
-  --rounds "${ROUNDS:-5}" --out "$out/kernels.json" 2>&1 | filter > "$out/kernels.log"
-sed -n '/^ms per kernel/,$p' "$out/kernels.log"
+timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/attention.py --tune --dims 128 --lengths 4096,16384 \
+  --causal 0 --tune-flags plain --tune-block-kv 128,192 --tune-stages 2 --rounds "${ROUNDS:-5}" \
+  --out "$out/tune-d128.json" 2>&1 | filter > "$out/tune-d128.log"
+grep "^tune" "$out/tune-d128.log"
+timeout "${STATS_TIMEOUT:-150}" python3 benchmarks/kernels.py --no-forward --dims 128 --lengths 4096 \
+  --causal 0,1 --flags c --bwd-configs "" --stats-configs default,free2,free3,free3kv64,pp \
+  --rounds "${ROUNDS:-5}" --out "$out/stats-d128.json" 2>&1 | filter > "$out/stats-d128.log"
+sed -n '/^ms per kernel/,$p' "$out/stats-d128.log"
