@@ -13,7 +13,8 @@ Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
 ``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off), and the
-forward with ``fold_scale`` off and on and given the exact row max (``fixedmax``); each config's
+forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``) and given the exact row
+max (``fixedmax``); each config's
 outputs are compared with the first config's (relative norm of the difference: a config that breaks
 the kernel shows up); ``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16,
 H = 16, B * N = 16384 tokens (``--tokens``); timed by :func:`benchmarks.timing.compare` (every
@@ -148,6 +149,12 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             query_scale_nonnegative=c is not None))
         candidates[("fwd", "fold" if fold else "nofold")] = (fn, (q, k, v, c, b))
+    if forward:  # FA3's intra-warpgroup overlap instead of the ping-pong (BlockSizes.intra_overlap)
+        cfg = dataclasses.replace(base, pingpong=False, intra_overlap=True)
+        fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
+            q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
+            query_scale_nonnegative=c is not None))
+        candidates[("fwd", "overlap")] = (fn, (q, k, v, c, b))
     # the forward given the exact row max (no online max), as adaptive temperature's main sweep
     row_max = flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
                           return_row_max=True)[2]

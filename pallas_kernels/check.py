@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import MaskSpec, visible
+from pallas_kernels.forward import BlockSizes, flash_forward, flash_stats
 from pallas_kernels.forward import _blocks as forward_blocks
-from pallas_kernels.forward import flash_forward, flash_stats
 
 REL_TOL = 1e-2
 STAT_TOL = 1e-2
@@ -127,12 +127,26 @@ def _stat_err(x, ref):
     return float(np.max(np.abs(x - ref) / np.maximum(1.0, np.abs(ref))))
 
 
-def check_case(case, seed=0, flip_mma_bias=False):
+def parse_overrides(text, cls):
+    """``"intra_overlap=1,pingpong=0"`` -> ``{"intra_overlap": True, "pingpong": False}``: fields
+    of the dataclass ``cls`` (``--set``); bool fields by the field's default type, else int."""
+    fields = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--set: {key!r} is not a {cls.__name__} field ({', '.join(fields)})")
+        out[key] = bool(int(value)) if fields[key] is bool else int(value)
+    return out
+
+
+def check_case(case, seed=0, flip_mma_bias=False, overrides=None):
     """Runs one case; returns a dict of errors and pass flags.
 
     ``flip_mma_bias``: for a case with a key bias, also run the forward (with statistics) and the
     statistics sweep with ``BlockSizes.mma_bias`` flipped from the default (the other way of
-    adding the bias) and check them too (keys ``flip_*``).
+    adding the bias) and check them too (keys ``flip_*``). ``overrides``: fields of the forward's
+    default :class:`BlockSizes` to replace in both forwards (``--set``; the sweep keeps its own).
     """
     q, k, v, c, b, spec = _make(case, seed)
     a = 1.0 / np.sqrt(q.shape[-1])
@@ -146,8 +160,11 @@ def check_case(case, seed=0, flip_mma_bias=False):
     t0 = time.perf_counter()
     # c > 0 here: the forward takes the promise, as the dispatcher does for SSMax / adaptive
     # (fold_scale's per-query path at D = 64); the statistics sweep below runs without it.
+    config = None
+    if overrides:
+        config = dataclasses.replace(forward_blocks(q, v, None, c, b)[1], **overrides)
     out, lse, ent, mw = flash_forward(q, k, v, logit_scale=float(a), query_scale=c, key_bias=b,
-                                      mask=spec, return_stats=True,
+                                      mask=spec, return_stats=True, config=config,
                                       query_scale_nonnegative=c is not None)
     out.block_until_ready()
     elapsed = time.perf_counter() - t0
@@ -159,7 +176,7 @@ def check_case(case, seed=0, flip_mma_bias=False):
     _poison()
     out5, lse5, ent5, mw5 = flash_forward(
         q, k, v, logit_scale=float(a), query_scale=c, key_bias=b, mask=spec, return_stats=True,
-        query_scale_nonnegative=c is not None, row_max=row_max)
+        query_scale_nonnegative=c is not None, row_max=row_max, config=config)
     res = dict(
         name=case[0], shape=f"B{q.shape[0]} T{T} S{k.shape[1]} N{q.shape[2]} K{k.shape[2]} "
         f"H{q.shape[3]} {q.dtype}",
@@ -216,7 +233,10 @@ def main(argv=None):
                              "BlockSizes.mma_bias flipped from its default")
     parser.add_argument("--cases", default=None,
                         help="comma-separated case indices (0-based) to run, default all")
+    parser.add_argument("--set", default="",
+                        help="forward BlockSizes fields to override, e.g. intra_overlap=1,pingpong=0")
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set, BlockSizes)
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
     cases = [] if args.skip_cases else CASES[:3] if args.quick else CASES
     if args.cases:
@@ -228,7 +248,7 @@ def main(argv=None):
     results = []
     for case in cases:
         try:
-            res = check_case(case, flip_mma_bias=args.flip_mma_bias)
+            res = check_case(case, flip_mma_bias=args.flip_mma_bias, overrides=overrides)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cases
             res = dict(name=case[0], shape="", error=f"{type(e).__name__}: {str(e)[:2000]}",
                        **{"pass": False})

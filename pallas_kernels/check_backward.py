@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.backward import BackwardConfig, default_config, flash_backward, is_masked
-from pallas_kernels.common import MaskSpec, flash_reference
+from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
+from pallas_kernels.check import parse_overrides
+from pallas_kernels.common import MaskSpec, flash_reference, is_masked
 
 # name: (B, T, S, N, K, D, mask kwargs, registers, use query_scale, use key_bias (True: N(0, 1);
 # "rbf": RBF-like, 30 - ||k_j||^2 / sqrt(D)))
@@ -199,19 +200,6 @@ def time_case(T, D, causal, heads=16, tokens=16384):
                 ours_tflops=flops / t_ours / 1e12, cudnn_tflops=flops / (t_fb - t_fwd) / 1e12)
 
 
-def _parse_overrides(text):
-    """``"overlap=1,block_kv_dq=64"`` -> ``{"overlap": True, "block_kv_dq": 64}`` (bool fields
-    by the field's default type)."""
-    fields = {f.name: type(f.default) for f in dataclasses.fields(BackwardConfig)}
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"--set: {key!r} is not a BackwardConfig field ({', '.join(fields)})")
-        out[key] = bool(int(value)) if fields[key] is bool else int(value)
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("check", "time", "both", "tune"), default="both")
@@ -224,7 +212,7 @@ def main():
     parser.add_argument("--set", default="",
                         help="BackwardConfig fields to override, e.g. overlap=1,block_kv_dq=64")
     args = parser.parse_args()
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set, BackwardConfig)
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, "seed", args.seed, flush=True)
     rows, timings = [], []
     if args.only in ("check", "both"):

@@ -116,6 +116,11 @@ class BlockSizes:
         while the other's wgmmas run (FlashAttention-3). Needs ``compute_wgs == 2``. Without P @ V
         (the statistics sweep) the tensor cores are mostly idle and the barrier only serializes
         the two softmaxes.
+      intra_overlap: FlashAttention-3's intra-warpgroup overlap: step ``j`` issues ``S_j = Q K_j^T``
+        and then ``O += P_{j-1} V_{j-1}`` (``P`` carried as 16-bit registers, its V slot released
+        one step late), reads ``S_j`` once the older group is done and runs the softmax while the
+        tensor cores do the PV product; one PV follows the loop. Needs ``pingpong=False``; the
+        statistics sweep (no P @ V) ignores it. Not yet run on the GPU (interpreter-tested).
     """
 
     block_q: int = 64
@@ -125,6 +130,7 @@ class BlockSizes:
     mma_bias: bool = False
     compute_wgs: int = 2
     pingpong: bool = True
+    intra_overlap: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -134,7 +140,7 @@ class BlockSizes:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("fold_scale", "mma_bias", "pingpong"):
+        for name in ("fold_scale", "mma_bias", "pingpong", "intra_overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.compute_wgs not in _COMPUTE_REGISTERS:
@@ -142,6 +148,8 @@ class BlockSizes:
                              f"{self.compute_wgs!r}")
         if self.pingpong and self.compute_wgs != 2:
             raise ValueError(f"pingpong needs compute_wgs == 2, got {self.compute_wgs}")
+        if self.intra_overlap and self.pingpong:
+            raise ValueError("intra_overlap needs pingpong=False (the two schedules are not combined)")
 
 
 # Per padded head dim. Shared memory: Q 2*block_q*D + K/V 2*steps*block_kv*D (2 bytes each) must fit
@@ -482,6 +490,76 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             plgpu.barrier_arrive(bars["v_done"].at[slot])
             return acc, m_new, den, ent
 
+        def overlap_step_fn(step, carry, masked):
+            # BlockSizes.intra_overlap: S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together,
+            # the softmax of S_j under the PV product; V_{j-1}'s slot is released after it.
+            acc, m, den, ent, p_prev, prev_slot, has_prev = carry
+            slot = slot_of(step)
+            plgpu.barrier_wait(bars["k"].at[slot])
+
+            def issue_qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, smem["k"].at[slot].transpose((1, 0)))
+                if plan.mma_bias:
+                    plgpu.wgmma(acc_ref, smem["qb"].at[wg], smem["kb"].at[slot].transpose((1, 0)))
+
+            def softmax(s):  # (m_new, p, alpha, den, ent) of this step, as step_fn
+                key_layout = plgpu.Layout.WGMMA.reduce(0)
+                kb = kid = None
+                if plan.has_bias:
+                    kb = plgpu.load(smem["kv"].at[slot, jnp.int32(0)], layout=key_layout)
+                if plan.has_kid:
+                    kid = plgpu.load(smem["kv"].at[slot, jnp.int32(plan.num_key_vecs - 1)],
+                                     layout=key_layout)
+                plgpu.barrier_arrive(bars["k_done"].at[slot])
+                m_new, d = _shifted_logits(plan, s, kb, r, m, masked, lambda: _visible(
+                    plan, q0, step, kid, qid))
+                p = jnp.exp2(d)
+                alpha = None if plan.fixed_max else jnp.exp2(m - m_new)
+                new_ent = ent
+                if plan.stats:
+                    new_ent = (p * d).sum(axis=1) + (
+                        ent if alpha is None else alpha * (ent + den * (m - m_new)))
+                new_den = den if alpha is None else den * alpha
+                return m_new, p, alpha, new_den + p.sum(axis=1), new_ent
+
+            def qk_only(acc):
+                def body(s_ref):
+                    issue_qk(s_ref)
+                    return s_ref[...]
+                return acc, softmax(pl.run_scoped(body, plgpu.ACC((bq, bkv), jnp.float32)))
+
+            def qk_and_pv(acc):
+                v_prev = smem["v"].at[prev_slot]
+                if plan.interpret:  # no register-operand wgmma there (see _pv)
+                    acc, out = qk_only(acc)
+                    return _pv(acc, p_prev, v_prev, True), out
+
+                def body(s_ref, o_ref):
+                    o_ref[...] = acc
+                    issue_qk(s_ref)
+                    plgpu.wgmma(o_ref, p_prev, v_prev)  # the newest group
+                    out = softmax(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+                    return o_ref[...], out
+
+                return pl.run_scoped(body, plgpu.ACC((bq, bkv), jnp.float32),
+                                     plgpu.ACC((bq, plan.head_dim), jnp.float32))
+
+            acc, (m_new, p, alpha, den, ent) = lax.cond(has_prev > 0, qk_and_pv, qk_only, acc)
+            pl.when(has_prev > 0)(lambda: plgpu.barrier_arrive(bars["v_done"].at[prev_slot]))
+            if alpha is not None:
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(bars["v"].at[slot])  # V_j: this step's P multiplies it next step
+            return acc, m_new, den, ent, p.astype(plan.dtype), slot, jnp.int32(1)
+
+        def last_pv(carry):
+            """The PV product the overlapped loop leaves: O += P_last V_last, its slot released."""
+            acc, m, den, ent, p_prev, prev_slot, has_prev = carry
+            acc = lax.cond(has_prev > 0,
+                           lambda a: _pv(a, p_prev, smem["v"].at[prev_slot], plan.interpret),
+                           lambda a: a, acc)
+            pl.when(has_prev > 0)(lambda: plgpu.barrier_arrive(bars["v_done"].at[prev_slot]))
+            return acc, m, den, ent
+
         def skip_fn(step, _):
             slot = slot_of(step)
             plgpu.barrier_wait(bars["k"].at[slot])
@@ -500,6 +578,11 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                                     plgpu.Layout.WGMMA)
         m0 = m_fixed if plan.fixed_max else row_vec(MASKED)
         carry = (acc, m0, row_vec(0.0), row_vec(0.0) if plan.stats else None)
+        overlap = plan.blocks.intra_overlap and plan.pv
+        step = overlap_step_fn if overlap else step_fn
+        if overlap:  # + (P of the previous step, its slot, whether there is one)
+            p0 = plgpu.layout_cast(jnp.zeros((bq, bkv), plan.dtype), plgpu.Layout.WGMMA)
+            carry = carry + (p0, jnp.int32(0), jnp.int32(0))
         my_lo, full_lo, full_hi, my_hi = _key_range(plan, q0, bq)
         my_lo = jnp.clip(my_lo, lo, hi)
         my_hi = jnp.clip(my_hi, my_lo, hi)
@@ -507,10 +590,12 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
         full_hi = jnp.clip(full_hi, full_lo, my_hi)
         pl.when(wg == 1)(schedule)
         lax.fori_loop(lo, my_lo, skip_fn, None)
-        masked_step = functools.partial(step_fn, masked=True)
+        masked_step = functools.partial(step, masked=True)
         carry = lax.fori_loop(my_lo, full_lo, masked_step, carry)
-        carry = lax.fori_loop(full_lo, full_hi, functools.partial(step_fn, masked=False), carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(full_hi, my_hi, masked_step, carry)
+        if overlap:
+            carry = last_pv(carry)
         lax.fori_loop(my_hi, hi, skip_fn, None)
         pl.when(wg == 0)(schedule)
         acc, m, den, ent = carry

@@ -448,13 +448,14 @@ def test_query_scale_grad_off_skips_dc_only():
                                       err_msg=name)
 
 
-@pytest.mark.parametrize("flip_mma_db", [False, True])
-def test_gpu_check_case_runs_in_the_interpreter(monkeypatch, flip_mma_db):
-    """`python -m pallas_kernels.check_backward`'s per-case routine (and --flip-mma-db) at a tiny
-    size."""
+@pytest.mark.parametrize("flip_mma_db, overrides", [(False, None), (True, None),
+                                                     (False, dict(overlap=False))])
+def test_gpu_check_case_runs_in_the_interpreter(monkeypatch, flip_mma_db, overrides):
+    """`python -m pallas_kernels.check_backward`'s per-case routine (and --flip-mma-db, --set) at
+    a tiny size."""
     from pallas_kernels import check_backward
     tiny = (1, 128, 128, 2, 1, 64, dict(is_causal=True), 0, False, "rbf")
     monkeypatch.setitem(check_backward.CHECKS, "tiny_rbf", tiny)
-    errs = check_backward.check_case("tiny_rbf", 0, flip_mma_db=flip_mma_db)
+    errs = check_backward.check_case("tiny_rbf", 0, flip_mma_db=flip_mma_db, overrides=overrides)
     assert set(errs) == {"dq", "dk", "dv", "db"}
     assert all(e < check_backward.TOL for e in errs.values()), errs

@@ -12,6 +12,8 @@ float32 throughout.
 """
 
 
+import dataclasses
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -81,6 +83,36 @@ def test_matches_reference(name):
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
     q, k, v, c, b = _inputs(0, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
     _compare(q, k, v, c, b, MaskSpec(num_registers=R, **mask_kw))
+
+
+OVERLAP = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, pingpong=False,
+                     intra_overlap=True)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_intra_overlap_matches_reference(name):
+    """BlockSizes.intra_overlap (P carried to the next step, V slots released a step late, one
+    PV after the loop): the reference's outputs and statistics over masks, skipped tiles, GQA,
+    registers, c, a bias and float16; and with the bias on the tensor cores."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
+    q, k, v, c, b = _inputs(1, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
+    mma = use_b and dtype == jnp.bfloat16
+    cfg = dataclasses.replace(OVERLAP, mma_bias=mma)
+    _compare(q, k, v, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
+
+
+def test_intra_overlap_window_skips_and_fixed_max():
+    """A window leaves whole key tiles before and after each warpgroup's range (skipped steps
+    around the overlapped loop), and a row with no visible key; the fixed-max forward too."""
+    q, k, v, c, _ = _inputs(2, 2, 320, 320, 2, 1, 64, 64, jnp.bfloat16, True, False)
+    spec = MaskSpec(local_window_size=(70, 10), kv_lengths=jnp.array([320, 0]))
+    _compare(q, k, v, c, None, spec, config=OVERLAP)
+    _, _, m = flash_stats(q, k, logit_scale=0.2, query_scale=c, mask=spec, return_row_max=True)
+    out, lse = flash_forward(q, k, v, logit_scale=0.2, query_scale=c, mask=spec, config=OVERLAP,
+                             row_max=m)
+    r_out, r_lse, _, _ = reference_rows(q, k, v, np.arange(320), a=0.2, c=c, b=None, spec=spec)
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
 
 
 @pytest.mark.parametrize("flags", ["const", "bias", "nonneg_c"])
@@ -238,6 +270,10 @@ def test_unsupported_inputs_raise():
         BlockSizes(compute_wgs=5, pingpong=False)
     with pytest.raises(ValueError, match="pingpong needs compute_wgs == 2"):
         BlockSizes(compute_wgs=3)
+    with pytest.raises(ValueError, match="intra_overlap needs pingpong=False"):
+        BlockSizes(intra_overlap=True)
+    with pytest.raises(ValueError, match="intra_overlap must be a bool"):
+        BlockSizes(intra_overlap=1, pingpong=False)
     with pytest.raises(ValueError, match=r"row_max must broadcast to \[B, N, T\]"):
         flash_forward(q, k, v, logit_scale=0.1, row_max=jnp.zeros((1, 64, 1)))
     with pytest.raises(TypeError, match="row_max must be a float array"):
@@ -351,6 +387,9 @@ def test_gpu_check_case_runs_in_the_interpreter(monkeypatch):
     res = check.check_case(case, flip_mma_bias=True)
     assert res["pass"], res
     assert res["flip_out_rel"] < 1e-2 and res["flip_lse"] < 1e-4
+    res = check.check_case(case, overrides=check.parse_overrides("intra_overlap=1,pingpong=0",
+                                                                 BlockSizes))
+    assert res["pass"], res
 
 
 @pytest.mark.parametrize("config", [BLOCKS, MMA], ids=["strip", "mma_bias"])
