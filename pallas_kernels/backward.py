@@ -762,12 +762,10 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                                                   lambda: dz_of(p_t, dp_t), st.interpret,
                                                   lhs_in_registers=True)
                 plgpu.barrier_arrive(consumed[1])
-                if st.mma_db:  # db's wgmma issued with dk's, one wait
-                    dk_acc, db = _mma_accs(((dk_acc, dz16, q_smem), (db, dz16, ones_smem.at[wg])),
-                                           st.interpret)
-                else:
-                    dk_acc, db = _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(dz_t),
-                                            st.interpret, lhs_in_registers=True)
+                if st.mma_db:
+                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
+                dk_acc, db = _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(dz_t), st.interpret,
+                                        lhs_in_registers=True)
             else:
                 p_t = softmax()
                 dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
