@@ -12,16 +12,16 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
-``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off), and the
-forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``) and given the exact row
-max (``fixedmax``); each config's
-outputs are compared with the first config's (relative norm of the difference: a config that breaks
-the kernel shows up); ``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16,
-H = 16, B * N = 16384 tokens (``--tokens``); timed by :func:`benchmarks.timing.compare` (every
-candidate of one problem in interleaved rounds of back-to-back calls, after a warm-up). FLOPs as
-:mod:`benchmarks.attention`: forward ``4 B H N^2 D`` (halved when causal), and each backward kernel
-counted at half the backward's ``2.5 x fwd``, so the two rates compare kernel against kernel.
-Prints one table; ``--out`` writes the rows as JSON.
+``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off), and
+the forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``), with ``mma_bias``
+flipped (a key bias) and given the exact row max (``fixedmax``); each config's outputs are compared
+with the first config's (relative norm of the difference: a config that breaks the kernel shows up);
+``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16, H = 16, B * N = 16384
+tokens (``--tokens``); timed by :func:`benchmarks.timing.compare` (every candidate of one problem in
+interleaved rounds of back-to-back calls, after a warm-up). FLOPs as :mod:`benchmarks.attention`:
+forward ``4 B H N^2 D`` (halved when causal), and each backward kernel counted at half the
+backward's ``2.5 x fwd``, so the two rates compare kernel against kernel. Prints one table;
+``--out`` writes the rows as JSON.
 """
 
 import argparse
@@ -143,34 +143,32 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
     fwd_flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
     candidates = {}
     base = default_block_sizes(D, c is not None, b is not None)
-    for fold in (False, True) if forward else ():
-        cfg = dataclasses.replace(base, fold_scale=fold)
-        fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
+
+    def forward_fn(cfg, nonneg=True):  # the forward (given a row max m or None) at config cfg
+        return jax.jit(lambda q, k, v, c, b, m: flash_forward(
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
-            query_scale_nonnegative=c is not None))
-        candidates[("fwd", "fold" if fold else "nofold")] = (fn, (q, k, v, c, b))
-    if forward:  # FA3's intra-warpgroup overlap instead of the ping-pong (BlockSizes.intra_overlap)
-        cfg = dataclasses.replace(base, pingpong=False, intra_overlap=True)
-        fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
-            q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
-            query_scale_nonnegative=c is not None))
-        candidates[("fwd", "overlap")] = (fn, (q, k, v, c, b))
-    # the forward given the exact row max (no online max), as adaptive temperature's main sweep
-    row_max = flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
-                          return_row_max=True)[2]
-    fixed = {"fixedmax": None} if forward else {}
-    if D == 64 and forward:  # without the running max fewer registers are live: 256-key tiles with c?
-        fixed["fixedmax256"] = dataclasses.replace(base, block_kv=256, max_concurrent_steps=2)
-    for name, cfg in fixed.items():
-        fn = jax.jit(lambda q, k, v, c, b, m, cfg=cfg: flash_forward(
-            q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
-            query_scale_nonnegative=c is not None, row_max=m))
-        candidates[("fwd", name)] = (fn, (q, k, v, c, b, row_max))
-    if b is not None and forward:  # BlockSizes.mma_bias flipped
-        cfg = dataclasses.replace(base, mma_bias=not base.mma_bias)
-        fn = jax.jit(lambda q, k, v, c, b, cfg=cfg: flash_forward(
-            q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg))
-        candidates[("fwd", "mma" if cfg.mma_bias else "nomma")] = (fn, (q, k, v, c, b))
+            query_scale_nonnegative=nonneg and c is not None, row_max=m))
+
+    if forward:
+        configs_fwd = {"nofold": dataclasses.replace(base, fold_scale=False),
+                       "fold": dataclasses.replace(base, fold_scale=True),
+                       # FA3's intra-warpgroup overlap instead of the ping-pong
+                       "overlap": dataclasses.replace(base, pingpong=False, intra_overlap=True)}
+        for name, cfg in configs_fwd.items():
+            candidates[("fwd", name)] = (forward_fn(cfg), (q, k, v, c, b, None))
+        if b is not None:  # BlockSizes.mma_bias flipped (timed without the c >= 0 promise)
+            cfg = dataclasses.replace(base, mma_bias=not base.mma_bias)
+            candidates[("fwd", "mma" if cfg.mma_bias else "nomma")] = (
+                forward_fn(cfg, nonneg=False), (q, k, v, c, b, None))
+        # given the exact row max (no online max), as adaptive temperature's main sweep; None:
+        # the fixed-max default tiles; at D = 64 also 256-key tiles on the online forward's base
+        row_max = flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
+                              return_row_max=True)[2]
+        fixed = {"fixedmax": None}
+        if D == 64:
+            fixed["fixedmax256"] = dataclasses.replace(base, block_kv=256, max_concurrent_steps=2)
+        for name, cfg in fixed.items():
+            candidates[("fwd", name)] = (forward_fn(cfg), (q, k, v, c, b, row_max))
     out, lse = jax.jit(lambda q, k, v, c, b: flash_forward(
         q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask))(q, k, v, c, b)
     for part in ("dq", "dkv"):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.common import MaskSpec, is_masked
+from pallas_kernels.common import MaskSpec, has_codes, is_masked
 from pallas_kernels.forward import MMA_BIAS_TERMS, MMA_BIAS_WIDTH, bias_ones, narrow_transforms, split_bias
 
 __all__ = ["BackwardConfig", "default_config", "flash_backward"]
@@ -170,11 +170,6 @@ _DEFAULTS = {
 }
 
 
-def _has_codes(mask: MaskSpec) -> bool:
-    """Whether lengths or segment ids need the int32 visibility codes."""
-    return any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
-
-
 def default_config(head_dim: int, query_scale: bool = False, masked: bool = True) -> BackwardConfig:
     """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256).
 
@@ -217,18 +212,12 @@ def _mma_acc(acc, lhs, rhs_smem, interpret: bool):
     On the GPU this is a register-operand wgmma; the 0.11.2 interpreter cannot run that, so there
     it is a ``jnp.dot`` (which the GPU lowering rejects). Only the GPU form is GPU-checked.
     """
-    if interpret:
-        return acc + jnp.dot(lhs, rhs_smem[...], preferred_element_type=jnp.float32)
-
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, lhs, rhs_smem)
-
-    return pl.run_state(body)(plgpu.ACC.init(acc))
+    return _mma_accs(((acc, lhs, rhs_smem),), interpret)[0]
 
 
 def _mma_accs(products, interpret: bool):
     """``[acc + lhs @ rhs for (acc, lhs, rhs) in products]`` (16-bit ``lhs`` in registers, ``rhs``
-    in SMEM): the wgmmas issued together, one wait. Interpreter: ``jnp.dot`` (as :func:`_mma_acc`)."""
+    in SMEM): the wgmmas issued together, one wait. Interpreter: ``jnp.dot`` (see :func:`_mma_acc`)."""
     if interpret:
         return tuple(acc + jnp.dot(lhs, rhs[...], preferred_element_type=jnp.float32)
                      for acc, lhs, rhs in products)
@@ -989,7 +978,6 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     B, T, N, H0 = q.shape
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
     H, Hv = _padded_dim(H0), _padded_dim(Hv0)
-    has_codes = _has_codes(mask)
     masked = is_masked(mask)
     cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None,
                                                            masked)
@@ -1001,7 +989,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     Tp, Sp = _cdiv(T, q_mult) * q_mult, _cdiv(S, k_mult) * k_mult
     st = _Static(
         logit_scale=float(logit_scale), num_registers=R, is_causal=mask.is_causal,
-        window=mask.local_window_size, has_codes=has_codes, has_c=query_scale is not None,
+        window=mask.local_window_size, has_codes=has_codes(mask), has_c=query_scale is not None,
         need_dc=query_scale is not None and bool(query_scale_grad),
         has_b=key_bias is not None,
         mma_bias=key_bias is not None and cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16,

@@ -136,7 +136,12 @@ def parse_overrides(text, cls):
         key, _, value = item.partition("=")
         if key not in fields:
             raise SystemExit(f"--set: {key!r} is not a {cls.__name__} field ({', '.join(fields)})")
-        out[key] = bool(int(value)) if fields[key] is bool else int(value)
+        try:
+            number = int(value)
+        except ValueError:
+            raise SystemExit(f"--set: {item!r}: the value must be an integer (0 / 1 for a bool "
+                             "field)") from None
+        out[key] = bool(number) if fields[key] is bool else number
     return out
 
 

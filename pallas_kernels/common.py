@@ -49,11 +49,15 @@ class MaskSpec:
     num_registers: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
+def has_codes(mask: MaskSpec) -> bool:
+    """Whether ``mask`` has lengths or segment ids (per-row / per-key index arrays)."""
+    return any(x is not None for x in (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids))
+
+
 def is_masked(mask: MaskSpec) -> bool:
     """Whether ``mask`` hides keys at all (causal, window, lengths, segments; registers alone do
     not): the ``masked`` the kernels' default tiles depend on."""
-    codes = (mask.q_lengths, mask.kv_lengths, mask.q_segment_ids)
-    return mask.is_causal or mask.local_window_size is not None or any(x is not None for x in codes)
+    return mask.is_causal or mask.local_window_size is not None or has_codes(mask)
 
 
 def visible(spec: MaskSpec, b_idx, q_idx, k_idx):

@@ -433,19 +433,15 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
         if plan.fixed_max:
             m_fixed = row_vec_at(plan.num_row_vecs - 1)
 
-        def step_fn(step, carry, masked):
-            acc, m, den, ent = carry
-            slot = slot_of(step)
-            plgpu.barrier_wait(bars["k"].at[slot])
+        def issue_qk(acc_ref, slot):
+            plgpu.wgmma(acc_ref, q_smem, smem["k"].at[slot].transpose((1, 0)))
+            if plan.mma_bias:  # + [1, 1, 1, 0..] . [t1, t2, t3, 0..] = b_j / a
+                plgpu.wgmma(acc_ref, smem["qb"].at[wg], smem["kb"].at[slot].transpose((1, 0)))
 
-            def compute_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, smem["k"].at[slot].transpose((1, 0)))
-                if plan.mma_bias:  # + [1, 1, 1, 0..] . [t1, t2, t3, 0..] = b_j / a
-                    plgpu.wgmma(acc_ref, smem["qb"].at[wg], smem["kb"].at[slot].transpose((1, 0)))
-                schedule()
-                return acc_ref[...]
-
-            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+        def tile_softmax(s, step, slot, m, den, ent, masked):
+            """``(m_new, p, alpha, den, ent)`` of one tile's logits ``s``: loads the tile's key
+            vectors, releases its K slot; ``den`` and ``ent`` rescaled to ``m_new`` (``den``
+            without this tile's ``sum_j p``); ``alpha`` None with ``plan.fixed_max``."""
             key_layout = plgpu.Layout.WGMMA.reduce(0)
             kb = kid = None
             if plan.has_bias:
@@ -462,6 +458,20 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                     ent if alpha is None else alpha * (ent + den * (m - m_new)))
             if alpha is not None:
                 den = den * alpha
+            return m_new, p, alpha, den, ent
+
+        def step_fn(step, carry, masked):
+            acc, m, den, ent = carry
+            slot = slot_of(step)
+            plgpu.barrier_wait(bars["k"].at[slot])
+
+            def compute_qk(acc_ref):
+                issue_qk(acc_ref, slot)
+                schedule()
+                return acc_ref[...]
+
+            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+            m_new, p, alpha, den, ent = tile_softmax(s, step, slot, m, den, ent, masked)
 
             def end_softmax():
                 if pingpong:
@@ -497,34 +507,13 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             slot = slot_of(step)
             plgpu.barrier_wait(bars["k"].at[slot])
 
-            def issue_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, smem["k"].at[slot].transpose((1, 0)))
-                if plan.mma_bias:
-                    plgpu.wgmma(acc_ref, smem["qb"].at[wg], smem["kb"].at[slot].transpose((1, 0)))
-
-            def softmax(s):  # (m_new, p, alpha, den, ent) of this step, as step_fn
-                key_layout = plgpu.Layout.WGMMA.reduce(0)
-                kb = kid = None
-                if plan.has_bias:
-                    kb = plgpu.load(smem["kv"].at[slot, jnp.int32(0)], layout=key_layout)
-                if plan.has_kid:
-                    kid = plgpu.load(smem["kv"].at[slot, jnp.int32(plan.num_key_vecs - 1)],
-                                     layout=key_layout)
-                plgpu.barrier_arrive(bars["k_done"].at[slot])
-                m_new, d = _shifted_logits(plan, s, kb, r, m, masked, lambda: _visible(
-                    plan, q0, step, kid, qid))
-                p = jnp.exp2(d)
-                alpha = None if plan.fixed_max else jnp.exp2(m - m_new)
-                new_ent = ent
-                if plan.stats:
-                    new_ent = (p * d).sum(axis=1) + (
-                        ent if alpha is None else alpha * (ent + den * (m - m_new)))
-                new_den = den if alpha is None else den * alpha
+            def softmax(s):  # (m_new, p, alpha, den, ent), den with this tile's sum
+                m_new, p, alpha, new_den, new_ent = tile_softmax(s, step, slot, m, den, ent, masked)
                 return m_new, p, alpha, new_den + p.sum(axis=1), new_ent
 
             def qk_only(acc):
                 def body(s_ref):
-                    issue_qk(s_ref)
+                    issue_qk(s_ref, slot)
                     return s_ref[...]
                 return acc, softmax(pl.run_scoped(body, plgpu.ACC((bq, bkv), jnp.float32)))
 
@@ -536,7 +525,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
 
                 def body(s_ref, o_ref):
                     o_ref[...] = acc
-                    issue_qk(s_ref)
+                    issue_qk(s_ref, slot)
                     plgpu.wgmma(o_ref, p_prev, v_prev)  # the newest group
                     out = softmax(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
                     return o_ref[...], out
