@@ -1021,13 +1021,24 @@ def _interpret_context(interpret: bool):
         yield
 
 
+def _delta(out, dout):
+    """``delta_i = dout_i . out_i``, float32 ``[B, N, T]``.
+
+    A row reduction over the contiguous head dim into ``[B, T, N]``, kept apart (an optimization
+    barrier) from the transpose and the stacking of the kernels' row statistics: fused into that
+    concatenation, XLA reduced in the transposed order at well below memory speed (H200, D = 64,
+    B * T = 16384, N = 16: 68 us for 67 MB).
+    """
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # [B, T, N]
+    return jnp.transpose(jax.lax.optimization_barrier(delta), (0, 2, 1))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 11, 12))
 def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
                     kernels):
     B, T, N, H0 = q.shape
     S, Hv0 = k.shape[1], v.shape[-1]
-    delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), dout.astype(jnp.float32))
-    stats = [lse.astype(jnp.float32) * LOG2E, delta]
+    stats = [lse.astype(jnp.float32) * LOG2E, _delta(out, dout)]
     if st.has_c:
         stats.append(query_scale.astype(jnp.float32))
     qstats = _pad_axis(jnp.stack(stats, axis=2), 3, st.Tp)  # [B, N, n_stats, Tp]

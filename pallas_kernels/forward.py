@@ -163,9 +163,14 @@ class BlockSizes:
 #   D = 128: 128 x 2 579 / 511, bias 493 / 424 (kept); + fold_scale 558 / 506 (slower);
 #            64-key tiles, 2-4 stages: <= 472 / 432.
 # D = 192 / 256 are not swept (64-key tiles, 2 stages).
+# D = 128 on the H200 (2026-11-30, eighth session): fold_scale now wins, in two runs of one call --
+# `kernels.py` (h200-kernels-fwd-overlap-20261130e.json), ms without / with fold, N = 4096, non-causal
+# / causal: plain 1.040 / 1.013, 0.569 / 0.558; c 1.013 / 0.988, 0.549 / 0.539; and `attention.py
+# --tune` (h200-tune-d128-20261130e.json) 540 / 553 TFLOP/s at N = 4096, 573 / 586 at N = 16384
+# -> fold_scale on at D = 128.
 DEFAULT_BLOCK_SIZES = {
     64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=3, fold_scale=True),
-    128: BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2),
+    128: BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True),
     192: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
     256: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
 }

@@ -1,0 +1,128 @@
+"""Where the time of one attention call goes, kernel by kernel: ``python benchmarks/profile.py``.
+
+:mod:`benchmarks.attention` times whole calls; this traces ``--steps`` back-to-back calls of each
+implementation with ``jax.profiler`` and sums the GPU events of the trace by kernel name, so a gap
+between two variants' totals can be read as kernels (the forward, dq, dk/dv, the XLA glue around
+them) or as idle time between them. Prints, per implementation, the microseconds per call of each
+kernel (largest first), their sum, and the wall time per call measured around the traced loop.
+
+  PYTHONPATH=. python3 benchmarks/profile.py --impls softmax,ssmax,ssmax_learned --dims 64 \
+      --lengths 4096 --causal 1 --modes fwdbwd
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import attention as bench  # noqa: E402
+
+
+def _callable(impl, D, causal, mode):
+    """``(jitted fn, args)`` for one implementation, as :mod:`benchmarks.attention` builds them."""
+    if impl in bench.LEARNED:
+        make, init = bench.LEARNED[impl]
+        return bench._jitted(bench._ours_learned(make), causal, mode, num_args=4), init
+    if impl in bench.OURS:
+        f = bench._ours(bench.OURS[impl])
+    else:
+        f = {"cudnn": bench._cudnn, "xla": bench._xla, "cudnn_rbf": bench._cudnn_rbf,
+             "tokamax": bench._tokamax, "tokamax_rbf": bench._tokamax_rbf}[impl]
+    return bench._jitted(f, causal, mode), None
+
+
+def _gpu_events(path):
+    """``{name: (total_ns, count)}`` over the device planes of one trace file."""
+    data = jax.profiler.ProfileData.from_file(path)
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():
+                continue
+            for ev in line.events:
+                t = totals[ev.name]
+                t[0] += ev.duration_ns
+                t[1] += 1
+    if not totals:  # say what the trace holds instead
+        print("no GPU stream events; planes and lines:",
+              [(p.name, [ln.name for ln in p.lines][:6]) for p in data.planes], flush=True)
+    return totals
+
+
+def profile(fn, args, steps):
+    """Per-call microseconds of each GPU kernel of ``fn(*args)`` and the wall time per call."""
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(steps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        wall = (time.perf_counter() - t0) / steps
+        jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        totals = _gpu_events(files[0]) if files else {}
+    per_call = {name: (ns / steps / 1e3, n / steps) for name, (ns, n) in totals.items()}
+    return per_call, wall * 1e6
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impls", default="softmax,ssmax,ssmax_learned")
+    parser.add_argument("--dims", default="64")
+    parser.add_argument("--lengths", default="4096")
+    parser.add_argument("--causal", default="0,1")
+    parser.add_argument("--modes", default="fwdbwd")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=8, help="kernels listed per implementation")
+    parser.add_argument("--out", default=None, help="JSON path")
+    args = parser.parse_args(argv)
+    rows = []
+    for D in map(int, args.dims.split(",")):
+        for N in map(int, args.lengths.split(",")):
+            B = bench.TOKENS // N
+            q, k, v = bench._random_qkv(0, B, N, D)
+            for causal in (bool(int(c)) for c in args.causal.split(",")):
+                for mode in args.modes.split(","):
+                    for impl in args.impls.split(","):
+                        fn, init = _callable(impl, D, causal, mode)
+                        call_args = (q, k, v) if init is None else (q, k, v, init())
+                        try:
+                            kernels, wall = profile(fn, call_args, args.steps)
+                        except Exception as e:  # noqa: BLE001 - a row per failure
+                            print(f"{impl} D={D} N={N} causal={causal} {mode}: "
+                                  f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+                            continue
+                        total = sum(us for us, _ in kernels.values())
+                        print(f"\n{impl} D={D} N={N} causal={int(causal)} {mode}: wall "
+                              f"{wall:8.1f} us/call, kernels {total:8.1f} us/call "
+                              f"({len(kernels)} names)", flush=True)
+                        ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+                        for name, (us, n) in ranked[:args.top]:
+                            print(f"  {us:8.1f} us  x{n:4.1f}  {name[:90]}")
+                        rest = sum(us for _, (us, _) in ranked[args.top:])
+                        if rest:
+                            print(f"  {rest:8.1f} us  (other {len(ranked) - args.top} names)")
+                        rows.append(dict(impl=impl, D=D, N=N, causal=causal, mode=mode,
+                                         wall_us=wall, kernel_us=total,
+                                         kernels={n: us for n, (us, _) in ranked}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, rows=rows), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
