@@ -99,6 +99,13 @@ class Variant:
         del key, scale
         return None
 
+    def key_bias_norm(self, scale):
+        """``g`` when :meth:`key_bias` is ``g ||k_j||^2`` (computed in float32 from the keys as
+        given), else None. A kernel hint: the fused backward then adds the bias's key gradient
+        ``2 g db_j k_j`` to dk itself instead of leaving it to XLA."""
+        del scale
+        return None
+
     def query_offset(self, query, scale):
         """Per-query constant dropped from the logits (it cancels in the weights), ``[B, T, N]``.
 
@@ -267,6 +274,9 @@ class RBF(Variant):
     def key_bias(self, key, scale):
         k = key.astype(jnp.promote_types(key.dtype, jnp.float32))
         return -self._gamma(scale) * jnp.einsum("BSKH,BSKH->BSK", k, k)
+
+    def key_bias_norm(self, scale):
+        return -self._gamma(scale)
 
     def query_offset(self, query, scale):
         q = query.astype(jnp.promote_types(query.dtype, jnp.float32))

@@ -102,25 +102,26 @@ def _nonneg_hint(variant, query, value, c, b, a_traced):
     return AT_RUN_TIME if _fwd._blocks(query, value, None, c, b)[1].fold_scale else False
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg=False, bias_key_grad=None):
     """The attention forward; ``row_max``: the exact row max of the base-2 logits or None (a
-    shift the softmax does not depend on: its cotangent is zero)."""
+    shift the softmax does not depend on: its cotangent is zero); ``bias_key_grad``: ``2 g`` when
+    ``b = g ||k||^2`` (from ``stop_gradient(k)``): the backward kernel adds its key gradient."""
     out, lse, *rest = _forward(q, k, v, c, b, spec, a, stats, c_nonneg, row_max)
     return (out, lse, *rest) if stats else (out, lse, None, None)
 
 
-def _fwd_rule(q, k, v, c, b, spec, row_max, a, stats, c_nonneg):
+def _fwd_rule(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad):
     c_perturbed = c is not None and c.perturbed
     q, k, v, c, b, row_max = (_value(x) for x in (q, k, v, c, b, row_max))
     spec = jax.tree.map(_value, spec)
     # The pytree structure says whether c's gradient is wanted: a zero-size marker, or None.
     want_dc = None if not c_perturbed else jnp.zeros((0,), jnp.float32)
-    result = _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg)
+    result = _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad)
     return result, (q, k, v, c, b, spec, result[0], result[1], want_dc)
 
 
-def _bwd(a, stats, c_nonneg, res, cts):
+def _bwd(a, stats, c_nonneg, bias_key_grad, res, cts):
     del stats, c_nonneg
     q, k, v, c, b, spec, out, lse, want_dc = res
     dout, dlse, dent, dmw = cts
@@ -137,7 +138,8 @@ def _bwd(a, stats, c_nonneg, res, cts):
         raise NotImplementedError("backward kernel not available") from e
     dq, dk, dv, dc, db = flash_backward(q, k, v, out, lse, dout.astype(out.dtype), logit_scale=a,
                                         query_scale=c, key_bias=b, mask=spec,
-                                        query_scale_grad=want_dc is not None)
+                                        query_scale_grad=want_dc is not None,
+                                        bias_key_grad=bias_key_grad)
     if c is not None and dc is None:  # c's gradient is not wanted (not perturbed)
         dc = jnp.zeros(c.shape, c.dtype)
     return dq, dk, dv, dc, db, _zeros_like_spec(spec), None  # row_max: zero
@@ -195,6 +197,16 @@ def _entropy_bwd(a, res, cts):
 _entropy.defvjp(_entropy_fwd, _entropy_bwd, symbolic_zeros=True)
 
 
+def _bias_key_grad(variant, scale, b, a_traced, dtype):
+    """``2 g`` (a python float) when the variant's key bias is ``g ||k_j||^2`` with a static ``g``
+    and the backward kernel can add its key gradient (``flash_backward(bias_key_grad=)``); else
+    None (XLA differentiates the bias)."""
+    if b is None or a_traced is not None or dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    g = variant.key_bias_norm(scale)
+    return 2.0 * float(g) if g is not None and _is_static(g) else None
+
+
 def _with_registers(key, value, registers):
     if registers is None:
         return key, value, 0
@@ -245,6 +257,9 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
                     num_registers=R)
     a_static, a_traced = _split_scale(variant.logit_scale(scale))
     b = variant.key_bias(key, scale)  # [B, S, K] or None
+    bias_key_grad = _bias_key_grad(variant, scale, b, a_traced, key.dtype)
+    if bias_key_grad is not None:  # the kernel adds the bias's key gradient: XLA must not
+        b = variant.key_bias(jax.lax.stop_gradient(key), scale)
     if b is not None:
         b = jnp.transpose(b, (0, 2, 1)).astype(jnp.float32)
         if a_traced is not None:
@@ -272,6 +287,7 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
         # One constant c: z = (c a) q.k + c b, the constant-scale kernels (no row vector, no dc).
         a_static *= float(c)
         b = None if b is None else b * float(c)
+        bias_key_grad = None if bias_key_grad is None else bias_key_grad * float(c)
         c = None
     if a_traced is not None:
         c = a_traced if c is None else c * a_traced
@@ -279,7 +295,7 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
         c = jnp.broadcast_to(jnp.asarray(c, jnp.float32), (B, N, T))
     c_nonneg = _nonneg_hint(variant, query, value, c, b, a_traced)
     out, lse, ent, max_weight = _flash(query, key, value, c, b, spec, row_max, a_static,
-                                       return_stats, c_nonneg)
+                                       return_stats, c_nonneg, bias_key_grad)
     if not return_stats:
         return out
     offset = variant.query_offset(query, scale)  # [B, T, N] or None

@@ -313,6 +313,7 @@ class _Static:
     mma_db: bool  # has_b, db summed by a wgmma against ones (BackwardConfig.mma_db)
     dc_mma: bool  # need_dc, its dZ sums from wgmmas (BackwardConfig.dc_mma)
     pu_mma: bool  # dc_mma, and the centering's sum_j p s from a wgmma (BackwardConfig.pu_mma)
+    bias_key_grad: float | None  # b_j = g ||k_j||^2 with 2 g = this: dk += 2 g db_j k_j in the kernel
     T: int  # true lengths (before padding)
     S: int
     Tp: int  # padded lengths
@@ -713,7 +714,11 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             if st.mma_db:  # every column with a one holds db; keep column 0
                 colid = plgpu.broadcasted_iota(jnp.int32, db.shape, 1, layout=plgpu.Layout.WGMMA)
                 db = jnp.sum(jnp.where(colid == 0, db, 0.0), axis=1)
-            k_smem[...] = (dk_acc * a).astype(st.dtype)
+            dk = dk_acc * a
+            if st.bias_key_grad is not None:  # b_j = g ||k_j||^2: its key gradient 2 g db_j k_j
+                dk = dk + (st.bias_key_grad * lax.broadcast_in_dim(db, (bkv, H), [0])
+                           * k_smem[...].astype(jnp.float32))
+            k_smem[...] = dk.astype(st.dtype)
             v_smem[...] = dv_acc.astype(st.dtype)
             if st.has_b:
                 kb_smem2.at[wg][...] = db
@@ -955,7 +960,8 @@ def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
 
 def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=None, key_bias=None,
                    mask: MaskSpec | None = None, config: BackwardConfig | None = None, interpret=None,
-                   kernels: tuple[str, ...] = ("dq", "dkv"), query_scale_grad: bool = True):
+                   kernels: tuple[str, ...] = ("dq", "dkv"), query_scale_grad: bool = True,
+                   bias_key_grad: float | None = None):
     """Gradients of the kernel-level attention problem, with two fused Mosaic GPU kernels.
 
     .. math::
@@ -985,6 +991,10 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
       query_scale_grad: False when the gradient of ``query_scale`` is not wanted (a constant SSMax
         ``s``, a stop-gradient beta): the dq kernel then skips its ``dc`` sums and dquery_scale
         is None.
+      bias_key_grad: a python float ``2 g`` when the key bias is ``b_j = g ||k_j||^2`` of these
+        keys (RBF: ``g = -gamma``): dk then includes the bias's key gradient ``2 g db_j k_j``
+        (added in the dk/dv kernel's epilogue), and the caller must not add it again (compute
+        ``b`` from ``stop_gradient(k)``). None: dk is the logits' term only.
 
     Returns:
       ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
@@ -1001,6 +1011,14 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         raise ValueError(f"kernels must be a non-empty subset of ('dq', 'dkv'), got {kernels!r}")
     if not isinstance(logit_scale, (int, float, np.integer, np.floating)) or isinstance(logit_scale, bool):
         raise TypeError(f"logit_scale must be a python float, got {type(logit_scale).__name__}")
+    if bias_key_grad is not None:
+        if key_bias is None:
+            raise ValueError("bias_key_grad needs a key_bias (b_j = g ||k_j||^2)")
+        if not isinstance(bias_key_grad, (int, float, np.integer, np.floating)) or isinstance(
+                bias_key_grad, bool):
+            raise TypeError(f"bias_key_grad must be a python float or None, got "
+                            f"{type(bias_key_grad).__name__}")
+        bias_key_grad = float(bias_key_grad)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     if interpret is True:
@@ -1030,7 +1048,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         has_b=key_bias is not None,
         mma_bias=key_bias is not None and cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16,
         mma_db=key_bias is not None and cfg.mma_db and jnp.dtype(q.dtype) == jnp.bfloat16,
-        dc_mma=dc_mma, pu_mma=dc_mma and cfg.pu_mma,
+        dc_mma=dc_mma, pu_mma=dc_mma and cfg.pu_mma, bias_key_grad=bias_key_grad,
         T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with

@@ -64,8 +64,13 @@ def _inputs(key, B, T, S, N, K, D, use_c, use_b, dtype=jnp.bfloat16):
     c = jax.random.uniform(ks[4], (B, N, T), jnp.float32, 0.5, 1.5) if use_c else None
     b = jax.random.normal(ks[5], (B, K, S), jnp.float32) if use_b else None
     if use_b == "rbf":
-        b = 30.0 - jnp.sum(k.astype(jnp.float32) ** 2, -1).transpose(0, 2, 1) / math.sqrt(D)
+        b = _rbf_bias(k, D)
     return q, k, v, do, c, b, ks[6]
+
+
+def _rbf_bias(k, D):
+    """``30 - ||k_j||^2 / sqrt(D)``, float32 ``[B, K, S]``: RBF's key term (plus a constant)."""
+    return 30.0 - jnp.sum(k.astype(jnp.float32) ** 2, -1).transpose(0, 2, 1) / math.sqrt(D)
 
 
 def _rel(x, ref):
@@ -108,6 +113,15 @@ def check_case(name, seed, query_scale_grad=True, flip_mma_db=False, overrides=N
             assert g is None, label
             continue
         errs[label] = _rel(g, r)
+    if use_b == "rbf":  # the bias's key gradient added in the kernel (bias_key_grad), as RBF runs
+        def ref_total(q, k, v, c):
+            return ref_fn(q, k, v, c, _rbf_bias(k, D))
+
+        dk_total = jax.vjp(ref_total, q, k, v, c)[1]((do.astype(jnp.float32), jnp.zeros_like(lse)))[1]
+        fused = flash_backward(q, k, v, out.astype(q.dtype), lse, do, logit_scale=a, query_scale=c,
+                               key_bias=b, mask=mask, query_scale_grad=query_scale_grad,
+                               config=config, bias_key_grad=-2.0 / math.sqrt(D))
+        errs["dk+bias"] = _rel(jax.block_until_ready(fused[1]), dk_total)
     return errs
 
 

@@ -127,6 +127,30 @@ def test_gradients_match_xla(name, param):
         assert np.abs(a - b).max() <= GRAD_RTOL * scale, (label, np.abs(a - b).max(), scale)
 
 
+@pytest.mark.parametrize("variant, g", [(variants.RBF(0.05), -0.05), (variants.RBF(), -1 / np.sqrt(H))])
+def test_rbf_key_norm_gradient_in_the_kernel(monkeypatch, variant, g):
+    """A constant gamma: the bias ``-gamma ||k||^2`` is formed from ``stop_gradient(k)`` and the
+    backward kernel adds its key gradient (``bias_key_grad = -2 gamma``); dk and the register
+    keys' gradient still match XLA's."""
+    seen = _spy(monkeypatch, "pallas_kernels.backward", "flash_backward",
+                lambda kw: kw.get("bias_key_grad"))
+    q, k, v, (rk, rv) = _inputs(11)
+    cot = jnp.cos(jnp.arange(H, dtype=jnp.float32))[None, None, None, :]
+
+    def loss(q, k, v, rk, rv, impl):
+        out = jaxattn.attention(q, k, v, variant=variant, registers=(rk, rv), implementation=impl,
+                                **OPTIONS)
+        return jnp.sum(out.astype(jnp.float32) * cot)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    got = _ready(grad(q, k, v, rk, rv, "pallas"))
+    assert seen == [pytest.approx(2 * g, rel=1e-6)]
+    want = grad(*_f32((q, k, v, rk, rv)), "xla")
+    for label, a, b in zip(("dq", "dk", "dv", "dregister_k", "dregister_v"), got, want, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= GRAD_RTOL * np.abs(b).max(), (label, np.abs(a - b).max())
+
+
 def _adaptive_loss(q, k, v, stop_gradient_beta, impl):
     variant = variants.AdaptiveTemperature(stop_gradient_beta=stop_gradient_beta)
     out = jaxattn.attention(q, k, v, variant=variant, implementation=impl, is_causal=True)

@@ -102,7 +102,7 @@ def _index_static(**fields):
     """A ``backward._Static`` for the tile-range helpers: no c, b or codes; ``fields`` override."""
     base = dict(logit_scale=1.0, num_registers=0, is_causal=False, window=None, has_codes=False,
                 has_c=False, need_dc=False, has_b=False, mma_bias=False, mma_db=False, dc_mma=False,
-                pu_mma=False, G=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
+                pu_mma=False, bias_key_grad=None, G=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
     return backward._Static(**{**base, **fields})
 
 
@@ -436,6 +436,30 @@ def test_default_config_per_head_dim():
         default_config(257)
 
 
+@pytest.mark.parametrize("mma_db", [False, True])
+def test_bias_key_grad_adds_the_norm_term_to_dk(mma_db):
+    """``bias_key_grad=2g`` (the key bias is ``g ||k_j||^2``): dk gains ``2 g db_j k_j`` in the
+    kernel's epilogue (GQA: db summed over the group first), the other outputs are unchanged."""
+    q, k, v, dout, c, _ = _inputs(13, 1, 128, 136, 4, 2, 64, 64, jnp.bfloat16, True, False)
+    g = -0.125
+    b = jnp.transpose(g * jnp.sum(k.astype(jnp.float32) ** 2, axis=-1), (0, 2, 1))  # [B, K, S]
+    spec = MaskSpec(is_causal=True)
+    out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
+    cfg = dataclasses.replace(default_config(64, True), mma_db=mma_db)
+    run = lambda grad: flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c,
+                                      key_bias=b, mask=spec, config=cfg, bias_key_grad=grad)
+    plain, fused = run(None), run(2 * g)
+    db = jnp.transpose(plain[4], (0, 2, 1))[..., None]  # [B, S, K, 1]
+    want = plain[1].astype(jnp.float32) + 2 * g * db * k.astype(jnp.float32)
+    err = np.linalg.norm(np.asarray(fused[1].astype(jnp.float32) - want)) / np.linalg.norm(
+        np.asarray(want))
+    assert err < 4e-3, err  # two bf16 roundings of dk apart
+    for i in (0, 2, 3, 4):
+        np.testing.assert_array_equal(np.asarray(fused[i], np.float32), np.asarray(plain[i], np.float32))
+    with pytest.raises(ValueError, match="bias_key_grad"):
+        flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, bias_key_grad=1.0)
+
+
 def test_query_scale_grad_off_skips_dc_only():
     """query_scale_grad=False: dc is None, and dq / dk / dv are the same arrays as with dc."""
     q, k, v, dout, c, b = _inputs(12, 1, 128, 136, 2, 1, 64, 64, jnp.bfloat16, True, True)
@@ -460,5 +484,5 @@ def test_gpu_check_case_runs_in_the_interpreter(monkeypatch, flip_mma_db, overri
     tiny = (1, 128, 128, 2, 1, 64, dict(is_causal=True), 0, False, "rbf")
     monkeypatch.setitem(check_backward.CHECKS, "tiny_rbf", tiny)
     errs = check_backward.check_case("tiny_rbf", 0, flip_mma_db=flip_mma_db, overrides=overrides)
-    assert set(errs) == {"dq", "dk", "dv", "db"}
+    assert set(errs) == {"dq", "dk", "dv", "db", "dk+bias"}
     assert all(e < check_backward.TOL for e in errs.values()), errs
