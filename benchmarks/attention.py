@@ -39,7 +39,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jaxattn  # noqa: E402
-from benchmarks.timing import compare  # noqa: E402
+from benchmarks.timing import compare, warm_device  # noqa: E402
 from jaxattn import variants  # noqa: E402
 
 HEADS = 16
@@ -187,6 +187,8 @@ def main(argv=None):
         if args.out:
             _write(args.out, dev, rows)
         return None
+    if jax.default_backend() == "gpu":
+        warm_device()
     rows = []
     path = args.out or os.path.join(os.path.dirname(__file__), "results",
                                     f"attention-{dev.device_kind.replace(' ', '_')}-"

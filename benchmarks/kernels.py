@@ -12,8 +12,7 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
-``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off,
-``pumma`` / ``pummakv128`` = with ``pu_mma``, and with 128-key dq tiles), and
+``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off), and
 the forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``), with ``mma_bias``
 flipped (a key bias) and given the exact row max (``fixedmax``); each config's outputs are compared
 with the first config's (relative norm of the difference: a config that breaks the kernel shows up);
@@ -38,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.timing import compare  # noqa: E402
+from benchmarks.timing import compare, warm_device  # noqa: E402
 from pallas_kernels.backward import BackwardConfig, default_config, flash_backward  # noqa: E402
 from pallas_kernels.common import MaskSpec  # noqa: E402
 from pallas_kernels.forward import default_block_sizes, default_stats_block_sizes, flash_forward, flash_stats  # noqa: E402
@@ -67,19 +66,17 @@ def bwd_configs(D, query_scale=False, masked=True):
         "overlapkv64": dataclasses.replace(base, overlap=True, block_kv_dq=64),
         "dcmma": dataclasses.replace(base, dc_mma=True),
         "nodcmma": dataclasses.replace(base, dc_mma=False),
-        "pumma": dataclasses.replace(base, dc_mma=True, pu_mma=True),
-        "pummakv128": dataclasses.replace(base, dc_mma=True, pu_mma=True, block_kv_dq=128),
     }
 
 
-def stats_configs(D, query_scale=False, key_bias=False):
+def stats_configs(D, query_scale=False, key_bias=False, causal=False):
     """Named :func:`flash_stats` configs (``--stats-configs``): the default, the forward's
     ping-pong tiles, and free-running warpgroups (2-4, no schedule barrier) over other tiles."""
     base = default_block_sizes(D, query_scale, key_bias)
     free = lambda wgs, bkv, steps: dataclasses.replace(
         base, pingpong=False, compute_wgs=wgs, block_kv=bkv, max_concurrent_steps=steps)
     return {
-        "default": default_stats_block_sizes(D, query_scale, key_bias),
+        "default": default_stats_block_sizes(D, query_scale, key_bias, causal=causal),
         "pp": base,
         "free2": dataclasses.replace(base, pingpong=False),
         "free2kv128": free(2, 128, 2),
@@ -181,14 +178,20 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
                 config=cfg, kernels=(part,)))
             candidates[(part, name)] = (fn, (q, k, v, out, lse, do, c, b))
-    if c is not None:  # the dq kernel without the dc sums (a constant SSMax s, a stopped beta)
-        cfg = bwd_configs(D, True, causal)["default"]
-        fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg: flash_backward(
-            q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
-            kernels=("dq",), query_scale_grad=False))
-        candidates[("dq", "nodc")] = (fn, (q, k, v, out, lse, do, c, b))
+    if c is not None:  # the dq kernel without the dc sums (a constant SSMax s, a stopped beta);
+        # with 64-key dq tiles by default (D = 128, masked: chosen for the dc sums' registers)
+        # also with 128-key tiles
+        dq_base = bwd_configs(D, True, causal)["default"]
+        nodc = {"nodc": dq_base}
+        if dq_base.block_kv_dq != 128:
+            nodc["nodckv128"] = dataclasses.replace(dq_base, block_kv_dq=128)
+        for name, cfg in nodc.items():
+            fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg: flash_backward(
+                q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
+                kernels=("dq",), query_scale_grad=False))
+            candidates[("dq", name)] = (fn, (q, k, v, out, lse, do, c, b))
     for name in stats:
-        cfg = stats_configs(D, c is not None, b is not None)[name]
+        cfg = stats_configs(D, c is not None, b is not None, causal)[name]
         fn = jax.jit(lambda q, k, c, b, cfg=cfg: flash_stats(
             q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             query_scale_nonnegative=c is not None))
@@ -257,6 +260,8 @@ def main(argv=None):
         if name not in stats_configs(64):
             parser.error(f"--stats-configs: unknown {name!r}; choose from {sorted(stats_configs(64))}")
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+    if jax.default_backend() == "gpu":
+        warm_device()
     rows = []
     for D in ints(args.dims):
         for N in ints(args.lengths):

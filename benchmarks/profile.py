@@ -4,7 +4,8 @@
 implementation with ``jax.profiler`` and sums the GPU events of the trace by kernel name, so a gap
 between two variants' totals can be read as kernels (the forward, dq, dk/dv, the XLA glue around
 them) or as idle time between them. Prints, per implementation, the microseconds per call of each
-kernel (largest first), their sum, and the wall time per call measured around the traced loop.
+kernel (largest first; a kernel that runs several times per call split by its order, ``#1``,
+``#2``), their sum, and the wall time per call measured around the traced loop.
 
   PYTHONPATH=. python3 benchmarks/profile.py --impls softmax,ssmax,ssmax_learned --dims 64 \
       --lengths 4096 --causal 1 --modes fwdbwd
@@ -24,6 +25,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention as bench  # noqa: E402
+from benchmarks.timing import warm_device  # noqa: E402
 
 
 def _callable(impl, D, causal, mode):
@@ -39,10 +41,12 @@ def _callable(impl, D, causal, mode):
     return bench._jitted(f, causal, mode), None
 
 
-def _gpu_events(path):
-    """``{name: (total_ns, count)}`` over the device planes of one trace file."""
+def _gpu_events(path, steps):
+    """``{name: (total_ns, count)}`` over the device planes of one trace file. A name that runs
+    several times per call (the backward's dq and dk/dv kernels are both
+    ``kernel_mosaic_gpu_kernel``) is split by its order within the call: ``name#1``, ``name#2``."""
     data = jax.profiler.ProfileData.from_file(path)
-    totals = collections.defaultdict(lambda: [0.0, 0])
+    starts = collections.defaultdict(list)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -50,12 +54,18 @@ def _gpu_events(path):
             if "stream" not in line.name.lower():
                 continue
             for ev in line.events:
-                t = totals[ev.name]
-                t[0] += ev.duration_ns
-                t[1] += 1
-    if not totals:  # say what the trace holds instead
+                starts[ev.name].append((ev.start_ns, ev.duration_ns))
+    if not starts:  # say what the trace holds instead
         print("no GPU stream events; planes and lines:",
               [(p.name, [ln.name for ln in p.lines][:6]) for p in data.planes], flush=True)
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for name, events in starts.items():
+        events.sort()
+        per_call = len(events) // steps if len(events) % steps == 0 else 1
+        for i, (_, ns) in enumerate(events):
+            key = f"{name}#{i % per_call + 1}" if per_call > 1 else name
+            totals[key][0] += ns
+            totals[key][1] += 1
     return totals
 
 
@@ -73,7 +83,7 @@ def profile(fn, args, steps):
         wall = (time.perf_counter() - t0) / steps
         jax.profiler.stop_trace()
         files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        totals = _gpu_events(files[0]) if files else {}
+        totals = _gpu_events(files[0], steps) if files else {}
     per_call = {name: (ns / steps / 1e3, n / steps) for name, (ns, n) in totals.items()}
     return per_call, wall * 1e6
 
@@ -89,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=8, help="kernels listed per implementation")
     parser.add_argument("--out", default=None, help="JSON path")
     args = parser.parse_args(argv)
+    if jax.default_backend() == "gpu":
+        warm_device()
     rows = []
     for D in map(int, args.dims.split(",")):
         for N in map(int, args.lengths.split(",")):

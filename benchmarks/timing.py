@@ -16,7 +16,7 @@ import time
 
 import jax
 
-__all__ = ["compare"]
+__all__ = ["compare", "warm_device"]
 
 
 def _batch(fn, args, n):
@@ -70,3 +70,20 @@ def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03):
     for name, (_, _, out) in live.items():
         results[name] = (statistics.median(times[name]), out, None)
     return {name: results[name] for name in candidates}
+
+
+def warm_device(seconds=3.0, n=4096):
+    """Back-to-back bf16 matmuls for ``seconds`` before the first measurement of a process.
+
+    In two sweeps (2026-11-30) the first cell a process timed ran ~25 % slow for every
+    implementation, cuDNN included, and the later cells did not: the per-cell warm-up of
+    :func:`compare` is not enough for a cold device."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.bfloat16)
+    f = jax.jit(lambda x: (x @ x) * 1e-3)
+    jax.block_until_ready(f(x))
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        y = x
+        for _ in range(20):
+            y = f(y)
+        jax.block_until_ready(y)

@@ -90,12 +90,6 @@ class BackwardConfig:
         ``b / a`` and a ones column. ``dc`` then carries dq's rounding of ``dZ`` (relative error
         ~2e-3 as dq's, instead of ~1e-6); the centering on ``sum_j p_ij s_ij`` (float32) stays.
         Only without a key bias or with mma_bias (a float32 strip keeps the row sums).
-      pu_mma: with dc_mma, the centering's ``sum_j p_ij s_ij`` from the tensor cores too: the
-        16-bit products ``p_ij s_ij`` against a ``[block_kv, 16]`` tile with one ones column,
-        accumulated into dc_mma's ``[block_q, 16]`` accumulator (a second wgmma of the same tile
-        step), instead of a float32 row sum per logit. The centering constant then carries a
-        relative rounding of ~2**-9 of the row's ``E_p |s|`` (float64 simulation: dc's error
-        unchanged, 1.0e-3 to 1.8e-3, where no centering gives up to 1.8e-1).
     """
 
     block_q_dq: int = 64
@@ -110,7 +104,6 @@ class BackwardConfig:
     mma_db: bool = False
     overlap: bool = False
     dc_mma: bool = False
-    pu_mma: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -122,8 +115,7 @@ class BackwardConfig:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap", "dc_mma",
-                     "pu_mma"):
+        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap", "dc_mma"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -224,20 +216,15 @@ def _mma_acc(acc, lhs, rhs_smem, interpret: bool):
 
 
 def _mma_accs(products, interpret: bool):
-    """``[acc + lhs @ rhs + lhs2 @ rhs2 .. for (acc, lhs, rhs, lhs2, rhs2, ..) in products]``
-    (16-bit ``lhs`` in registers, ``rhs`` in SMEM): the wgmmas issued together, one wait.
-    Interpreter: ``jnp.dot`` (see :func:`_mma_acc`)."""
-    def pairs(product):
-        return zip(product[1::2], product[2::2], strict=True)
-
+    """``[acc + lhs @ rhs for (acc, lhs, rhs) in products]`` (16-bit ``lhs`` in registers, ``rhs``
+    in SMEM): the wgmmas issued together, one wait. Interpreter: ``jnp.dot`` (see :func:`_mma_acc`)."""
     if interpret:
-        return tuple(sum((jnp.dot(lhs, rhs[...], preferred_element_type=jnp.float32)
-                          for lhs, rhs in pairs(product)), product[0]) for product in products)
+        return tuple(acc + jnp.dot(lhs, rhs[...], preferred_element_type=jnp.float32)
+                     for acc, lhs, rhs in products)
 
     def body(acc_refs):
-        for ref, product in zip(acc_refs, products, strict=True):
-            for lhs, rhs in pairs(product):
-                plgpu.wgmma(ref, lhs, rhs)
+        for ref, (_, lhs, rhs) in zip(acc_refs, products, strict=True):
+            plgpu.wgmma(ref, lhs, rhs)
 
     return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in products))
 
@@ -256,13 +243,6 @@ def _mm_smem(lhs_smem, rhs_smem_t, shape, extra=None):
 
 
 DC_ONES_COLUMN = MMA_BIAS_TERMS  # dc_mma: the ones column of the key-side [S, 16] operand
-PU_ONES_COLUMN = DC_ONES_COLUMN + 1  # pu_mma: the column of sum_j p_ij s_ij (zero in the others)
-
-
-def pu_ones(rows, dtype=jnp.bfloat16):
-    """The ``[rows, 16]`` right operand of pu_mma's product: a one in column :data:`PU_ONES_COLUMN`."""
-    row = (jnp.arange(MMA_BIAS_WIDTH) == PU_ONES_COLUMN).astype(dtype)
-    return jnp.broadcast_to(row, (rows, MMA_BIAS_WIDTH))
 
 
 def _mma_while(acc, lhs, rhs_smem, work, interpret, *, lhs_in_registers, shape=None, extra=None):
@@ -312,7 +292,6 @@ class _Static:
     mma_bias: bool  # has_b, added by a second wgmma (BackwardConfig.mma_bias): no strip in the loop
     mma_db: bool  # has_b, db summed by a wgmma against ones (BackwardConfig.mma_db)
     dc_mma: bool  # need_dc, its dZ sums from wgmmas (BackwardConfig.dc_mma)
-    pu_mma: bool  # dc_mma, and the centering's sum_j p s from a wgmma (BackwardConfig.pu_mma)
     bias_key_grad: float | None  # b_j = g ||k_j||^2 with 2 g = this: dk += 2 g db_j k_j in the kernel
     T: int  # true lengths (before padding)
     S: int
@@ -451,10 +430,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
     strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
     kv_ones = st.dc_mma and not st.mma_bias  # dc_mma without a bias: sum_j dZ_ij from ones
     use_ones = st.mma_bias or kv_ones
-    n_ones = max(bq, bkv)
-    ones = ones[:n_ones] if use_ones else None
-    if st.pu_mma:  # its [block_kv, 16] operand after the ones rows
-        ones = jnp.concatenate([ones, pu_ones(bkv, ones.dtype)])
+    ones = ones[:max(bq, bkv)] if use_ones else None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, qstats_ref, *rest):
         rest = list(rest)
@@ -465,8 +441,8 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         ones_ref = rest.pop(0) if use_ones else None
         dq_ref = rest.pop(0)
         dc_ref = rest.pop(0) if st.need_dc else None
-        (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2, ones_smem2, kv_ones_smem2,
-         pu_smem2), barriers = rest
+        (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2, ones_smem2, kv_ones_smem2), \
+            barriers = rest
         batch = lax.axis_index("batch")
         head = lax.axis_index("heads")
         kv_head = lax.div(head, jnp.int32(G))
@@ -491,9 +467,6 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             if kv_ones:
                 plgpu.copy_gmem_to_smem(ones_ref.at[pl.ds(0, bkv)], kv_ones_smem2.at[wg],
                                         barriers.at[wg])
-            if st.pu_mma:
-                plgpu.copy_gmem_to_smem(ones_ref.at[pl.ds(n_ones, bkv)], pu_smem2.at[wg],
-                                        barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
             aux = _zeros((bq, MMA_BIAS_WIDTH)) if st.dc_mma else None
             carry = (_zeros((bq, H)), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW),
@@ -504,8 +477,6 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 col = plgpu.broadcasted_iota(jnp.int32, aux.shape, 1, layout=plgpu.Layout.WGMMA)
                 ones_col = DC_ONES_COLUMN if st.mma_bias else 0
                 dz_sum = jnp.sum(jnp.where(col == ones_col, aux, 0.0), axis=1)
-                if st.pu_mma:
-                    pu_sum = jnp.sum(jnp.where(col == PU_ONES_COLUMN, aux, 0.0), axis=1)
                 if st.mma_bias:
                     dc = dc + jnp.sum(jnp.where(col < MMA_BIAS_TERMS, aux, 0.0), axis=1)
             if st.need_dc:
@@ -568,7 +539,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 return _visible(st, qi, kj, qc, kc)
 
-            def softmax():  # (u, p, sum_j p u or 16-bit p u): the logits' u, the probabilities
+            def softmax():  # (u, p, sum_j p u): the logits' u and the probabilities
                 if strip:
                     u = s * a + lax.broadcast_in_dim(kb, (bq, bkv), [1])
                     z2 = u * (row(crow) if st.has_c else LOG2E)
@@ -577,8 +548,6 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                     z2 = s * (row(crow * a) if st.has_c else a * LOG2E)
                 p = jnp.exp2(z2 - row(lse2))
                 p = _apply_mask(st, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
-                if st.pu_mma:  # summed by dc_mma's wgmma
-                    return u, p, (p * u).astype(st.dtype)
                 return u, p, (jnp.sum(p * u, axis=1) if st.need_dc else None)
 
             def dc_sums(dz):  # dc_i = sum_j dZ_ij u_ij and sum_j dZ_ij (centered at the end)
@@ -597,15 +566,14 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             dz16 = dz.astype(st.dtype)
             if st.dc_mma:  # [sum_j dZ t1, t2, t3, 1, ..] (mma_bias) or sum_j dZ (ones)
                 rhs = kbm_smem if st.mma_bias else kv_ones_smem2.at[wg]
-                aux_product = (aux, dz16, rhs) + ((pu, pu_smem2.at[wg]) if st.pu_mma else ())
-                dq_acc, aux = _mma_accs(((dq_acc, dz16, k_smem), aux_product), st.interpret)
+                dq_acc, aux = _mma_accs(((dq_acc, dz16, k_smem), (aux, dz16, rhs)), st.interpret)
             elif cfg.overlap:  # the dc sums run while the tensor cores accumulate dq
                 dq_acc, (dc, dz_sum) = _mma_while(dq_acc, dz16, k_smem, lambda: dc_sums(dz),
                                                   st.interpret, lhs_in_registers=True)
             else:
                 dc, dz_sum = dc_sums(dz)
                 dq_acc = _mma_acc(dq_acc, dz16, k_smem, st.interpret)
-            if st.need_dc and not st.pu_mma:
+            if st.need_dc:
                 pu_sum = pu_sum + pu
             plgpu.barrier_arrive(consumed[0])
             if st.mma_bias and st.dc_mma:
@@ -641,14 +609,12 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         if st.mma_bias else None,
         plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
         if kv_ones else None,
-        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
-        if st.pu_mma else None,
     )
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if st.need_dc:
         out_type.append(jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
     outs = _launch(st, kernel, out_type, scratch,
-                   n_copies=3 + int(st.has_codes) + int(st.mma_bias) + int(kv_ones) + int(st.pu_mma),
+                   n_copies=3 + int(st.has_codes) + int(st.mma_bias) + int(kv_ones),
                    grid=(N, num_q_tiles, B), tile_axis="q_seq", wgs=wgs, interpret=interpret,
                    inputs=[q, k, v, do, qstats], side=(qcode, kbias, kcode, kbm, ones))
     return outs[0], (outs[1] if st.need_dc else None)
@@ -1039,8 +1005,6 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     q_mult = math.lcm(cfg.block_q_dq * cfg.compute_wgs, cfg.block_q_dkv)
     k_mult = math.lcm(cfg.block_kv_dkv * cfg.compute_wgs, cfg.block_kv_dq)
     Tp, Sp = _cdiv(T, q_mult) * q_mult, _cdiv(S, k_mult) * k_mult
-    dc_mma = query_scale is not None and bool(query_scale_grad) and cfg.dc_mma and (
-        key_bias is None or (cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16))
     st = _Static(
         logit_scale=float(logit_scale), num_registers=R, is_causal=mask.is_causal,
         window=mask.local_window_size, has_codes=has_codes(mask), has_c=query_scale is not None,
@@ -1048,7 +1012,9 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         has_b=key_bias is not None,
         mma_bias=key_bias is not None and cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16,
         mma_db=key_bias is not None and cfg.mma_db and jnp.dtype(q.dtype) == jnp.bfloat16,
-        dc_mma=dc_mma, pu_mma=dc_mma and cfg.pu_mma, bias_key_grad=bias_key_grad,
+        dc_mma=query_scale is not None and bool(query_scale_grad) and cfg.dc_mma and (
+            key_bias is None or (cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16)),
+        bias_key_grad=bias_key_grad,
         T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
@@ -1102,7 +1068,7 @@ def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_
     kbias = None if key_bias is None else _pad_axis(key_bias.astype(jnp.float32), 2, st.Sp)
     kbm = ones = None
     if st.mma_bias:  # [B, Sp, K, 16]: bf16 parts of b / a
-        kbm = jnp.transpose(split_bias(kbias / st.logit_scale, q.dtype), (0, 2, 1, 3))
+        kbm = split_bias(jnp.transpose(kbias, (0, 2, 1)) / st.logit_scale, q.dtype)  # [B, Sp, K] order
         if st.dc_mma:  # a ones column for sum_j dZ_ij (the q side's [1, 1, 1, 0..] skips it)
             kbm = kbm.at[..., DC_ONES_COLUMN].set(1)
     if st.mma_bias or st.mma_db or st.dc_mma:  # [rows, 16]: [1, 1, 1, 0..]

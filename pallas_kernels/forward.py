@@ -237,15 +237,24 @@ def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool
 # (c: 0.484 / 0.285), D = 128 0.789 / n.a. (c: 0.760 / 0.473) with the forward at 0.962 there: the
 # D = 128 gain did not repeat (run-to-run spread ~9 %); re-time 2 vs 3 free warpgroups there.
 # D = 192 / 256 keep the forward's tiles and schedule (not timed).
+# Eighth session (H200, N = 4096, D = 128 with c, `kernels.py --no-forward --flags c
+# --stats-configs default,free2,free3,free3kv64,pp`, h200-kernels-stats-d128-20261130e.json), ms
+# non-causal / causal: 3 free (default) 0.745 / 0.462, again 0.733 / 0.454; 2 free 0.781 / 0.436;
+# 3 free 64-key 0.813 / 0.500; the forward's ping-pong 0.779 / 0.427. With the run above (causal
+# ping-pong 0.442, 3 free 0.437): causal at D = 128 takes the ping-pong layout.
+# ptxas (h200-ptxas-stats-d64-20261130e.log): the 4-warpgroup D = 64 sweep uses 96 registers and
+# spills nothing without a mask, with c or b; with segment ids (causal) it spills 120 bytes.
 _STATS_LAYOUT = {64: dict(compute_wgs=4, block_kv=128), 128: dict(compute_wgs=3, block_kv=128)}
+_STATS_PINGPONG_CAUSAL = (128,)  # head dims whose causal sweep keeps the forward's layout
 
 
-def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False):
+def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False, *,
+                              causal: bool = False):
     """The :class:`BlockSizes` of :func:`flash_stats` (the statistics sweep) for a padded head dim:
-    the forward's (:func:`default_block_sizes`) with free-running warpgroups at D = 64 and 128
-    (the table above)."""
+    the forward's (:func:`default_block_sizes`) with free-running warpgroups at D = 64 and 128,
+    except causal at D = 128 (the tables above)."""
     base = default_block_sizes(head_dim, query_scale, key_bias)
-    if head_dim not in _STATS_LAYOUT:
+    if head_dim not in _STATS_LAYOUT or (causal and head_dim in _STATS_PINGPONG_CAUSAL):
         return base
     return dataclasses.replace(base, pingpong=False, max_concurrent_steps=2,
                                **_STATS_LAYOUT[head_dim])
@@ -940,7 +949,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         kb = jnp.pad(kb, ((0, 0), (0, 0), (0, Sp - S)))
     mma = blocks.mma_bias and kb is not None and q.dtype == jnp.bfloat16
     if mma:  # [B, Sp, K, 16]: the bias's bf16 parts beside K; Q's side a [1, 1, 1, 0..] tile
-        kb_mma = jnp.transpose(split_bias(kb, q.dtype), (0, 2, 1, 3))
+        kb_mma = split_bias(jnp.transpose(kb, (0, 2, 1)), q.dtype)  # split in the [B, Sp, K] order
         ones = bias_ones(blocks.block_q, q.dtype)
 
     has_qid = mask.q_lengths is not None or mask.q_segment_ids is not None
@@ -1073,7 +1082,8 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     """
     _check_inputs(q, k, None, logit_scale)
     mask = MaskSpec() if mask is None else mask
-    config = _blocks(q, k, config, query_scale, key_bias, default_stats_block_sizes)[1]
+    config = _blocks(q, k, config, query_scale, key_bias, default_stats_block_sizes,
+                     causal=mask.is_causal)[1]
     plan, arrays = _prepare(q, k, k, logit_scale, query_scale, key_bias, mask, config, interpret,
                             stats=True, pv=False, nonneg=query_scale_nonnegative)
     _, lse, ent, row_max = _run(plan, *arrays)

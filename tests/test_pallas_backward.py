@@ -102,7 +102,7 @@ def _index_static(**fields):
     """A ``backward._Static`` for the tile-range helpers: no c, b or codes; ``fields`` override."""
     base = dict(logit_scale=1.0, num_registers=0, is_causal=False, window=None, has_codes=False,
                 has_c=False, need_dc=False, has_b=False, mma_bias=False, mma_db=False, dc_mma=False,
-                pu_mma=False, bias_key_grad=None, G=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
+                bias_key_grad=None, G=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
     return backward._Static(**{**base, **fields})
 
 
@@ -312,25 +312,23 @@ def test_overlap_matches_reference(name, mma_bias, mma_db):
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
-@pytest.mark.parametrize("name, use_b, overlap, pu_mma", [
-    ("plain_mqa4_scale_bias", True, False, False), ("causal_ragged_gqa2", True, True, False),
-    ("causal_ragged_gqa2", False, False, False), ("window_registers_f16", False, True, False),
-    ("plain_mqa4_scale_bias", True, True, True), ("window_registers_f16", False, False, True)])
-def test_dc_mma_matches_reference(name, use_b, overlap, pu_mma):
+@pytest.mark.parametrize("name, use_b, overlap", [
+    ("plain_mqa4_scale_bias", True, False), ("causal_ragged_gqa2", True, True),
+    ("causal_ragged_gqa2", False, False), ("window_registers_f16", False, True)])
+def test_dc_mma_matches_reference(name, use_b, overlap):
     """``BackwardConfig.dc_mma`` (dc's dZ sums from the dq accumulator and a wgmma against the
     bias parts and ones): the reference's dc at the same tolerance as dq, with an mma_bias key bias
-    (a ones column beside its parts) and without one (a ones tile; float16 too); with ``pu_mma``
-    the centering's sum from the same accumulator."""
+    (a ones column beside its parts) and without one (a ones tile; float16 too)."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, _ = CASES[name]
     assert use_c
     q, k, v, dout, c, b = _inputs(8, B, T, S + R, N, K, H, Hv, dtype, True, use_b)
     cfg = dataclasses.replace(default_config(max(H, Hv), True), dc_mma=True, mma_bias=True,
-                              overlap=overlap, pu_mma=pu_mma)
+                              overlap=overlap)
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
-@pytest.mark.parametrize("dc_mma, pu_mma", [(False, False), (True, False), (True, True)])
-def test_dc_centered_with_16bit_out(dc_mma, pu_mma):
+@pytest.mark.parametrize("dc_mma", [False, True])
+def test_dc_centered_with_16bit_out(dc_mma):
     """With the forward's bf16 output (as in training) ``delta`` is off by its rounding, and an
     uncentered ``sum_j dZ_ij u_ij`` inherits that error times the row mean of ``u`` (1e-2 and up
     on sharp rows); both dc paths center on ``sum_j p_ij u_ij`` and stay within dq's tolerance."""
@@ -339,7 +337,7 @@ def test_dc_centered_with_16bit_out(dc_mma, pu_mma):
     c = 3.0 * c + 2.0  # sharp rows: SSMax's s log n of a few units
     spec = MaskSpec(**mask_kw)
     out, lse, refs = _reference(q, k, v, dout, c, None, spec, 0.3)
-    cfg = dataclasses.replace(default_config(H, True), dc_mma=dc_mma, pu_mma=pu_mma)
+    cfg = dataclasses.replace(default_config(H, True), dc_mma=dc_mma)
     dc = flash_backward(q, k, v, out.astype(dtype), lse, dout, logit_scale=0.3, query_scale=c,
                         mask=spec, config=cfg)[3]
     err = np.linalg.norm(np.asarray(dc - refs[3])) / np.linalg.norm(np.asarray(refs[3]))
@@ -418,8 +416,7 @@ def test_unsupported_raises_not_implemented():
 
 @pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=4), dict(max_concurrent_steps=1),
                                     dict(dq_edge_masks=1), dict(dkv_edge_masks=None),
-                                    dict(overlap=0), dict(dc_mma=None),
-                                    dict(pu_mma=1)])
+                                    dict(overlap=0), dict(dc_mma=None)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="BackwardConfig"):
         BackwardConfig(**kwargs)

@@ -301,8 +301,8 @@ def test_default_block_sizes():
 
 
 def test_default_stats_block_sizes():
-    """The statistics sweep: free-running warpgroups at D = 64 (4) and 128 (3), the forward's
-    tiles and bias path otherwise; every choice fits the register split."""
+    """The statistics sweep: free-running warpgroups at D = 64 (4) and 128 (3, not causal), the
+    forward's tiles and bias path otherwise; every choice fits the register split."""
     from pallas_kernels.forward import _COMPUTE_REGISTERS, default_block_sizes, default_stats_block_sizes
     for D, wgs in ((64, 4), (128, 3)):
         for c in (False, True):
@@ -312,6 +312,8 @@ def test_default_stats_block_sizes():
                 assert cfg.mma_bias == default_block_sizes(D, c, b).mma_bias
     for D in (192, 256):
         assert default_stats_block_sizes(D) == default_block_sizes(D)
+    assert default_stats_block_sizes(128, True, causal=True) == default_block_sizes(128, True)
+    assert default_stats_block_sizes(64, True, causal=True).compute_wgs == 4
     # setmaxnreg.inc only takes what the TMA warpgroup released: 128 (wgs + 1) threads start with
     # 64 K / threads registers each (rounded down to 8)
     for wgs, regs in _COMPUTE_REGISTERS.items():
