@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Eighth session, one device call: the sweep of the cells (run_h100.sh), then the backward
-# check cases the previous call's timeout cut off.
+# One device call (~7 min, tokamax wheels carried in .whl/): the sweep of the target cells
+# (run_h100.sh without its checks), then one backward check case (BWD_CASES).
+#   bash benchmarks/run_sweep.sh "$OUT"
 set -u
-out=${1:-/tmp/sweep8}
+out=${1:-/tmp/sweep}
 mkdir -p "$out"
 SKIP_CHECKS=1 ROUNDS=5 DIMS=64,128 FWDBWD_TIMEOUT=300 FWD_TIMEOUT=190 \
   IMPLS_FWDBWD=softmax,ssmax,ssmax_learned,rbf,adaptive,cudnn,tokamax_rbf,cudnn_rbf \
