@@ -730,7 +730,10 @@ def _launch(plan, q, k, v, row_vecs, key_vecs, kb_mma, ones):
         grid_names=("heads", "q_seq", "batch"),
         num_threads=plan.blocks.compute_wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # No SMEM reserved for cross-warp reductions: every reduction here is a WGMMA-layout row
+        # (within a warp; tests/test_lowering.py), and the 2 KiB let D = 128 take 192-key tiles
+        # or 3 stages of 128-key tiles.
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=interpret,
     )
     with _interpret_context(plan.interpret):

@@ -1,0 +1,93 @@
+"""The kernels lowered for the GPU (``lowering_platforms=("cuda",)``) on the CPU: no device needed.
+
+Mosaic GPU checks a kernel's shared memory at lowering time against the sm90 limit (227 KiB when no
+device says otherwise), so an SMEM overflow of a default configuration shows up here, not first on
+the H100. The kernels also lower with ``reduction_scratch_bytes=0`` (the forward's compiler params):
+Mosaic reserves that SMEM for reductions across warps, and every reduction of these kernels stays
+within a warp (WGMMA-layout rows); a spy on the lowering's scratch requests checks that.
+"""
+
+import traceback
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.pallas.mosaic_gpu import lowering as mgpu_lowering
+
+from pallas_kernels.backward import flash_backward
+from pallas_kernels.common import MaskSpec
+from pallas_kernels.forward import BlockSizes, flash_forward, flash_stats
+
+B, T, N = 1, 1024, 2
+
+
+@pytest.fixture
+def reduction_scratch(monkeypatch):
+    """The SMEM scratch views that reductions request while lowering (should stay empty)."""
+    requests, real = [], mgpu_lowering.ModuleContext.scratch_view
+
+    def spy(self, *args, **kwargs):
+        if any("reduce" in frame.name for frame in traceback.extract_stack(limit=4)):
+            requests.append(args)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mgpu_lowering.ModuleContext, "scratch_view", spy)
+    return requests
+
+
+def _lower(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def _operands(D):
+    x = jax.ShapeDtypeStruct((B, T, N, D), jnp.bfloat16)
+    row = jax.ShapeDtypeStruct((B, N, T), jnp.float32)
+    return x, row
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("flags", ["plain", "c", "b", "cb"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_default_kernels_fit_smem(reduction_scratch, D, flags, causal):
+    """Every kernel at its default configuration lowers for sm90 (fits the SMEM limit) and no
+    reduction asks for cross-warp scratch."""
+    x, row = _operands(D)
+    c = row if "c" in flags else None
+    b = row if "b" in flags else None
+    mask = MaskSpec(is_causal=causal)
+
+    def forward(q, k, v, c, b):
+        return flash_forward(q, k, v, logit_scale=0.1, query_scale=c, key_bias=b, mask=mask,
+                             query_scale_nonnegative=c is not None, interpret=False)
+
+    def stats(q, k, c, b):
+        return flash_stats(q, k, logit_scale=0.1, query_scale=c, key_bias=b, mask=mask,
+                           query_scale_nonnegative=c is not None, interpret=False)
+
+    def backward(q, k, v, o, lse, do, c, b):
+        return flash_backward(q, k, v, o, lse, do, logit_scale=0.1, query_scale=c, key_bias=b,
+                              mask=mask, interpret=False)
+
+    _lower(forward, x, x, x, c, b)
+    _lower(stats, x, x, c, b)
+    _lower(backward, x, x, x, x, row, x, c, b)
+    assert not reduction_scratch
+
+
+@pytest.mark.parametrize("block_kv, steps, fits", [(192, 2, True), (128, 3, True), (256, 2, False)])
+def test_d128_forward_tiles_against_the_smem_limit(reduction_scratch, block_kv, steps, fits):
+    """D = 128 softmax forward: 192-key tiles (2 stages) and 128-key tiles in 3 stages fit only
+    without the reduction scratch (232536 / 232568 bytes with it, limit 232448); 256-key tiles do
+    not fit at all."""
+    x, _ = _operands(128)
+    cfg = BlockSizes(block_q=64, block_kv=block_kv, max_concurrent_steps=steps, fold_scale=True)
+
+    def forward(q, k, v):
+        return flash_forward(q, k, v, logit_scale=0.1, config=cfg, interpret=False)
+
+    if fits:
+        _lower(forward, x, x, x)
+    else:
+        with pytest.raises(ValueError, match="shared memory"):
+            _lower(forward, x, x, x)
+    assert not reduction_scratch
