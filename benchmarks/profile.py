@@ -41,11 +41,11 @@ def _callable(impl, D, causal, mode):
     return bench._jitted(f, causal, mode), None
 
 
-def _gpu_events(path, steps):
-    """``{name: (total_ns, count)}`` over the device planes of one trace file. A name that runs
-    several times per call (the backward's dq and dk/dv kernels are both
-    ``kernel_mosaic_gpu_kernel``) is split by its order within the call: ``name#1``, ``name#2``."""
-    data = jax.profiler.ProfileData.from_file(path)
+def gpu_events(data, steps):
+    """``{name: (total_ns, count)}`` over the GPU stream events of a ``jax.profiler.ProfileData``
+    that holds ``steps`` calls. A name that runs several times per call (the backward's dq and
+    dk/dv kernels are both ``kernel_mosaic_gpu_kernel``) is split by its order within the call:
+    ``name#1``, ``name#2``."""
     starts = collections.defaultdict(list)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
@@ -83,7 +83,7 @@ def profile(fn, args, steps):
         wall = (time.perf_counter() - t0) / steps
         jax.profiler.stop_trace()
         files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        totals = _gpu_events(files[0], steps) if files else {}
+        totals = gpu_events(jax.profiler.ProfileData.from_file(files[0]), steps) if files else {}
     per_call = {name: (ns / steps / 1e3, n / steps) for name, (ns, n) in totals.items()}
     return per_call, wall * 1e6
 

@@ -1,0 +1,58 @@
+"""CPU checks of the benchmark helpers' bookkeeping (the timings themselves need a GPU)."""
+
+import jax
+import pytest
+
+from benchmarks.profile import gpu_events
+
+_TRACE = """
+planes {{
+  id: 1
+  name: "/device:GPU:0"
+  lines {{
+    id: 1
+    name: "Stream #13(Compute)"
+    timestamp_ns: 1000
+    {events}
+  }}
+  lines {{ id: 2 name: "XLA Ops" timestamp_ns: 1000
+    events {{ metadata_id: 2 offset_ps: 0 duration_ps: 999000000 }} }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "kernel_mosaic_gpu_kernel" }} }}
+  event_metadata {{ key: 2 value {{ id: 2 name: "loop_fusion" }} }}
+}}
+planes {{ id: 2 name: "/host:CPU" lines {{ id: 1 name: "python" timestamp_ns: 0
+  events {{ metadata_id: 1 offset_ps: 0 duration_ps: 7000000 }} }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "kernel_mosaic_gpu_kernel" }} }} }}
+"""
+
+
+def _profile(calls):
+    """A trace of ``calls``, each ``[(metadata id, microseconds), ...]`` run back to back."""
+    events, t = [], 0
+    for call in calls:
+        for meta, us in call:
+            events.append(f"events {{ metadata_id: {meta} offset_ps: {t} duration_ps: {us * 10**6} }}")
+            t += (us + 1) * 10**6
+    text = _TRACE.format(events="\n    ".join(events))
+    return jax.profiler.ProfileData.from_serialized_xspace(
+        jax.profiler.ProfileData.text_proto_to_serialized_xspace(text))
+
+
+def test_gpu_events_split_repeated_kernels_by_order():
+    """Two calls of [dq 5 us, dkv 3 us, a fusion 1 us]: the two launches of one kernel name come
+    apart as #1 / #2; host planes and non-stream lines are ignored."""
+    data = _profile([[(1, 5), (1, 3), (2, 1)], [(1, 5), (1, 3), (2, 1)]])
+    got = {name: (ns / 1e3, n) for name, (ns, n) in gpu_events(data, steps=2).items()}
+    assert got == {"kernel_mosaic_gpu_kernel#1": (10.0, 2), "kernel_mosaic_gpu_kernel#2": (6.0, 2),
+                   "loop_fusion": (2.0, 2)}
+
+
+def test_gpu_events_keep_a_name_whole_when_counts_do_not_divide():
+    data = _profile([[(1, 5), (1, 3)], [(1, 4)]])  # 3 launches over 2 calls: no per-call order
+    assert {k: v[1] for k, v in gpu_events(data, steps=2).items()} == {"kernel_mosaic_gpu_kernel": 3}
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_gpu_events_of_an_empty_trace(steps, capsys):
+    assert gpu_events(_profile([]), steps) == {}
+    assert "no GPU stream events" in capsys.readouterr().out
