@@ -201,25 +201,8 @@ def main(argv=None):
                 flops = 4 * B * HEADS * N * N * D / (2 if causal else 1)
                 for mode in args.modes.split(","):
                     total = flops * (3.5 if mode == "fwdbwd" else 1.0)
-                    cands = {}
-                    for impl in impls:
-                        if impl in LEARNED:
-                            make, init = LEARNED[impl]
-                            fn = _jitted(_ours_learned(make), causal, mode, num_args=4)
-                            cands[impl] = (fn, (q, k, v, init()))
-                            continue
-                        if impl in OURS:
-                            f = _ours(OURS[impl])
-                        elif impl == "mgpu":
-                            if causal and mode == "fwdbwd":
-                                continue
-                            f = _mgpu(D)
-                        else:
-                            f = dict(cudnn=_cudnn, xla=_xla, cudnn_rbf=_cudnn_rbf,
-                                     tokamax=_tokamax, tokamax_rbf=_tokamax_rbf)[impl]
-                        if impl == "xla" and N > 4096:
-                            continue  # T x S logits: minutes and tens of GB
-                        cands[impl] = (_jitted(f, causal, mode), (q, k, v))
+                    cands = {impl: c for impl in impls
+                             if (c := candidate(impl, D, N, causal, mode, q, k, v)) is not None}
                     for impl, (t, _, err) in compare(cands, rounds=args.rounds).items():
                         row = dict(D=D, N=N, B=B, causal=causal, mode=mode, impl=impl,
                                    time_s=t, tflops=None if t is None else total / t / 1e12,
@@ -231,6 +214,27 @@ def main(argv=None):
                     _write(path, dev, rows)  # after every cell: a cut-off run keeps its rows
     _summary(rows)
     print(f"wrote {path}")
+
+
+def candidate(impl, D, N, causal, mode, q, k, v):
+    """``(jitted fn, args)`` of one implementation for one cell, or None where it is left out
+    (``mgpu`` causal forward+backward; ``xla`` above N = 4096: T x S logits, minutes and tens of
+    GB)."""
+    if impl in LEARNED:
+        make, init = LEARNED[impl]
+        return _jitted(_ours_learned(make), causal, mode, num_args=4), (q, k, v, init())
+    if impl in OURS:
+        f = _ours(OURS[impl])
+    elif impl == "mgpu":
+        if causal and mode == "fwdbwd":
+            return None
+        f = _mgpu(D)
+    else:
+        f = dict(cudnn=_cudnn, xla=_xla, cudnn_rbf=_cudnn_rbf, tokamax=_tokamax,
+                 tokamax_rbf=_tokamax_rbf)[impl]
+    if impl == "xla" and N > 4096:
+        return None
+    return _jitted(f, causal, mode), (q, k, v)
 
 
 def _write(path, dev, rows):

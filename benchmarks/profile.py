@@ -28,19 +28,6 @@ from benchmarks import attention as bench  # noqa: E402
 from benchmarks.timing import warm_device  # noqa: E402
 
 
-def _callable(impl, D, causal, mode):
-    """``(jitted fn, args)`` for one implementation, as :mod:`benchmarks.attention` builds them."""
-    if impl in bench.LEARNED:
-        make, init = bench.LEARNED[impl]
-        return bench._jitted(bench._ours_learned(make), causal, mode, num_args=4), init
-    if impl in bench.OURS:
-        f = bench._ours(bench.OURS[impl])
-    else:
-        f = {"cudnn": bench._cudnn, "xla": bench._xla, "cudnn_rbf": bench._cudnn_rbf,
-             "tokamax": bench._tokamax, "tokamax_rbf": bench._tokamax_rbf}[impl]
-    return bench._jitted(f, causal, mode), None
-
-
 def gpu_events(data, steps):
     """``{name: (total_ns, count)}`` over the GPU stream events of a ``jax.profiler.ProfileData``
     that holds ``steps`` calls. A name that runs several times per call (the backward's dq and
@@ -109,8 +96,10 @@ def main(argv=None):
             for causal in (bool(int(c)) for c in args.causal.split(",")):
                 for mode in args.modes.split(","):
                     for impl in args.impls.split(","):
-                        fn, init = _callable(impl, D, causal, mode)
-                        call_args = (q, k, v) if init is None else (q, k, v, init())
+                        cand = bench.candidate(impl, D, N, causal, mode, q, k, v)
+                        if cand is None:
+                            continue
+                        fn, call_args = cand
                         try:
                             kernels, wall = profile(fn, call_args, args.steps)
                         except Exception as e:  # noqa: BLE001 - a row per failure

@@ -197,11 +197,11 @@ def _entropy_bwd(a, res, cts):
 _entropy.defvjp(_entropy_fwd, _entropy_bwd, symbolic_zeros=True)
 
 
-def _bias_key_grad(variant, scale, b, a_traced, dtype):
+def _bias_key_grad(variant, scale, a_traced, dtype):
     """``2 g`` (a python float) when the variant's key bias is ``g ||k_j||^2`` with a static ``g``
     and the backward kernel can add its key gradient (``flash_backward(bias_key_grad=)``); else
     None (XLA differentiates the bias)."""
-    if b is None or a_traced is not None or dtype not in (jnp.bfloat16, jnp.float16):
+    if a_traced is not None or dtype not in (jnp.bfloat16, jnp.float16):
         return None
     g = variant.key_bias_norm(scale)
     return 2.0 * float(g) if g is not None and _is_static(g) else None
@@ -256,10 +256,9 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
                     is_causal=bool(is_causal), local_window_size=local_window_size,
                     num_registers=R)
     a_static, a_traced = _split_scale(variant.logit_scale(scale))
-    b = variant.key_bias(key, scale)  # [B, S, K] or None
-    bias_key_grad = _bias_key_grad(variant, scale, b, a_traced, key.dtype)
-    if bias_key_grad is not None:  # the kernel adds the bias's key gradient: XLA must not
-        b = variant.key_bias(jax.lax.stop_gradient(key), scale)
+    bias_key_grad = _bias_key_grad(variant, scale, a_traced, key.dtype)
+    # [B, S, K] or None; when the kernel adds the bias's key gradient, XLA must not
+    b = variant.key_bias(key if bias_key_grad is None else jax.lax.stop_gradient(key), scale)
     if b is not None:
         b = jnp.transpose(b, (0, 2, 1)).astype(jnp.float32)
         if a_traced is not None:

@@ -975,16 +975,11 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     kernels = tuple(kernels)
     if not kernels or any(x not in ("dq", "dkv") for x in kernels):
         raise ValueError(f"kernels must be a non-empty subset of ('dq', 'dkv'), got {kernels!r}")
-    if not isinstance(logit_scale, (int, float, np.integer, np.floating)) or isinstance(logit_scale, bool):
-        raise TypeError(f"logit_scale must be a python float, got {type(logit_scale).__name__}")
+    _check_python_float("logit_scale", logit_scale)
     if bias_key_grad is not None:
         if key_bias is None:
             raise ValueError("bias_key_grad needs a key_bias (b_j = g ||k_j||^2)")
-        if not isinstance(bias_key_grad, (int, float, np.integer, np.floating)) or isinstance(
-                bias_key_grad, bool):
-            raise TypeError(f"bias_key_grad must be a python float or None, got "
-                            f"{type(bias_key_grad).__name__}")
-        bias_key_grad = float(bias_key_grad)
+        bias_key_grad = _check_python_float("bias_key_grad", bias_key_grad)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     if interpret is True:
@@ -1026,6 +1021,13 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     with _interpret_context(st.interpret), jax.enable_x64(False):
         return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
                                kernels)
+
+
+def _check_python_float(name, x):
+    """``float(x)`` for a python / numpy real number (not a bool, not an array); else TypeError."""
+    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, bool):
+        raise TypeError(f"{name} must be a python float, got {type(x).__name__}")
+    return float(x)
 
 
 @contextlib.contextmanager

@@ -68,9 +68,14 @@ def _inputs(key, B, T, S, N, K, D, use_c, use_b, dtype=jnp.bfloat16):
     return q, k, v, do, c, b, ks[6]
 
 
+def _rbf_g(D):
+    """``g`` of the rbf cases' key bias ``30 + g ||k_j||^2``."""
+    return -1.0 / math.sqrt(D)
+
+
 def _rbf_bias(k, D):
-    """``30 - ||k_j||^2 / sqrt(D)``, float32 ``[B, K, S]``: RBF's key term (plus a constant)."""
-    return 30.0 - jnp.sum(k.astype(jnp.float32) ** 2, -1).transpose(0, 2, 1) / math.sqrt(D)
+    """``30 + g ||k_j||^2`` (:func:`_rbf_g`), float32 ``[B, K, S]``: RBF's key term (plus a constant)."""
+    return 30.0 + _rbf_g(D) * jnp.sum(k.astype(jnp.float32) ** 2, -1).transpose(0, 2, 1)
 
 
 def _rel(x, ref):
@@ -119,8 +124,8 @@ def check_case(name, seed, query_scale_grad=True, flip_mma_db=False, overrides=N
 
         dk_total = jax.vjp(ref_total, q, k, v, c)[1]((do.astype(jnp.float32), jnp.zeros_like(lse)))[1]
         fused = flash_backward(q, k, v, out.astype(q.dtype), lse, do, logit_scale=a, query_scale=c,
-                               key_bias=b, mask=mask, query_scale_grad=query_scale_grad,
-                               config=config, bias_key_grad=-2.0 / math.sqrt(D))
+                               key_bias=b, mask=mask, config=config, kernels=("dkv",),
+                               bias_key_grad=2.0 * _rbf_g(D))
         errs["dk+bias"] = _rel(jax.block_until_ready(fused[1]), dk_total)
     return errs
 

@@ -120,7 +120,8 @@ class BlockSizes:
         and then ``O += P_{j-1} V_{j-1}`` (``P`` carried as 16-bit registers, its V slot released
         one step late), reads ``S_j`` once the older group is done and runs the softmax while the
         tensor cores do the PV product; one PV follows the loop. Needs ``pingpong=False``; the
-        statistics sweep (no P @ V) ignores it. Not yet run on the GPU (interpreter-tested).
+        statistics sweep (no P @ V) ignores it. GPU-checked; slower than the ping-pong on the
+        H200 (``pallas_kernels/NOTES.md``, eighth session), so off by default.
     """
 
     block_q: int = 64
