@@ -56,6 +56,7 @@ def bwd_configs(D, query_scale=False, masked=True):
         "noedge": dataclasses.replace(base, dq_edge_masks=False, dkv_edge_masks=False),
         "kv64": dataclasses.replace(base, block_kv_dq=64),
         "kv128": dataclasses.replace(base, block_kv_dq=128),
+        "kv128dcmma": dataclasses.replace(base, block_kv_dq=128, dc_mma=True),
         "nomma": dataclasses.replace(base, mma_bias=False),
         "mma": dataclasses.replace(base, mma_bias=True),
         "mmadb": dataclasses.replace(base, mma_db=True),

@@ -8,6 +8,13 @@ calls in total), then timed in ``rounds`` rounds that visit the candidates in tu
 back-to-back calls lasting about ``batch_s`` with one synchronisation at its end. A candidate's time
 is the median over rounds of its per-call batch time; candidates of one comparison see the same
 clock and thermal state, so their ratios are what the benchmarks report.
+
+Each timed batch follows an untimed settling batch of the same call (``settle_s``): the GPU's clocks
+follow its power draw within milliseconds, so a batch timed right after a low-power candidate (a
+slow peer) starts on boosted clocks. Without it the candidate after the slowest ones in the round
+order -- our softmax, first in the sweeps -- was favoured: on the H200 (2026-11-30) softmax
+forward+backward at D = 128, N = 4096 ran at 535 TFLOP/s in the 8-column sweep and at 486 in a
+5-column run of the same code (the variants: 439-495 and 448-474).
 """
 
 import math
@@ -34,7 +41,7 @@ def _error(e):
     return f"{type(e).__name__}: {text}"
 
 
-def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03):
+def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015):
     """Per-call seconds of each candidate, timed in interleaved rounds.
 
     Args:
@@ -42,6 +49,7 @@ def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03):
       rounds: timed rounds (the median is reported).
       warmup_s: total seconds of untimed back-to-back calls before the first round.
       batch_s: target length of one timed batch.
+      settle_s: length of the untimed batch of the same call before each timed one (0: none).
 
     Returns:
       ``{name: (seconds, outputs, error)}``: ``outputs`` of the first call (for cross-checks);
@@ -55,10 +63,11 @@ def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03):
             live[name] = (fn, args, out)
         except Exception as e:  # noqa: BLE001 - a failing candidate is a result, not a crash
             results[name] = (None, None, _error(e))
-    sizes = {}
+    sizes, settle = {}, {}
     for name, (fn, args, _) in live.items():
         t1 = _batch(fn, args, 1)
         sizes[name] = max(1, math.ceil(batch_s / max(t1, 1e-6)))
+        settle[name] = math.ceil(settle_s / max(t1, 1e-6)) if settle_s > 0 else 0
     deadline = time.perf_counter() + warmup_s
     while live and time.perf_counter() < deadline:
         for name, (fn, args, _) in live.items():
@@ -66,6 +75,8 @@ def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03):
     times = {name: [] for name in live}
     for _ in range(rounds):
         for name, (fn, args, _) in live.items():
+            if settle[name]:
+                _batch(fn, args, settle[name])
             times[name].append(_batch(fn, args, sizes[name]))
     for name, (_, _, out) in live.items():
         results[name] = (statistics.median(times[name]), out, None)

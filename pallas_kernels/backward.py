@@ -153,6 +153,9 @@ class BackwardConfig:
 #   causal (64-key tiles) 1.134 / 1.110, the one loss: off there. (dq without dc at all: 0.894,
 #   0.580, 1.477, 1.082.) GPU check with it: dc rel err 1.4e-3 to 1.6e-3 (was ~1e-6), dq/dk/dv
 #   unchanged.
+# * ninth session (H200, N = 4096, D = 128 causal, ``c`` without dc, h200-kernels-nodc-20261130f.json):
+#   the dq kernel without the dc sums keeps the 128-key tile: 0.865 (64-key) -> 0.734 ms
+#   (``default_config``'s ``query_scale_grad``: a constant SSMax ``s``, a stopped beta).
 # * compute_wgs = 3 loses everywhere (h200-kernels-wgs3-fixedmax-20261130.json: dq D = 64 c
 #   1.067 -> 2.881 ms, dkv 1.261 -> 1.967; D = 128 dq over the SMEM limit).
 # D = 256 is not measured: the first defaults stay.
@@ -170,18 +173,21 @@ _DEFAULTS = {
 }
 
 
-def default_config(head_dim: int, query_scale: bool = False, masked: bool = True) -> BackwardConfig:
+def default_config(head_dim: int, query_scale: bool = False, masked: bool = True,
+                   query_scale_grad: bool = True) -> BackwardConfig:
     """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256).
 
     Args:
       head_dim: the larger of the qk and v head dims.
       query_scale: whether the problem has a per-query scale ``c`` (its dq kernel holds more live
-        tiles and takes smaller key tiles at D = 128 when masks exist).
+        tiles and takes smaller key tiles at D = 128 when masks exist and ``dc`` is summed).
       masked: whether a causal / window / length / segment mask exists (masked tiles hold more
         live registers).
+      query_scale_grad: whether the dq kernel sums ``dc`` (``flash_backward``'s
+        ``query_scale_grad``); without the sums the masked D = 128 dq kernel keeps 128-key tiles.
     """
     D = _padded_dim(head_dim)
-    if D == 128 and query_scale and not masked:
+    if D == 128 and query_scale and (not masked or not query_scale_grad):
         return _DEFAULTS[(128, False)]
     return _DEFAULTS[(D, bool(query_scale))]
 
@@ -993,7 +999,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     H, Hv = _padded_dim(H0), _padded_dim(Hv0)
     masked = is_masked(mask)
     cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None,
-                                                           masked)
+                                                           masked, bool(query_scale_grad))
     if not isinstance(cfg, BackwardConfig):
         raise TypeError(f"config must be a BackwardConfig, got {type(cfg).__name__}")
     R = mask.num_registers

@@ -3,6 +3,7 @@
 import jax
 import pytest
 
+from benchmarks import timing
 from benchmarks.profile import gpu_events
 
 _TRACE = """
@@ -56,3 +57,27 @@ def test_gpu_events_keep_a_name_whole_when_counts_do_not_divide():
 def test_gpu_events_of_an_empty_trace(steps, capsys):
     assert gpu_events(_profile([]), steps) == {}
     assert "no GPU stream events" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("settle_s", [0.0, 0.02])
+def test_compare_settles_each_timed_batch(monkeypatch, settle_s):
+    """Every timed batch follows an untimed batch of the same call (``settle_s``), so a candidate
+    timed after a slower one is not measured on clocks that candidate left behind."""
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    log = []
+
+    def make(name, seconds):
+        def fn():
+            clock[0] += seconds
+            log.append(name)
+            return name
+        return fn
+
+    result = timing.compare({"a": (make("a", 0.01), ()), "b": (make("b", 0.005), ())}, rounds=3,
+                            warmup_s=0.0, batch_s=0.02, settle_s=settle_s)
+    assert result["a"][0] == pytest.approx(0.01) and result["b"][0] == pytest.approx(0.005)
+    rounds = log[4:]  # after the first call and the one-call timing of each
+    a_settle, b_settle = (2, 4) if settle_s else (0, 0)
+    one_round = ["a"] * (a_settle + 2) + ["b"] * (b_settle + 4)
+    assert rounds == one_round * 3

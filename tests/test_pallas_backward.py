@@ -427,6 +427,9 @@ def test_default_config_per_head_dim():
     assert default_config(256).compute_wgs == 1
     assert default_config(128, query_scale=True).block_kv_dq == 64
     assert default_config(128, query_scale=True, masked=False).block_kv_dq == 128
+    # without the dc sums (a constant SSMax s, a stopped beta) the masked dq kernel keeps 128 keys
+    assert default_config(128, query_scale=True, query_scale_grad=False).block_kv_dq == 128
+    assert default_config(64, True, query_scale_grad=False) == default_config(64, True)
     assert default_config(64, query_scale=True, masked=False) == default_config(64, True)
     assert default_config(128).dkv_edge_masks and not default_config(128).dq_edge_masks
     with pytest.raises(NotImplementedError):
