@@ -145,10 +145,10 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
     candidates = {}
     base = default_block_sizes(D, c is not None, b is not None)
 
-    def forward_fn(cfg, nonneg=True):  # the forward (given a row max m or None) at config cfg
+    def forward_fn(cfg, nonneg=True, stats=False):  # the forward (given a row max m or None)
         return jax.jit(lambda q, k, v, c, b, m: flash_forward(
             q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
-            query_scale_nonnegative=nonneg and c is not None, row_max=m))
+            query_scale_nonnegative=nonneg and c is not None, row_max=m, return_stats=stats))
 
     if forward:
         configs_fwd = {"nofold": dataclasses.replace(base, fold_scale=False),
@@ -157,6 +157,9 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
                        "overlap": dataclasses.replace(base, pingpong=False, intra_overlap=True)}
         for name, cfg in configs_fwd.items():
             candidates[("fwd", name)] = (forward_fn(cfg), (q, k, v, c, b, None))
+        # with the statistics (lse, entropy, max weight): what a forward that hands the backward
+        # dc's centering (sum_j p_ij z_ij = lse - H) would cost
+        candidates[("fwd", "stats")] = (forward_fn(base, stats=True), (q, k, v, c, b, None))
         if b is not None:  # BlockSizes.mma_bias flipped (timed without the c >= 0 promise)
             cfg = dataclasses.replace(base, mma_bias=not base.mma_bias)
             candidates[("fwd", "mma" if cfg.mma_bias else "nomma")] = (

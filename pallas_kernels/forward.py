@@ -169,6 +169,11 @@ class BlockSizes:
 # / causal: plain 1.040 / 1.013, 0.569 / 0.558; c 1.013 / 0.988, 0.549 / 0.539; and `attention.py
 # --tune` (h200-tune-d128-20261130e.json) 540 / 553 TFLOP/s at N = 4096, 573 / 586 at N = 16384
 # -> fold_scale on at D = 128.
+# Ninth session (h200-tune-d128-20261130f.json, TFLOP/s with fold, plain / c; they fit SMEM since
+# the reduction scratch is gone): 192-key tiles N = 4096 526 / 523 (128 x 2: 559 / 556), causal
+# 375 / 376 (508 / 494); N = 16384 598 / 605 (585 / 584), causal 530 / 527 (567 / 556); 3 stages of
+# 128 keys 555 / 546, 489 / 479, 574 / 573, 551 / 543. 128 x 2 stays (192 gains 2-4 % only at
+# N = 16384 without a mask, where S is not a multiple of 192 either).
 DEFAULT_BLOCK_SIZES = {
     64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=3, fold_scale=True),
     128: BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True),
