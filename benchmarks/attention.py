@@ -39,7 +39,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jaxattn  # noqa: E402
-from benchmarks.timing import compare, warm_device  # noqa: E402
+from benchmarks.timing import compare, paired_ratio, warm_device  # noqa: E402
 from jaxattn import variants  # noqa: E402
 
 HEADS = 16
@@ -203,10 +203,12 @@ def main(argv=None):
                     total = flops * (3.5 if mode == "fwdbwd" else 1.0)
                     cands = {impl: c for impl in impls
                              if (c := candidate(impl, D, N, causal, mode, q, k, v)) is not None}
-                    for impl, (t, _, err) in compare(cands, rounds=args.rounds).items():
+                    per_round = {}
+                    results = compare(cands, rounds=args.rounds, rounds_out=per_round)
+                    for impl, (t, _, err) in results.items():
                         row = dict(D=D, N=N, B=B, causal=causal, mode=mode, impl=impl,
                                    time_s=t, tflops=None if t is None else total / t / 1e12,
-                                   error=err)
+                                   error=err, round_times_s=per_round.get(impl))
                         rows.append(row)
                         tf = "-" if t is None else f"{row['tflops']:.0f}"
                         print(f"D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {impl:<12} "
@@ -342,11 +344,26 @@ def memory_check(names, N=131072, D=128):
                   flush=True)
 
 
+def speed_ratio(rows_by_key, key, impl, base):
+    """How many times faster ``impl`` ran than ``base`` in one cell ``key = (D, N, causal, mode)``:
+    the median of the per-round ratios when both rows carry ``round_times_s`` (one ``compare``),
+    else the ratio of their TFLOP/s; None when either is missing."""
+    a, b = rows_by_key.get((*key, impl)), rows_by_key.get((*key, base))
+    if not a or not b or not a.get("tflops") or not b.get("tflops"):
+        return None
+    ra, rb = a.get("round_times_s"), b.get("round_times_s")
+    if ra and rb and len(ra) == len(rb):
+        return paired_ratio(rb, ra)
+    return a["tflops"] / b["tflops"]
+
+
 def _summary(rows):
-    """Table: TFLOP/s per implementation, then ratios to cuDNN and to our softmax."""
+    """Table: TFLOP/s per implementation, then ratios to cuDNN and to our softmax (each the median
+    of the per-round ratios)."""
     keys = sorted({(r["D"], r["N"], r["causal"], r["mode"]) for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     table = {(r["D"], r["N"], r["causal"], r["mode"], r["impl"]): r["tflops"] for r in rows}
+    by_key = {(r["D"], r["N"], r["causal"], r["mode"], r["impl"]): r for r in rows}
     print("\nTFLOP/s  (ratio to cuDNN | ratio to our softmax)")
     print(f"{'D':>4} {'N':>6} {'c':>2} {'mode':<7} " + " ".join(f"{i:>18}" for i in impls))
     for key in keys:
@@ -358,8 +375,8 @@ def _summary(rows):
             if t is None:
                 cells.append(f"{'-':>18}")
                 continue
-            r1 = f"{t / base:.2f}" if base else "-"
-            r2 = f"{t / ours:.2f}" if ours else "-"
+            r1 = f"{speed_ratio(by_key, key, impl, 'cudnn'):.2f}" if base else "-"
+            r2 = f"{speed_ratio(by_key, key, impl, 'softmax'):.2f}" if ours else "-"
             cells.append(f"{t:6.0f} ({r1}|{r2})".rjust(18))
         print(f"{key[0]:>4} {key[1]:>6} {int(key[2]):>2} {key[3]:<7} " + " ".join(cells))
     peers = [p for p in ("tokamax_rbf", "cudnn_rbf") if p in impls]
@@ -367,7 +384,7 @@ def _summary(rows):
         print("\nour RBF speed-up over each RBF workaround (same process)")
         for key in keys:
             ours = table.get((*key, "rbf"))
-            cells = [f"{p} {ours / table[(*key, p)]:.2f}x" for p in peers
+            cells = [f"{p} {speed_ratio(by_key, key, 'rbf', p):.2f}x" for p in peers
                      if ours and table.get((*key, p))]
             print(f"{key[0]:>4} {key[1]:>6} {int(key[2]):>2} {key[3]:<7} " + "  ".join(cells))
 

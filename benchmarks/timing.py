@@ -23,7 +23,7 @@ import time
 
 import jax
 
-__all__ = ["compare", "warm_device"]
+__all__ = ["compare", "paired_ratio", "warm_device"]
 
 
 def _batch(fn, args, n):
@@ -41,7 +41,7 @@ def _error(e):
     return f"{type(e).__name__}: {text}"
 
 
-def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015):
+def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015, rounds_out=None):
     """Per-call seconds of each candidate, timed in interleaved rounds.
 
     Args:
@@ -50,6 +50,8 @@ def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015)
       warmup_s: total seconds of untimed back-to-back calls before the first round.
       batch_s: target length of one timed batch.
       settle_s: length of the untimed batch of the same call before each timed one (0: none).
+      rounds_out: a dict that receives ``{name: [seconds per call in each round]}`` for the
+        candidates that ran (for ratios paired within a round, :func:`paired_ratio`).
 
     Returns:
       ``{name: (seconds, outputs, error)}``: ``outputs`` of the first call (for cross-checks);
@@ -80,7 +82,19 @@ def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015)
             times[name].append(_batch(fn, args, sizes[name]))
     for name, (_, _, out) in live.items():
         results[name] = (statistics.median(times[name]), out, None)
+    if rounds_out is not None:
+        rounds_out.update(times)
     return {name: results[name] for name in candidates}
+
+
+def paired_ratio(num, den):
+    """Median over rounds of ``num[r] / den[r]``: a ratio of two candidates' per-round times from
+    one :func:`compare` (both ran in round ``r``, back to back). Drifts of the clocks between rounds
+    cancel in each pair, which a ratio of the two medians does not get."""
+    if not num or not den or len(num) != len(den):
+        raise ValueError(f"paired_ratio needs two equal, non-empty lists of round times, got "
+                         f"{len(num or [])} and {len(den or [])}")
+    return statistics.median(n / d for n, d in zip(num, den, strict=True))
 
 
 def warm_device(seconds=3.0, n=4096):

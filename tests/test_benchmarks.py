@@ -81,3 +81,46 @@ def test_compare_settles_each_timed_batch(monkeypatch, settle_s):
     a_settle, b_settle = (2, 4) if settle_s else (0, 0)
     one_round = ["a"] * (a_settle + 2) + ["b"] * (b_settle + 4)
     assert rounds == one_round * 3
+
+
+def test_paired_ratio_cancels_drift_between_rounds():
+    """Clocks that drift between rounds scale both candidates of a round alike: the paired ratio is
+    exact where the ratio of medians is not."""
+    drift = [1.0, 1.0, 2.0, 2.0, 2.0]  # the clocks of each round (both candidates see them)
+    noise = [1.0, 1.0, 1.0, 1.2, 0.8]  # the slow candidate's own jitter
+    fast = list(drift)
+    slow = [2.0 * d * e for d, e in zip(drift, noise, strict=True)]
+    assert timing.paired_ratio(slow, fast) == pytest.approx(2.0)
+    assert sorted(slow)[2] / sorted(fast)[2] == pytest.approx(1.6)  # the ratio of medians
+    with pytest.raises(ValueError, match="equal"):
+        timing.paired_ratio([1.0], [1.0, 2.0])
+
+
+def _row(impl, seconds, rounds=None, D=64, N=4096, causal=False, mode="fwdbwd"):
+    return dict(D=D, N=N, causal=causal, mode=mode, impl=impl, time_s=seconds,
+                tflops=1.0 / seconds, error=None, round_times_s=rounds)
+
+
+def test_speed_ratio_pairs_rounds_when_it_can():
+    from benchmarks.attention import speed_ratio
+    key = (64, 4096, False, "fwdbwd")
+    rows = [_row("softmax", 1.0, [1.0, 1.0, 3.0]), _row("rbf", 1.25, [1.25, 1.25, 3.75]),
+            _row("cudnn", 1.1)]
+    by_key = {(r["D"], r["N"], r["causal"], r["mode"], r["impl"]): r for r in rows}
+    assert speed_ratio(by_key, key, "rbf", "softmax") == pytest.approx(0.8)
+    assert speed_ratio(by_key, key, "softmax", "cudnn") == pytest.approx(1.1)  # no rounds: TFLOP/s
+    assert speed_ratio(by_key, key, "rbf", "tokamax_rbf") is None
+
+
+def test_targets_count_cells_in_scope_per_sweep():
+    from benchmarks.targets import Target, check
+    t = Target("rbf", "softmax", "fwdbwd", 0.9)
+    sweep1 = [_row("softmax", 1.0), _row("rbf", 1.05),  # 0.952: met
+              _row("softmax", 1.0, N=16384), _row("rbf", 1.2, N=16384),  # 0.833: missed
+              _row("softmax", 1.0, N=1024), _row("rbf", 2.0, N=1024)]  # N < 4096: out of scope
+    sweep2 = [_row("softmax", 1.0), _row("rbf", 1.2)]
+    (cells, met), = check([sweep1, sweep2], targets=(t,)).values()
+    assert met == [1, 0]
+    assert sorted(cells) == [(64, 4096, False), (64, 16384, False)]
+    assert cells[(64, 16384, False)][1] is None
+    assert cells[(64, 4096, False)] == [pytest.approx(1 / 1.05), pytest.approx(1 / 1.2)]
