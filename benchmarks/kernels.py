@@ -76,7 +76,7 @@ def stats_configs(D, query_scale=False, key_bias=False, causal=False):
     base = default_block_sizes(D, query_scale, key_bias)
     free = lambda wgs, bkv, steps: dataclasses.replace(
         base, pingpong=False, compute_wgs=wgs, block_kv=bkv, max_concurrent_steps=steps)
-    return {
+    configs = {
         "default": default_stats_block_sizes(D, query_scale, key_bias, causal=causal),
         "pp": base,
         "free2": dataclasses.replace(base, pingpong=False),
@@ -85,7 +85,15 @@ def stats_configs(D, query_scale=False, key_bias=False, causal=False):
         "free3kv64": free(3, 64, 3),
         "free4": free(4, 128, 2),
         "free4kv64": free(4, 64, 3),
+        # the SMEM the unused V ring held, as 256-key tiles or a third stage
+        "free3kv256": free(3, 256, 2),
+        "free4kv256": free(4, 256, 2),
+        "free3s3": free(3, 128, 3),
     }
+    # each also without the V stream ("...nov", BlockSizes.sweep_skips_v)
+    configs.update({f"{name}nov": dataclasses.replace(cfg, sweep_skips_v=True)
+                    for name, cfg in list(configs.items())})
+    return configs
 
 
 def _inputs(seed, B, N, D, flags):

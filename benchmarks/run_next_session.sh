@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU session's first call (~3 min), for pallas_kernels/NOTES.md "Not measured yet" 1:
+# The next GPU session's first call (~8 min), for pallas_kernels/NOTES.md "Not measured yet" 1-2:
 # what the forward with its statistics costs beside the plain forward (kernel "fwd", config "stats":
 # it would hand the backward dc's centering, lse - H) and what dc costs the dq kernel (dq default
 # vs nodc), with a positive per-query scale c at D = 64 / 128, N = 4096, causal or not. Then
@@ -14,4 +14,17 @@ timeout "${KERNELS_TIMEOUT:-200}" python3 benchmarks/kernels.py --dims 64,128 --
   --causal 0,1 --flags c --bwd-configs default --rounds 5 --out "$out/kernels.json" 2>&1 \
   | filter > "$out/kernels.log"
 sed -n '/^ms per kernel/,$p' "$out/kernels.log"
+# The statistics sweep (adaptive temperature's first pass) without the V stream it never reads
+# (BlockSizes.sweep_skips_v, interpreter-checked only). A V-less sweep failed on the H100 in the
+# second session (wrong lse / illegal instruction after XLA work; NOTES.md "The statistics
+# sweep"): check.py runs XLA work before each kernel call, so check it first (D = 128 and 64, GQA +
+# bias, segments), then time it beside today's layouts and the tiles / rings the freed SMEM allows.
+timeout "${CHECK_TIMEOUT:-120}" python3 -m pallas_kernels.check --cases 1,2,4,7 --stats-set sweep_skips_v=1 \
+  --json "$out/check-skipv.json" 2>&1 | filter > "$out/check-skipv.log"
+sed -n '/^case /,$p' "$out/check-skipv.log"
+timeout "${STATS_TIMEOUT:-200}" python3 benchmarks/kernels.py --no-forward --bwd-configs "" \
+  --flags plain --dims 64,128 --lengths 4096,16384 --causal 0,1 --rounds 5 \
+  --stats-configs default,defaultnov,ppnov,free3nov,free4nov,free3kv256nov,free4kv256nov,free3s3nov \
+  --out "$out/kernels-stats.json" 2>&1 | filter > "$out/kernels-stats.log"
+sed -n '/^ms per kernel/,$p' "$out/kernels-stats.log"
 true

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import MaskSpec, visible
-from pallas_kernels.forward import BlockSizes, flash_forward, flash_stats
+from pallas_kernels.forward import BlockSizes, default_stats_block_sizes, flash_forward, flash_stats
 from pallas_kernels.forward import _blocks as forward_blocks
 
 REL_TOL = 1e-2
@@ -145,13 +145,15 @@ def parse_overrides(text, cls):
     return out
 
 
-def check_case(case, seed=0, flip_mma_bias=False, overrides=None):
+def check_case(case, seed=0, flip_mma_bias=False, overrides=None, stats_overrides=None):
     """Runs one case; returns a dict of errors and pass flags.
 
     ``flip_mma_bias``: for a case with a key bias, also run the forward (with statistics) and the
     statistics sweep with ``BlockSizes.mma_bias`` flipped from the default (the other way of
     adding the bias) and check them too (keys ``flip_*``). ``overrides``: fields of the forward's
     default :class:`BlockSizes` to replace in both forwards (``--set``; the sweep keeps its own).
+    ``stats_overrides``: fields of the statistics sweep's default :class:`BlockSizes` to replace
+    (``--stats-set``).
     """
     q, k, v, c, b, spec = _make(case, seed)
     a = 1.0 / np.sqrt(q.shape[-1])
@@ -175,8 +177,12 @@ def check_case(case, seed=0, flip_mma_bias=False, overrides=None):
     elapsed = time.perf_counter() - t0
     jax.block_until_ready(reference_rows(q, k, v, rows[:8], a=float(a), c=c, b=b, spec=spec))
     _poison()
+    stats_config = None
+    if stats_overrides:
+        stats_config = dataclasses.replace(forward_blocks(
+            q, k, None, c, b, default_stats_block_sizes, causal=spec.is_causal)[1], **stats_overrides)
     lse2, ent2, row_max = flash_stats(q, k, logit_scale=float(a), query_scale=c, key_bias=b,
-                                      mask=spec, return_row_max=True)
+                                      mask=spec, return_row_max=True, config=stats_config)
     # the forward given the sweep's row max (no online max), as adaptive temperature runs it
     _poison()
     out5, lse5, ent5, mw5 = flash_forward(
@@ -240,8 +246,11 @@ def main(argv=None):
                         help="comma-separated case indices (0-based) to run, default all")
     parser.add_argument("--set", default="",
                         help="forward BlockSizes fields to override, e.g. intra_overlap=1,pingpong=0")
+    parser.add_argument("--stats-set", default="",
+                        help="statistics-sweep BlockSizes fields to override, e.g. sweep_skips_v=1")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set, BlockSizes)
+    stats_overrides = parse_overrides(args.stats_set, BlockSizes)
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
     cases = [] if args.skip_cases else CASES[:3] if args.quick else CASES
     if args.cases:
@@ -253,7 +262,8 @@ def main(argv=None):
     results = []
     for case in cases:
         try:
-            res = check_case(case, flip_mma_bias=args.flip_mma_bias, overrides=overrides)
+            res = check_case(case, flip_mma_bias=args.flip_mma_bias, overrides=overrides,
+                             stats_overrides=stats_overrides)
         except Exception as e:  # noqa: BLE001 - report and go on with the other cases
             res = dict(name=case[0], shape="", error=f"{type(e).__name__}: {str(e)[:2000]}",
                        **{"pass": False})

@@ -122,6 +122,10 @@ class BlockSizes:
         tensor cores do the PV product; one PV follows the loop. Needs ``pingpong=False``; the
         statistics sweep (no P @ V) ignores it. GPU-checked; slower than the ping-pong on the
         H200 (``pallas_kernels/NOTES.md``, eighth session), so off by default.
+      sweep_skips_v: the statistics sweep (:func:`flash_stats`, no P @ V) neither streams V nor
+        keeps SMEM for it: half the K/V traffic from L2 (the V tiles are the K tiles there). Off:
+        it streams and waits on V like the forward. The forward ignores it. Checked in the
+        interpreter; not yet on the GPU, so off by default.
     """
 
     block_q: int = 64
@@ -132,6 +136,7 @@ class BlockSizes:
     compute_wgs: int = 2
     pingpong: bool = True
     intra_overlap: bool = False
+    sweep_skips_v: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -141,7 +146,7 @@ class BlockSizes:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("fold_scale", "mma_bias", "pingpong", "intra_overlap"):
+        for name in ("fold_scale", "mma_bias", "pingpong", "intra_overlap", "sweep_skips_v"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.compute_wgs not in _COMPUTE_REGISTERS:
@@ -285,9 +290,13 @@ class _Plan:
     has_kid: bool
     has_qid: bool
     stats: bool
-    pv: bool  # False: the statistics sweep (V streamed and waited on as usual, P @ V skipped)
+    pv: bool  # False: the statistics sweep (P @ V skipped; V streamed unless sweep_skips_v)
     interpret: bool
     fixed_max: bool = False  # the exact row max is an input (row vector): no online max
+
+    @property
+    def streams_v(self):  # the forward always; the statistics sweep unless sweep_skips_v
+        return self.pv or not self.blocks.sweep_skips_v
 
     @property
     def num_row_vecs(self):
@@ -496,14 +505,16 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             def end_softmax():
                 if pingpong:
                     plgpu.barrier_arrive(bars["sched"])
-                plgpu.barrier_wait(bars["v"].at[slot])
+                if plan.streams_v:
+                    plgpu.barrier_wait(bars["v"].at[slot])
                 if pingpong:
                     plgpu.barrier_wait(bars["sched"])
 
             if not plan.pv:
                 den = den + p.sum(axis=1)
                 end_softmax()
-                plgpu.barrier_arrive(bars["v_done"].at[slot])
+                if plan.streams_v:
+                    plgpu.barrier_arrive(bars["v_done"].at[slot])
                 return acc, m_new, den, ent
             if alpha is not None:
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -574,8 +585,9 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             plgpu.barrier_wait(bars["k"].at[slot])
             plgpu.barrier_arrive(bars["k_done"].at[slot])
             schedule()
-            plgpu.barrier_wait(bars["v"].at[slot])
-            plgpu.barrier_arrive(bars["v_done"].at[slot])
+            if plan.streams_v:
+                plgpu.barrier_wait(bars["v"].at[slot])
+                plgpu.barrier_arrive(bars["v_done"].at[slot])
             schedule()
 
         def row_vec(value):
@@ -647,8 +659,9 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                                         smem["kb"].at[slot], bars["k"].at[slot])
 
         def issue_v(step, slot):
-            plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(step * bkv, bkv), kv_head],
-                                    smem["v"].at[slot], bars["v"].at[slot])
+            if plan.streams_v:
+                plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(step * bkv, bkv), kv_head],
+                                        smem["v"].at[slot], bars["v"].at[slot])
 
         for i in range(steps):
             @pl.when(lo + i < hi)
@@ -661,7 +674,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             slot = slot_of(step)
             plgpu.barrier_wait(bars["k_done"].at[slot])
             issue_k(step, slot)
-            plgpu.barrier_wait(bars["v_done"].at[slot])
+            if plan.streams_v:
+                plgpu.barrier_wait(bars["v_done"].at[slot])
             issue_v(step, slot)
 
         # Observe the last consumptions too, so every barrier phase has been waited on when the
@@ -670,7 +684,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
         def _drain(step):
             slot = slot_of(step)
             plgpu.barrier_wait(bars["k_done"].at[slot])
-            plgpu.barrier_wait(bars["v_done"].at[slot])
+            if plan.streams_v:
+                plgpu.barrier_wait(bars["v_done"].at[slot])
 
 
 def _scratch(plan):
@@ -681,7 +696,7 @@ def _scratch(plan):
     smem = dict(
         q=plgpu.SMEM((cw, bq, D), plan.dtype, transforms=transforms),
         k=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms),
-        v=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms),
+        v=plgpu.SMEM((steps, bkv, D), plan.dtype, transforms=transforms) if plan.streams_v else None,
         rv=plgpu.SMEM((cw, plan.num_row_vecs, bq), jnp.float32) if plan.num_row_vecs else None,
         kv=plgpu.SMEM((steps, plan.num_key_vecs, bkv), jnp.float32) if plan.num_key_vecs else None,
         qb=plgpu.SMEM((cw, bq, MMA_BIAS_WIDTH), plan.dtype, transforms=narrow)
@@ -697,9 +712,9 @@ def _scratch(plan):
                         num_barriers=cw),
         k=plgpu.Barrier(num_arrivals=1 + int(plan.num_key_vecs > 0) + int(plan.mma_bias),
                         num_barriers=steps),
-        v=plgpu.Barrier(num_barriers=steps),
+        v=plgpu.Barrier(num_barriers=steps) if plan.streams_v else None,
         k_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
-        v_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps),
+        v_done=plgpu.Barrier(num_arrivals=cw, num_barriers=steps) if plan.streams_v else None,
         sched=plgpu.Barrier(num_arrivals=cw) if plan.blocks.pingpong else None,
     )
     return smem, bars

@@ -91,3 +91,22 @@ def test_d128_forward_tiles_against_the_smem_limit(reduction_scratch, block_kv, 
         with pytest.raises(ValueError, match="shared memory"):
             _lower(forward, x, x, x)
     assert not reduction_scratch
+
+
+@pytest.mark.parametrize("skip_v, fits", [(False, False), (True, True)])
+def test_stats_sweep_without_v_frees_its_smem(reduction_scratch, skip_v, fits):
+    """The statistics sweep at D = 128 with 3 free-running warpgroups and 256-key tiles in 2 stages:
+    over the SMEM limit with the (unused) V ring, inside it without (``sweep_skips_v``)."""
+    x, _ = _operands(128)
+    cfg = BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2, compute_wgs=3,
+                     pingpong=False, sweep_skips_v=skip_v)
+
+    def stats(q, k):
+        return flash_stats(q, k, logit_scale=0.1, config=cfg, interpret=False)
+
+    if fits:
+        _lower(stats, x, x)
+    else:
+        with pytest.raises(ValueError, match="shared memory"):
+            _lower(stats, x, x)
+    assert not reduction_scratch

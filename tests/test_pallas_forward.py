@@ -232,6 +232,10 @@ STATS_CONFIGS = {
     "free2": BlockSizes(block_q=64, block_kv=64, pingpong=False),
     "free3": BlockSizes(block_q=64, block_kv=64, compute_wgs=3, pingpong=False),
     "free4": BlockSizes(block_q=64, block_kv=64, compute_wgs=4, pingpong=False),
+    # without the V stream (BlockSizes.sweep_skips_v)
+    "pingpong_skipv": dataclasses.replace(BLOCKS, sweep_skips_v=True),
+    "free3_skipv": BlockSizes(block_q=64, block_kv=64, compute_wgs=3, pingpong=False,
+                              sweep_skips_v=True),
 }
 
 
