@@ -125,7 +125,8 @@ class BlockSizes:
       sweep_skips_v: the statistics sweep (:func:`flash_stats`, no P @ V) neither streams V nor
         keeps SMEM for it: half the K/V traffic from L2 (the V tiles are the K tiles there). Off:
         it streams and waits on V like the forward. The forward ignores it. Checked in the
-        interpreter; not yet on the GPU, so off by default.
+        interpreter; not yet on the GPU, where a V-less sweep gave wrong statistics in the second
+        session (``pallas_kernels/NOTES.md``, "The statistics sweep"): off by default.
     """
 
     block_q: int = 64
