@@ -362,8 +362,8 @@ def _summary(rows):
     of the per-round ratios)."""
     keys = sorted({(r["D"], r["N"], r["causal"], r["mode"]) for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    table = {(r["D"], r["N"], r["causal"], r["mode"], r["impl"]): r["tflops"] for r in rows}
     by_key = {(r["D"], r["N"], r["causal"], r["mode"], r["impl"]): r for r in rows}
+    table = {key: r["tflops"] for key, r in by_key.items()}
     print("\nTFLOP/s  (ratio to cuDNN | ratio to our softmax)")
     print(f"{'D':>4} {'N':>6} {'c':>2} {'mode':<7} " + " ".join(f"{i:>18}" for i in impls))
     for key in keys:

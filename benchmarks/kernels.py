@@ -190,13 +190,11 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
                 config=cfg, kernels=(part,)))
             candidates[(part, name)] = (fn, (q, k, v, out, lse, do, c, b))
-    if c is not None:  # the dq kernel without the dc sums (a constant SSMax s, a stopped beta);
-        # with 64-key dq tiles by default (D = 128, masked: chosen for the dc sums' registers)
-        # also with 128-key tiles
-        dq_base = bwd_configs(D, True, causal)["default"]
-        nodc = {"nodc": dq_base}
-        if dq_base.block_kv_dq != 128:
-            nodc["nodckv128"] = dataclasses.replace(dq_base, block_kv_dq=128)
+    if c is not None:  # the dq kernel without the dc sums (a constant SSMax s, a stopped beta):
+        # its default tiles, and the other dq key tile (64 / 128)
+        dq_base = default_config(D, True, causal, query_scale_grad=False)
+        other = 64 if dq_base.block_kv_dq == 128 else 128
+        nodc = {"nodc": dq_base, f"nodckv{other}": dataclasses.replace(dq_base, block_kv_dq=other)}
         for name, cfg in nodc.items():
             fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg: flash_backward(
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,

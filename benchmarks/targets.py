@@ -54,12 +54,13 @@ def check(sweeps, targets=TARGETS):
     """Per target, ``(cells, met)``: ``cells`` maps ``(D, N, causal)`` to the ratio in each sweep
     (None where a sweep lacks the cell); ``met[i]`` counts the cells sweep ``i`` meets. ``sweeps``
     is a list of row lists; targets with no measured cell are left out."""
+    indexed = [({(r["D"], r["N"], r["causal"], r["mode"], r["impl"]): r for r in rows},
+                sorted({(r["D"], r["N"], r["causal"], r["mode"]) for r in rows})) for rows in sweeps]
     out = {}
     for t in targets:
         cells, met = {}, [0] * len(sweeps)
-        for i, rows in enumerate(sweeps):
-            by_key = {(r["D"], r["N"], r["causal"], r["mode"], r["impl"]): r for r in rows}
-            for key in sorted({(r["D"], r["N"], r["causal"], r["mode"]) for r in rows}):
+        for i, (by_key, keys) in enumerate(indexed):
+            for key in keys:
                 if key[3] != t.mode or not _in_scope(key):
                     continue
                 ratio = speed_ratio(by_key, key, t.impl, t.base)
