@@ -12,7 +12,8 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
-``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off), and
+``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off,
+``dclse`` = ``dc_center_lse``), and
 the forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``), with ``mma_bias``
 flipped (a key bias) and given the exact row max (``fixedmax``); each config's outputs are compared
 with the first config's (relative norm of the difference: a config that breaks the kernel shows up);
@@ -67,6 +68,8 @@ def bwd_configs(D, query_scale=False, masked=True):
         "overlapkv64": dataclasses.replace(base, overlap=True, block_kv_dq=64),
         "dcmma": dataclasses.replace(base, dc_mma=True),
         "nodcmma": dataclasses.replace(base, dc_mma=False),
+        "dclse": dataclasses.replace(base, dc_center_lse=True),
+        "kv128dclse": dataclasses.replace(base, block_kv_dq=128, dc_mma=True, dc_center_lse=True),
     }
 
 

@@ -90,6 +90,11 @@ class BackwardConfig:
         ``b / a`` and a ones column. ``dc`` then carries dq's rounding of ``dZ`` (relative error
         ~2e-3 as dq's, instead of ~1e-6); the centering on ``sum_j p_ij s_ij`` (float32) stays.
         Only without a key bias or with mma_bias (a float32 strip keeps the row sums).
+      dc_center_lse: center ``dc``'s sum on the row's logsumexp (in ``u``'s units, ``lse_i / c_i``)
+        instead of the exact p-mean ``sum_j p_ij u_ij``, which drops a float32 row sum per logit.
+        The centering then leaves ``H_i / c_i`` times ``sum_j dZ_ij`` (nonzero by delta's rounding
+        from the 16-bit output): dc relative error ~3e-3 in bf16 (``H_i`` the row's entropy).
+        Rows with ``c_i <= 0`` (or no visible key) are not centered. Experimental (GPU timing only).
     """
 
     block_q_dq: int = 64
@@ -104,6 +109,7 @@ class BackwardConfig:
     mma_db: bool = False
     overlap: bool = False
     dc_mma: bool = False
+    dc_center_lse: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -115,7 +121,8 @@ class BackwardConfig:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap", "dc_mma"):
+        for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap", "dc_mma",
+                     "dc_center_lse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -489,6 +496,11 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 # sum_j dZ_ij = sum_j p dP - delta_i is 0 with the exact delta; with delta from the
                 # low-precision output it is not, and dc_i = sum_j dZ_ij u_ij inherits that error
                 # times the row mean of u. Centering u on its p-mean removes it.
+                if cfg.dc_center_lse:  # lse_i in u's units: lse2 / (c_i log2(e) [a])
+                    lse2 = plgpu.load(stats_smem.at[0], layout=ROW)
+                    zc = plgpu.load(stats_smem.at[2], layout=ROW) * (LOG2E if strip else LOG2E * a)
+                    ok = (zc > 0) & (lse2 > -1e30)  # (fully masked rows: dz_sum = 0)
+                    pu_sum = jnp.where(ok, lse2 / jnp.where(ok, zc, 1.0), 0.0)
                 dc = dc - pu_sum * dz_sum
                 if not strip:
                     dc = dc * a  # u = a s (s holds b / a with mma_bias): sum dZ u = a sum dZ s
@@ -554,7 +566,8 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                     z2 = s * (row(crow * a) if st.has_c else a * LOG2E)
                 p = jnp.exp2(z2 - row(lse2))
                 p = _apply_mask(st, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
-                return u, p, (jnp.sum(p * u, axis=1) if st.need_dc else None)
+                pu = st.need_dc and not cfg.dc_center_lse
+                return u, p, (jnp.sum(p * u, axis=1) if pu else None)
 
             def dc_sums(dz):  # dc_i = sum_j dZ_ij u_ij and sum_j dZ_ij (centered at the end)
                 if not st.need_dc or st.dc_mma:
@@ -579,7 +592,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             else:
                 dc, dz_sum = dc_sums(dz)
                 dq_acc = _mma_acc(dq_acc, dz16, k_smem, st.interpret)
-            if st.need_dc:
+            if pu is not None:
                 pu_sum = pu_sum + pu
             plgpu.barrier_arrive(consumed[0])
             if st.mma_bias and st.dc_mma:

@@ -124,9 +124,10 @@ class BlockSizes:
         H200 (``pallas_kernels/NOTES.md``, eighth session), so off by default.
       sweep_skips_v: the statistics sweep (:func:`flash_stats`, no P @ V) neither streams V nor
         keeps SMEM for it: half the K/V traffic from L2 (the V tiles are the K tiles there). Off:
-        it streams and waits on V like the forward. The forward ignores it. Checked in the
-        interpreter; not yet on the GPU, where a V-less sweep gave wrong statistics in the second
-        session (``pallas_kernels/NOTES.md``, "The statistics sweep"): off by default.
+        it streams and waits on V like the forward. The forward ignores it. The second
+        session's V-less sweep gave wrong statistics on the GPU (``pallas_kernels/NOTES.md``, "The
+        statistics sweep"); this one passes the GPU check (tenth session) and is on in
+        :func:`default_stats_block_sizes` at D = 64 and 128.
     """
 
     block_q: int = 64
@@ -256,17 +257,27 @@ def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool
 # ping-pong 0.442, 3 free 0.437): causal at D = 128 takes the ping-pong layout.
 # ptxas (h200-ptxas-stats-d64-20261130e.log): the 4-warpgroup D = 64 sweep uses 96 registers and
 # spills nothing without a mask, with c or b; with segment ids (causal) it spills 120 bytes.
-_STATS_LAYOUT = {64: dict(compute_wgs=4, block_kv=128), 128: dict(compute_wgs=3, block_kv=128)}
-_STATS_PINGPONG_CAUSAL = (128,)  # head dims whose causal sweep keeps the forward's layout
+# Tenth session (H200, N = 4096 / 16384, B * N = 16384, no c / b; `bash
+# benchmarks/run_next_session.sh`, h200-kernels-stats-20261130h.json): the sweep without its V
+# stream (sweep_skips_v; GPU check cases 1, 2, 4, 7 PASS with it, h200-check-skipv-20261130h.log)
+# frees the SMEM for 4 warpgroups at D = 128. ms, N = 4096 non-causal / causal, N = 16384 the same:
+#   D = 64:  4 free (then default) 0.430 / 0.270, 1.625 / 0.939; without V 0.424 / 0.265,
+#            1.616 / 0.916 <- chosen; 3 free without V 0.501 / 0.316; ping-pong without V 0.519 / 0.315.
+#   D = 128: 3 free / ping-pong causal (then default) 0.644 / 0.389, 2.323 / 1.408; the same without
+#            V 0.640 / 0.384, 2.337 / 1.396; 3 free without V 0.613 / 0.387, 2.223 / 1.233;
+#            4 free without V 0.521 / 0.307, 2.027 / 1.111 <- chosen, causal too; 3 free 3 stages
+#            without V 0.637 / 0.406. (256-key tiles without V failed to compile: "Pass pipeline failed".)
+_STATS_LAYOUT = {64: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True),
+                 128: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True)}
 
 
 def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False, *,
                               causal: bool = False):
     """The :class:`BlockSizes` of :func:`flash_stats` (the statistics sweep) for a padded head dim:
-    the forward's (:func:`default_block_sizes`) with free-running warpgroups at D = 64 and 128,
-    except causal at D = 128 (the tables above)."""
+    the forward's (:func:`default_block_sizes`) with 4 free-running warpgroups and no V stream at
+    D = 64 and 128 (the tables above; ``causal`` is kept for a per-mask choice)."""
     base = default_block_sizes(head_dim, query_scale, key_bias)
-    if head_dim not in _STATS_LAYOUT or (causal and head_dim in _STATS_PINGPONG_CAUSAL):
+    if head_dim not in _STATS_LAYOUT:
         return base
     return dataclasses.replace(base, pingpong=False, max_concurrent_steps=2,
                                **_STATS_LAYOUT[head_dim])
@@ -1088,11 +1099,10 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     The entropy is streamed exactly, ``H_i = lse_i - sum_j p_ij z_ij`` (in nats); the paper's
     ``-sum p log(p + eps)`` differs from it by at most ``n_i * eps`` nats.
 
-    Runs the main kernel with ``v = k`` and the P @ V product skipped: the K/V pipeline, its
-    barriers are the main kernel's (the V tiles, the same memory as the K tiles, are streamed and
-    waited on but unused). Its default tiles (:func:`default_stats_block_sizes`) drop the
-    ping-pong schedule and run 3-4 compute warpgroups: ~0.73 of a forward at D = 64 on the H200
-    (``pallas_kernels/NOTES.md``).
+    Runs the main kernel with ``v = k`` and the P @ V product skipped; with
+    ``BlockSizes.sweep_skips_v`` (the default at D = 64 and 128) the V stream is dropped too.
+    Its default tiles (:func:`default_stats_block_sizes`) drop the ping-pong schedule and run 4
+    compute warpgroups: ~0.55-0.7 of a forward on the H200 (``pallas_kernels/NOTES.md``).
 
     Args:
       q, k, logit_scale, query_scale, key_bias, mask, interpret, query_scale_nonnegative: as

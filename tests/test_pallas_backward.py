@@ -327,17 +327,18 @@ def test_dc_mma_matches_reference(name, use_b, overlap):
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
-@pytest.mark.parametrize("dc_mma", [False, True])
-def test_dc_centered_with_16bit_out(dc_mma):
+@pytest.mark.parametrize("dc_mma, center_lse", [(False, False), (True, False), (False, True), (True, True)])
+def test_dc_centered_with_16bit_out(dc_mma, center_lse):
     """With the forward's bf16 output (as in training) ``delta`` is off by its rounding, and an
     uncentered ``sum_j dZ_ij u_ij`` inherits that error times the row mean of ``u`` (1e-2 and up
-    on sharp rows); both dc paths center on ``sum_j p_ij u_ij`` and stay within dq's tolerance."""
+    on sharp rows); both dc paths center on ``sum_j p_ij u_ij`` (or, ``dc_center_lse``, on
+    ``lse_i / c_i``) and stay within dq's tolerance."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, _, _ = CASES["causal_ragged_gqa2"]
     q, k, v, dout, c, _ = _inputs(9, B, T, S, N, K, H, Hv, dtype, True, False)
     c = 3.0 * c + 2.0  # sharp rows: SSMax's s log n of a few units
     spec = MaskSpec(**mask_kw)
     out, lse, refs = _reference(q, k, v, dout, c, None, spec, 0.3)
-    cfg = dataclasses.replace(default_config(H, True), dc_mma=dc_mma)
+    cfg = dataclasses.replace(default_config(H, True), dc_mma=dc_mma, dc_center_lse=center_lse)
     dc = flash_backward(q, k, v, out.astype(dtype), lse, dout, logit_scale=0.3, query_scale=c,
                         mask=spec, config=cfg)[3]
     err = np.linalg.norm(np.asarray(dc - refs[3])) / np.linalg.norm(np.asarray(refs[3]))

@@ -305,19 +305,21 @@ def test_default_block_sizes():
 
 
 def test_default_stats_block_sizes():
-    """The statistics sweep: free-running warpgroups at D = 64 (4) and 128 (3, not causal), the
-    forward's tiles and bias path otherwise; every choice fits the register split."""
+    """The statistics sweep: 4 free-running warpgroups without the V stream at D = 64 and 128
+    (causal too), the forward's tiles and bias path otherwise; every choice fits the register
+    split."""
     from pallas_kernels.forward import _COMPUTE_REGISTERS, default_block_sizes, default_stats_block_sizes
-    for D, wgs in ((64, 4), (128, 3)):
+    for D in (64, 128):
         for c in (False, True):
             for b in (False, True):
-                cfg = default_stats_block_sizes(D, c, b)
-                assert (cfg.compute_wgs, cfg.pingpong, cfg.block_kv) == (wgs, False, 128)
-                assert cfg.mma_bias == default_block_sizes(D, c, b).mma_bias
+                for causal in (False, True):
+                    cfg = default_stats_block_sizes(D, c, b, causal=causal)
+                    assert (cfg.compute_wgs, cfg.pingpong, cfg.block_kv) == (4, False, 128)
+                    assert cfg.sweep_skips_v
+                    assert cfg.mma_bias == default_block_sizes(D, c, b).mma_bias
     for D in (192, 256):
         assert default_stats_block_sizes(D) == default_block_sizes(D)
-    assert default_stats_block_sizes(128, True, causal=True) == default_block_sizes(128, True)
-    assert default_stats_block_sizes(64, True, causal=True).compute_wgs == 4
+        assert not default_stats_block_sizes(D).sweep_skips_v
     # setmaxnreg.inc only takes what the TMA warpgroup released: 128 (wgs + 1) threads start with
     # 64 K / threads registers each (rounded down to 8)
     for wgs, regs in _COMPUTE_REGISTERS.items():
