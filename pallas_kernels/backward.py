@@ -94,7 +94,9 @@ class BackwardConfig:
         instead of the exact p-mean ``sum_j p_ij u_ij``, which drops a float32 row sum per logit.
         The centering then leaves ``H_i / c_i`` times ``sum_j dZ_ij`` (nonzero by delta's rounding
         from the 16-bit output): dc relative error ~3e-3 in bf16 (``H_i`` the row's entropy).
-        Rows with ``c_i <= 0`` (or no visible key) are not centered. Experimental (GPU timing only).
+        Rows with ``c_i <= 0`` (or no visible key) are not centered. Off: on the H200 it made
+        the dq kernel 5-8 % faster in three of four cells, but dc's error reached 9.9e-3 at
+        N = 16384 (``H_i`` grows with N; ``pallas_kernels/NOTES.md``, tenth session).
     """
 
     block_q_dq: int = 64
