@@ -317,3 +317,15 @@ def test_query_scale_gradient_only_when_wanted(monkeypatch, traced_s):
     for a, b in zip(got, want, strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= GRAD_RTOL * np.abs(b).max()
+
+
+def test_jaxattn_check_small(monkeypatch, capsys):
+    """``python -m jaxattn.check --small`` (the GPU end-to-end check, here in the interpreter):
+    the beta-gradient case passes, and the same case fails when the tolerance is below the 16-bit
+    rounding (the check compares real differences)."""
+    from jaxattn import check
+    args = ["--small", "--cases", "adaptive_beta_grad_d64", "--seed", "0"]
+    assert check.main(args) == 0
+    monkeypatch.setattr(check, "TOL", 1e-6)
+    assert check.main(args) == 1
+    assert "FAIL" in capsys.readouterr().out
