@@ -17,5 +17,5 @@ case "$part" in
   *) echo "PART must be d256, n1024 or peers4096" >&2; exit 2 ;;
 esac
 SKIP_CHECKS=1 ROUNDS=${ROUNDS:-3} DIMS=$dims LENGTHS=$lengths \
-  FWDBWD_TIMEOUT=${FWDBWD_TIMEOUT:-330} FWD_TIMEOUT=${FWD_TIMEOUT:-230} \
+  FWDBWD_TIMEOUT=${FWDBWD_TIMEOUT:-300} FWD_TIMEOUT=${FWD_TIMEOUT:-220} \
   IMPLS_FWDBWD=$ours,$peers IMPLS_FWD=$ours,$peers bash benchmarks/run_h100.sh "$out"

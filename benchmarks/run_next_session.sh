@@ -6,6 +6,7 @@
 #   STEP=2 bash benchmarks/run_next_session.sh "$OUT"   # N = 1024 at D = 64 / 128
 #   STEP=3 bash benchmarks/run_next_session.sh "$OUT"   # XLA, mgpu, tokamax softmax at N = 4096
 #   STEP=4 bash benchmarks/run_next_session.sh "$OUT"   # one more sweep of the target cells
+#   STEP=5 bash benchmarks/run_next_session.sh "$OUT"   # D = 256 tiles: forward, backward, sweep
 # (The tenth session's call, the statistics sweep without V and dc_center_lse, is in git history.)
 set -u
 out=${1:-/tmp/next-session}
@@ -17,5 +18,15 @@ case "${STEP:-0}" in
   2) PART=n1024 bash benchmarks/run_grid.sh "$out" ;;
   3) PART=peers4096 bash benchmarks/run_grid.sh "$out" ;;
   4) BWD_TIMEOUT=1 bash benchmarks/run_sweep.sh "$out" ;;
-  *) echo "STEP must be 0-4" >&2; exit 2 ;;
+  5) export PYTHONPATH=.
+     timeout 250 python3 benchmarks/attention.py --tune --dims 256 --lengths 4096 --causal 0,1 \
+       --tune-flags plain,c,b --tune-block-kv 64,128 --tune-stages 2,3 --rounds 5 \
+       --out "$out/tune-d256.json" 2>&1 | grep -v '^[WIE][0-9]\{4\} ' > "$out/tune-d256.log"
+     tail -n 30 "$out/tune-d256.log"
+     timeout 300 python3 benchmarks/kernels.py --no-forward --dims 256 --lengths 4096 --causal 0,1 \
+       --flags plain,c --bwd-configs default,kv128,edge --rounds 5 \
+       --stats-configs default,defaultnov,free2,free2nov,free2kv128nov \
+       --out "$out/kernels-d256.json" 2>&1 | grep -v '^[WIE][0-9]\{4\} ' > "$out/kernels-d256.log"
+     sed -n '/^ms per kernel/,$p' "$out/kernels-d256.log" ;;
+  *) echo "STEP must be 0-5" >&2; exit 2 ;;
 esac
