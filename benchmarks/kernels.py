@@ -13,9 +13,10 @@ Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
 ``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off,
-``dclse`` = ``dc_center_lse``), and
+``dclse`` = ``dc_center_lse``, ``dqheavy`` = ``dq_heavy_first``), and
 the forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``), with ``mma_bias``
-flipped (a key bias) and given the exact row max (``fixedmax``); each config's outputs are compared
+flipped (a key bias), with ``heavy_first`` (``heavy``) and given the exact row max (``fixedmax``);
+each config's outputs are compared
 with the first config's (relative norm of the difference: a config that breaks the kernel shows up);
 ``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16, H = 16, B * N = 16384
 tokens (``--tokens``); timed by :func:`benchmarks.timing.compare` (every candidate of one problem in
@@ -70,6 +71,7 @@ def bwd_configs(D, query_scale=False, masked=True):
         "nodcmma": dataclasses.replace(base, dc_mma=False),
         "dclse": dataclasses.replace(base, dc_center_lse=True),
         "kv128dclse": dataclasses.replace(base, block_kv_dq=128, dc_mma=True, dc_center_lse=True),
+        "dqheavy": dataclasses.replace(base, dq_heavy_first=True),
     }
 
 
@@ -93,6 +95,7 @@ def stats_configs(D, query_scale=False, key_bias=False, causal=False):
         "free4kv256": free(4, 256, 2),
         "free3s3": free(3, 128, 3),
     }
+    configs["defaultheavy"] = dataclasses.replace(configs["default"], heavy_first=True)
     # each also without the V stream ("...nov", BlockSizes.sweep_skips_v)
     configs.update({f"{name}nov": dataclasses.replace(cfg, sweep_skips_v=True)
                     for name, cfg in list(configs.items())})
@@ -165,7 +168,9 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
         configs_fwd = {"nofold": dataclasses.replace(base, fold_scale=False),
                        "fold": dataclasses.replace(base, fold_scale=True),
                        # FA3's intra-warpgroup overlap instead of the ping-pong
-                       "overlap": dataclasses.replace(base, pingpong=False, intra_overlap=True)}
+                       "overlap": dataclasses.replace(base, pingpong=False, intra_overlap=True),
+                       # causal: the longest query tiles launched first
+                       "heavy": dataclasses.replace(base, heavy_first=True)}
         for name, cfg in configs_fwd.items():
             candidates[("fwd", name)] = (forward_fn(cfg), (q, k, v, c, b, None))
         # with the statistics (lse, entropy, max weight): what a forward that hands the backward

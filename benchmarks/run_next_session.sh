@@ -7,6 +7,7 @@
 #   STEP=3 bash benchmarks/run_next_session.sh "$OUT"   # XLA, mgpu, tokamax softmax at N = 4096
 #   STEP=4 bash benchmarks/run_next_session.sh "$OUT"   # one more sweep of the target cells
 #   STEP=5 bash benchmarks/run_next_session.sh "$OUT"   # D = 256 tiles: forward, backward, sweep
+#   STEP=6 bash benchmarks/run_next_session.sh "$OUT"   # causal launch order (heavy_first) A/B
 # (The tenth session's call, the statistics sweep without V and dc_center_lse, is in git history.)
 set -u
 out=${1:-/tmp/next-session}
@@ -28,5 +29,10 @@ case "${STEP:-0}" in
        --stats-configs default,defaultnov,free2,free2nov,free2kv128nov \
        --out "$out/kernels-d256.json" 2>&1 | grep -v '^[WIE][0-9]\{4\} ' > "$out/kernels-d256.log"
      sed -n '/^ms per kernel/,$p' "$out/kernels-d256.log" ;;
-  *) echo "STEP must be 0-5" >&2; exit 2 ;;
+  6) PYTHONPATH=. timeout 500 python3 benchmarks/kernels.py --dims 64,128 --lengths 4096,16384 \
+       --causal 1 --flags plain,c --bwd-configs default,dqheavy --stats-configs default,defaultheavy \
+       --rounds 7 --out "$out/kernels-heavy.json" 2>&1 | grep -v '^[WIE][0-9]\{4\} ' \
+       > "$out/kernels-heavy.log"
+     sed -n '/^ms per kernel/,$p' "$out/kernels-heavy.log" ;;
+  *) echo "STEP must be 0-6" >&2; exit 2 ;;
 esac

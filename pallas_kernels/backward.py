@@ -97,6 +97,9 @@ class BackwardConfig:
         Rows with ``c_i <= 0`` (or no visible key) are not centered. Off: on the H200 it made
         the dq kernel 5-8 % faster in three of four cells, but dc's error reached 9.9e-3 at
         N = 16384 (``H_i`` grows with N; ``pallas_kernels/NOTES.md``, tenth session).
+      dq_heavy_first: with a causal mask, the dq kernel launches the query tiles that see the most
+        keys first (``BlockSizes.heavy_first``; the dkv kernel's causal order, first key tiles
+        first, already is). Interpreter-checked; not yet timed on the GPU: off by default.
     """
 
     block_q_dq: int = 64
@@ -112,6 +115,7 @@ class BackwardConfig:
     overlap: bool = False
     dc_mma: bool = False
     dc_center_lse: bool = False
+    dq_heavy_first: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -124,7 +128,7 @@ class BackwardConfig:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
         for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap", "dc_mma",
-                     "dc_center_lse"):
+                     "dc_center_lse", "dq_heavy_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -462,7 +466,10 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         head = lax.axis_index("heads")
         kv_head = lax.div(head, jnp.int32(G))
         wg = lax.axis_index("wg")
-        tile_start = lax.axis_index("q_seq") * (wgs * bq)
+        tile = lax.axis_index("q_seq")
+        if st.is_causal and cfg.dq_heavy_first:  # the longest query tiles first
+            tile = (num_q_tiles - 1) - tile
+        tile_start = tile * (wgs * bq)
         lo, n_kv = _kv_range(st, tile_start, tile_start + wgs * bq, bkv)
 
         def compute_thread(pipeline_callback):

@@ -128,6 +128,10 @@ class BlockSizes:
         session's V-less sweep gave wrong statistics on the GPU (``pallas_kernels/NOTES.md``, "The
         statistics sweep"); this one passes the GPU check (tenth session) and is on in
         :func:`default_stats_block_sizes` at D = 64 and 128.
+      heavy_first: with a causal mask, launch the query tiles that see the most keys (the last
+        rows) first, as FlashAttention-3's scheduler does, so the short tiles fill the tail of the
+        launch instead of the longest ones. The same tiles in another order; no effect without
+        a causal mask. Interpreter-checked; not yet timed on the GPU: off by default.
     """
 
     block_q: int = 64
@@ -139,6 +143,7 @@ class BlockSizes:
     pingpong: bool = True
     intra_overlap: bool = False
     sweep_skips_v: bool = False
+    heavy_first: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -148,7 +153,8 @@ class BlockSizes:
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
-        for name in ("fold_scale", "mma_bias", "pingpong", "intra_overlap", "sweep_skips_v"):
+        for name in ("fold_scale", "mma_bias", "pingpong", "intra_overlap", "sweep_skips_v",
+                     "heavy_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.compute_wgs not in _COMPUTE_REGISTERS:
@@ -430,6 +436,13 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     return m_new, z - row(m_new)
 
 
+def _tile_index(reverse: bool, axis: str, num_tiles: int):
+    """This CTA's tile along grid axis ``axis``; ``reverse``: the last tile first (CTAs launch in
+    grid order, so a causal kernel runs its longest query tiles first)."""
+    i = lax.axis_index(axis)
+    return (num_tiles - 1) - i if reverse else i
+
+
 def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref, lse_ref, ent_ref,
             mw_ref, smem, bars):
     bq, bkv = plan.blocks.block_q, plan.blocks.block_kv
@@ -439,7 +452,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(plan.group))
     cw = plan.blocks.compute_wgs
-    cta_q0 = lax.axis_index("q_seq") * (cw * bq)
+    cta_q0 = _tile_index(plan.causal and plan.blocks.heavy_first, "q_seq",
+                         q_ref.shape[1] // (cw * bq)) * (cw * bq)
     lo, _, _, hi = _key_range(plan, cta_q0, cw * bq)
 
     def slot_of(step):

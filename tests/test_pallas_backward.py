@@ -345,6 +345,22 @@ def test_dc_centered_with_16bit_out(dc_mma, center_lse):
     assert err < TOL[jnp.dtype(dtype)], err
 
 
+def test_dq_heavy_first_same_tiles_reversed():
+    """BackwardConfig.dq_heavy_first (causal: the dq kernel's last query tiles launch first):
+    the reference's gradients, bit for bit those of the usual order (T = 200: two dq CTAs, one
+    ragged)."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, _, _ = CASES["causal_ragged_gqa2"]
+    q, k, v, dout, c, b = _inputs(10, B, T, S, N, K, H, Hv, dtype, True, True)
+    spec = MaskSpec(**mask_kw)
+    cfg = default_config(H, True)
+    got = _compare(q, k, v, dout, c, b, spec, config=dataclasses.replace(cfg, dq_heavy_first=True))
+    out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
+    usual = flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c, key_bias=b,
+                           mask=spec, config=cfg)
+    for x, y in zip(got, usual, strict=True):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
 @pytest.mark.parametrize("wgs", [1, 3])
 def test_compute_warpgroup_configs(wgs):
     """Non-default configs (1 or 3 compute warpgroups, 3 stages, 128-key dkv tiles; T = 200 leaves

@@ -115,6 +115,27 @@ def test_intra_overlap_window_skips_and_fixed_max():
     np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
 
 
+def test_heavy_first_same_tiles_reversed():
+    """BlockSizes.heavy_first (causal: the last query tiles launch first) gives the reference's
+    outputs and statistics, bit for bit those of the usual order; the statistics sweep too.
+    T = 320 leaves three forward CTAs (one ragged) and two sweep CTAs."""
+    q, k, v, c, b = _inputs(3, 1, 320, 300, 2, 1, 64, 64, jnp.bfloat16, True, True)
+    spec = MaskSpec(is_causal=True)
+    got = _compare(q, k, v, c, b, spec, config=dataclasses.replace(BLOCKS, heavy_first=True))
+    usual = flash_forward(q, k, v, logit_scale=0.2, query_scale=c, key_bias=b, mask=spec,
+                          config=BLOCKS, return_stats=True)
+    for x, y in zip(got, usual, strict=True):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    free4 = BlockSizes(block_q=64, block_kv=64, compute_wgs=4, pingpong=False, sweep_skips_v=True)
+    sweeps = [flash_stats(q, k, logit_scale=0.2, query_scale=c, key_bias=b, mask=spec,
+                          config=dataclasses.replace(free4, heavy_first=h)) for h in (True, False)]
+    for x, y in zip(*sweeps, strict=True):
+        np.testing.assert_array_equal(x, y)
+    _, r_lse, r_ent, _ = reference_rows(q, k, v, np.arange(320), a=0.2, c=c, b=b, spec=spec)
+    np.testing.assert_allclose(sweeps[0][0], r_lse, atol=STAT_TOL, rtol=STAT_TOL)
+    np.testing.assert_allclose(sweeps[0][1], r_ent, atol=STAT_TOL, rtol=STAT_TOL)
+
+
 @pytest.mark.parametrize("flags", ["const", "bias", "nonneg_c"])
 def test_fold_scale(flags):
     """BlockSizes(fold_scale=True): one FMA per logit on unmasked tiles; same results.
