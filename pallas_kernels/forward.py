@@ -438,7 +438,7 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
 
 def _tile_index(reverse: bool, axis: str, num_tiles: int):
     """This CTA's tile along grid axis ``axis``; ``reverse``: the last tile first (CTAs launch in
-    grid order, so a causal kernel runs its longest query tiles first)."""
+    grid order, so reversed, a causal kernel starts its longest query tiles first)."""
     i = lax.axis_index(axis)
     return (num_tiles - 1) - i if reverse else i
 
