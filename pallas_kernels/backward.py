@@ -97,9 +97,9 @@ class BackwardConfig:
         Rows with ``c_i <= 0`` (or no visible key) are not centered. Off: on the H200 it made
         the dq kernel 5-8 % faster in three of four cells, but dc's error reached 9.9e-3 at
         N = 16384 (``H_i`` grows with N; ``pallas_kernels/NOTES.md``, tenth session).
-      dq_heavy_first: with a causal mask, the dq kernel launches the query tiles that see the most
-        keys first (``BlockSizes.heavy_first``; the dkv kernel's causal order, first key tiles
-        first, already is). Interpreter-checked; not yet timed on the GPU: off by default.
+      dq_heavy_first: with a causal mask, the dq kernel launches each head's query tiles that see
+        the most keys first (``BlockSizes.heavy_first``; the dkv kernel's causal order, first key
+        tiles first, already is). Interpreter-checked; not yet timed on the GPU: off by default.
     """
 
     block_q_dq: int = 64

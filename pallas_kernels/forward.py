@@ -128,10 +128,11 @@ class BlockSizes:
         session's V-less sweep gave wrong statistics on the GPU (``pallas_kernels/NOTES.md``, "The
         statistics sweep"); this one passes the GPU check (tenth session) and is on in
         :func:`default_stats_block_sizes` at D = 64 and 128.
-      heavy_first: with a causal mask, launch the query tiles that see the most keys (the last
-        rows) first, as FlashAttention-3's scheduler does, so the short tiles fill the tail of the
-        launch instead of the longest ones. The same tiles in another order; no effect without
-        a causal mask. Interpreter-checked; not yet timed on the GPU: off by default.
+      heavy_first: with a causal mask, launch each head's query tiles that see the most keys
+        (the last rows) first, as FlashAttention-3's scheduler does, so short tiles end the launch
+        instead of the longest ones. The same tiles in another order (heads stay the slowest
+        axis, for K/V reuse in L2); no effect without a causal mask. Interpreter-checked; not yet
+        timed on the GPU: off by default.
     """
 
     block_q: int = 64
@@ -437,8 +438,9 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
 
 
 def _tile_index(reverse: bool, axis: str, num_tiles: int):
-    """This CTA's tile along grid axis ``axis``; ``reverse``: the last tile first (CTAs launch in
-    grid order, so reversed, a causal kernel starts its longest query tiles first)."""
+    """This CTA's tile along grid axis ``axis``; ``reverse``: the last tile first. Mosaic GPU maps
+    the grid ``(heads, q_seq, batch)`` to CUDA's ``(z, y, x)``: CTAs launch head by head, query
+    tiles in order, so reversed, a causal kernel starts each head's longest tiles first."""
     i = lax.axis_index(axis)
     return (num_tiles - 1) - i if reverse else i
 
