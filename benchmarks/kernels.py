@@ -75,14 +75,14 @@ def bwd_configs(D, query_scale=False, masked=True):
     }
 
 
-def stats_configs(D, query_scale=False, key_bias=False, causal=False):
+def stats_configs(D, query_scale=False, key_bias=False):
     """Named :func:`flash_stats` configs (``--stats-configs``): the default, the forward's
     ping-pong tiles, and free-running warpgroups (2-4, no schedule barrier) over other tiles."""
     base = default_block_sizes(D, query_scale, key_bias)
     free = lambda wgs, bkv, steps: dataclasses.replace(
         base, pingpong=False, compute_wgs=wgs, block_kv=bkv, max_concurrent_steps=steps)
     configs = {
-        "default": default_stats_block_sizes(D, query_scale, key_bias, causal=causal),
+        "default": default_stats_block_sizes(D, query_scale, key_bias),
         "pp": base,
         "free2": dataclasses.replace(base, pingpong=False),
         "free2kv128": free(2, 128, 2),
@@ -209,7 +209,7 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
                 kernels=("dq",), query_scale_grad=False))
             candidates[("dq", name)] = (fn, (q, k, v, out, lse, do, c, b))
     for name in stats:
-        cfg = stats_configs(D, c is not None, b is not None, causal)[name]
+        cfg = stats_configs(D, c is not None, b is not None)[name]
         fn = jax.jit(lambda q, k, c, b, cfg=cfg: flash_stats(
             q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             query_scale_nonnegative=c is not None))

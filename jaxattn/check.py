@@ -111,16 +111,15 @@ def run_case(name, B, T, seed):
             return vjp(do) + (out,)
         return jax.jit(out_and_grads)
 
-    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
     # The cotangent of a loss that depends on the output (0.5 ||o||^2 plus noise): with pure noise
     # the parameters' gradients (one sum over every logit) cancel to near zero and their relative
     # error says little.
     out = jax.jit(lambda q, k, v, var, regs: jaxattn.attention(
         q, k, v, variant=var, registers=regs, implementation="xla", **opts))(
-        *f32((q, k, v)), var, f32(regs))
+        *_leaves_f32((q, k, v)), var, _leaves_f32(regs))
     do = (do.astype(jnp.float32) + out).astype(do.dtype)
     got = jax.block_until_ready(f("pallas")(q, k, v, var, regs, do))
-    want = f("xla")(*f32((q, k, v)), var, f32(regs), f32(do))
+    want = f("xla")(*_leaves_f32((q, k, v)), var, _leaves_f32(regs), _leaves_f32(do))
     errs = {"out": _rel(got[-1], want[-1])}
     for label, g, w in zip(("dq", "dk", "dv", "dparam", "dregs"), got[:-1], want[:-1], strict=True):
         for i, (gl, wl) in enumerate(zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True)):

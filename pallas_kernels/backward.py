@@ -42,7 +42,14 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.common import MaskSpec, has_codes, is_masked
-from pallas_kernels.forward import MMA_BIAS_TERMS, MMA_BIAS_WIDTH, bias_ones, narrow_transforms, split_bias
+from pallas_kernels.forward import (
+    MMA_BIAS_TERMS,
+    MMA_BIAS_WIDTH,
+    bias_ones,
+    narrow_transforms,
+    split_bias,
+    tile_index,
+)
 
 __all__ = ["BackwardConfig", "default_config", "flash_backward"]
 
@@ -466,10 +473,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         head = lax.axis_index("heads")
         kv_head = lax.div(head, jnp.int32(G))
         wg = lax.axis_index("wg")
-        tile = lax.axis_index("q_seq")
-        if st.is_causal and cfg.dq_heavy_first:  # the longest query tiles first
-            tile = (num_q_tiles - 1) - tile
-        tile_start = tile * (wgs * bq)
+        tile_start = tile_index(st.is_causal and cfg.dq_heavy_first, "q_seq", num_q_tiles) * (wgs * bq)
         lo, n_kv = _kv_range(st, tile_start, tile_start + wgs * bq, bkv)
 
         def compute_thread(pipeline_callback):

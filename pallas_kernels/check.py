@@ -180,7 +180,7 @@ def check_case(case, seed=0, flip_mma_bias=False, overrides=None, stats_override
     stats_config = None
     if stats_overrides:
         stats_config = dataclasses.replace(forward_blocks(
-            q, k, None, c, b, default_stats_block_sizes, causal=spec.is_causal)[1], **stats_overrides)
+            q, k, None, c, b, default_stats_block_sizes)[1], **stats_overrides)
     lse2, ent2, row_max = flash_stats(q, k, logit_scale=float(a), query_scale=c, key_bias=b,
                                       mask=spec, return_row_max=True, config=stats_config)
     # the forward given the sweep's row max (no online max), as adaptive temperature runs it

@@ -278,11 +278,10 @@ _STATS_LAYOUT = {64: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True),
                  128: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True)}
 
 
-def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False, *,
-                              causal: bool = False):
+def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False):
     """The :class:`BlockSizes` of :func:`flash_stats` (the statistics sweep) for a padded head dim:
     the forward's (:func:`default_block_sizes`) with 4 free-running warpgroups and no V stream at
-    D = 64 and 128 (the tables above; ``causal`` is kept for a per-mask choice)."""
+    D = 64 and 128, causal or not (the tables above)."""
     base = default_block_sizes(head_dim, query_scale, key_bias)
     if head_dim not in _STATS_LAYOUT:
         return base
@@ -437,7 +436,7 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     return m_new, z - row(m_new)
 
 
-def _tile_index(reverse: bool, axis: str, num_tiles: int):
+def tile_index(reverse: bool, axis: str, num_tiles: int):
     """This CTA's tile along grid axis ``axis``; ``reverse``: the last tile first. Mosaic GPU maps
     the grid ``(heads, q_seq, batch)`` to CUDA's ``(z, y, x)``: CTAs launch head by head, query
     tiles in order, so reversed, a causal kernel starts each head's longest tiles first."""
@@ -454,8 +453,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
     wg = lax.axis_index("wg")
     kv_head = lax.div(head, jnp.int32(plan.group))
     cw = plan.blocks.compute_wgs
-    cta_q0 = _tile_index(plan.causal and plan.blocks.heavy_first, "q_seq",
-                         q_ref.shape[1] // (cw * bq)) * (cw * bq)
+    cta_q0 = tile_index(plan.causal and plan.blocks.heavy_first, "q_seq",
+                        q_ref.shape[1] // (cw * bq)) * (cw * bq)
     lo, _, _, hi = _key_range(plan, cta_q0, cw * bq)
 
     def slot_of(step):
@@ -1133,8 +1132,7 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     """
     _check_inputs(q, k, None, logit_scale)
     mask = MaskSpec() if mask is None else mask
-    config = _blocks(q, k, config, query_scale, key_bias, default_stats_block_sizes,
-                     causal=mask.is_causal)[1]
+    config = _blocks(q, k, config, query_scale, key_bias, default_stats_block_sizes)[1]
     plan, arrays = _prepare(q, k, k, logit_scale, query_scale, key_bias, mask, config, interpret,
                             stats=True, pv=False, nonneg=query_scale_nonnegative)
     _, lse, ent, row_max = _run(plan, *arrays)

@@ -327,17 +327,16 @@ def test_default_block_sizes():
 
 def test_default_stats_block_sizes():
     """The statistics sweep: 4 free-running warpgroups without the V stream at D = 64 and 128
-    (causal too), the forward's tiles and bias path otherwise; every choice fits the register
+    (any mask), the forward's tiles and bias path otherwise; every choice fits the register
     split."""
     from pallas_kernels.forward import _COMPUTE_REGISTERS, default_block_sizes, default_stats_block_sizes
     for D in (64, 128):
         for c in (False, True):
             for b in (False, True):
-                for causal in (False, True):
-                    cfg = default_stats_block_sizes(D, c, b, causal=causal)
-                    assert (cfg.compute_wgs, cfg.pingpong, cfg.block_kv) == (4, False, 128)
-                    assert cfg.sweep_skips_v
-                    assert cfg.mma_bias == default_block_sizes(D, c, b).mma_bias
+                cfg = default_stats_block_sizes(D, c, b)
+                assert (cfg.compute_wgs, cfg.pingpong, cfg.block_kv) == (4, False, 128)
+                assert cfg.sweep_skips_v
+                assert cfg.mma_bias == default_block_sizes(D, c, b).mma_bias
     for D in (192, 256):
         assert default_stats_block_sizes(D) == default_block_sizes(D)
         assert not default_stats_block_sizes(D).sweep_skips_v
