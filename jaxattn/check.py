@@ -134,6 +134,9 @@ def main(argv=None):
                         help="B = 1, T = 128 (for the CPU interpreter); default B = 2, T = 2048")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 10_000)
     args = parser.parse_args(argv)
+    unknown = [name for name in args.cases.split(",") if name not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
     B, T = (1, 128) if args.small else (2, 2048)
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, "seed", args.seed,
           f"B={B} T=S={T} N=8", flush=True)

@@ -329,3 +329,10 @@ def test_jaxattn_check_small(monkeypatch, capsys):
     monkeypatch.setattr(check, "TOL", 1e-6)
     assert check.main(args) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_jaxattn_check_rejects_unknown_cases(capsys):
+    from jaxattn import check
+    with pytest.raises(SystemExit):
+        check.main(["--small", "--cases", "softmax_causal_gqa_d128,nope"])
+    assert "--cases: unknown nope" in capsys.readouterr().err
