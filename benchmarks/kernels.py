@@ -13,9 +13,9 @@ Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
 ``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off,
-``dclse`` = ``dc_center_lse``, ``dqheavy`` = ``dq_heavy_first``), and
+``dclse`` = ``dc_center_lse``, ``dqascending`` = ``dq_heavy_first`` off), and
 the forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``), with ``mma_bias``
-flipped (a key bias), with ``heavy_first`` (``heavy``) and given the exact row max (``fixedmax``);
+flipped (a key bias), with ``heavy_first`` off (``ascending``) and given the exact row max (``fixedmax``);
 each config's outputs are compared
 with the first config's (relative norm of the difference: a config that breaks the kernel shows up);
 ``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16, H = 16, B * N = 16384
@@ -71,7 +71,7 @@ def bwd_configs(D, query_scale=False, masked=True):
         "nodcmma": dataclasses.replace(base, dc_mma=False),
         "dclse": dataclasses.replace(base, dc_center_lse=True),
         "kv128dclse": dataclasses.replace(base, block_kv_dq=128, dc_mma=True, dc_center_lse=True),
-        "dqheavy": dataclasses.replace(base, dq_heavy_first=True),
+        "dqascending": dataclasses.replace(base, dq_heavy_first=False),
     }
 
 
@@ -95,7 +95,7 @@ def stats_configs(D, query_scale=False, key_bias=False):
         "free4kv256": free(4, 256, 2),
         "free3s3": free(3, 128, 3),
     }
-    configs["defaultheavy"] = dataclasses.replace(configs["default"], heavy_first=True)
+    configs["defaultascending"] = dataclasses.replace(configs["default"], heavy_first=False)
     # each also without the V stream ("...nov", BlockSizes.sweep_skips_v)
     configs.update({f"{name}nov": dataclasses.replace(cfg, sweep_skips_v=True)
                     for name, cfg in list(configs.items())})
@@ -169,8 +169,8 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
                        "fold": dataclasses.replace(base, fold_scale=True),
                        # FA3's intra-warpgroup overlap instead of the ping-pong
                        "overlap": dataclasses.replace(base, pingpong=False, intra_overlap=True),
-                       # causal: the longest query tiles launched first
-                       "heavy": dataclasses.replace(base, heavy_first=True)}
+                       # causal: query tiles launched in ascending order (heavy_first off)
+                       "ascending": dataclasses.replace(base, heavy_first=False)}
         for name, cfg in configs_fwd.items():
             candidates[("fwd", name)] = (forward_fn(cfg), (q, k, v, c, b, None))
         # with the statistics (lse, entropy, max weight): what a forward that hands the backward

@@ -18,7 +18,7 @@ case "${STEP:-0}" in
   0) timeout "${CHECK_TIMEOUT:-420}" python3 -m jaxattn.check 2>&1 | filter \
        | tee "$out/check-api.log" | sed -n '/^==/,$p' ;;
   1) timeout 500 python3 benchmarks/kernels.py --dims 64,128 --lengths 4096,16384 --causal 1 \
-       --flags plain,c --bwd-configs default,dqheavy --stats-configs default,defaultheavy \
+       --flags plain,c --bwd-configs default,dqascending --stats-configs default,defaultascending \
        --rounds 7 --out "$out/kernels-heavy.json" 2>&1 | filter > "$out/kernels-heavy.log"
      sed -n '/^ms per kernel/,$p' "$out/kernels-heavy.log" ;;
   2) PART=d256 bash benchmarks/run_grid.sh "$out" ;;

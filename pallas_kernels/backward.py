@@ -106,7 +106,8 @@ class BackwardConfig:
         N = 16384 (``H_i`` grows with N; ``pallas_kernels/NOTES.md``, tenth session).
       dq_heavy_first: with a causal mask, the dq kernel launches each head's query tiles that see
         the most keys first (``BlockSizes.heavy_first``; the dkv kernel's causal order, first key
-        tiles first, already is). Interpreter-checked; not yet timed on the GPU: off by default.
+        tiles first, already is). On by default: 1-10 % faster causal dq kernels on the H200
+        (eleventh session; D = 128 N = 16384 with ``c``: 3.43 -> 3.07 ms).
     """
 
     block_q_dq: int = 64
@@ -122,7 +123,7 @@ class BackwardConfig:
     overlap: bool = False
     dc_mma: bool = False
     dc_center_lse: bool = False
-    dq_heavy_first: bool = False
+    dq_heavy_first: bool = True
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
