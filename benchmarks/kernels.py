@@ -13,7 +13,8 @@ Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`
 ``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
 ``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off,
-``dclse`` = ``dc_center_lse``, ``dqascending`` = ``dq_heavy_first`` off), and
+``dclse`` = ``dc_center_lse``, ``dqascending`` = ``dq_heavy_first`` off, ``dkvsplit`` /
+``dkvfused`` = ``dkv_split`` on / off), and
 the forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``), with ``mma_bias``
 flipped (a key bias), with ``heavy_first`` off (``ascending``) and given the exact row max (``fixedmax``);
 each config's outputs are compared
@@ -72,6 +73,8 @@ def bwd_configs(D, query_scale=False, masked=True):
         "dclse": dataclasses.replace(base, dc_center_lse=True),
         "kv128dclse": dataclasses.replace(base, block_kv_dq=128, dc_mma=True, dc_center_lse=True),
         "dqascending": dataclasses.replace(base, dq_heavy_first=False),
+        "dkvsplit": dataclasses.replace(base, dkv_split=True),
+        "dkvfused": dataclasses.replace(base, dkv_split=False),
     }
 
 

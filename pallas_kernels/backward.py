@@ -104,6 +104,11 @@ class BackwardConfig:
         Rows with ``c_i <= 0`` (or no visible key) are not centered. Off: on the H200 it made
         the dq kernel 5-8 % faster in three of four cells, but dc's error reached 9.9e-3 at
         N = 16384 (``H_i`` grows with N; ``pallas_kernels/NOTES.md``, tenth session).
+      dkv_split: run the dkv kernel as two: one sums dv (recomputing ``P``), one dk and db
+        (recomputing ``P`` and ``dP``), so each holds one ``[block_kv_dkv, D]`` float32
+        accumulator instead of two: at D = 256 the two take 256 registers a thread and spill
+        (the fused dkv kernel ran at 115 TFLOP/s on the H200, the dq kernel at 456). Costs one
+        more ``Q K^T`` product per tile and a second pass over Q / dO.
       dq_heavy_first: with a causal mask, the dq kernel launches each head's query tiles that see
         the most keys first (``BlockSizes.heavy_first``; the dkv kernel's causal order, first key
         tiles first, already is). On by default: 1-10 % faster causal dq kernels on the H200
@@ -124,6 +129,7 @@ class BackwardConfig:
     dc_mma: bool = False
     dc_center_lse: bool = False
     dq_heavy_first: bool = True
+    dkv_split: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -136,7 +142,7 @@ class BackwardConfig:
             raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
         for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap", "dc_mma",
-                     "dc_center_lse", "dq_heavy_first"):
+                     "dc_center_lse", "dq_heavy_first", "dkv_split"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -179,7 +185,10 @@ class BackwardConfig:
 #   (``default_config``'s ``query_scale_grad``: a constant SSMax ``s``, a stopped beta).
 # * compute_wgs = 3 loses everywhere (h200-kernels-wgs3-fixedmax-20261130.json: dq D = 64 c
 #   1.067 -> 2.881 ms, dkv 1.261 -> 1.967; D = 128 dq over the SMEM limit).
-# D = 256 is not measured: the first defaults stay.
+# * D = 256 (eleventh session, H200, N = 4096, softmax, `kernels.py --no-forward --dims 256`,
+#   benchmarks/results/h200-kernels-d256-20261130j.json), ms non-causal / causal: dq 3.014 / 1.710
+#   (456 / 402 TFLOP/s), the fused dkv kernel 11.922 / 7.365 (115 / 93 TFLOP/s: dk and dv, two
+#   [64, 256] float32 accumulators, are 256 registers a thread): dkv_split on at D = 256.
 _DEFAULTS = {
     (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
                                 mma_db=True, overlap=True, dc_mma=True),
@@ -189,8 +198,8 @@ _DEFAULTS = {
                                  overlap=True, dc_mma=True),
     (128, True): BackwardConfig(64, 64, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
                                 overlap=True),
-    (256, False): BackwardConfig(64, 64, 64, 64, 1, 2),
-    (256, True): BackwardConfig(64, 64, 64, 64, 1, 2),
+    (256, False): BackwardConfig(64, 64, 64, 64, 1, 2, dkv_split=True),
+    (256, True): BackwardConfig(64, 64, 64, 64, 1, 2, dkv_split=True),
 }
 
 
@@ -657,8 +666,13 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
 
 
 def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
-              interpret):
-    """dk ``[B, Sp, K, H]``, dv ``[B, Sp, K, Hv]`` (input dtype), db ``[B, K, Sp]`` float32 or None."""
+              interpret, part="dkv"):
+    """dk ``[B, Sp, K, H]``, dv ``[B, Sp, K, Hv]`` (input dtype), db ``[B, K, Sp]`` float32 or None.
+
+    ``part`` = ``"dk"`` sums only dk and db (dv is None), ``"dv"`` only dv (dk and db are None;
+    V is not read: dv is staged in the K buffer when ``H == Hv``).
+    """
+    want_dk, want_dv = part in ("dkv", "dk"), part in ("dkv", "dv")
     B, Tp, N, H = q.shape
     Sp, K = k.shape[1], k.shape[2]
     Hv = v.shape[-1]
@@ -671,7 +685,10 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
     do5 = do.reshape(B, Tp, K, G, Hv)
     qstats5 = qstats.reshape(B, K, G, n_stats, Tp)
     strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
-    use_ones = st.mma_bias or st.mma_db
+    use_ones = st.mma_bias or (st.mma_db and want_dk)
+    want_db = st.has_b and want_dk
+    read_v = want_dk  # dv alone needs no dP
+    v_buffer = read_v or H != Hv  # else dv is staged in the K buffer
     ones = ones[:bq] if use_ones else None
 
     def kernel(q_ref, do_ref, k_ref, v_ref, qstats_ref, *rest):
@@ -681,8 +698,9 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         kcode_ref = rest.pop(0) if st.has_codes else None
         kbm_ref = rest.pop(0) if st.mma_bias else None
         ones_ref = rest.pop(0) if use_ones else None
-        dk_ref, dv_ref = rest.pop(0), rest.pop(0)
-        db_ref = rest.pop(0) if st.has_b else None
+        dk_ref = rest.pop(0) if want_dk else None
+        dv_ref = rest.pop(0) if want_dv else None
+        db_ref = rest.pop(0) if want_db else None
         (k_smem2, v_smem2, kb_smem2, kc_smem2, kbm_smem2, ones_smem), barriers = rest
         batch = lax.axis_index("batch")
         kv_head = lax.axis_index("heads")
@@ -691,11 +709,13 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         lo, n_q = _q_range(st, tile_start, tile_start + wgs * bkv, bq)
 
         def compute_thread(pipeline_callback):
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            k_smem = k_smem2.at[wg]
+            v_smem = v_smem2.at[wg] if v_buffer else k_smem
             k0 = tile_start + wg * bkv
             rows = (batch, pl.ds(k0, bkv), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, barriers.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, barriers.at[wg])
+            if read_v:
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, barriers.at[wg])
             if strip:
                 plgpu.copy_gmem_to_smem(kbias_ref.at[batch, kv_head, pl.ds(k0, bkv)], kb_smem2.at[wg],
                                         barriers.at[wg])
@@ -707,24 +727,31 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 plgpu.copy_gmem_to_smem(kcode_ref.at[batch, pl.ds(k0, bkv)], kc_smem2.at[wg],
                                         barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
-            db0 = _zeros((bkv, MMA_BIAS_WIDTH)) if st.mma_db else _zeros_vec(bkv, ROW)
-            carry = (_zeros((bkv, H)), _zeros((bkv, Hv)), db0)
+            db0 = None
+            if want_db:
+                db0 = _zeros((bkv, MMA_BIAS_WIDTH)) if st.mma_db else _zeros_vec(bkv, ROW)
+            carry = (_zeros((bkv, H)) if want_dk else None,
+                     _zeros((bkv, Hv)) if want_dv else None, db0)
             dk_acc, dv_acc, db = pipeline_callback(carry)
-            if st.mma_db:  # every column with a one holds db; keep column 0
+            if want_db and st.mma_db:  # every column with a one holds db; keep column 0
                 colid = plgpu.broadcasted_iota(jnp.int32, db.shape, 1, layout=plgpu.Layout.WGMMA)
                 db = jnp.sum(jnp.where(colid == 0, db, 0.0), axis=1)
-            dk = dk_acc * a
-            if st.bias_key_grad is not None:  # b_j = g ||k_j||^2: its key gradient 2 g db_j k_j
-                dk = dk + (st.bias_key_grad * lax.broadcast_in_dim(db, (bkv, H), [0])
-                           * k_smem[...].astype(jnp.float32))
-            k_smem[...] = dk.astype(st.dtype)
-            v_smem[...] = dv_acc.astype(st.dtype)
-            if st.has_b:
+            if want_dk:
+                dk = dk_acc * a
+                if st.bias_key_grad is not None:  # b_j = g ||k_j||^2: its key gradient 2 g db_j k_j
+                    dk = dk + (st.bias_key_grad * lax.broadcast_in_dim(db, (bkv, H), [0])
+                               * k_smem[...].astype(jnp.float32))
+                k_smem[...] = dk.astype(st.dtype)
+            if want_dv:
+                v_smem[...] = dv_acc.astype(st.dtype)
+            if want_db:
                 kb_smem2.at[wg][...] = db
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
-            if st.has_b:
+            if want_dk:
+                plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
+            if want_dv:
+                plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
+            if want_db:
                 plgpu.copy_smem_to_gmem(kb_smem2.at[wg], db_ref.at[batch, kv_head, pl.ds(k0, bkv)],
                                         commit_group=False)
             plgpu.commit_smem_to_gmem_group()
@@ -736,7 +763,8 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             q_smem, do_smem, stats_smem = smem_refs[:3]
             qc_smem = smem_refs[3] if st.has_codes else None
             dk_acc, dv_acc, db = carry
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            k_smem = k_smem2.at[wg]
+            v_smem = v_smem2.at[wg] if v_buffer else None
             k0 = tile_start + wg * bkv
             q0 = (lo + indices[1]) * bq
             shape = (bkv, bq)
@@ -780,9 +808,30 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 return dz_t, dz_t.astype(st.dtype)
 
             def db_sum(dz_t):
-                return db + jnp.sum(dz_t, axis=1) if st.has_b and not st.mma_db else db
+                return db + jnp.sum(dz_t, axis=1) if want_db and not st.mma_db else db
 
-            if cfg.overlap:  # each wgmma in flight while the math that does not feed it runs
+            if part == "dv":  # P only: no dP, dZ or dk
+                p_t = softmax()
+                dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
+                plgpu.barrier_arrive(consumed[1])
+            elif part == "dk":  # P, dP and dZ, no dv
+                if cfg.overlap:
+                    dp_t, p_t = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
+                                           st.interpret, lhs_in_registers=False, shape=shape)
+                else:
+                    p_t = softmax()
+                    dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
+                plgpu.barrier_arrive(consumed[1])
+                dz_t, dz16 = dz_of(p_t, dp_t)
+                if st.mma_db:
+                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
+                if cfg.overlap:
+                    dk_acc, db = _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(dz_t), st.interpret,
+                                            lhs_in_registers=True)
+                else:
+                    db = db_sum(dz_t)
+                    dk_acc = _mma_acc(dk_acc, dz16, q_smem, st.interpret)
+            elif cfg.overlap:  # each wgmma in flight while the math that does not feed it runs
                 dp_t, p_t = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
                                        st.interpret, lhs_in_registers=False, shape=shape)
                 dv_acc, (dz_t, dz16) = _mma_while(dv_acc, p_t.astype(st.dtype), do_smem,
@@ -821,22 +870,30 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
     tf = _transforms()
     scratch = (
         plgpu.SMEM((wgs, bkv, H), st.dtype, transforms=tf),
-        plgpu.SMEM((wgs, bkv, Hv), st.dtype, transforms=tf),
-        plgpu.SMEM((wgs, bkv), jnp.float32) if st.has_b else None,
+        plgpu.SMEM((wgs, bkv, Hv), st.dtype, transforms=tf) if v_buffer else None,
+        plgpu.SMEM((wgs, bkv), jnp.float32) if strip or want_db else None,
         plgpu.SMEM((wgs, bkv), jnp.int32) if st.has_codes else None,
         plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
         if st.mma_bias else None,
         plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
         if use_ones else None,
     )
-    out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    if st.has_b:
+    out_type = []
+    if want_dk:
+        out_type.append(jax.ShapeDtypeStruct(k.shape, k.dtype))
+    if want_dv:
+        out_type.append(jax.ShapeDtypeStruct(v.shape, v.dtype))
+    if want_db:
         out_type.append(jax.ShapeDtypeStruct((B, K, Sp), jnp.float32))
-    outs = _launch(st, kernel, out_type, scratch,
-                   n_copies=2 + int(strip) + int(st.has_codes) + int(st.mma_bias) + int(use_ones),
-                   grid=(K, num_kv_tiles, B), tile_axis="kv_seq", wgs=wgs, interpret=interpret,
-                   inputs=[q5, do5, k, v, qstats5], side=(qcode, kbias, kcode, kbm, ones))
-    return outs[0], outs[1], (outs[2] if st.has_b else None)
+    outs = list(_launch(st, kernel, out_type, scratch,
+                        n_copies=(1 + int(read_v) + int(strip) + int(st.has_codes) + int(st.mma_bias)
+                                  + int(use_ones)),
+                        grid=(K, num_kv_tiles, B), tile_axis="kv_seq", wgs=wgs, interpret=interpret,
+                        inputs=[q5, do5, k, v, qstats5], side=(qcode, kbias, kcode, kbm, ones)))
+    dk = outs.pop(0) if want_dk else None
+    dv = outs.pop(0) if want_dv else None
+    db = outs.pop(0) if want_db else None
+    return dk, dv, db
 
 
 def _pipeline(body, grid, cfg, wgs, compute_thread, in_specs):
@@ -1118,8 +1175,12 @@ def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_
         dq = dq[:, :T, :, :H0]
         dc = None if dc is None else dc[:, :, :T]
     if "dkv" in kernels:
-        dk, dv, db = _dkv_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones,
-                               interpret)
+        args = (st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones, interpret)
+        if cfg.dkv_split:  # one float32 accumulator per kernel (D = 256)
+            dk, _, db = _dkv_call(*args, part="dk")
+            _, dv, _ = _dkv_call(*args, part="dv")
+        else:
+            dk, dv, db = _dkv_call(*args)
         dk = dk[:, :S, :, :H0]
         dv = dv[:, :S, :, :Hv0]
         db = None if db is None else db[:, :, :S]

@@ -361,6 +361,30 @@ def test_dq_heavy_first_same_tiles_reversed():
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
+@pytest.mark.parametrize("name, overlap, mma_bias, mma_db", [
+    ("plain_mqa4_scale_bias", True, True, True), ("causal_ragged_gqa2", False, False, False),
+    ("window_registers_f16", True, False, False), ("head_dims_80_48_f16", False, False, False),
+    ("d128_causal_ragged_kv", True, True, False)])
+def test_dkv_split_matches_reference(name, overlap, mma_bias, mma_db):
+    """``BackwardConfig.dkv_split`` (dk / db and dv from two kernels): the reference's gradients,
+    bit for bit those of the fused dkv kernel (the same P, dP and dZ tiles), over both bias paths,
+    both db sums, overlap on and off, registers, GQA, ragged tails, and H != Hv (the dv kernel
+    then keeps a V-sized staging buffer)."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
+    q, k, v, dout, c, b = _inputs(14, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
+    spec = MaskSpec(num_registers=R, **mask_kw)
+    cfg = dataclasses.replace(default_config(max(H, Hv), use_c), overlap=overlap, mma_bias=mma_bias,
+                              mma_db=mma_db)
+    got = _compare(q, k, v, dout, c, b, spec, config=dataclasses.replace(cfg, dkv_split=True))
+    out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
+    fused = flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c, key_bias=b,
+                           mask=spec, config=cfg)
+    for x, y, n in zip(got, fused, NAMES, strict=True):
+        if x is not None:
+            np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                          err_msg=n)
+
+
 @pytest.mark.parametrize("wgs", [1, 3])
 def test_compute_warpgroup_configs(wgs):
     """Non-default configs (1 or 3 compute warpgroups, 3 stages, 128-key dkv tiles; T = 200 leaves
@@ -433,7 +457,8 @@ def test_unsupported_raises_not_implemented():
 
 @pytest.mark.parametrize("kwargs", [dict(block_q_dq=96), dict(compute_wgs=4), dict(max_concurrent_steps=1),
                                     dict(dq_edge_masks=1), dict(dkv_edge_masks=None),
-                                    dict(overlap=0), dict(dc_mma=None)])
+                                    dict(overlap=0), dict(dc_mma=None),
+                                    dict(dkv_split=1)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="BackwardConfig"):
         BackwardConfig(**kwargs)
