@@ -3,7 +3,7 @@
 # each is one device call of <= 9 min, with the tokamax wheels carried (carry [".whl"]) for 1-3:
 #   STEP=0 bash benchmarks/run_next_session.sh "$OUT"   # GPU checks: backward (all cases), forward
 #   STEP=1 ...                                          # a sweep of the target cells (heavy_first on)
-#   STEP=2 ...                                          # grid: D = 256 at N = 1024 / 4096 / 16384
+#   STEP=2 ...                                          # grid: D = 256 fwd+bwd, N = 4096 / 16384
 #   STEP=3 ...                                          # grid: XLA, mgpu, tokamax softmax, N = 4096
 #   STEP=4 ...                                          # D = 256 tiles: forward, backward, sweep
 #   STEP=5 ...                                          # causal launch order A/B (on since 1b7c9df)
@@ -21,7 +21,7 @@ case "${STEP:-0}" in
      timeout 240 python3 -m pallas_kernels.check 2>&1 | filter > "$out/check.log"
      sed -n '/^==/,$p' "$out/check.log" | tail -n 30 ;;
   1) BWD_TIMEOUT=1 bash benchmarks/run_sweep.sh "$out" ;;
-  2) PART=d256 bash benchmarks/run_grid.sh "$out" ;;
+  2) PART=d256bwd bash benchmarks/run_grid.sh "$out" ;;
   3) PART=peers4096 bash benchmarks/run_grid.sh "$out" ;;
   4) timeout 250 python3 benchmarks/attention.py --tune --dims 256 --lengths 4096 --causal 0,1 \
        --tune-flags plain,c,b --tune-block-kv 64,128 --tune-stages 2,3 --rounds 5 \
