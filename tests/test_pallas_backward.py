@@ -467,6 +467,7 @@ def test_config_validation(kwargs):
 def test_default_config_per_head_dim():
     assert default_config(48) == default_config(64)
     assert default_config(256).compute_wgs == 1
+    assert default_config(256).dkv_split and not default_config(128).dkv_split
     assert default_config(128, query_scale=True).block_kv_dq == 64
     assert default_config(128, query_scale=True, masked=False).block_kv_dq == 128
     # without the dc sums (a constant SSMax s, a stopped beta) the masked dq kernel keeps 128 keys
