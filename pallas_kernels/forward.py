@@ -179,7 +179,9 @@ class BlockSizes:
 #            128 x 2 + fold 418 / 353; 64-key tiles <= 348 / 315.
 #   D = 128: 128 x 2 579 / 511, bias 493 / 424 (kept); + fold_scale 558 / 506 (slower);
 #            64-key tiles, 2-4 stages: <= 472 / 432.
-# D = 192 / 256 are not swept (64-key tiles, 2 stages).
+# D = 192 / 256 are not swept (64-key tiles, 2 stages). With these tiles the D = 256 softmax
+# forward ran at 0.94-0.96x cuDNN at N = 4096 / 16384 (H200, eleventh session,
+# benchmarks/results/h200-grid-d256-fwd-20261130j.json; tokamax 0.98-1.15x).
 # D = 128 on the H200 (2026-11-30, eighth session): fold_scale now wins, in two runs of one call --
 # `kernels.py` (h200-kernels-fwd-overlap-20261130e.json), ms without / with fold, N = 4096, non-causal
 # / causal: plain 1.040 / 1.013, 0.569 / 0.558; c 1.013 / 0.988, 0.549 / 0.539; and `attention.py
