@@ -479,16 +479,17 @@ def test_default_config_per_head_dim():
         default_config(257)
 
 
-@pytest.mark.parametrize("mma_db", [False, True])
-def test_bias_key_grad_adds_the_norm_term_to_dk(mma_db):
+@pytest.mark.parametrize("mma_db, dkv_split", [(False, False), (True, False), (False, True)])
+def test_bias_key_grad_adds_the_norm_term_to_dk(mma_db, dkv_split):
     """``bias_key_grad=2g`` (the key bias is ``g ||k_j||^2``): dk gains ``2 g db_j k_j`` in the
-    kernel's epilogue (GQA: db summed over the group first), the other outputs are unchanged."""
+    kernel's epilogue (GQA: db summed over the group first), the other outputs are unchanged;
+    also when the dk kernel runs apart from the dv kernel (``dkv_split``)."""
     q, k, v, dout, c, _ = _inputs(13, 1, 128, 136, 4, 2, 64, 64, jnp.bfloat16, True, False)
     g = -0.125
     b = jnp.transpose(g * jnp.sum(k.astype(jnp.float32) ** 2, axis=-1), (0, 2, 1))  # [B, K, S]
     spec = MaskSpec(is_causal=True)
     out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
-    cfg = dataclasses.replace(default_config(64, True), mma_db=mma_db)
+    cfg = dataclasses.replace(default_config(64, True), mma_db=mma_db, dkv_split=dkv_split)
     run = lambda grad: flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c,
                                       key_bias=b, mask=spec, config=cfg, bias_key_grad=grad)
     plain, fused = run(None), run(2 * g)
