@@ -15,10 +15,17 @@ mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 filter() { grep -v '^[WIE][0-9]\{4\} ' ; }
 case "${STEP:-0}" in
-  0) timeout 320 python3 -m pallas_kernels.check_backward --only check 2>&1 | filter \
-       > "$out/check-backward.log"
-     grep "PASS\|FAIL\|Error" "$out/check-backward.log"
-     timeout 240 python3 -m pallas_kernels.check 2>&1 | filter > "$out/check.log"
+  0) # three processes at once (each case is ~30-60 s, mostly compiling); none preallocates
+     export XLA_PYTHON_CLIENT_PREALLOCATE=false
+     half1=plain_d64,causal_gqa_scale_bias_d128,ragged_lengths_d128,window_registers_d64,segments_causal_d64,head_dims_96
+     half2=d256_causal,long_16k_d256,long_16k_causal_d128,rbf_causal_gqa_d64,rbf_d128
+     timeout 540 python3 -m pallas_kernels.check_backward --only check --cases "$half1" 2>&1 \
+       | filter > "$out/check-backward-1.log" &
+     timeout 540 python3 -m pallas_kernels.check_backward --only check --cases "$half2" 2>&1 \
+       | filter > "$out/check-backward-2.log" &
+     timeout 540 python3 -m pallas_kernels.check 2>&1 | filter > "$out/check.log"
+     wait
+     grep -h "PASS\|FAIL\|Error" "$out"/check-backward-*.log
      sed -n '/^==/,$p' "$out/check.log" | tail -n 30 ;;
   1) BWD_TIMEOUT=1 bash benchmarks/run_sweep.sh "$out" ;;
   2) PART=d256bwd bash benchmarks/run_grid.sh "$out" ;;
