@@ -807,51 +807,48 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                     dz_t = p_t * (dp_t - col(delta))
                 return dz_t, dz_t.astype(st.dtype)
 
-            def db_sum(dz_t):
+            def db_sum(db, dz_t):
                 return db + jnp.sum(dz_t, axis=1) if want_db and not st.mma_db else db
+
+            def p_and_dp():  # the softmax runs while the tensor cores form dP (overlap)
+                if cfg.overlap:
+                    dp_t, p_t = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
+                                           st.interpret, lhs_in_registers=False, shape=shape)
+                    return p_t, dp_t
+                p_t = softmax()
+                return p_t, _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
+
+            def dk_step(dk_acc, db, dz_t, dz16):  # dk += dZ^T Q, and db's sum of dZ
+                if st.mma_db:
+                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
+                if cfg.overlap:  # db's row sums while the tensor cores accumulate dk
+                    return _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(db, dz_t), st.interpret,
+                                      lhs_in_registers=True)
+                db = db_sum(db, dz_t)
+                return _mma_acc(dk_acc, dz16, q_smem, st.interpret), db
 
             if part == "dv":  # P only: no dP, dZ or dk
                 p_t = softmax()
                 dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
                 plgpu.barrier_arrive(consumed[1])
             elif part == "dk":  # P, dP and dZ, no dv
-                if cfg.overlap:
-                    dp_t, p_t = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
-                                           st.interpret, lhs_in_registers=False, shape=shape)
-                else:
-                    p_t = softmax()
-                    dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
+                p_t, dp_t = p_and_dp()
                 plgpu.barrier_arrive(consumed[1])
                 dz_t, dz16 = dz_of(p_t, dp_t)
-                if st.mma_db:
-                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
-                if cfg.overlap:
-                    dk_acc, db = _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(dz_t), st.interpret,
-                                            lhs_in_registers=True)
-                else:
-                    db = db_sum(dz_t)
-                    dk_acc = _mma_acc(dk_acc, dz16, q_smem, st.interpret)
-            elif cfg.overlap:  # each wgmma in flight while the math that does not feed it runs
-                dp_t, p_t = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
-                                       st.interpret, lhs_in_registers=False, shape=shape)
+            elif cfg.overlap:  # dZ formed while the tensor cores accumulate dv
+                p_t, dp_t = p_and_dp()
                 dv_acc, (dz_t, dz16) = _mma_while(dv_acc, p_t.astype(st.dtype), do_smem,
                                                   lambda: dz_of(p_t, dp_t), st.interpret,
                                                   lhs_in_registers=True)
                 plgpu.barrier_arrive(consumed[1])
-                if st.mma_db:
-                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
-                dk_acc, db = _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(dz_t), st.interpret,
-                                        lhs_in_registers=True)
             else:
                 p_t = softmax()
                 dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
                 dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
                 plgpu.barrier_arrive(consumed[1])
                 dz_t, dz16 = dz_of(p_t, dp_t)
-                if st.mma_db:
-                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
-                db = db_sum(dz_t)
-                dk_acc = _mma_acc(dk_acc, dz16, q_smem, st.interpret)
+            if want_dk:
+                dk_acc, db = dk_step(dk_acc, db, dz_t, dz16)
             plgpu.barrier_arrive(consumed[0])
             return dk_acc, dv_acc, db
 
