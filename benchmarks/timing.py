@@ -15,6 +15,10 @@ slow peer) starts on boosted clocks. Without it the candidate after the slowest 
 order -- our softmax, first in the sweeps -- was favoured: on the H200 (2026-11-30) softmax
 forward+backward at D = 128, N = 4096 ran at 535 TFLOP/s in the 8-column sweep and at 486 in a
 5-column run of the same code (the variants: 439-495 and 448-474).
+
+The rounds also rotate the order (round ``r`` starts at the ``r``-th candidate): with a fixed order
+our softmax, first, always ran after the slowest peer of the row (the cuDNN RBF workaround) and
+the variants always after our own kernels.
 """
 
 import math
@@ -41,7 +45,8 @@ def _error(e):
     return f"{type(e).__name__}: {text}"
 
 
-def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015, rounds_out=None):
+def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015, rounds_out=None,
+            rotate=True):
     """Per-call seconds of each candidate, timed in interleaved rounds.
 
     Args:
@@ -50,6 +55,9 @@ def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015,
       warmup_s: total seconds of untimed back-to-back calls before the first round.
       batch_s: target length of one timed batch.
       settle_s: length of the untimed batch of the same call before each timed one (0: none).
+      rotate: round ``r`` starts at the ``r``-th candidate (mod their number) and goes on in
+        order: each candidate runs after each other one in some rounds (else always after the
+        same neighbour, whose clocks it inherits).
       rounds_out: a dict that receives ``{name: [seconds per call in each round]}`` for the
         candidates that ran (for ratios paired within a round, :func:`paired_ratio`).
 
@@ -75,8 +83,11 @@ def compare(candidates, *, rounds=7, warmup_s=0.3, batch_s=0.03, settle_s=0.015,
         for name, (fn, args, _) in live.items():
             _batch(fn, args, sizes[name])
     times = {name: [] for name in live}
-    for _ in range(rounds):
-        for name, (fn, args, _) in live.items():
+    order = list(live)
+    for r in range(rounds):
+        shift = r % len(order) if rotate and order else 0
+        for name in order[shift:] + order[:shift]:
+            fn, args, _ = live[name]
             if settle[name]:
                 _batch(fn, args, settle[name])
             times[name].append(_batch(fn, args, sizes[name]))

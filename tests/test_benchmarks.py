@@ -75,12 +75,32 @@ def test_compare_settles_each_timed_batch(monkeypatch, settle_s):
         return fn
 
     result = timing.compare({"a": (make("a", 0.01), ()), "b": (make("b", 0.005), ())}, rounds=3,
-                            warmup_s=0.0, batch_s=0.02, settle_s=settle_s)
+                            warmup_s=0.0, batch_s=0.02, settle_s=settle_s, rotate=False)
     assert result["a"][0] == pytest.approx(0.01) and result["b"][0] == pytest.approx(0.005)
     rounds = log[4:]  # after the first call and the one-call timing of each
     a_settle, b_settle = (2, 4) if settle_s else (0, 0)
     one_round = ["a"] * (a_settle + 2) + ["b"] * (b_settle + 4)
     assert rounds == one_round * 3
+
+
+def test_compare_rotates_the_order_of_each_round(monkeypatch):
+    """Round r starts at the r-th candidate, so no candidate always follows the same one."""
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    log = []
+
+    def make(name):
+        def fn():
+            clock[0] += 0.01
+            log.append(name)
+            return name
+        return fn
+
+    names = "abc"
+    result = timing.compare({n: (make(n), ()) for n in names}, rounds=4, warmup_s=0.0,
+                            batch_s=0.01, settle_s=0.0)
+    assert list(result) == list(names)  # results keep the candidates' order
+    assert "".join(log[6:]) == "abc" + "bca" + "cab" + "abc"
 
 
 def test_paired_ratio_cancels_drift_between_rounds():
