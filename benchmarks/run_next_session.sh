@@ -8,7 +8,8 @@
 #   STEP=4 ...                                          # D = 256 tiles: forward, backward, sweep
 #   STEP=5 ...                                          # causal launch order A/B (on since 1b7c9df)
 #   STEP=6 ...                                          # jaxattn.check: every variant via the API
-# (The eleventh session ran the API check, the launch-order A/B and the D = 256 / N = 1024 grid.)
+# (The eleventh session ran the API check, the launch-order A/B and the D = 256 / N = 1024 grid;
+# the twelfth steps 0-3.)
 set -u
 out=${1:-/tmp/next-session}
 mkdir -p "$out"
