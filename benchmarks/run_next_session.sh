@@ -9,7 +9,7 @@
 #   STEP=5 ...                                          # causal launch order A/B (on since 1b7c9df)
 #   STEP=6 ...                                          # jaxattn.check: every variant via the API
 # (The eleventh session ran the API check, the launch-order A/B and the D = 256 / N = 1024 grid;
-# the twelfth steps 0-3.)
+# the twelfth steps 0-3. Next: 0 (the forward check's signed-c cases: the row flip), 1, 6.)
 set -u
 out=${1:-/tmp/next-session}
 mkdir -p "$out"

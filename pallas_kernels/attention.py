@@ -35,7 +35,6 @@ from pallas_kernels.forward import count_visible, flash_forward, flash_stats
 __all__ = ["attention"]
 
 _SymbolicZero = jax.custom_derivatives.SymbolicZero
-AT_RUN_TIME = "at_run_time"  # the kernel hint c >= 0 decided from c's values (a lax.cond)
 
 
 def _unsupported(variant, query, bias, mask):
@@ -78,28 +77,18 @@ def _value(x):
 
 
 def _forward(q, k, v, c, b, spec, a, stats, c_nonneg, row_max=None):
-    """flash_forward with the hint ``c_nonneg``: True, False, or :data:`AT_RUN_TIME` (both kernels
-    compiled, the folded one taken when every ``c >= 0``; under a ``vmap`` that batches ``c`` the
-    ``lax.cond`` becomes a select and both kernels run)."""
-    def run(nonneg):
-        return tuple(flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
-                                   return_stats=stats, query_scale_nonnegative=nonneg,
-                                   row_max=row_max))
-
-    if c_nonneg == AT_RUN_TIME:
-        return jax.lax.cond(jnp.all(c >= 0), lambda: run(True), lambda: run(False))
-    return run(bool(c_nonneg))
+    """flash_forward with the hint ``c_nonneg`` (``query_scale_nonnegative``)."""
+    return tuple(flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                               return_stats=stats, query_scale_nonnegative=c_nonneg,
+                               row_max=row_max))
 
 
-def _nonneg_hint(variant, query, value, c, b, a_traced):
+def _nonneg_hint(variant, c, a_traced):
     """The forward's ``query_scale_nonnegative``: True where the variant guarantees c >= 0 (and no
-    traced logit scale of unknown sign is folded into c); else, when the forward's tiles would
-    fold the scale (``BlockSizes.fold_scale``), :data:`AT_RUN_TIME`; else False."""
-    if c is None:
-        return False
-    if a_traced is None and variant.query_scale_nonnegative():
-        return True
-    return AT_RUN_TIME if _fwd._blocks(query, value, None, c, b)[1].fold_scale else False
+    traced logit scale of unknown sign is folded into c). Else False: the forward's folding tiles
+    then negate Q's rows where ``c < 0`` (``BlockSizes.fold_scale``), with no test of c's values
+    (the earlier ``lax.cond`` on ``all(c >= 0)`` synchronised the host with the GPU every call)."""
+    return c is not None and a_traced is None and variant.query_scale_nonnegative()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -292,7 +281,7 @@ def attention(query, key, value, *, variant, scale, bias=None, mask=None, is_cau
         c = a_traced if c is None else c * a_traced
     if c is not None:
         c = jnp.broadcast_to(jnp.asarray(c, jnp.float32), (B, N, T))
-    c_nonneg = _nonneg_hint(variant, query, value, c, b, a_traced)
+    c_nonneg = _nonneg_hint(variant, c, a_traced)
     out, lse, ent, max_weight = _flash(query, key, value, c, b, spec, row_max, a_static,
                                        return_stats, c_nonneg, bias_key_grad)
     if not return_stats:

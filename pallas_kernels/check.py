@@ -67,8 +67,9 @@ def reference_rows(q, k, v, rows, *, a, c, b, spec):
 
 
 CASES = [
-    # name, B, T, S, N, K, H, dtype, mask kwargs, per-query scale, per-key bias (True: N(0, 1);
-    # "rbf": RBF-like, see _make), registers
+    # name, B, T, S, N, K, H, dtype, mask kwargs, per-query scale (True: in [0.5, 2]; "signed":
+    # in [-2, 2], no nonnegative promise), per-key bias (True: N(0, 1); "rbf": RBF-like, see
+    # _make), registers
     ("softmax", 2, 4096, 4096, 8, 8, 128, "bfloat16", {}, False, False, 0),
     ("softmax causal", 2, 4096, 4096, 8, 8, 128, "bfloat16", dict(is_causal=True), False, False, 0),
     ("softmax f16 D64", 2, 4096, 4096, 8, 8, 64, "float16", {}, False, False, 0),
@@ -91,6 +92,10 @@ CASES = [
      0),
     ("rbf D64 f16 causal", 2, 4096, 4096, 8, 8, 64, "float16", dict(is_causal=True), False,
      "rbf", 0),
+    # c of either sign, no promise: the folding tiles negate Q's rows where c < 0 (row_flip)
+    ("signed c D64", 2, 4096, 4096, 8, 8, 64, "bfloat16", {}, "signed", False, 0),
+    ("signed c D128 causal", 2, 4096, 4096, 8, 8, 128, "bfloat16", dict(is_causal=True),
+     "signed", False, 0),
 ]
 
 
@@ -102,6 +107,8 @@ def _make(case, seed):
     k = jax.random.normal(ks[1], (B, S + R, K, H), jnp.float32).astype(dtype)
     v = jax.random.normal(ks[2], (B, S + R, K, H), jnp.float32).astype(dtype)
     c = jax.random.uniform(ks[3], (B, N, T), minval=0.5, maxval=2.0) if use_c else None
+    if use_c == "signed":
+        c = jax.random.uniform(ks[3], (B, N, T), minval=-2.0, maxval=2.0)
     b = jax.random.normal(ks[4], (B, K, S + R)) if use_b else None
     if use_b == "rbf":  # RBF's -gamma ||k_j||^2 (gamma = 1/sqrt(H)), shifted: large |b|, wide spread
         b = 30.0 - jnp.sum(k.astype(jnp.float32) ** 2, axis=-1).transpose(0, 2, 1) / np.sqrt(H)
@@ -165,14 +172,15 @@ def check_case(case, seed=0, flip_mma_bias=False, overrides=None, stats_override
     jax.block_until_ready(r_out)
     _poison()
     t0 = time.perf_counter()
-    # c > 0 here: the forward takes the promise, as the dispatcher does for SSMax / adaptive
-    # (fold_scale's per-query path at D = 64); the statistics sweep below runs without it.
+    # c > 0 (but for "signed" cases): the forward takes the promise, as the dispatcher does for
+    # SSMax / adaptive; the statistics sweep below runs without it (the row flip where it folds).
+    nonneg = c is not None and case[9] != "signed"
     config = None
     if overrides:
         config = dataclasses.replace(forward_blocks(q, v, None, c, b)[1], **overrides)
     out, lse, ent, mw = flash_forward(q, k, v, logit_scale=float(a), query_scale=c, key_bias=b,
                                       mask=spec, return_stats=True, config=config,
-                                      query_scale_nonnegative=c is not None)
+                                      query_scale_nonnegative=nonneg)
     out.block_until_ready()
     elapsed = time.perf_counter() - t0
     jax.block_until_ready(reference_rows(q, k, v, rows[:8], a=float(a), c=c, b=b, spec=spec))
@@ -187,7 +195,7 @@ def check_case(case, seed=0, flip_mma_bias=False, overrides=None, stats_override
     _poison()
     out5, lse5, ent5, mw5 = flash_forward(
         q, k, v, logit_scale=float(a), query_scale=c, key_bias=b, mask=spec, return_stats=True,
-        query_scale_nonnegative=c is not None, row_max=row_max, config=config)
+        query_scale_nonnegative=nonneg, row_max=row_max, config=config)
     res = dict(
         name=case[0], shape=f"B{q.shape[0]} T{T} S{k.shape[1]} N{q.shape[2]} K{k.shape[2]} "
         f"H{q.shape[3]} {q.dtype}",
@@ -213,7 +221,7 @@ def check_case(case, seed=0, flip_mma_bias=False, overrides=None, stats_override
         _poison()
         out3, lse3, ent3, mw3 = flash_forward(
             q, k, v, logit_scale=float(a), query_scale=c, key_bias=b, mask=spec, config=cfg,
-            return_stats=True, query_scale_nonnegative=c is not None)
+            return_stats=True, query_scale_nonnegative=nonneg)
         _poison()
         lse4, ent4 = flash_stats(q, k, logit_scale=float(a), query_scale=c, key_bias=b,
                                  mask=spec, config=cfg)

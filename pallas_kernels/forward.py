@@ -96,11 +96,13 @@ class BlockSizes:
       block_q: query rows per compute warpgroup (a CTA holds ``2 * block_q``); multiple of 64.
       block_kv: keys per pipeline step; multiple of 64.
       max_concurrent_steps: depth of the K/V shared-memory ring (>= 2).
-      fold_scale: on unmasked tiles with one positive row factor ``r`` (or a per-query scale the
-        caller declares nonnegative, without a key bias), take the row max as
-        ``r * max_j s_ij`` and form ``r s - m`` (and ``r s + r b``) as one fused multiply-add per
-        logit instead of a multiply and an add. Same values up to FMA
-        rounding; one floating-point op fewer per logit. Measured (``benchmarks/attention.py
+      fold_scale: on unmasked tiles with one positive row factor ``r`` (or a per-query scale
+        without a key bias), take the row max as ``r * max_j s_ij`` and form ``r s - m`` (and
+        ``r s + r b``) as one fused multiply-add per logit instead of a multiply and an add. A
+        per-query scale of unknown sign is folded as ``|r_i|`` with row ``i`` of the Q tile
+        negated in shared memory where ``r_i < 0`` (once per tile, exact), unless the caller
+        declares it nonnegative. Same values up to FMA rounding; one floating-point op fewer per
+        logit. Measured (``benchmarks/attention.py
         --tune``): +1-7 % at D = 64, -1-4 % at D = 128; see :data:`DEFAULT_BLOCK_SIZES`.
       mma_bias: with a bfloat16 key bias, add it to the logits on the tensor cores: the bias
         ``b_j / a`` is split into three bfloat16 terms ``t1 + t2 + t3`` (exact: 3 x 8 bits,
@@ -315,6 +317,7 @@ class _Plan:
     pv: bool  # False: the statistics sweep (P @ V skipped; V streamed unless sweep_skips_v)
     interpret: bool
     fixed_max: bool = False  # the exact row max is an input (row vector): no online max
+    row_flip: bool = False  # fold a row vector of any sign: Q's rows negated where r_i < 0
 
     @property
     def streams_v(self):  # the forward always; the statistics sweep unless sweep_skips_v
@@ -420,7 +423,8 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
     new_max = lambda tile_max: m if plan.fixed_max else jnp.maximum(m, tile_max())
     rc = plan.row_const
-    if plan.blocks.fold_scale and not masked and rc is None and plan.row_nonneg and kb is None:
+    if (plan.blocks.fold_scale and not masked and rc is None
+            and (plan.row_nonneg or plan.row_flip) and kb is None):
         # max_j (r_i s_ij) = r_i max_j s_ij for r_i >= 0; d = r s - m is one FMA
         m_new = new_max(lambda: s.max(axis=1) * r)
         return m_new, s * row(r) - row(m_new)
@@ -438,6 +442,20 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
         z = jnp.where(visible(), z, MASKED)
     m_new = new_max(lambda: z.max(axis=1))
     return m_new, z - row(m_new)
+
+
+def _flip_rows(q_smem, r, dtype):
+    """``|r|``, with row ``i`` of the Q tile in shared memory negated where ``r_i < 0``.
+
+    ``r_i (q_i . k_j) = |r_i| ((sign r_i) q_i . k_j)``, and negating a 16-bit value is exact, so
+    :func:`_shifted_logits` can fold a row factor of any sign (``max_j`` of a nonnegative factor
+    times ``s_ij``) without knowing the signs ahead of the launch. Runs once per Q tile, before
+    its first wgmma."""
+    q = plgpu.load(q_smem, layout=plgpu.Layout.WGMMA)
+    sign = jnp.where(r < 0, -1.0, 1.0)
+    q_smem[...] = (q.astype(jnp.float32) * lax.broadcast_in_dim(sign, q.shape, [0])).astype(dtype)
+    plgpu.commit_smem()  # the wgmmas read Q through the async proxy
+    return jnp.abs(r)
 
 
 def tile_index(reverse: bool, axis: str, num_tiles: int):
@@ -488,6 +506,8 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
         row_vec_at = lambda i: plgpu.load(smem["rv"].at[wg, jnp.int32(i)], layout=row_layout)
         if plan.row_const is None:
             r = row_vec_at(0)
+            if plan.row_flip:
+                r = _flip_rows(q_smem, r, plan.dtype)
         if plan.has_qid:
             qid = row_vec_at(int(plan.row_const is None))
         if plan.fixed_max:
@@ -1043,10 +1063,13 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     stack = lambda xs: jnp.stack(xs, axis=2) if xs else None
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    row_nonneg = bool(nonneg) and query_scale is not None and logit_scale > 0
     plan = _Plan(
         blocks=blocks, head_dim=D, dtype=jnp.dtype(q.dtype), group=N // K, num_registers=R,
         seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
-        row_nonneg=bool(nonneg) and query_scale is not None and logit_scale > 0,
+        row_nonneg=row_nonneg,
+        row_flip=(blocks.fold_scale and query_scale is not None and not row_nonneg
+                  and key_bias is None),
         has_bias=kb is not None and not mma, mma_bias=mma, has_kid=has_kid, has_qid=has_qid,
         stats=stats, pv=pv, interpret=bool(interpret), fixed_max=row_max is not None)
     return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs), kb_mma, ones)
@@ -1075,7 +1098,8 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
       interpret: run in the Mosaic GPU interpreter; None = when the default backend is the CPU.
       return_stats: also return the entropy and max weight per query.
       query_scale_nonnegative: the caller guarantees ``c >= 0`` (SSMax with ``s >= 0``, adaptive
-        temperature's ``beta >= 1``); lets ``BlockSizes.fold_scale`` fuse the per-query scale.
+        temperature's ``beta >= 1``); lets ``BlockSizes.fold_scale`` fuse the per-query scale
+        without flipping Q's rows by sign (and with a key bias, which the flip cannot take).
         A negative ``c`` under this promise gives wrong results (the row max would be wrong).
       row_max: the exact row max of the base-2 logits ``max_j z_ij log2(e)``, float32
         broadcastable to ``[B, N, T]`` (``flash_stats(..., return_row_max=True)`` of the same

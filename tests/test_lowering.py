@@ -16,7 +16,7 @@ from jax._src.pallas.mosaic_gpu import lowering as mgpu_lowering
 
 from pallas_kernels.backward import flash_backward
 from pallas_kernels.common import MaskSpec
-from pallas_kernels.forward import BlockSizes, flash_forward, flash_stats
+from pallas_kernels.forward import BlockSizes, _prepare, flash_forward, flash_stats
 
 B, T, N = 1, 1024, 2
 
@@ -131,4 +131,23 @@ def test_heavy_first_lowers(reduction_scratch):
     _lower(lambda q, k, v, o, lse, do, c: flash_backward(
         q, k, v, o, lse, do, logit_scale=0.1, query_scale=c, mask=mask, config=bwd_cfg,
         interpret=False), x, x, x, x, row, x, row)
+    assert not reduction_scratch
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_flip_lowers(reduction_scratch, D, causal):
+    """A per-query scale of unknown sign at the folding defaults (D = 64 / 128): the forward and
+    the statistics sweep negate Q's rows in SMEM where ``r < 0`` (``_Plan.row_flip``) and lower."""
+    x, row = _operands(D)
+    mask = MaskSpec(is_causal=causal)
+    zeros = jnp.zeros(x.shape, x.dtype)
+    for v, pv in ((zeros, True), (None, False)):
+        plan = _prepare(zeros, zeros, v, 0.1, jnp.ones(row.shape), None, mask, None, False,
+                        stats=not pv, pv=pv)[0]
+        assert plan.row_flip
+    _lower(lambda q, k, v, c: flash_forward(q, k, v, logit_scale=0.1, query_scale=c, mask=mask,
+                                            interpret=False), x, x, x, row)
+    _lower(lambda q, k, c: flash_stats(q, k, logit_scale=0.1, query_scale=c, mask=mask,
+                                       interpret=False), x, x, row)
     assert not reduction_scratch

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels.forward as _fwd
 from pallas_kernels.check import reference_rows
 from pallas_kernels.common import MaskSpec, visible
 from pallas_kernels.forward import (
@@ -162,15 +163,25 @@ def test_fold_scale(flags):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
 
 
-def test_fold_scale_needs_the_nonnegative_promise():
-    """Without ``query_scale_nonnegative`` a per-query scale of either sign stays exact under
-    fold_scale (the row vector is never folded); the promise is what enables the fold."""
+@pytest.mark.parametrize("a", [0.3, -0.3])
+def test_fold_scale_flips_rows_of_either_sign(a):
+    """Without ``query_scale_nonnegative`` a per-query scale of either sign is folded as ``|r|``
+    with the Q tile's rows negated in shared memory where ``r < 0`` (``_Plan.row_flip``): exact.
+    Under a broken promise (no flip) the same fold is wrong, so the flip is what keeps it exact."""
     q, k, v, c, _ = _inputs(8, 1, 128, 128, 2, 1, 64, 64, jnp.bfloat16, True, False)
     # Odd rows: c = -40, sharp logits of either sign. There the folded row max r max_j s_ij is
-    # r min_j s_ij, far below the true max: exp2(z - m) overflows.
-    c = jnp.where((jnp.arange(128) % 2 == 1)[None, None, :], -40.0, c)
+    # r min_j s_ij, far below the true max: exp2(z - m) overflows. Row 4: c = 0.
+    c = jnp.where((jnp.arange(128) % 2 == 1)[None, None, :], -40.0, c).at[:, :, 4].set(0.0)
     folded = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, fold_scale=True)
-    _compare(q, k, v, c, None, MaskSpec(), a=0.3, config=folded)
+    plan = _fwd._prepare(q, k, v, a, c, None, MaskSpec(), folded, True, stats=True, pv=True)[0]
+    assert plan.row_flip and not plan.row_nonneg
+    _compare(q, k, v, c, None, MaskSpec(), a=a, config=folded)
+    for nonneg in (False, True):  # a key bias: no flip (it would negate b too), no fold
+        plan = _fwd._prepare(q, k, v, a, c, jnp.zeros((1, 1, 128)), MaskSpec(), folded, True,
+                             stats=True, pv=True, nonneg=nonneg)[0]
+        assert not plan.row_flip
+    if a < 0:
+        return
     _, lse, _, _ = flash_forward(q, k, v, logit_scale=0.3, query_scale=c, mask=MaskSpec(),
                                  config=folded, return_stats=True, query_scale_nonnegative=True)
     r_lse = reference_rows(q, k, v, np.arange(128), a=0.3, c=c, b=None, spec=MaskSpec())[1]
@@ -417,6 +428,12 @@ def test_gpu_check_case_runs_in_the_interpreter(monkeypatch):
     assert res["flip_out_rel"] < 1e-2 and res["flip_lse"] < 1e-4
     res = check.check_case(case, overrides=check.parse_overrides("intra_overlap=1,pingpong=0",
                                                                  BlockSizes))
+    assert res["pass"], res
+    # c of either sign without the promise, at a size whose default tiles fold (row_flip)
+    case = ("tiny signed c", 1, 256, 256, 2, 2, 64, "bfloat16", {}, "signed", False, 0)
+    q, _, v, c, b, _ = check._make(case, 0)
+    assert _fwd._blocks(q, v, None, c, b)[1].fold_scale and bool((c < 0).any())
+    res = check.check_case(case)
     assert res["pass"], res
 
 
