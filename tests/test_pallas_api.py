@@ -353,3 +353,21 @@ def test_jaxattn_check_rejects_unknown_cases(capsys):
     with pytest.raises(SystemExit):
         check.main(["--small", "--cases", "softmax_causal_gqa_d128,nope"])
     assert "--cases: unknown nope" in capsys.readouterr().err
+
+
+def test_traced_s_under_vmap():
+    """A batch of traced SSMax ``s`` (either sign) under ``vmap``: one folding kernel (Q's rows
+    negated where ``c < 0``) serves every ``s``; each result matches XLA's."""
+    q, k, v, _ = _inputs(8, registers=False)
+    k, v = (jnp.concatenate([x, x[:, :8]], axis=1) for x in (k, v))  # S = 128: the tiles fold
+    ss = (0.43, -8.0)
+
+    def f(s):
+        return jaxattn.attention(q, k, v, variant=variants.ScalableSoftmax(s),
+                                 implementation="pallas")
+
+    out = _ready(jax.jit(jax.vmap(f))(jnp.asarray(ss, jnp.float32)))
+    for got, s in zip(out, ss, strict=True):
+        ref = jaxattn.attention(*_f32((q, k, v)), variant=variants.ScalableSoftmax(s),
+                                implementation="xla")
+        np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
