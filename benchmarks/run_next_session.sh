@@ -8,6 +8,7 @@
 #   STEP=4 ...                                          # D = 256 tiles: forward, backward, sweep
 #   STEP=5 ...                                          # causal launch order A/B (on since 1b7c9df)
 #   STEP=6 ...                                          # jaxattn.check: every variant via the API
+#   STEP=7 ...                                          # forward tiles at N = 1024 (D = 64 causal 0.77x)
 # (The eleventh session ran the API check, the launch-order A/B and the D = 256 / N = 1024 grid;
 # the twelfth steps 0-3. Next: 0 (the forward check's signed-c cases: the row flip), 1, 6.)
 set -u
@@ -46,5 +47,9 @@ case "${STEP:-0}" in
      sed -n '/^ms per kernel/,$p' "$out/kernels-heavy.log" ;;
   6) timeout "${CHECK_TIMEOUT:-420}" python3 -m jaxattn.check 2>&1 | filter \
        | tee "$out/check-api.log" | sed -n '/^==/,$p' ;;
-  *) echo "STEP must be 0-6" >&2; exit 2 ;;
+  7) timeout 400 python3 benchmarks/attention.py --tune --dims 64,128 --lengths 1024 --causal 1 \
+       --tune-flags plain,c --tune-block-kv 64,128,256 --tune-stages 2,3 --rounds 5 \
+       --out "$out/tune-n1024.json" 2>&1 | filter > "$out/tune-n1024.log"
+     tail -n 30 "$out/tune-n1024.log" ;;
+  *) echo "STEP must be 0-7" >&2; exit 2 ;;
 esac
