@@ -175,6 +175,8 @@ def main(argv=None):
                         help="only the memory target: B=1, H=16, D=128, N=131072, fwd and fwd+bwd "
                              "of each of our variants, once each")
     args = parser.parse_args(argv)
+    if args.warmup_cell < 0:
+        parser.error(f"--warmup-cell must be >= 0, got {args.warmup_cell}")
     impls = args.impls.split(",")
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)

@@ -76,13 +76,6 @@ def _value(x):
     return None if x is None else x.value
 
 
-def _forward(q, k, v, c, b, spec, a, stats, c_nonneg, row_max=None):
-    """flash_forward with the hint ``c_nonneg`` (``query_scale_nonnegative``)."""
-    return tuple(flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
-                               return_stats=stats, query_scale_nonnegative=c_nonneg,
-                               row_max=row_max))
-
-
 def _nonneg_hint(variant, c, a_traced):
     """The forward's ``query_scale_nonnegative``: True where the variant guarantees c >= 0 (and no
     traced logit scale of unknown sign is folded into c). Else False: the forward's folding tiles
@@ -96,7 +89,9 @@ def _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg=False, bias_key_grad
     """The attention forward; ``row_max``: the exact row max of the base-2 logits or None (a
     shift the softmax does not depend on: its cotangent is zero); ``bias_key_grad``: ``2 g`` when
     ``b = g ||k||^2`` (from ``stop_gradient(k)``): the backward kernel adds its key gradient."""
-    out, lse, *rest = _forward(q, k, v, c, b, spec, a, stats, c_nonneg, row_max)
+    out, lse, *rest = flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                                    return_stats=stats, query_scale_nonnegative=c_nonneg,
+                                    row_max=row_max)
     return (out, lse, *rest) if stats else (out, lse, None, None)
 
 

@@ -106,9 +106,10 @@ def _make(case, seed):
     q = jax.random.normal(ks[0], (B, T, N, H), jnp.float32).astype(dtype)
     k = jax.random.normal(ks[1], (B, S + R, K, H), jnp.float32).astype(dtype)
     v = jax.random.normal(ks[2], (B, S + R, K, H), jnp.float32).astype(dtype)
-    c = jax.random.uniform(ks[3], (B, N, T), minval=0.5, maxval=2.0) if use_c else None
-    if use_c == "signed":
-        c = jax.random.uniform(ks[3], (B, N, T), minval=-2.0, maxval=2.0)
+    c = None
+    if use_c:  # "signed": either sign
+        c = jax.random.uniform(ks[3], (B, N, T), minval=-2.0 if use_c == "signed" else 0.5,
+                               maxval=2.0)
     b = jax.random.normal(ks[4], (B, K, S + R)) if use_b else None
     if use_b == "rbf":  # RBF's -gamma ||k_j||^2 (gamma = 1/sqrt(H)), shifted: large |b|, wide spread
         b = 30.0 - jnp.sum(k.astype(jnp.float32) ** 2, axis=-1).transpose(0, 2, 1) / np.sqrt(H)
