@@ -290,9 +290,9 @@ def tune_candidates(D, block_kvs=(64, 128, 256), stages=(2, 3, 4), mmas=(False,)
     return out
 
 
-def _default(D, flag):
+def _default(D, flag, N=0, causal=False):
     from pallas_kernels.forward import default_block_sizes
-    return default_block_sizes(D, flag == "c", flag == "b")
+    return default_block_sizes(D, flag == "c", flag == "b", causal_keys=N if causal else 0)
 
 
 def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs=(64, 128, 256),
@@ -331,13 +331,13 @@ def tune_forward(dims, lengths, causals, rounds, flags=("plain", "b"), block_kvs
                     rows.append(dict(D=D, N=N, causal=causal, block_kv=cfg.block_kv,
                                      steps=cfg.max_concurrent_steps, fold=cfg.fold_scale,
                                      mma=cfg.mma_bias,
-                                     flag=flag, bias=flag == "b", default=cfg == _default(D, flag),
+                                     flag=flag, bias=flag == "b", default=cfg == _default(D, flag, N, causal),
                                      tflops=None if t is None else flops / t / 1e12, error=err))
                     res = f"{rows[-1]['tflops']:6.0f} TFLOP/s" if t is not None else err
                     print(f"tune D={D} N={N} causal={int(causal)} block_kv={cfg.block_kv} "
                           f"steps={cfg.max_concurrent_steps} fold={int(cfg.fold_scale)} "
                           f"mma={int(cfg.mma_bias)} "
-                          f"flag={flag}: {res}{' (default)' if cfg == _default(D, flag) else ''}",
+                          f"flag={flag}: {res}{' (default)' if cfg == _default(D, flag, N, causal) else ''}",
                           flush=True)
     return rows
 

@@ -10,7 +10,7 @@
 #   STEP=6 ...                                          # jaxattn.check: every variant via the API
 #   STEP=7 ...                                          # forward tiles at N = 1024 (D = 64 causal 0.77x)
 # (The eleventh session ran the API check, the launch-order A/B and the D = 256 / N = 1024 grid;
-# the twelfth steps 0-3. Next: 0 (the forward check's signed-c cases: the row flip), 1, 6.)
+# the twelfth steps 0-3, the thirteenth 0, 1, 6, 7. Next: 0 (short causal D = 64 tiles), 4, 1.)
 set -u
 out=${1:-/tmp/next-session}
 mkdir -p "$out"
@@ -28,7 +28,7 @@ case "${STEP:-0}" in
      timeout 540 python3 -m pallas_kernels.check 2>&1 | filter > "$out/check.log"
      wait
      grep -h "PASS\|FAIL\|Error" "$out"/check-backward-*.log
-     sed -n '/^==/,$p' "$out/check.log" | tail -n 30 ;;
+     sed -n '/^case /,$p' "$out/check.log" | tail -n 30 ;;
   1) BWD_TIMEOUT=1 bash benchmarks/run_sweep.sh "$out" ;;
   2) PART=d256bwd bash benchmarks/run_grid.sh "$out" ;;
   3) PART=peers4096 bash benchmarks/run_grid.sh "$out" ;;

@@ -222,6 +222,13 @@ _D64_WITH_SCALE = BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, f
 # 256-key 0.579 / 0.579 <- chosen without a mask; causal 128-key 0.334 / 0.333 <- kept,
 # 256-key 0.376 / 0.377.
 _D64_FIXED_MAX = dataclasses.replace(_D64_WITH_SCALE, block_kv=256)
+# D = 64 causal with few keys, no c / b (H200, 2026-12-04, `attention.py --tune --tune-flags plain`,
+# B * N = 16384, H = 16; benchmarks/results/h200-tune-n1024-20261204a.json and
+# h200-tune-d64-short-20261204a.json), TFLOP/s 256 x 3 + fold (the default) / 128 x 2 + fold:
+# N = 1024 220 / 254 (then 0.77x cuDNN), N = 2048 304 / 312; N = 4096 (H100, above) 367 / 353.
+# Non-causal keeps 256 x 3 (N = 1024 352 / 344, N = 2048 400 / 384). With c the 128-key tiles are
+# already the default; with b (mma_bias) short sequences are not timed.
+_D64_SHORT_CAUSAL_KEYS = 2048
 _WITH_BIAS = {
     64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2, fold_scale=True,
                    mma_bias=True),
@@ -231,15 +238,18 @@ _WITH_BIAS = {
 
 
 def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False, *,
-                        fixed_max: bool = False, masked: bool = True):
+                        fixed_max: bool = False, masked: bool = True, causal_keys: int = 0):
     """The tuned :class:`BlockSizes` for a padded head dim and the problem's per-row / per-key terms.
 
     :data:`DEFAULT_BLOCK_SIZES` by head dim, except: at D = 64 with a per-query scale smaller key
     tiles (no register spills), unless the forward is given the row max (``fixed_max``, no online
     max: fewer live registers) and no mask hides keys; at D = 64 and 128 with a key bias,
     ``mma_bias`` (and the tiles tuned for it; with both, the per-query scale's tiles plus
-    ``mma_bias``). See the table above.
+    ``mma_bias``); at D = 64 with neither and a causal mask over ``causal_keys`` <= 2048 keys
+    (0: not causal), the 128-key tiles. See the table above.
     """
+    if head_dim == 64 and not (query_scale or key_bias) and 0 < causal_keys <= _D64_SHORT_CAUSAL_KEYS:
+        return _D64_WITH_SCALE
     if head_dim == 64 and query_scale:
         if key_bias:
             return dataclasses.replace(_D64_WITH_SCALE, mma_bias=True)
@@ -1009,7 +1019,8 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    extra = dict(fixed_max=row_max is not None, masked=is_masked(mask)) if pv else {}
+    extra = dict(fixed_max=row_max is not None, masked=is_masked(mask),
+                 causal_keys=S if mask.is_causal else 0) if pv else {}
     D, blocks = _blocks(q, v, config, query_scale, key_bias, **extra)
     Tp = _round_up(T, blocks.compute_wgs * blocks.block_q)
     Sp = _round_up(S, blocks.block_kv)

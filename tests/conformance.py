@@ -271,8 +271,9 @@ class AttentionConformance:
     def run(self, case, args=None):
         """The backend's ``(out, stats)`` (stats None unless supported)."""
         args = case.diff_args() if args is None else args
-        result = call_attention(args, case, implementation=self.IMPLEMENTATION,
-                                return_stats=self.SUPPORTS_STATS)
+        # blocks: no XLA op may queue behind an interpreted kernel (tests/interpreter.py)
+        result = jax.block_until_ready(call_attention(args, case, implementation=self.IMPLEMENTATION,
+                                                      return_stats=self.SUPPORTS_STATS))
         return result if self.SUPPORTS_STATS else (result, None)
 
     def check_forward(self, case):
@@ -327,7 +328,8 @@ class AttentionConformance:
         if self.SUPPORTS_VJP and variant_name in DIFFERENTIABLE_VARIANTS:
             args = case.diff_args()
             ct_out = np.random.default_rng(0).standard_normal(out.shape).transpose(0, 2, 1, 3)
-            grads = jax.grad(self.loss_fn(case, ct_out, None, self.IMPLEMENTATION))(args)
+            grads = jax.block_until_ready(
+                jax.grad(self.loss_fn(case, ct_out, None, self.IMPLEMENTATION))(args))
             for name, g in grads.items():
                 assert np.all(np.isfinite(np.asarray(g, np.float64))), f"non-finite d{name}"
             dq = np.asarray(grads["query"], np.float64).transpose(0, 2, 1, 3)  # [B, N, T, H]
@@ -414,7 +416,8 @@ class AttentionConformance:
         rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1), label="ct_seed"))
         expected = call_oracle(case.diff_args(), case)
         ct_out, ct_stats = self.cotangents(rng, case, expected)
-        grads = jax.grad(self.loss_fn(case, ct_out, ct_stats, self.IMPLEMENTATION))(case.diff_args())
+        grads = jax.block_until_ready(
+            jax.grad(self.loss_fn(case, ct_out, ct_stats, self.IMPLEMENTATION))(case.diff_args()))
         for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
             leaf = np.asarray(leaf, np.float64)
             assert np.all(np.isfinite(leaf)), f"non-finite gradient {jax.tree_util.keystr(path)}"

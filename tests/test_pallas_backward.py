@@ -30,9 +30,11 @@ import numpy as np
 import pytest
 
 from pallas_kernels import backward
-from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
+from pallas_kernels.backward import BackwardConfig, default_config
 from pallas_kernels.common import MaskSpec, flash_reference, visible
-from tests.interpreter import needs_interpreter_threads
+from tests.interpreter import blocking, needs_interpreter_threads
+
+flash_backward = blocking(backward.flash_backward)
 
 pytestmark = needs_interpreter_threads
 

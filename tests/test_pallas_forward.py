@@ -27,12 +27,13 @@ from pallas_kernels.common import MaskSpec, visible
 from pallas_kernels.forward import (
     BlockSizes,
     count_visible,
-    flash_forward,
-    flash_stats,
     scale_row_max,
     segment_ranks,
 )
-from tests.interpreter import needs_interpreter_threads
+from tests.interpreter import blocking, needs_interpreter_threads
+
+flash_forward = blocking(_fwd.flash_forward)
+flash_stats = blocking(_fwd.flash_stats)
 
 BLOCKS = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2)
 OUT_TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 3e-3}
@@ -335,6 +336,26 @@ def test_default_block_sizes():
     for D in (192, 256):
         for c in (False, True):
             assert default_block_sizes(D, c, not c) == DEFAULT_BLOCK_SIZES[D]
+    # D = 64 causal over <= 2048 keys, no c / b: the 128-key tiles; longer or non-causal: the table
+    assert default_block_sizes(64, causal_keys=1024).block_kv == 128
+    assert default_block_sizes(64, causal_keys=2048).block_kv == 128
+    assert default_block_sizes(64, causal_keys=2049) == DEFAULT_BLOCK_SIZES[64]
+    assert default_block_sizes(64, causal_keys=0) == DEFAULT_BLOCK_SIZES[64]
+    assert default_block_sizes(64, key_bias=True, causal_keys=1024) == default_block_sizes(64, key_bias=True)
+    assert default_block_sizes(128, causal_keys=1024) == DEFAULT_BLOCK_SIZES[128]
+
+
+def test_prepare_passes_causal_key_count():
+    """The forward's plan takes the short-causal tiles from the mask and the key count."""
+    from pallas_kernels.common import MaskSpec
+    from pallas_kernels.forward import DEFAULT_BLOCK_SIZES, _prepare
+    q = jnp.ones((1, 64, 1, 64), jnp.bfloat16)
+    for S, causal, block_kv in ((1000, True, 128), (3000, True, DEFAULT_BLOCK_SIZES[64].block_kv),
+                                (1000, False, DEFAULT_BLOCK_SIZES[64].block_kv)):
+        k = jnp.ones((1, S, 1, 64), jnp.bfloat16)
+        plan = _prepare(q, k, k, 0.1, None, None, MaskSpec(is_causal=causal), None, True,
+                        stats=True, pv=True)[0]
+        assert plan.blocks.block_kv == block_kv
 
 
 def test_default_stats_block_sizes():
