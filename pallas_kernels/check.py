@@ -96,6 +96,9 @@ CASES = [
     ("signed c D64", 2, 4096, 4096, 8, 8, 64, "bfloat16", {}, "signed", False, 0),
     ("signed c D128 causal", 2, 4096, 4096, 8, 8, 128, "bfloat16", dict(is_causal=True),
      "signed", False, 0),
+    # D = 64 causal over <= 2048 keys: the short-causal 128-key tiles; ragged S
+    ("softmax D64 causal N1000", 4, 1000, 1000, 8, 8, 64, "bfloat16", dict(is_causal=True),
+     False, False, 0),
 ]
 
 
