@@ -181,8 +181,8 @@ class BlockSizes:
 #            128 x 2 + fold 418 / 353; 64-key tiles <= 348 / 315.
 #   D = 128: 128 x 2 579 / 511, bias 493 / 424 (kept); + fold_scale 558 / 506 (slower);
 #            64-key tiles, 2-4 stages: <= 472 / 432.
-# D = 192 / 256 are not swept (64-key tiles, 2 stages). With these tiles the D = 256 softmax
-# forward ran at 0.94-0.96x cuDNN at N = 4096 / 16384 (H200, eleventh session,
+# D = 192 / 256: 64-key tiles, 2 stages (at D = 256 nothing larger fits; swept below). With
+# these tiles the D = 256 softmax forward ran at 0.94-0.96x cuDNN at N = 4096 / 16384 (H200, eleventh session,
 # benchmarks/results/h200-grid-d256-fwd-20261130j.json; tokamax 0.98-1.15x).
 # D = 128 on the H200 (2026-11-30, eighth session): fold_scale now wins, in two runs of one call --
 # `kernels.py` (h200-kernels-fwd-overlap-20261130e.json), ms without / with fold, N = 4096, non-causal
@@ -229,6 +229,12 @@ _D64_FIXED_MAX = dataclasses.replace(_D64_WITH_SCALE, block_kv=256)
 # Non-causal keeps 256 x 3 (N = 1024 352 / 344, N = 2048 400 / 384). With c the 128-key tiles are
 # already the default; with b (mma_bias) short sequences are not timed.
 _D64_SHORT_CAUSAL_KEYS = 2048
+# D = 256 with a per-query scale (H200, 2026-12-04, `attention.py --tune --dims 256 --tune-flags
+# plain,c,b`, N = 4096, B = 4, H = 16; benchmarks/results/h200-tune-d256-20261204b.json; 128-key
+# tiles and 3 stages do not fit SMEM), 64 x 2, TFLOP/s without / with fold_scale, non-causal /
+# causal: plain 585 / 575, 568 / 556 (kept); c 554 / 573, 523 / 533 <- fold with c; b 556 / 551,
+# 525 / 527 (kept).
+_D256_WITH_SCALE = dataclasses.replace(DEFAULT_BLOCK_SIZES[256], fold_scale=True)
 _WITH_BIAS = {
     64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2, fold_scale=True,
                    mma_bias=True),
@@ -245,7 +251,8 @@ def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool
     tiles (no register spills), unless the forward is given the row max (``fixed_max``, no online
     max: fewer live registers) and no mask hides keys; at D = 64 and 128 with a key bias,
     ``mma_bias`` (and the tiles tuned for it; with both, the per-query scale's tiles plus
-    ``mma_bias``); at D = 64 with neither and a causal mask over ``causal_keys`` <= 2048 keys
+    ``mma_bias``); at D = 256 with a per-query scale (no bias) ``fold_scale``; at D = 64 with
+    neither and a causal mask over ``causal_keys`` <= 2048 keys
     (0: not causal), the 128-key tiles. See the table above.
     """
     if head_dim == 64 and not (query_scale or key_bias) and 0 < causal_keys <= _D64_SHORT_CAUSAL_KEYS:
@@ -254,6 +261,8 @@ def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool
         if key_bias:
             return dataclasses.replace(_D64_WITH_SCALE, mma_bias=True)
         return _D64_FIXED_MAX if fixed_max and not masked else _D64_WITH_SCALE
+    if head_dim == 256 and query_scale and not key_bias:
+        return _D256_WITH_SCALE
     if key_bias and head_dim in _WITH_BIAS:
         return _WITH_BIAS[head_dim]
     return DEFAULT_BLOCK_SIZES[head_dim]
@@ -290,14 +299,21 @@ def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool
 #            V 0.640 / 0.384, 2.337 / 1.396; 3 free without V 0.613 / 0.387, 2.223 / 1.233;
 #            4 free without V 0.521 / 0.307, 2.027 / 1.111 <- chosen, causal too; 3 free 3 stages
 #            without V 0.637 / 0.406. (256-key tiles without V failed to compile: "Pass pipeline failed".)
+# D = 256 (H200, 2026-12-04, N = 4096, B = 4, H = 16, `kernels.py --no-forward --dims 256
+# --stats-configs ...`, one process per config; benchmarks/results/h200-kernels-d256-stats-20261204b.json),
+# ms non-causal / causal, plain and c: the forward's ping-pong 64 x 2 (then default) 1.229 / 0.660,
+# 1.179 / 0.635; 2 free 1.192 / 0.640, 1.150 / 0.611; 2 free 128 x 2 without V 1.000 / 0.541,
+# 0.933 / 0.511 <- chosen; 64-key tiles without V (ping-pong or 2 free): an illegal instruction
+# (so _prepare refuses sweep_skips_v with 64-key tiles above D = 128).
 _STATS_LAYOUT = {64: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True),
-                 128: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True)}
+                 128: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True),
+                 256: dict(compute_wgs=2, block_kv=128, sweep_skips_v=True)}
 
 
 def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False):
     """The :class:`BlockSizes` of :func:`flash_stats` (the statistics sweep) for a padded head dim:
-    the forward's (:func:`default_block_sizes`) with 4 free-running warpgroups and no V stream at
-    D = 64 and 128, causal or not (the tables above)."""
+    the forward's (:func:`default_block_sizes`) with free-running warpgroups over 128-key tiles
+    and no V stream at D = 64, 128 (4 warpgroups) and 256 (2), causal or not (the tables above)."""
     base = default_block_sizes(head_dim, query_scale, key_bias)
     if head_dim not in _STATS_LAYOUT:
         return base
@@ -1022,6 +1038,12 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     extra = dict(fixed_max=row_max is not None, masked=is_masked(mask),
                  causal_keys=S if mask.is_causal else 0) if pv else {}
     D, blocks = _blocks(q, v, config, query_scale, key_bias, **extra)
+    if not pv and blocks.sweep_skips_v and D > 128 and blocks.block_kv < 128:
+        # H200, 2026-12-04 (h200-kernels-d256-stats-20261204b.json): an illegal instruction at
+        # D = 256 with 64-key tiles, 2 or 4 warpgroups; 128-key tiles (the default there) ran
+        raise NotImplementedError(
+            f"config: the statistics sweep without V (sweep_skips_v) at head dim {D} needs "
+            f"block_kv >= 128, got {blocks.block_kv}")
     Tp = _round_up(T, blocks.compute_wgs * blocks.block_q)
     Sp = _round_up(S, blocks.block_kv)
     R = mask.num_registers

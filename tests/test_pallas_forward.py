@@ -334,8 +334,11 @@ def test_default_block_sizes():
         assert default_block_sizes(D, True, True).mma_bias
         assert not default_block_sizes(D).mma_bias
     for D in (192, 256):
-        for c in (False, True):
-            assert default_block_sizes(D, c, not c) == DEFAULT_BLOCK_SIZES[D]
+        for c, b in ((False, False), (False, True), (True, True)):
+            assert default_block_sizes(D, c, b) == DEFAULT_BLOCK_SIZES[D]
+    # D = 256 with c alone folds it into Q (the H200 tune); D = 192 keeps the table
+    assert default_block_sizes(256, True) == dataclasses.replace(DEFAULT_BLOCK_SIZES[256], fold_scale=True)
+    assert default_block_sizes(192, True) == DEFAULT_BLOCK_SIZES[192]
     # D = 64 causal over <= 2048 keys, no c / b: the 128-key tiles; longer or non-causal: the table
     assert default_block_sizes(64, causal_keys=1024).block_kv == 128
     assert default_block_sizes(64, causal_keys=2048).block_kv == 128
@@ -358,6 +361,20 @@ def test_prepare_passes_causal_key_count():
         assert plan.blocks.block_kv == block_kv
 
 
+def test_sweep_without_v_refuses_64_key_tiles_above_d128():
+    """The V-less statistics sweep with 64-key tiles at D = 256 hit an illegal instruction on the
+    H200: it raises NotImplementedError (naming the constraint) before any kernel runs; D = 64
+    keeps the 64-key V-less layouts the interpreter tests use."""
+    from pallas_kernels.forward import _prepare
+    cfg = BlockSizes(block_q=64, block_kv=64, pingpong=False, sweep_skips_v=True)
+    q = jnp.ones((1, 128, 1, 256), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="block_kv >= 128, got 64"):
+        _prepare(q, q, None, 0.1, None, None, MaskSpec(), cfg, True, stats=True, pv=False)
+    q64 = jnp.ones((1, 128, 1, 64), jnp.bfloat16)
+    plan = _prepare(q64, q64, None, 0.1, None, None, MaskSpec(), cfg, True, stats=True, pv=False)[0]
+    assert plan.blocks.sweep_skips_v and plan.blocks.block_kv == 64
+
+
 def test_default_stats_block_sizes():
     """The statistics sweep: 4 free-running warpgroups without the V stream at D = 64 and 128
     (any mask), the forward's tiles and bias path otherwise; every choice fits the register
@@ -370,9 +387,12 @@ def test_default_stats_block_sizes():
                 assert (cfg.compute_wgs, cfg.pingpong, cfg.block_kv) == (4, False, 128)
                 assert cfg.sweep_skips_v
                 assert cfg.mma_bias == default_block_sizes(D, c, b).mma_bias
-    for D in (192, 256):
-        assert default_stats_block_sizes(D) == default_block_sizes(D)
-        assert not default_stats_block_sizes(D).sweep_skips_v
+    for c in (False, True):  # D = 256: 2 free warpgroups, 128-key tiles, no V
+        cfg = default_stats_block_sizes(256, c)
+        assert (cfg.compute_wgs, cfg.pingpong, cfg.block_kv, cfg.sweep_skips_v) == (2, False, 128, True)
+        assert cfg.fold_scale == default_block_sizes(256, c).fold_scale
+    assert default_stats_block_sizes(192) == default_block_sizes(192)
+    assert not default_stats_block_sizes(192).sweep_skips_v
     # setmaxnreg.inc only takes what the TMA warpgroup released: 128 (wgs + 1) threads start with
     # 64 K / threads registers each (rounded down to 8)
     for wgs, regs in _COMPUTE_REGISTERS.items():
