@@ -10,7 +10,8 @@
 #   STEP=6 ...                                          # jaxattn.check: every variant via the API
 #   STEP=7 ...                                          # forward tiles at N = 1024 (D = 64 causal 0.77x)
 # (The eleventh session ran the API check, the launch-order A/B and the D = 256 / N = 1024 grid;
-# the twelfth steps 0-3, the thirteenth 0, 1, 6, 7. Next: 4, 1.)
+# the twelfth steps 0-3, the thirteenth 0, 1, 6, 7, the fourteenth 4 and 1. Next: 0 and 6 (the
+# checks, after any kernel change), then 1.)
 set -u
 out=${1:-/tmp/next-session}
 mkdir -p "$out"
@@ -38,7 +39,7 @@ case "${STEP:-0}" in
      tail -n 30 "$out/tune-d256.log"
      timeout 300 python3 benchmarks/kernels.py --no-forward --dims 256 --lengths 4096 --causal 0,1 \
        --flags plain,c --bwd-configs default,overlap,edge --rounds 5 \
-       --stats-configs default,defaultnov,free2,free2nov,free2kv128nov \
+       --stats-configs default,pp,free2,free2kv128 \
        --out "$out/kernels-d256.json" 2>&1 | filter > "$out/kernels-d256.log"
      sed -n '/^ms per kernel/,$p' "$out/kernels-d256.log" ;;
   5) timeout 500 python3 benchmarks/kernels.py --dims 64,128 --lengths 4096,16384 --causal 1 \
