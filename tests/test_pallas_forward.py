@@ -191,6 +191,22 @@ def test_fold_scale_flips_rows_of_either_sign(a):
     assert broken[..., 1::2].any() and not broken[..., 0::2].any()  # a broken promise shows
 
 
+def test_default_d256_folds_signed_scale():
+    """At D = 256 the default tiles fold a per-query scale (the H200 tune), so a scale of either
+    sign takes the row flip there: the reference's outputs and statistics, and the V-less
+    statistics sweep (128-key tiles) the reference's lse and entropy. S = 192: full tiles only
+    for the forward (64 keys), a ragged one for the sweep."""
+    q, k, v, c, _ = _inputs(9, 1, 128, 192, 1, 1, 256, 256, jnp.bfloat16, True, False)
+    c = jnp.where((jnp.arange(128) % 3 == 0)[None, None, :], -c, c)
+    plan = _fwd._prepare(q, k, v, 0.06, c, None, MaskSpec(), None, True, stats=True, pv=True)[0]
+    assert plan.row_flip and plan.blocks.fold_scale
+    _compare(q, k, v, c, None, MaskSpec(), a=0.06, config=None)
+    lse, ent = flash_stats(q, k, logit_scale=0.06, query_scale=c, mask=MaskSpec())[:2]
+    _, r_lse, r_ent, _ = reference_rows(q, k, v, np.arange(128), a=0.06, c=c, b=None, spec=MaskSpec())
+    np.testing.assert_allclose(lse, r_lse, atol=STAT_TOL, rtol=STAT_TOL)
+    np.testing.assert_allclose(ent, r_ent, atol=STAT_TOL, rtol=STAT_TOL)
+
+
 def test_lengths_segments_and_empty_rows():
     """Lengths, segment ids, causal and registers at once; batch 1 has no valid key: zeros, lse 0."""
     B, T, S, N, K, H, R = 2, 128, 128, 2, 1, 64, 2
