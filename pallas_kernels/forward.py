@@ -1040,7 +1040,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     D, blocks = _blocks(q, v, config, query_scale, key_bias, **extra)
     if not pv and blocks.sweep_skips_v and D > 128 and blocks.block_kv < 128:
         # H200, 2026-12-04 (h200-kernels-d256-stats-20261204b.json): an illegal instruction at
-        # D = 256 with 64-key tiles, 2 or 4 warpgroups; 128-key tiles (the default there) ran
+        # D = 256 with 64-key tiles (ping-pong or 2 free warpgroups); 128-key tiles (the default) ran
         raise NotImplementedError(
             f"config: the statistics sweep without V (sweep_skips_v) at head dim {D} needs "
             f"block_kv >= 128, got {blocks.block_kv}")
