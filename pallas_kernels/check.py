@@ -99,6 +99,8 @@ CASES = [
     # D = 64 causal over <= 2048 keys: the short-causal 128-key tiles; ragged S
     ("softmax D64 causal N1000", 4, 1000, 1000, 8, 8, 64, "bfloat16", dict(is_causal=True),
      False, False, 0),
+    # D = 256 with c alone: the folding tiles (row flip) and the V-less 128-key sweep
+    ("signed c D256", 1, 4096, 4096, 4, 4, 256, "bfloat16", {}, "signed", False, 0),
 ]
 
 
