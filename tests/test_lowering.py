@@ -74,6 +74,24 @@ def test_default_kernels_fit_smem(reduction_scratch, D, flags, causal):
     assert not reduction_scratch
 
 
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_signed_scale_row_flip_lowers(reduction_scratch, D):
+    """A per-query scale without the nonnegative promise: the folding defaults (D = 256 since the
+    fourteenth session) negate Q's rows in shared memory (row_flip); forward and sweep lower for
+    sm90 and fit SMEM."""
+    x, row = _operands(D)
+    q = jnp.ones(x.shape, x.dtype)
+    assert _prepare(q, q, q, 0.1, jnp.ones(row.shape), None, MaskSpec(), None, False, stats=False,
+                    pv=True)[0].row_flip
+    forward = lambda q, k, v, c: flash_forward(q, k, v, logit_scale=0.1, query_scale=c, mask=MaskSpec(),
+                                               interpret=False)
+    stats = lambda q, k, c: flash_stats(q, k, logit_scale=0.1, query_scale=c, mask=MaskSpec(),
+                                        interpret=False)
+    _lower(forward, x, x, x, row)
+    _lower(stats, x, x, row)
+    assert not reduction_scratch
+
+
 @pytest.mark.parametrize("block_kv, steps, fits", [(192, 2, True), (128, 3, True), (256, 2, False)])
 def test_d128_forward_tiles_against_the_smem_limit(reduction_scratch, block_kv, steps, fits):
     """D = 128 softmax forward: 192-key tiles (2 stages) and 128-key tiles in 3 stages fit only
