@@ -10,8 +10,8 @@
 #   STEP=6 ...                                          # jaxattn.check: every variant via the API
 #   STEP=7 ...                                          # forward tiles at N = 1024 (D = 64 causal 0.77x)
 # (The eleventh session ran the API check, the launch-order A/B and the D = 256 / N = 1024 grid;
-# the twelfth steps 0-3, the thirteenth 0, 1, 6, 7, the fourteenth 4 and 1. Next: 0 (check case 16,
-# the D = 256 fold, never GPU-run) and 6, then 1.)
+# the twelfth steps 0-3, the thirteenth 0, 1, 6, 7, the fourteenth 4 and 1, the fifteenth 0 and 6:
+# all checks PASS. Next: 1 after any kernel change, with 0 and 6 for its correctness.)
 set -u
 out=${1:-/tmp/next-session}
 mkdir -p "$out"

@@ -233,7 +233,7 @@ _D64_SHORT_CAUSAL_KEYS = 2048
 # plain,c,b`, N = 4096, B = 4, H = 16; benchmarks/results/h200-tune-d256-20261204b.json; 128-key
 # tiles and 3 stages do not fit SMEM), 64 x 2, TFLOP/s without / with fold_scale, non-causal /
 # causal: plain 585 / 575, 568 / 556 (kept); c 554 / 573, 523 / 533 <- fold with c; b 556 / 551,
-# 525 / 527 (kept).
+# 525 / 527 (kept). GPU check case 16 (`signed c D256`) PASS, out 2.06e-3 (h200-check-20261204c.log).
 _D256_WITH_SCALE = dataclasses.replace(DEFAULT_BLOCK_SIZES[256], fold_scale=True)
 _WITH_BIAS = {
     64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2, fold_scale=True,
