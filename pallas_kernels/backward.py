@@ -47,6 +47,7 @@ from pallas_kernels.forward import (
     MMA_BIAS_WIDTH,
     bias_ones,
     narrow_transforms,
+    segment_ranks,
     split_bias,
     tile_index,
 )
@@ -54,7 +55,7 @@ from pallas_kernels.forward import (
 __all__ = ["BackwardConfig", "default_config", "flash_backward"]
 
 LOG2E = math.log2(math.e)
-# Codes of the int32 visibility vectors (user segment ids must be larger than these).
+# Codes of the int32 visibility vectors; segment ids enter as dense ranks >= 0 (see _codes).
 Q_INVALID = -(2**31)  # query row beyond q_lengths (or padding): sees nothing
 K_INVALID = -(2**31) + 1  # key beyond kv_lengths (or padding): seen by nobody
 K_REGISTER = -(2**31) + 2  # register key: seen by every valid query
@@ -944,17 +945,25 @@ def _launch(st, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, in
 
 
 def _codes(mask: MaskSpec, B, T, S, Tp, Sp, R):
-    """int32 visibility codes ``[B, Tp]`` (queries) and ``[B, Sp]`` (keys incl. registers)."""
+    """int32 visibility codes ``[B, Tp]`` (queries) and ``[B, Sp]`` (keys incl. registers).
+
+    ``mask``'s segment ids must be the forward's dense ranks
+    (:func:`~pallas_kernels.forward.segment_ranks`, in ``[0, T + S)``, as :func:`flash_backward`
+    passes them), never raw ids: a raw id could equal one of the markers (``Q_INVALID``,
+    ``K_INVALID``, ``K_REGISTER``, all below ``-2**30``) or, for int64 ids cast to int32, wrap onto
+    another segment's id (0 and ``2**32``), and the backward would then see other keys than the
+    forward did.
+    """
     i = jnp.arange(Tp)[None, :]
-    qcode = (jnp.zeros((B, Tp), jnp.int32) if mask.q_segment_ids is None
-             else _pad_axis(mask.q_segment_ids.astype(jnp.int32), 1, Tp))
+    q_rank, k_rank = mask.q_segment_ids, mask.kv_segment_ids
+    qcode = (jnp.zeros((B, Tp), jnp.int32) if q_rank is None else _pad_axis(q_rank, 1, Tp))
     valid_q = i < T
     if mask.q_lengths is not None:
         valid_q = valid_q & (i < mask.q_lengths.astype(jnp.int32)[:, None])
     qcode = jnp.where(valid_q, qcode, Q_INVALID)
     pos = jnp.arange(Sp - R)[None, :]
-    kcode = (jnp.zeros((B, Sp - R), jnp.int32) if mask.kv_segment_ids is None
-             else _pad_axis(mask.kv_segment_ids.astype(jnp.int32), 1, Sp - R))
+    kcode = (jnp.zeros((B, Sp - R), jnp.int32) if k_rank is None
+             else _pad_axis(k_rank, 1, Sp - R))
     valid_k = pos < S - R
     if mask.kv_lengths is not None:
         valid_k = valid_k & (pos < mask.kv_lengths.astype(jnp.int32)[:, None])
@@ -1104,6 +1113,11 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     lse = lse.astype(jnp.float32)
     query_scale = None if query_scale is None else query_scale.astype(jnp.float32)
     key_bias = None if key_bias is None else key_bias.astype(jnp.float32)
+    if mask.q_segment_ids is not None:
+        # the forward's dense ranks, formed before the int32 cast below: int64 ids cast to int32
+        # would wrap (2**32 onto 0), raw int32 ids could equal _codes's markers
+        q_rank, k_rank = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
+        mask = dataclasses.replace(mask, q_segment_ids=q_rank, kv_segment_ids=k_rank)
     mask = jax.tree.map(lambda x: x.astype(jnp.int32), mask)
     with _interpret_context(st.interpret), jax.enable_x64(False):
         return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,

@@ -869,7 +869,10 @@ def segment_ranks(q_segment_ids, kv_segment_ids):
       ``(q_ranks [B, T], kv_ranks [B, S])`` int32.
     """
     T = q_segment_ids.shape[1]
-    both = jnp.concatenate([q_segment_ids, kv_segment_ids.astype(q_segment_ids.dtype)], axis=1)
+    # One common type wide enough for both: casting kv ids to q's type would wrap int64 ids
+    # onto int32 ones (2**32 onto 0) and make different segments equal.
+    common = jnp.promote_types(q_segment_ids.dtype, kv_segment_ids.dtype)
+    both = jnp.concatenate([q_segment_ids.astype(common), kv_segment_ids.astype(common)], axis=1)
     ranks = jax.vmap(lambda x: jnp.searchsorted(jnp.sort(x), x, side="left"))(both)
     ranks = ranks.astype(jnp.int32)
     return ranks[:, :T], ranks[:, T:]

@@ -371,3 +371,43 @@ def test_traced_s_under_vmap():
         ref = jaxattn.attention(*_f32((q, k, v)), variant=variants.ScalableSoftmax(s),
                                 implementation="xla")
         np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
+
+
+
+def test_extreme_segment_ids_gradients_match_xla():
+    """Segment ids at int32's extremes or past it: the kernels' forward and gradients see the
+    segments the ids define (equal ids, nothing else), as the reference does. One row per hazard
+    (int32 query ids, int64 key ids: the two dtypes differ on purpose):
+
+    0. every id at int32's minimum (the backward's ``Q_INVALID`` marker as a raw id);
+    1. a second segment whose id is the backward's ``K_REGISTER`` marker (a key every query sees);
+    2. key ids ``2**32`` and ``2**32 + 1``, equal modulo 2**32 to the query ids 0 and 1 but to no
+       query id (queries of those segments see no key).
+    """
+    i32_min = -(2**31)
+    Bs = 3
+    half_q, half_k = np.arange(T) >= T // 2, np.arange(S) >= S // 2
+    quarter_k = np.arange(S) >= S // 4
+    q_ids = np.stack([np.full(T, i32_min), np.where(half_q, i32_min + 2, 0),
+                      np.where(half_q, 1, 0)]).astype(np.int32)
+    kv_ids = np.stack([np.full(S, i32_min), np.where(half_k, i32_min + 2, 0),
+                       np.where(half_k, 2**32 + 1, np.where(quarter_k, 2**32, 0))]).astype(np.int64)
+    ks = jax.random.split(jax.random.key(12), 3)
+    q = jax.random.normal(ks[0], (Bs, T, N, H), jnp.float32).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (Bs, S, K, H), jnp.float32).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (Bs, S, K, H), jnp.float32).astype(jnp.bfloat16)
+    cot = jnp.cos(jnp.arange(H, dtype=jnp.float32))[None, None, None, :]
+
+    def loss(q, k, v, impl):
+        out = jaxattn.attention(q, k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
+                                implementation=impl)
+        return jnp.sum(out.astype(jnp.float32) * cot)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnames="impl")
+    got = _ready(grad(q, k, v, impl="pallas"))
+    want = grad(*_f32((q, k, v)), impl="xla")
+    for label, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), label
+        row_err = np.abs(a - b).reshape(Bs, -1).max(1) / np.abs(b).max()
+        assert np.all(row_err <= GRAD_RTOL), (label, row_err)

@@ -265,6 +265,18 @@ def test_segment_ranks_preserve_equality(q, kv):
     assert np.all(np.asarray(rq) < len(q) + len(kv)) and np.all(np.asarray(rq) >= 0)
 
 
+@pytest.mark.parametrize("q_dtype", [np.int32, np.int64])
+def test_segment_ranks_mixed_and_wide_ids(q_dtype):
+    """int64 key ids equal modulo 2**32 to query ids (int32 or int64 queries): equal ranks
+    exactly where the ids are equal (neither side cast to a narrower type)."""
+    q = np.array([[0, 1, -(2**31), 5]], q_dtype)
+    kv = np.array([[2**32, 1, -(2**31), 2**32 + 1, 0, 2**32 + 5]], np.int64)
+    rq, rk = segment_ranks(jnp.asarray(q), jnp.asarray(kv))
+    assert rq.dtype == rk.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(rq)[0][:, None] == np.asarray(rk)[0][None, :],
+                                  q[0][:, None] == kv[0][None, :])
+
+
 @hypothesis.settings(deadline=None, max_examples=4)
 @hypothesis.given(seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([jnp.bfloat16, jnp.float16]),
                   causal=st.booleans(), use_c=st.booleans(), use_b=st.booleans(),
