@@ -6,8 +6,7 @@ cells meet it. The cells are those of the issue: N >= 4096, D in {64, 128}, caus
 are same-process speed ratios (:func:`benchmarks.attention.speed_ratio`: the median of per-round
 ratios where the rows carry them).
 
-  PYTHONPATH=. python3 benchmarks/targets.py benchmarks/results/h200-fwd-20261130g.json \\
-      benchmarks/results/h200-fwdbwd-20261130g.json
+  python3 -m benchmarks targets out/bench/h200-fwd-X.json out/bench/h200-fwdbwd-X.json
 """
 
 import argparse

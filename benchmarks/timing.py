@@ -12,7 +12,7 @@ clock and thermal state, so their ratios are what the benchmarks report.
 Each timed batch follows an untimed settling batch of the same call (``settle_s``): the GPU's clocks
 follow its power draw within milliseconds, so a batch timed right after a low-power candidate (a
 slow peer) starts on boosted clocks. Without it the candidate after the slowest ones in the round
-order -- our softmax, first in the sweeps -- was favoured: on the H200 (2026-11-30) softmax
+order -- our softmax, first in the sweeps -- was favoured: on the H200 softmax
 forward+backward at D = 128, N = 4096 ran at 535 TFLOP/s in the 8-column sweep and at 486 in a
 5-column run of the same code (the variants: 439-495 and 448-474).
 
@@ -111,7 +111,7 @@ def paired_ratio(num, den):
 def warm_device(seconds=3.0, n=4096):
     """Back-to-back bf16 matmuls for ``seconds`` before the first measurement of a process.
 
-    In two sweeps (2026-11-30) the first cell a process timed ran ~25 % slow for every
+    In two H200 sweeps the first cell a process timed ran ~25 % slow for every
     implementation, cuDNN included, and the later cells did not: the per-cell warm-up of
     :func:`compare` is not enough for a cold device."""
     x = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.bfloat16)

@@ -173,7 +173,7 @@ def check_case(case, seed=0, flip_mma_bias=False, overrides=None, stats_override
     T = q.shape[1]
     rows = np.sort(np.random.default_rng(seed).choice(T, size=min(ROWS, T), replace=False))
     # The reference runs first: the kernels then start on shared memory that XLA's kernels left
-    # dirty (the removed V-less statistics kernel failed only after such work, NOTES.md).
+    # dirty (a statistics kernel without any V pipeline failed only after such work; docs/kernels.md).
     r_out, r_lse, r_ent, r_mw = reference_rows(q, k, v, rows, a=float(a), c=c, b=b, spec=spec)
     jax.block_until_ready(r_out)
     _poison()

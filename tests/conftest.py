@@ -21,7 +21,7 @@ import hypothesis
 import jax
 
 # The Mosaic GPU interpreter simulates each warpgroup with a thread; with too few CPU devices its
-# thread pool can deadlock on a 2-core machine (pallas_kernels/NOTES_backward.md).
+# thread pool can deadlock on a 2-core machine (docs/kernels.md, "Pallas on Hopper").
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -5,7 +5,7 @@ callbacks: with a CPU thread pool smaller than the number of threads blocked at 
 on the 2-core box). ``tests/conftest.py`` starts the backend with 8 CPU devices, which is enough;
 ``pytestmark = needs_interpreter_threads`` skips a module (instead of hanging) if that did not happen.
 
-A second deadlock (``pallas_kernels/NOTES.md``, "Interpreter note"): an eager XLA op queued on the CPU
+A second deadlock (``docs/kernels.md``, "Pallas on Hopper"): an eager XLA op queued on the CPU
 device while an interpreted kernel runs waits behind the kernel, whose simulated threads wait for their
 own ops behind it. Test code blocks on each kernel's result (:func:`blocking`) before queueing more.
 """

@@ -76,8 +76,8 @@ def test_default_kernels_fit_smem(reduction_scratch, D, flags, causal):
 
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_signed_scale_row_flip_lowers(reduction_scratch, D):
-    """A per-query scale without the nonnegative promise: the folding defaults (D = 256 since the
-    fourteenth session) negate Q's rows in shared memory (row_flip); forward and sweep lower for
+    """A per-query scale without the nonnegative promise: the folding defaults (D = 64, 128, and 256
+    with ``c``) negate Q's rows in shared memory (row_flip); forward and sweep lower for
     sm90 and fit SMEM."""
     x, row = _operands(D)
     q = jnp.ones(x.shape, x.dtype)
