@@ -36,6 +36,7 @@ __all__ = [
     "proposition_3_1",
     "adaptive_entropy",
     "adaptive_argmax",
+    "adaptive_argmax_weight",
     "adaptive_beta",
     "adaptive_beta_sup",
     "adaptive_dispersion",
@@ -290,7 +291,8 @@ def adaptive_entropy(logits, variant=None):
 def adaptive_argmax(logits, variant=None):
     """Adaptive temperature keeps the argmax: ``argmax softmax(beta s) = argmax s``.
 
-    Checked by ``test_adaptive_keeps_argmax``.
+    Compares first indices, so a row whose weights tie exactly where its logits do not differs
+    here without breaking the claim; :func:`adaptive_argmax_weight` is the tie-aware check.
 
     Returns:
       :class:`Sides` ``(argmax of adaptive weights, argmax of the logits)`` (int arrays).
@@ -299,6 +301,25 @@ def adaptive_argmax(logits, variant=None):
     rows, lead = _float_rows(logits)
     p = weights_of_logits(rows, variant)
     return Sides(jnp.argmax(p, axis=-1).reshape(lead), jnp.argmax(rows, axis=-1).reshape(lead))
+
+
+def adaptive_argmax_weight(logits, variant=None):
+    """The adaptive weight at the logits' argmax, and the largest adaptive weight.
+
+    The claim of :func:`adaptive_argmax` in a form that allows ties: equal weights are the same
+    maximum, so where weights tie exactly (logits equal, or closer than the weights' rounding)
+    any tied index is a valid argmax, and comparing indices would call such a row a mismatch.
+    The argmax is kept iff ``value == bound`` in every row. Checked by
+    ``test_adaptive_keeps_argmax``.
+
+    Returns:
+      :class:`Sides` ``(p at argmax s, max_k p_k)``, each ``[...]``.
+    """
+    variant = variants.AdaptiveTemperature() if variant is None else variant
+    rows, lead = _float_rows(logits)
+    p = weights_of_logits(rows, variant)
+    at_top = jnp.take_along_axis(p, jnp.argmax(rows, axis=-1)[:, None], axis=-1)[:, 0]
+    return Sides(at_top.reshape(lead), jnp.max(p, axis=-1).reshape(lead))
 
 
 def adaptive_beta(logits, variant=None):
