@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels import tuning
 from pallas_kernels.common import MaskSpec, has_codes, is_masked
 from pallas_kernels.forward import (
     MMA_BIAS_TERMS,
@@ -86,7 +87,7 @@ class BackwardConfig:
       mma_db: with a bfloat16 key bias, the dkv kernel sums ``db_j = sum_i c_i dZ_ij`` with a
         wgmma of the 16-bit ``c dZ`` tile it forms for dk against a ``[block_q, 16]`` tile of
         ones (column 0 kept) instead of a per-logit float32 row sum. ``db`` then carries dk's
-        rounding of ``dZ`` (bf16) instead of float32 sums. On at D = 64 (see :data:`_DEFAULTS`).
+        rounding of ``dZ`` (bf16) instead of float32 sums. On at D = 64 (:mod:`pallas_kernels.tuning`).
       overlap: issue each tile's second and third wgmma before the register math that does not
         feed them and wait after it, so the softmax runs while the tensor cores form ``dP`` and the
         ``dc`` / ``db`` sums (and, in the dkv kernel, ``dZ``) while they accumulate dq / dv / dk.
@@ -104,7 +105,7 @@ class BackwardConfig:
         from the 16-bit output): dc relative error ~3e-3 in bf16 (``H_i`` the row's entropy).
         Rows with ``c_i <= 0`` (or no visible key) are not centered. Off: on the H200 it made
         the dq kernel 5-8 % faster in three of four cells, but dc's error reached 9.9e-3 at
-        N = 16384 (``H_i`` grows with N; ``pallas_kernels/NOTES.md``, tenth session).
+        N = 16384 (``H_i`` grows with N; ``docs/kernels.md``).
       dkv_split: run the dkv kernel as two: one sums dv (recomputing ``P``), one dk and db
         (recomputing ``P`` and ``dP``), so each holds one ``[block_kv_dkv, D]`` float32
         accumulator instead of two: at D = 256 the two take 256 registers a thread and spill
@@ -113,7 +114,7 @@ class BackwardConfig:
       dq_heavy_first: with a causal mask, the dq kernel launches each head's query tiles that see
         the most keys first (``BlockSizes.heavy_first``; the dkv kernel's causal order, first key
         tiles first, already is). On by default: 1-10 % faster causal dq kernels on the H200
-        (eleventh session; D = 128 N = 16384 with ``c``: 3.43 -> 3.07 ms).
+        (D = 128 N = 16384 with ``c``: 3.43 -> 3.07 ms).
     """
 
     block_q_dq: int = 64
@@ -148,65 +149,16 @@ class BackwardConfig:
                 raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
-# Defaults per (padded) head dim and whether there is a per-query scale ``c``; SMEM per CTA stays
-# under the H100's 227 KiB. Chosen from `python benchmarks/kernels.py` on the H100 (jax 0.11.2,
-# bf16, H = 16, B = 4, N = 4096; benchmarks/results/h100-kernels-20261123c.json, ms per kernel):
-# * dkv_edge_masks: the dkv kernel, causal, D = 128: 1.250 -> 1.219 (plain), 1.398 -> 1.229 (c);
-#   D = 64: 0.724 -> 0.704, 0.840 -> 0.769; with a key bias 1.224 -> 1.249 (the one loss, 2 %).
-# * the dq kernel keeps full masks: edge masks cost it 6-13 % at D = 64 causal (0.581 -> 0.658).
-# * block_kv_dq = 64 with ``c`` at D = 128: ptxas spills 240 bytes in the 128-key dq kernel;
-#   causal 1.538 -> 1.140 ms, non-causal 1.852 -> 1.886. At D = 64 the 128-key tile stays (1.107
-#   vs 1.299 non-causal), and without ``c`` too (a key bias: 1.594 vs 1.730).
-# * H200, this code (2026-11-30, benchmarks/results/h200-kernels-d128-dq-tiles-20261130.json),
-#   D = 128 with ``c``: without a mask the 128-key dq tile wins (1.968 -> 1.698 ms); causal it
-#   still loses (1.160 -> 1.430). So the 64-key tile is kept only where masks exist
-#   (:func:`default_config`'s ``masked``).
-# * mma_bias (fifth session, H200, N = 4096, a key bias; benchmarks/results/
-#   h200-kernels-mma-20261130.json, ms with / without): D = 64 dq 0.905 / 0.955, dkv 1.308 / 1.432;
-#   causal dq 0.592 / 0.632, dkv 0.773 / 0.862; D = 128 dq 1.489 / 1.579, dkv 2.027 / 2.252;
-#   causal dq 1.041 / 1.020, dkv 1.218 / 1.219. On at D = 64 / 128 (ignored without a bias).
-# * mma_db (sixth session, H200, N = 4096, a key bias, mma_bias on; benchmarks/results/
-#   h200-kernels-mmadb-20261130.json, dkv ms with / without): D = 64 1.318 / 1.367, causal
-#   0.782 / 0.785; D = 128 2.100 / 2.077, causal 1.294 / 1.220. On at D = 64 only. GPU check
-#   with it: db rel err 1.9e-3 (rbf_causal_gqa_d64; 5.7e-4 with float32 sums).
-# * overlap (seventh session, H200, N = 4096, `kernels.py --no-forward --flags plain,c,b`,
-#   benchmarks/results/h200-kernels-overlap-20261130.json), ms default / overlap, non-causal and
-#   causal: dkv D = 64 plain 1.193 / 1.119, 0.702 / 0.665; c 1.275 / 1.210, 0.730 / 0.709; b
-#   1.339 / 1.231, 0.780 / 0.726; D = 128 plain 2.006 / 1.950, 1.189 / 1.129; c 2.070 / 2.023,
-#   1.214 / 1.172; b 2.115 / 2.043, 1.227 / 1.200. The dq kernel is unchanged by it (within
-#   +-1.5 %: D = 64 c 1.043 / 1.040, D = 128 c 1.806 / 1.808). On at D = 64 and 128.
-# * dc_mma (seventh session, H200, N = 4096, `kernels.py --no-forward --flags c --bwd-configs
-#   default,nodcmma`, benchmarks/results/h200-kernels-dcmma-20261130.json), dq ms with / without:
-#   D = 64 0.999 / 1.018, causal 0.712 / 0.767; D = 128 (128-key tiles) 1.657 / 1.766; D = 128
-#   causal (64-key tiles) 1.134 / 1.110, the one loss: off there. (dq without dc at all: 0.894,
-#   0.580, 1.477, 1.082.) GPU check with it: dc rel err 1.4e-3 to 1.6e-3 (was ~1e-6), dq/dk/dv
-#   unchanged.
-# * ninth session (H200, N = 4096, D = 128 causal, ``c`` without dc, h200-kernels-nodc-20261130f.json):
-#   the dq kernel without the dc sums keeps the 128-key tile: 0.865 (64-key) -> 0.734 ms
-#   (``default_config``'s ``query_scale_grad``: a constant SSMax ``s``, a stopped beta).
-# * compute_wgs = 3 loses everywhere (h200-kernels-wgs3-fixedmax-20261130.json: dq D = 64 c
-#   1.067 -> 2.881 ms, dkv 1.261 -> 1.967; D = 128 dq over the SMEM limit).
-# * D = 256 (eleventh session, H200, N = 4096, softmax, `kernels.py --no-forward --dims 256`,
-#   benchmarks/results/h200-kernels-d256-20261130j.json), ms non-causal / causal: dq 3.014 / 1.710
-#   (456 / 402 TFLOP/s), the fused dkv kernel 11.922 / 7.365 (115 / 93 TFLOP/s: dk and dv, two
-#   [64, 256] float32 accumulators, are 256 registers a thread): dkv_split on at D = 256.
-_DEFAULTS = {
-    (64, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                                mma_db=True, overlap=True, dc_mma=True),
-    (64, True): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                               mma_db=True, overlap=True, dc_mma=True),
-    (128, False): BackwardConfig(64, 128, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                                 overlap=True, dc_mma=True),
-    (128, True): BackwardConfig(64, 64, 64, 64, 2, 2, dkv_edge_masks=True, mma_bias=True,
-                                overlap=True),
-    (256, False): BackwardConfig(64, 64, 64, 64, 1, 2, dkv_split=True),
-    (256, True): BackwardConfig(64, 64, 64, 64, 1, 2, dkv_split=True),
-}
+# The tuned configs are data: pallas_kernels.tuning holds one table per device kind (the
+# measurements behind each entry: docs/kernels.md); SMEM per CTA stays under sm90's 227 KiB.
 
 
 def default_config(head_dim: int, query_scale: bool = False, masked: bool = True,
-                   query_scale_grad: bool = True) -> BackwardConfig:
+                   query_scale_grad: bool = True, *, device_kind: str | None = None) -> BackwardConfig:
     """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256).
+
+    Read from the device's table in :mod:`pallas_kernels.tuning` (``device_kind`` None: the first
+    JAX device's).
 
     Args:
       head_dim: the larger of the qk and v head dims.
@@ -216,11 +168,13 @@ def default_config(head_dim: int, query_scale: bool = False, masked: bool = True
         live registers).
       query_scale_grad: whether the dq kernel sums ``dc`` (``flash_backward``'s
         ``query_scale_grad``); without the sums the masked D = 128 dq kernel keeps 128-key tiles.
+      device_kind: the ``jax.Device.device_kind`` whose table to read.
     """
     D = _padded_dim(head_dim)
-    if D == 128 and query_scale and (not masked or not query_scale_grad):
-        return _DEFAULTS[(128, False)]
-    return _DEFAULTS[(D, bool(query_scale))]
+    case = "plain"
+    if query_scale:
+        case = "c_masked_dc" if masked and query_scale_grad else "c"
+    return BackwardConfig(**tuning.lookup("backward", D, case, device_kind))
 
 
 def _padded_dim(d: int) -> int:

@@ -54,6 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import tuning
 from pallas_kernels.common import MaskSpec, is_masked
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "default_stats_block_sizes",
@@ -102,8 +103,9 @@ class BlockSizes:
         per-query scale of unknown sign is folded as ``|r_i|`` with row ``i`` of the Q tile
         negated in shared memory where ``r_i < 0`` (once per tile, exact), unless the caller
         declares it nonnegative. Same values up to FMA rounding; one floating-point op fewer per
-        logit. Measured (``benchmarks/attention.py
-        --tune``): +1-7 % at D = 64, -1-4 % at D = 128; see :data:`DEFAULT_BLOCK_SIZES`.
+        logit. Measured (``python3 -m benchmarks tune``): +1-7 % at D = 64 (H100), +2 % at
+        D = 128 (H200; -1-4 % on the H100), +2-3 % at D = 256 with ``c``; see
+        :mod:`pallas_kernels.tuning`.
       mma_bias: with a bfloat16 key bias, add it to the logits on the tensor cores: the bias
         ``b_j / a`` is split into three bfloat16 terms ``t1 + t2 + t3`` (exact: 3 x 8 bits,
         :func:`split_bias`) and a second wgmma of one k-step accumulates
@@ -122,21 +124,20 @@ class BlockSizes:
         and then ``O += P_{j-1} V_{j-1}`` (``P`` carried as 16-bit registers, its V slot released
         one step late), reads ``S_j`` once the older group is done and runs the softmax while the
         tensor cores do the PV product; one PV follows the loop. Needs ``pingpong=False``; the
-        statistics sweep (no P @ V) ignores it. GPU-checked; slower than the ping-pong on the
-        H200 (``pallas_kernels/NOTES.md``, eighth session), so off by default.
+        statistics sweep (no P @ V) ignores it. GPU-checked; it loses to the ping-pong or ties
+        on the H200 (D = 64: 0.652 -> 0.818 ms; ``docs/kernels.md``), so off by default.
       sweep_skips_v: the statistics sweep (:func:`flash_stats`, no P @ V) neither streams V nor
         keeps SMEM for it: half the K/V traffic from L2 (the V tiles are the K tiles there). Off:
-        it streams and waits on V like the forward. The forward ignores it. The second
-        session's V-less sweep gave wrong statistics on the GPU (``pallas_kernels/NOTES.md``, "The
-        statistics sweep"); this one passes the GPU check (tenth session) and is on in
-        :func:`default_stats_block_sizes` at D = 64 and 128.
+        it streams and waits on V like the forward. The forward ignores it. An earlier kernel
+        without any V pipeline gave wrong statistics on the GPU after other XLA work; this one keeps
+        the forward's pipeline minus V, passes the GPU check (XLA work before every kernel) and is
+        on in :func:`default_stats_block_sizes` at D = 64, 128 and 256 (``docs/kernels.md``).
       heavy_first: with a causal mask, launch each head's query tiles that see the most keys
         (the last rows) first, as FlashAttention-3's scheduler does, so short tiles end the launch
         instead of the longest ones. The same tiles in another order (heads stay the slowest
         axis, for K/V reuse in L2); no effect without a causal mask. On by default: on the H200
-        (eleventh session, ``benchmarks/results/h200-kernels-heavy-20261130j.json``) it made the
-        causal forward 2-8 % and the statistics sweep 5-8 % faster at D = 64 / 128, N = 4096 /
-        16384; off launches each head's query tiles in ascending order.
+        it made the causal forward 2-8 % and the statistics sweep 5-8 % faster at D = 64 / 128,
+        N = 4096 / 16384; off launches each head's query tiles in ascending order.
     """
 
     block_q: int = 64
@@ -171,154 +172,49 @@ class BlockSizes:
             raise ValueError("intra_overlap needs pingpong=False (the two schedules are not combined)")
 
 
-# Per padded head dim. Shared memory: Q 2*block_q*D + K/V 2*steps*block_kv*D (2 bytes each) must fit
-# in 227 KiB. First chosen as jax's attention_mgpu benchmark does (largest block_kv that fits, 2
-# stages); D = 64 re-chosen from the forward sweep `benchmarks/attention.py --tune` on the H100
-# (jax 0.11.2, bf16, H = 16, B = 4, N = 4096; benchmarks/results/h100-tune-20261123c.json), TFLOP/s
-# non-causal / causal, without / with an RBF key bias:
-#   D = 64:  256 x 2 (first default) 420 / 345, bias 363 / 271;
-#            256 x 3 + fold_scale    442 / 367, bias 359 / 282   <- chosen;
-#            128 x 2 + fold 418 / 353; 64-key tiles <= 348 / 315.
-#   D = 128: 128 x 2 579 / 511, bias 493 / 424 (kept); + fold_scale 558 / 506 (slower);
-#            64-key tiles, 2-4 stages: <= 472 / 432.
-# D = 192 / 256: 64-key tiles, 2 stages (at D = 256 nothing larger fits; swept below). With
-# these tiles the D = 256 softmax forward ran at 0.94-0.96x cuDNN at N = 4096 / 16384 (H200, eleventh session,
-# benchmarks/results/h200-grid-d256-fwd-20261130j.json; tokamax 0.98-1.15x).
-# D = 128 on the H200 (2026-11-30, eighth session): fold_scale now wins, in two runs of one call --
-# `kernels.py` (h200-kernels-fwd-overlap-20261130e.json), ms without / with fold, N = 4096, non-causal
-# / causal: plain 1.040 / 1.013, 0.569 / 0.558; c 1.013 / 0.988, 0.549 / 0.539; and `attention.py
-# --tune` (h200-tune-d128-20261130e.json) 540 / 553 TFLOP/s at N = 4096, 573 / 586 at N = 16384
-# -> fold_scale on at D = 128.
-# Ninth session (h200-tune-d128-20261130f.json, TFLOP/s with fold, plain / c; they fit SMEM since
-# the reduction scratch is gone): 192-key tiles N = 4096 526 / 523 (128 x 2: 559 / 556), causal
-# 375 / 376 (508 / 494); N = 16384 598 / 605 (585 / 584), causal 530 / 527 (567 / 556); 3 stages of
-# 128 keys 555 / 546, 489 / 479, 574 / 573, 551 / 543. 128 x 2 stays (192 gains 2-4 % only at
-# N = 16384 without a mask, where S is not a multiple of 192 either).
-DEFAULT_BLOCK_SIZES = {
-    64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=3, fold_scale=True),
-    128: BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True),
-    192: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
-    256: BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2),
-}
+# The tuned tiles are data: pallas_kernels.tuning holds one table per device kind (the measurements
+# behind each entry: docs/kernels.md). Shared memory: Q 2*block_q*D + K/V 2*steps*block_kv*D
+# (2 bytes each) must fit in 227 KiB, so D = 192 / 256 take 64-key tiles of 2 stages.
+DEFAULT_BLOCK_SIZES = {D: BlockSizes(**entry) for (D, case), entry in tuning.SM90["forward"].items()
+                       if case == "plain"}  # the sm90 table's per-head-dim defaults (no c, no b)
 
-# D = 64 with a per-query scale: 256-key tiles spill (ptxas, causal forward: 276 bytes; 168
-# registers). `benchmarks/attention.py --tune --tune-flags plain,c,b` on the H200 (2026-11-30,
-# N = 4096, B = 4, H = 16; benchmarks/results/h200-tune-d64-flags-20261130.json), TFLOP/s
-# non-causal / causal:
-#   c: 256 x 3 + fold 420 / 297; 128 x 2 + fold 413 / 353   <- chosen;  128 x 3 + fold 368 / 329
-# With a key bias (RBF), `mma_bias` (the bias added by a second wgmma, fifth session; H200,
-# benchmarks/results/h200-tune-mma-20261130.json, same problem, TFLOP/s non-causal / causal):
-#   D = 64:  strip 128 x 3 + fold (the old default) 341 / 311, best strip 256 x 2 + fold 370 / 276;
-#            mma 256 x 2 + fold 415 / 334   <- chosen;  mma 128 x 2 + fold 393 / 339;
-#            mma 128 x 3 + fold 365 / 313.
-#   D = 128: strip 128 x 2 482 / 423 (old default), + fold 491 / 435;
-#            mma 128 x 2 + fold 538 / 484   <- chosen;  mma 128 x 2 540 / 472.
-# D = 192 / 256 keep the strip (mma_bias not timed there).
-_D64_WITH_SCALE = BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True)
-# Given the exact row max (adaptive temperature's main sweep, `flash_forward(row_max=)`), with c
-# at D = 64, ms (H200, 2026-11-30, N = 4096, `kernels.py --flags c`, two runs:
-# benchmarks/results/h200-kernels-wgs3-fixedmax-20261130.json, h200-kernels-stats-c-20261130.json):
-# 128-key tiles 0.629 / 0.615,
-# 256-key 0.579 / 0.579 <- chosen without a mask; causal 128-key 0.334 / 0.333 <- kept,
-# 256-key 0.376 / 0.377.
-_D64_FIXED_MAX = dataclasses.replace(_D64_WITH_SCALE, block_kv=256)
-# D = 64 causal with few keys, no c / b (H200, 2026-12-04, `attention.py --tune --tune-flags plain`,
-# B * N = 16384, H = 16; benchmarks/results/h200-tune-n1024-20261204a.json and
-# h200-tune-d64-short-20261204a.json), TFLOP/s 256 x 3 + fold (the default) / 128 x 2 + fold:
-# N = 1024 220 / 254 (then 0.77x cuDNN), N = 2048 304 / 312; N = 4096 (H100, above) 367 / 353.
-# Non-causal keeps 256 x 3 (N = 1024 352 / 344, N = 2048 400 / 384). With c the 128-key tiles are
-# already the default; with b (mma_bias) short sequences are not timed.
-_D64_SHORT_CAUSAL_KEYS = 2048
-# D = 256 with a per-query scale (H200, 2026-12-04, `attention.py --tune --dims 256 --tune-flags
-# plain,c,b`, N = 4096, B = 4, H = 16; benchmarks/results/h200-tune-d256-20261204b.json; 128-key
-# tiles and 3 stages do not fit SMEM), 64 x 2, TFLOP/s without / with fold_scale, non-causal /
-# causal: plain 585 / 575, 568 / 556 (kept); c 554 / 573, 523 / 533 <- fold with c; b 556 / 551,
-# 525 / 527 (kept). GPU check case 16 (`signed c D256`) PASS, out 2.06e-3 (h200-check-20261204c.log).
-_D256_WITH_SCALE = dataclasses.replace(DEFAULT_BLOCK_SIZES[256], fold_scale=True)
-_WITH_BIAS = {
-    64: BlockSizes(block_q=64, block_kv=256, max_concurrent_steps=2, fold_scale=True,
-                   mma_bias=True),
-    128: BlockSizes(block_q=64, block_kv=128, max_concurrent_steps=2, fold_scale=True,
-                    mma_bias=True),
-}
+
+def _forward_case(query_scale, key_bias, fixed_max, masked, causal_keys, short_causal_keys):
+    """The :mod:`~pallas_kernels.tuning` case of a forward problem."""
+    if key_bias:
+        return "cb" if query_scale else "b"
+    if query_scale:
+        return "c_row_max" if fixed_max and not masked else "c"
+    return "short_causal" if 0 < causal_keys <= short_causal_keys else "plain"
 
 
 def default_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False, *,
-                        fixed_max: bool = False, masked: bool = True, causal_keys: int = 0):
+                        fixed_max: bool = False, masked: bool = True, causal_keys: int = 0,
+                        device_kind: str | None = None):
     """The tuned :class:`BlockSizes` for a padded head dim and the problem's per-row / per-key terms.
 
-    :data:`DEFAULT_BLOCK_SIZES` by head dim, except: at D = 64 with a per-query scale smaller key
+    Read from the device's table in :mod:`pallas_kernels.tuning` (``device_kind`` None: the first
+    JAX device's). Per head dim, with these exceptions: at D = 64 with a per-query scale smaller key
     tiles (no register spills), unless the forward is given the row max (``fixed_max``, no online
     max: fewer live registers) and no mask hides keys; at D = 64 and 128 with a key bias,
     ``mma_bias`` (and the tiles tuned for it; with both, the per-query scale's tiles plus
     ``mma_bias``); at D = 256 with a per-query scale (no bias) ``fold_scale``; at D = 64 with
-    neither and a causal mask over ``causal_keys`` <= 2048 keys
-    (0: not causal), the 128-key tiles. See the table above.
+    neither and a causal mask over ``causal_keys`` <= 2048 keys (0: not causal), the 128-key tiles.
     """
-    if head_dim == 64 and not (query_scale or key_bias) and 0 < causal_keys <= _D64_SHORT_CAUSAL_KEYS:
-        return _D64_WITH_SCALE
-    if head_dim == 64 and query_scale:
-        if key_bias:
-            return dataclasses.replace(_D64_WITH_SCALE, mma_bias=True)
-        return _D64_FIXED_MAX if fixed_max and not masked else _D64_WITH_SCALE
-    if head_dim == 256 and query_scale and not key_bias:
-        return _D256_WITH_SCALE
-    if key_bias and head_dim in _WITH_BIAS:
-        return _WITH_BIAS[head_dim]
-    return DEFAULT_BLOCK_SIZES[head_dim]
+    short = tuning.table(device_kind)["forward_short_causal_keys"]
+    case = _forward_case(query_scale, key_bias, fixed_max, masked, causal_keys, short)
+    return BlockSizes(**tuning.lookup("forward", head_dim, case, device_kind))
 
 
-# The statistics sweep (flash_stats): without P @ V the ping-pong schedule only serializes the
-# warpgroups' softmaxes; free-running warpgroups, more of them, win. H200 (2026-11-30, N = 4096,
-# B = 4, H = 16, no c / b; benchmarks/results/h200-stats-sweep-20261130.json and
-# h200-stats-sweep-4wg-20261130.json, `kernels.py --stats-configs`), ms non-causal / causal
-# (the forward: D = 64 0.612 / 0.374, D = 128 0.952 / 0.511):
-#   D = 64:  ping-pong 256 x 3 (the forward's) 0.539 / 0.325; 2 free 0.521 / 0.318;
-#            3 free 128 x 2 0.522 / 0.331; 3 free 64 x 3 0.670 / 0.394;
-#            4 free 128 x 2 0.446 (forward 0.619 in that run)   <- chosen; 4 free 64 x 3 0.541.
-#   D = 128: ping-pong 128 x 2 0.791 / 0.442; 2 free 0.765 / 0.454; 3 free 128 x 2 0.721 / 0.437
-#            <- chosen; 3 free 64 x 3 0.784 / 0.474. (4 warpgroups not timed at D = 128.)
-# A later run (h200-kernels-fixedmax-20261130.json, the chosen layouts): D = 64 0.455 / 0.274
-# (c: 0.484 / 0.285), D = 128 0.789 / n.a. (c: 0.760 / 0.473) with the forward at 0.962 there: the
-# D = 128 gain did not repeat (run-to-run spread ~9 %); re-time 2 vs 3 free warpgroups there.
-# D = 192 / 256 keep the forward's tiles and schedule (not timed).
-# Eighth session (H200, N = 4096, D = 128 with c, `kernels.py --no-forward --flags c
-# --stats-configs default,free2,free3,free3kv64,pp`, h200-kernels-stats-d128-20261130e.json), ms
-# non-causal / causal: 3 free (default) 0.745 / 0.462, again 0.733 / 0.454; 2 free 0.781 / 0.436;
-# 3 free 64-key 0.813 / 0.500; the forward's ping-pong 0.779 / 0.427. With the run above (causal
-# ping-pong 0.442, 3 free 0.437): causal at D = 128 takes the ping-pong layout.
-# ptxas (h200-ptxas-stats-d64-20261130e.log): the 4-warpgroup D = 64 sweep uses 96 registers and
-# spills nothing without a mask, with c or b; with segment ids (causal) it spills 120 bytes.
-# Tenth session (H200, N = 4096 / 16384, B * N = 16384, no c / b; `bash
-# benchmarks/run_next_session.sh`, h200-kernels-stats-20261130h.json): the sweep without its V
-# stream (sweep_skips_v; GPU check cases 1, 2, 4, 7 PASS with it, h200-check-skipv-20261130h.log)
-# frees the SMEM for 4 warpgroups at D = 128. ms, N = 4096 non-causal / causal, N = 16384 the same:
-#   D = 64:  4 free (then default) 0.430 / 0.270, 1.625 / 0.939; without V 0.424 / 0.265,
-#            1.616 / 0.916 <- chosen; 3 free without V 0.501 / 0.316; ping-pong without V 0.519 / 0.315.
-#   D = 128: 3 free / ping-pong causal (then default) 0.644 / 0.389, 2.323 / 1.408; the same without
-#            V 0.640 / 0.384, 2.337 / 1.396; 3 free without V 0.613 / 0.387, 2.223 / 1.233;
-#            4 free without V 0.521 / 0.307, 2.027 / 1.111 <- chosen, causal too; 3 free 3 stages
-#            without V 0.637 / 0.406. (256-key tiles without V failed to compile: "Pass pipeline failed".)
-# D = 256 (H200, 2026-12-04, N = 4096, B = 4, H = 16, `kernels.py --no-forward --dims 256
-# --stats-configs ...`, one process per config; benchmarks/results/h200-kernels-d256-stats-20261204b.json),
-# ms non-causal / causal, plain and c: the forward's ping-pong 64 x 2 (then default) 1.229 / 0.660,
-# 1.179 / 0.635; 2 free 1.192 / 0.640, 1.150 / 0.611; 2 free 128 x 2 without V 1.000 / 0.541,
-# 0.933 / 0.511 <- chosen; 64-key tiles without V (ping-pong or 2 free): an illegal instruction
-# (so _prepare refuses sweep_skips_v with 64-key tiles above D = 128).
-_STATS_LAYOUT = {64: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True),
-                 128: dict(compute_wgs=4, block_kv=128, sweep_skips_v=True),
-                 256: dict(compute_wgs=2, block_kv=128, sweep_skips_v=True)}
-
-
-def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False):
+def default_stats_block_sizes(head_dim: int, query_scale: bool = False, key_bias: bool = False, *,
+                              device_kind: str | None = None):
     """The :class:`BlockSizes` of :func:`flash_stats` (the statistics sweep) for a padded head dim:
-    the forward's (:func:`default_block_sizes`) with free-running warpgroups over 128-key tiles
-    and no V stream at D = 64, 128 (4 warpgroups) and 256 (2), causal or not (the tables above)."""
-    base = default_block_sizes(head_dim, query_scale, key_bias)
-    if head_dim not in _STATS_LAYOUT:
-        return base
-    return dataclasses.replace(base, pingpong=False, max_concurrent_steps=2,
-                               **_STATS_LAYOUT[head_dim])
+    the forward's (:func:`default_block_sizes`) with the table's statistics layout over it
+    (free-running warpgroups over 128-key tiles and no V stream at D = 64, 128 (4 warpgroups) and
+    256 (2), causal or not; D = 192 keeps the forward's)."""
+    base = default_block_sizes(head_dim, query_scale, key_bias, device_kind=device_kind)
+    layout = tuning.table(device_kind)["stats"].get(head_dim)
+    return base if layout is None else dataclasses.replace(base, **layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1042,7 +938,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
                  causal_keys=S if mask.is_causal else 0) if pv else {}
     D, blocks = _blocks(q, v, config, query_scale, key_bias, **extra)
     if not pv and blocks.sweep_skips_v and D > 128 and blocks.block_kv < 128:
-        # H200, 2026-12-04 (h200-kernels-d256-stats-20261204b.json): an illegal instruction at
+        # On the H200 the V-less sweep hit an illegal instruction at
         # D = 256 with 64-key tiles (ping-pong or 2 free warpgroups); 128-key tiles (the default) ran
         raise NotImplementedError(
             f"config: the statistics sweep without V (sweep_skips_v) at head dim {D} needs "
@@ -1181,7 +1077,7 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     Runs the main kernel with ``v = k`` and the P @ V product skipped; with
     ``BlockSizes.sweep_skips_v`` (the default at D = 64 and 128) the V stream is dropped too.
     Its default tiles (:func:`default_stats_block_sizes`) drop the ping-pong schedule and run 4
-    compute warpgroups: ~0.55-0.7 of a forward on the H200 (``pallas_kernels/NOTES.md``).
+    compute warpgroups: ~0.55-0.7 of a forward on the H200 (``docs/kernels.md``).
 
     Args:
       q, k, logit_scale, query_scale, key_bias, mask, interpret, query_scale_nonnegative: as
