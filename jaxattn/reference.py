@@ -144,7 +144,9 @@ def attention_weights_reference(
 
     Arguments are the normalised ones of :func:`jaxattn.attention` (batched arrays, a ``[B, N|1,
     T, S]`` bias and bool mask, a ``(left, right)`` window, registers as ``([B, R, K, H], [B, R,
-    K, Hv])``). Returns ``(weights, stats, key, value)`` where key and value include registers.
+    K, Hv])``). A ``-inf`` bias entry hides its key, as a False mask entry does (SSMax's ``n_i``
+    does not count it). Returns ``(weights, stats, key, value)`` where key and value include
+    registers.
     """
     B, T, N, _ = query.shape
     S = key.shape[1]
@@ -156,8 +158,17 @@ def attention_weights_reference(
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         local_window_size=local_window_size, num_registers=R)
+    if bias is not None:
+        # A -inf bias hides its key as a False mask entry does: left in the logits, a row biased
+        # -inf on every key would give exp(-inf - -inf) = NaN instead of the zeros promised for a
+        # query with no visible key, and 0 * -inf = NaN in the gradients of per-query scales.
+        visible = visible & (bias != -jnp.inf)
     visible = jnp.broadcast_to(visible, (B, N, T, R + S))
     z = _logits(query, key, variant, scale, bias)
+    if bias is not None:
+        # Hidden entries never carry weight; a finite stand-in keeps their zero cotangents from
+        # meeting -inf (0 * -inf = NaN) in the products below.
+        z = jnp.where(visible, z, 0.0)
     if not variant.differentiable:
         z = _forward_only(z, variant.name)
     num_visible = jnp.sum(visible, axis=-1, dtype=jnp.int32)

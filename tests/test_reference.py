@@ -405,6 +405,58 @@ def test_fully_masked_rows_zero_forward_and_backward(name, dtype):
         assert np.all(np.isfinite(s)) and np.all(s[0] == 0.0) and np.all(s[1, :, 2] == 0.0)
 
 
+@jax.jit
+def _biased_value_and_grads(q, k, v, bias, variant):
+    def loss(q, k, v, bias):
+        out, stats = jaxattn.attention(q, k, v, variant=variant, bias=bias, implementation="xla",
+                                       return_stats=True)
+        total = jnp.sum(out.astype(jnp.float32)) + sum(jnp.sum(s) for s in stats)
+        return total, (out, stats)
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, bias)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("name", ("plain",) + ALL_VARIANTS)
+def test_minus_inf_bias_hides_keys(name, dtype):
+    """A -inf bias on every key of a row gives the zeros promised for a query with no visible key
+    (not NaN), with finite gradients; partly -inf rows equal the same keys hidden by the mask."""
+    rng = np.random.default_rng(4)
+    q, k, v = (_normal(rng, 2, 4, 2, 8, dtype=dtype), _normal(rng, 2, 5, 1, 8, dtype=dtype),
+               _normal(rng, 2, 5, 1, 8, dtype=dtype))
+    bias = np.asarray(rng.standard_normal((2, 2, 4, 5)), dtype)
+    hidden = np.zeros(bias.shape, bool)
+    hidden[0, :, 1, :] = True  # query 1 of batch 0: every key biased -inf, both heads
+    hidden[1, 1, 2, :] = True  # query 2 of batch 1, head 1 only
+    hidden[1, 0, 0, :3] = True  # partly hidden rows
+    hidden[0, 1, 3, 1::2] = True
+    bias = jnp.asarray(np.where(hidden, -np.inf, bias), dtype)
+    variant = jaxattn.Softmax() if name == "plain" else _variant(name)
+    if variant.differentiable:
+        grads, (out, stats) = _biased_value_and_grads(q, k, v, bias, variant)
+        for g in grads:
+            assert np.all(np.isfinite(np.asarray(g, np.float64)))
+        assert np.all(np.asarray(grads[0], np.float64)[0, 1] == 0.0)
+        assert np.all(np.asarray(grads[3], np.float64)[hidden] == 0.0)
+    else:
+        out, stats = jaxattn.attention(q, k, v, variant=variant, bias=bias, return_stats=True)
+    out = np.asarray(out, np.float64)
+    assert np.all(np.isfinite(out))
+    assert np.all(out[0, 1] == 0.0) and np.all(out[1, 2, 1] == 0.0)
+    assert np.any(out[1, 2, 0] != 0.0)
+    for s in stats:
+        s = np.asarray(s)
+        assert np.all(np.isfinite(s)) and np.all(s[0, :, 1] == 0.0) and s[1, 1, 2] == 0.0
+    want, want_stats = jaxattn.attention(q, k, v, variant=variant, bias=jnp.where(hidden, 0, bias),
+                                         mask=jnp.asarray(~hidden), implementation="xla",
+                                         return_stats=True)
+    # jit against eager: sums may reassociate, so one rounding of the output dtype
+    tol = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}[dtype]
+    np.testing.assert_allclose(out, np.asarray(want, np.float64), rtol=tol, atol=tol)
+    for got, ref in zip(stats, want_stats, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=min(tol, 1e-5), atol=min(tol, 1e-5))
+    assert all(s.dtype == (jnp.float64 if dtype == "float64" else jnp.float32) for s in stats)
+
+
 # ---- low-precision inputs -------------------------------------------------------------------
 
 LOW_TOL = {"bfloat16": dict(rtol=2e-2, atol=2e-2), "float16": dict(rtol=2e-3, atol=2e-3)}
