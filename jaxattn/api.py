@@ -49,16 +49,40 @@ def _broadcastable(x, name, target):
     return jnp.reshape(x, padded)
 
 
+def _is_traced(x) -> bool:
+    """True for a value known only at run time (a tracer under jit, vmap, grad or scan)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def _check_range(x, name, high, axis_name):
+    """Raises ValueError if a concrete int array has an entry outside ``[0, high]``.
+
+    Traced values cannot be inspected at trace time and go unchecked; the mask then treats them as
+    clipped to the range (see :func:`attention`).
+    """
+    if _is_traced(x):
+        return
+    values = np.asarray(x)
+    if values.size and (values.min() < 0 or values.max() > high):
+        raise ValueError(f"{name} must be in [0, {axis_name}] = [0, {high}], got "
+                         f"{values.tolist()}")
+
+
 def _window(local_window_size):
     if local_window_size is None:
         return None
+    if _is_traced(local_window_size) or (isinstance(local_window_size, (tuple, list))
+                                         and any(_is_traced(w) for w in local_window_size)):
+        raise TypeError("local_window_size must be a static Python int or (left, right) pair of "
+                        "static ints, not a traced value: it fixes the mask's structure at trace "
+                        "time (under jax.jit pass it through static_argnames)")
     if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
         local_window_size = (local_window_size, local_window_size)
     if (not isinstance(local_window_size, (tuple, list)) or len(local_window_size) != 2
             or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
                        for w in local_window_size)):
-        raise TypeError("local_window_size must be an int or a (left, right) pair of ints, got "
-                        f"{local_window_size!r}")
+        raise TypeError("local_window_size must be a static int or a (left, right) pair of "
+                        f"static ints, got {local_window_size!r}")
     left, right = (int(w) for w in local_window_size)
     if left < 0 or right < 0:
         raise ValueError(f"local_window_size must be >= 0, got {(left, right)}")
@@ -134,10 +158,22 @@ def _prepare(query, key, value, *, variant, bias, mask, scale, is_causal, query_
         mask = _broadcastable(mask, "mask", target)
     if scale is None:
         scale = 1.0 / math.sqrt(H)
-    elif isinstance(scale, (int, float, np.number)) and not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
+    elif not _is_traced(scale):
+        values = np.asarray(scale)
+        if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+            raise TypeError(f"scale must be a real number, got {scale!r}")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"scale must be finite, got {scale}")
+        # 0 makes every visible key weigh the same and a negative scale ranks keys by
+        # dissimilarity (for RBF it is a negative gamma); neither is a logit scale.
+        if np.any(values <= 0):
+            raise ValueError(f"scale must be positive, got {scale}")
+    if _is_traced(is_causal):
+        raise TypeError("is_causal must be a static Python bool, not a traced value: it fixes the "
+                        "mask's structure at trace time (under jax.jit pass it through "
+                        "static_argnames)")
     if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+        raise TypeError(f"is_causal must be a static Python bool, got {is_causal!r}")
 
     def seq(x, name, length):
         if x is None:
@@ -149,6 +185,10 @@ def _prepare(query, key, value, *, variant, bias, mask, scale, is_causal, query_
 
     query_seq_lengths = seq(query_seq_lengths, "query_seq_lengths", (B,))
     key_value_seq_lengths = seq(key_value_seq_lengths, "key_value_seq_lengths", (B,))
+    if query_seq_lengths is not None:
+        _check_range(query_seq_lengths, "query_seq_lengths", T, "T")
+    if key_value_seq_lengths is not None:
+        _check_range(key_value_seq_lengths, "key_value_seq_lengths", S, "S")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
     q_segment_ids = seq(q_segment_ids, "q_segment_ids", (B, T))
@@ -200,17 +240,21 @@ def attention(query, key, value, *, variant="softmax", bias=None, mask=None, sca
       value: ``[B, S, K, Hv]``.
       variant: a name from :data:`jaxattn.variants.VARIANT_NAMES` or a
         :class:`jaxattn.variants.Variant` (e.g. ``TopK(4)``).
-      bias: additive float bias broadcastable to ``[B, N, T, S]``.
+      bias: additive float bias broadcastable to ``[B, N, T, S]``. A ``-inf`` entry hides its key
+        exactly as a False ``mask`` entry does (so a row biased ``-inf`` on every key gives zeros).
       mask: bool mask broadcastable to ``[B, N, T, S]``; True = attend.
-      scale: the logit scale; defaults to ``1/sqrt(H)`` (RBF uses it as ``gamma`` unless the
-        variant sets one).
-      is_causal: query ``i`` attends keys ``j <= i``.
-      query_seq_lengths: int ``[B]``; query rows at or past the length output zeros.
-      key_value_seq_lengths: int ``[B]``; keys at or past the length are hidden.
+      scale: the logit scale, finite and ``> 0``; defaults to ``1/sqrt(H)`` (RBF uses it as
+        ``gamma`` unless the variant sets one). A traced scale is not checked.
+      is_causal: a static Python bool (under ``jax.jit``, a static argument); query ``i`` attends
+        keys ``j <= i``.
+      query_seq_lengths: int ``[B]`` in ``[0, T]``; query rows at or past the length output zeros.
+      key_value_seq_lengths: int ``[B]`` in ``[0, S]``; keys at or past the length are hidden.
+        Concrete lengths outside the range raise ValueError; traced ones cannot be checked and
+        act as clipped to it (a length above the axis keeps all of it, a negative one none).
       q_segment_ids: int ``[B, T]``; with ``kv_segment_ids`` (int ``[B, S]``) a query attends a
         key only in the same segment.
-      local_window_size: ``(left, right)`` or an int for both: query ``i`` attends
-        ``i - left <= j <= i + right``.
+      local_window_size: ``(left, right)`` or an int for both, static ints ``>= 0``: query ``i``
+        attends ``i - left <= j <= i + right``.
       registers: optional ``(key_registers, value_registers)``, each ``[R, K, H]`` (or ``[B, R,
         K, H]``): R learnable keys/values prepended to the sequence and visible to every valid
         query (attention sinks).

@@ -1,5 +1,8 @@
 """Bad input gives a clear ValueError/TypeError naming the argument and the constraint."""
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -240,3 +243,70 @@ def test_value_none():
     q, k, _ = _qkv()
     with pytest.raises(TypeError, match="value"):
         jaxattn.attention(q, k, None)
+
+
+# ---- values out of range (concrete values are checked; traced ones are documented) ----------
+
+@pytest.mark.parametrize("name, values, bound", [
+    ("key_value_seq_lengths", [S + 1, 2], f"[0, S] = [0, {S}]"),
+    ("key_value_seq_lengths", [-1, 2], f"[0, S] = [0, {S}]"),
+    ("query_seq_lengths", [T + 1, 2], f"[0, T] = [0, {T}]"),
+    ("query_seq_lengths", [2, -3], f"[0, T] = [0, {T}]"),
+])
+def test_lengths_out_of_range(name, values, bound):
+    for make in (jnp.asarray, np.asarray):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be in {bound}")):
+            _call(**{name: make(values, np.int32)})
+
+
+def test_lengths_at_the_bounds_are_valid():
+    out = _call(query_seq_lengths=jnp.asarray([0, T], jnp.int32),
+                key_value_seq_lengths=jnp.asarray([S, 0], jnp.int32))
+    assert np.all(np.asarray(out)[0] == 0.0) and np.all(np.asarray(out)[1] == 0.0)
+
+
+def test_traced_lengths_out_of_range_act_as_clipped():
+    """Under jit the values are unknown at trace time; the documented outcome is clipping."""
+    f = jax.jit(lambda q_len, kv_len: _call(query_seq_lengths=q_len, key_value_seq_lengths=kv_len))
+    got = f(jnp.asarray([T + 3, -2], jnp.int32), jnp.asarray([S + 9, -1], jnp.int32))
+    want = _call(query_seq_lengths=jnp.asarray([T, 0], jnp.int32),
+                 key_value_seq_lengths=jnp.asarray([S, 0], jnp.int32))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # jit may reassociate sums
+    assert np.all(np.asarray(got)[1] == 0.0)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, -0.125, np.float32(-2.0)])
+def test_nonpositive_scale(scale):
+    with pytest.raises(ValueError, match="scale must be positive"):
+        _call(scale=scale)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        _call(scale=jnp.asarray(scale, jnp.float32))
+
+
+def test_traced_scale_is_not_checked():
+    """A traced scale cannot be inspected; a learned positive one runs as a concrete one does."""
+    got = jax.jit(lambda s: _call(scale=s))(jnp.float32(0.3))
+    np.testing.assert_allclose(got, _call(scale=0.3), rtol=1e-6, atol=1e-6)
+
+
+def test_traced_is_causal_must_be_static():
+    with pytest.raises(TypeError, match="is_causal must be a static Python bool, not a traced "
+                                        "value.*static_argnames"):
+        jax.jit(lambda c: _call(is_causal=c))(True)
+    with pytest.raises(TypeError, match="is_causal must be a static Python bool"):
+        _call(is_causal=jnp.asarray(True))
+
+
+@pytest.mark.parametrize("window", [2, (1, 2)])
+def test_traced_local_window_size_must_be_static(window):
+    with pytest.raises(TypeError, match="local_window_size must be a static Python int or "
+                                        r"\(left, right\) pair of static ints, not a traced "
+                                        "value.*static_argnames"):
+        jax.jit(lambda w: _call(local_window_size=w))(window)
+
+
+def test_static_is_causal_and_window_under_jit_run():
+    f = jax.jit(lambda c, w: _call(is_causal=c, local_window_size=w),
+                static_argnames=("c", "w"))
+    np.testing.assert_allclose(f(c=True, w=(1, 0)), _call(is_causal=True, local_window_size=(1, 0)),
+                               rtol=1e-6, atol=1e-6)
