@@ -187,12 +187,29 @@ class AdaptiveTemperature(Variant):
     needs_stats: ClassVar[bool] = True
 
     def __post_init__(self):
-        coeffs = tuple(float(c) for c in self.coeffs)
+        try:
+            coeffs = tuple(float(c) for c in self.coeffs)
+        except (TypeError, ValueError):
+            # e.g. AdaptiveTemperature(-1.0): the first positional argument is coeffs, not a
+            # threshold or temperature
+            raise TypeError("coeffs must be a sequence of real polynomial coefficients, highest "
+                            f"power first (numpy.polyval order), got {self.coeffs!r}") from None
         if not coeffs:
             raise ValueError("coeffs must hold at least one coefficient")
+        if not all(np.isfinite(coeffs)):
+            raise ValueError(f"coeffs must be finite, got {coeffs}")
         object.__setattr__(self, "coeffs", coeffs)
-        if not self.entropy_eps >= 0:
-            raise ValueError(f"entropy_eps must be >= 0, got {self.entropy_eps}")
+        # An entropy in nats is >= 0, so a negative threshold adapts every row, as 0 does: it can
+        # only be a mistake (e.g. a log-probability passed for an entropy). NaN fails the test too.
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float,
+                                                                               np.number)):
+            raise TypeError(f"threshold must be a real number (an entropy in nats), got "
+                            f"{self.threshold!r}")
+        if not self.threshold >= 0:
+            raise ValueError(f"threshold must be >= 0 (an entropy in nats, which is never "
+                             f"negative), got {self.threshold}")
+        if not 0 <= self.entropy_eps < np.inf:
+            raise ValueError(f"entropy_eps must be finite and >= 0, got {self.entropy_eps}")
 
     def beta(self, entropy):
         """``beta(H)``: the paper's inverse temperature for entropy ``H`` (nats)."""
@@ -214,7 +231,11 @@ class ScalableSoftmax(Variant):
     .. math:: p_{ij} = \\text{softmax}_j(s \\log(n_i) \\, z_{ij})
 
     Args:
-      s: a scalar or one value per query head (shape ``[N]``); may be a traced (learned) array.
+      s: a finite scalar or one value per query head (shape ``[N]``); may be a traced (learned)
+        array. Any sign is accepted: ``s = 0`` gives uniform weights over the visible keys and
+        ``s < 0`` ranks keys by dissimilarity, ever more sharply as ``n_i`` grows. A learned ``s``
+        may cross zero in training, and the module rebuilds this variant from its concrete value
+        on every eager call, so rejecting a sign would break such models.
 
     References:
       Nakanishi. "Scalable-Softmax Is Superior for Attention". 2025.
@@ -225,9 +246,17 @@ class ScalableSoftmax(Variant):
     name: ClassVar[str] = "scalable_softmax"
 
     def __post_init__(self):
-        if _is_concrete(self.s) and np.ndim(self.s) > 1:
+        if not _is_concrete(self.s):
+            return
+        if np.ndim(self.s) > 1:
             raise ValueError(f"s must be a scalar or one value per query head [N], got shape "
                              f"{np.shape(self.s)}")
+        arr = np.asarray(self.s)
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise TypeError(f"s must be a real number or array, got {self.s!r}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"s must be finite (it multiplies the logits by s log n), got "
+                             f"{self.s!r}")
 
     def query_scale(self, num_visible, entropy):
         s = jnp.asarray(self.s)

@@ -289,6 +289,62 @@ def test_traced_scale_is_not_checked():
     np.testing.assert_allclose(got, _call(scale=0.3), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("s", [float("nan"), float("inf"), np.array([0.4, np.nan])])
+def test_scalable_softmax_s_not_finite(s):
+    with pytest.raises(ValueError, match="s must be finite"):
+        jaxattn.ScalableSoftmax(s)
+
+
+def test_scalable_softmax_accepts_any_sign_of_s():
+    """s <= 0 is accepted on purpose (a learned s may cross zero): s < 0 is SSMax(|s|) on the
+    negated logits, s = 0 weighs every visible key equally."""
+    q, k, v = _qkv()
+    neg = jaxattn.attention(q, k, v, variant=jaxattn.ScalableSoftmax(-0.5), implementation="xla")
+    pos = jaxattn.attention(q, -k, v, variant=jaxattn.ScalableSoftmax(0.5), implementation="xla")
+    np.testing.assert_allclose(neg, pos, rtol=1e-6, atol=1e-6)
+    zero = jaxattn.attention(q, k, v, variant=jaxattn.ScalableSoftmax(0.0), implementation="xla")
+    mean = jnp.repeat(jnp.mean(v, axis=1, keepdims=True), N // K, axis=2)
+    np.testing.assert_allclose(zero, jnp.broadcast_to(mean, zero.shape), rtol=1e-6, atol=1e-6)
+
+
+def test_traced_scalable_softmax_s_keeps_working():
+    s = jnp.asarray([0.4, -0.2, 0.0, 0.6], jnp.float32)
+    got = jax.jit(lambda s: _call(variant=jaxattn.ScalableSoftmax(s)))(s)
+    np.testing.assert_allclose(got, _call(variant=jaxattn.ScalableSoftmax(np.asarray(s))),
+                               rtol=1e-6, atol=1e-6)
+    assert np.all(np.isfinite(jax.grad(
+        lambda s: jnp.sum(_call(variant=jaxattn.ScalableSoftmax(s))))(s)))
+
+
+@pytest.mark.parametrize("threshold", [-1.0, -1e-3, float("nan")])
+def test_adaptive_temperature_bad_threshold(threshold):
+    with pytest.raises(ValueError, match=r"threshold must be >= 0 \(an entropy in nats"):
+        jaxattn.AdaptiveTemperature(threshold=threshold)
+
+
+def test_adaptive_temperature_threshold_zero_is_valid():
+    assert _call(variant=jaxattn.AdaptiveTemperature(threshold=0.0)).shape == (B, T, N, H)
+
+
+@pytest.mark.parametrize("coeffs", [-1.0, 2, None, ("a", 1.0)])
+def test_adaptive_temperature_coeffs_not_a_sequence(coeffs):
+    with pytest.raises(TypeError, match=r"coeffs must be a sequence of real polynomial "
+                                        r"coefficients, highest power first"):
+        jaxattn.AdaptiveTemperature(coeffs)
+
+
+@pytest.mark.parametrize("coeffs", [(1.0, float("nan")), (float("inf"),)])
+def test_adaptive_temperature_coeffs_not_finite(coeffs):
+    with pytest.raises(ValueError, match="coeffs must be finite"):
+        jaxattn.AdaptiveTemperature(coeffs)
+
+
+@pytest.mark.parametrize("eps", [-1e-9, float("inf"), float("nan")])
+def test_adaptive_temperature_bad_entropy_eps(eps):
+    with pytest.raises(ValueError, match="entropy_eps must be finite and >= 0"):
+        jaxattn.AdaptiveTemperature(entropy_eps=eps)
+
+
 def test_traced_is_causal_must_be_static():
     with pytest.raises(TypeError, match="is_causal must be a static Python bool, not a traced "
                                         "value.*static_argnames"):
