@@ -1,6 +1,8 @@
 """A small pre-norm transformer language model built from :class:`jaxattn.MultiHeadAttention`, and its
 jitted optax training step."""
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -54,6 +56,11 @@ class Transformer(nnx.Module):
     def __init__(self, vocab_size: int, max_len: int, *, num_layers: int = 2, d_model: int = 64,
                  num_heads: int = 4, mlp_dim: int = 256, variant="softmax", num_registers: int = 0,
                  num_kv_heads: int | None = None, rngs: nnx.Rngs):
+        for name, size, low in (("vocab_size", vocab_size, 1), ("max_len", max_len, 1),
+                                ("num_layers", num_layers, 0), ("d_model", d_model, 1),
+                                ("mlp_dim", mlp_dim, 1)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {size!r}")
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
         self.blocks = nnx.List([
@@ -66,6 +73,15 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, *, return_stats=False):
         """``tokens [B, T]`` -> logits ``[B, T, V]`` (and per-layer :class:`jaxattn.AttentionStats`)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
+        max_len = self.pos.shape[0]
+        if tokens.shape[1] > max_len:
+            # the learned position table has max_len rows; slicing past it would fail later as a
+            # broadcasting error between [T, d_model] and [max_len, d_model]
+            raise ValueError(f"input length T={tokens.shape[1]} exceeds max_len={max_len} "
+                             "(the learned position embeddings); build the Transformer with a "
+                             "larger max_len")
         x = self.embed(tokens) + self.pos[None, : tokens.shape[1]]
         all_stats = []
         for block in self.blocks:

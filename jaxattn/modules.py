@@ -1,13 +1,14 @@
 """Flax integration: an NNX multi-head attention module and a drop-in ``attention_fn``."""
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn import variants as V
-from jaxattn.api import attention, attention_weights
+from jaxattn.api import IMPLEMENTATIONS, attention, attention_weights
 
 __all__ = ["MultiHeadAttention", "attention_fn"]
 
@@ -103,10 +104,21 @@ class MultiHeadAttention(nnx.Module):
                  out_features: int | None = None, num_kv_heads: int | None = None,
                  variant="softmax", num_registers: int = 0, dtype=None,
                  param_dtype=jnp.float32, implementation=None, rngs: nnx.Rngs):
-        qkv_features = qkv_features or in_features
-        out_features = out_features or in_features
-        num_kv_heads = num_kv_heads or num_heads
-        if num_heads <= 0 or qkv_features % num_heads:
+        # `is None`, not `or`: an explicit 0 is a bad size to report, not a request for the default
+        qkv_features = in_features if qkv_features is None else qkv_features
+        out_features = in_features if out_features is None else out_features
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, size in (("num_heads", num_heads), ("in_features", in_features),
+                           ("qkv_features", qkv_features), ("out_features", out_features),
+                           ("num_kv_heads", num_kv_heads)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        if isinstance(num_registers, bool) or not isinstance(num_registers, numbers.Integral):
+            raise TypeError(f"num_registers must be an int, got {num_registers!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got "
+                             f"{implementation!r}")
+        if qkv_features % num_heads:
             raise ValueError(f"qkv_features={qkv_features} must be a positive multiple of "
                              f"num_heads={num_heads}")
         if num_heads % num_kv_heads:
@@ -153,6 +165,9 @@ class MultiHeadAttention(nnx.Module):
           segment_ids: int ``[B, T]`` for packed sequences (self-attention only).
           return_stats: also return :class:`jaxattn.AttentionStats`.
         """
+        if segment_ids is not None and inputs_kv is not None and inputs_kv is not inputs_q:
+            raise ValueError("segment_ids is for self-attention only: pass inputs_kv=None (for "
+                             "cross-attention build a mask instead)")
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         q, k, v = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
         registers = None

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxattn
+from jaxattn.model import Transformer
 
 B, T, S, N, K, H = 2, 4, 5, 4, 2, 8
 
@@ -366,3 +368,52 @@ def test_static_is_causal_and_window_under_jit_run():
                 static_argnames=("c", "w"))
     np.testing.assert_allclose(f(c=True, w=(1, 0)), _call(is_causal=True, local_window_size=(1, 0)),
                                rtol=1e-6, atol=1e-6)
+
+
+# ---- the model and the module ---------------------------------------------------------------
+
+def test_transformer_input_longer_than_max_len():
+    model = Transformer(16, 8, num_layers=1, d_model=8, num_heads=2, mlp_dim=16, rngs=nnx.Rngs(0))
+    assert model(jnp.zeros((1, 8), jnp.int32)).shape == (1, 8, 16)
+    with pytest.raises(ValueError, match="input length T=9 exceeds max_len=8"):
+        model(jnp.zeros((1, 9), jnp.int32))
+
+
+@pytest.mark.parametrize("name, value", [
+    ("vocab_size", 0), ("max_len", 0), ("max_len", -4), ("num_layers", -1), ("mlp_dim", 0),
+    ("d_model", 0),
+])
+def test_transformer_bad_sizes(name, value):
+    kw = dict(vocab_size=16, max_len=8, num_layers=1, d_model=8, num_heads=2, mlp_dim=16)
+    kw[name] = value
+    vocab_size, max_len = kw.pop("vocab_size"), kw.pop("max_len")
+    with pytest.raises(ValueError, match=f"{name} must be an int >= "):
+        Transformer(vocab_size, max_len, **kw, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name, value", [
+    ("num_kv_heads", 0), ("num_kv_heads", -2), ("qkv_features", 0), ("qkv_features", -8),
+    ("out_features", 0), ("in_features", 0), ("num_heads", 0),
+])
+def test_module_nonpositive_sizes(name, value):
+    kw = dict(num_heads=2, in_features=8)
+    kw[name] = value
+    with pytest.raises(ValueError, match=f"{name} must be a positive int, got {value}"):
+        jaxattn.MultiHeadAttention(kw.pop("num_heads"), kw.pop("in_features"), **kw,
+                                   rngs=nnx.Rngs(0))
+
+
+def test_module_bad_implementation_and_registers():
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        jaxattn.MultiHeadAttention(2, 8, implementation="cudnn", rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="num_registers must be an int"):
+        jaxattn.MultiHeadAttention(2, 8, num_registers=1.5, rngs=nnx.Rngs(0))
+
+
+def test_module_segment_ids_with_cross_attention():
+    mha = jaxattn.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 4, 8), jnp.float32)
+    seg = jnp.zeros((1, 4), jnp.int32)
+    assert mha(x, x, segment_ids=seg).shape == (1, 4, 8)  # the same array: self-attention
+    with pytest.raises(ValueError, match="segment_ids is for self-attention only"):
+        mha(x, x + 1.0, segment_ids=seg)
