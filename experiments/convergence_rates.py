@@ -1,7 +1,12 @@
 """Convergence rates of attention on token samples (Bohbot et al., arXiv 2512.10656), and hardmax.
 
-Writes ``results/convergence_rates/<config-hash>.json`` (config, versions, every number) and,
-through :mod:`experiments.plot_convergence_rates`, PNGs beside it:
+Writes ``results/convergence_rates/<preset>-<config-hash>.json`` (config, versions, every number)
+and, through :mod:`experiments.plot_convergence_rates`, PNGs beside it.
+
+Each study (``rates``, ``moments``, ``hardmax``) is written as soon as it finishes, atomically, to
+``<preset>-<config-hash>.parts/<study>.json``; a rerun of the same config loads the finished
+studies instead of recomputing them, so a run killed in its last study loses only that study. A
+part written under another config or other versions is recomputed (the output says which).
 
 * ``rates.png`` -- sup error over ``|x| = R`` against ``n`` (log-log), Gaussian and sphere tokens,
   several ``R``, with the fitted slope +- SE and the predicted ``-1/2`` line;
@@ -25,9 +30,11 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -37,7 +44,7 @@ import numpy as np
 from theory import hardmax as hm
 from theory import sample_complexity as sc
 
-__all__ = ["Config", "PRESETS", "run", "save", "main"]
+__all__ = ["Config", "PRESETS", "STUDIES", "run", "save", "parts_dir", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,26 +162,93 @@ def versions() -> dict:
             "backend": jax.default_backend()}
 
 
-def run(config: Config, progress=print) -> dict:
-    """Runs every study under float64 and returns the results dict (config and versions included)."""
+# (name, function, fold_in index of its key): the order is the run order.
+STUDIES = (("rates", "rates_and_growth", 0), ("moments", "moments", 1), ("hardmax", "hardmax_results", 2))
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a reader (or a rerun after a kill) sees the old file or
+    the whole new one: a temporary file in the same folder (one filesystem), then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _identity(config: Config, vers: dict) -> dict:
+    """What a stored study must match to be reused: the config (less ``out_dir``) and versions."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "out_dir"}
+    return json.loads(json.dumps({"config": fields, "versions": vers}))
+
+
+def parts_dir(config: Config) -> pathlib.Path:
+    """The folder of one config's finished studies."""
+    return pathlib.Path(config.out_dir) / f"{config.preset}-{config.digest()}.parts"
+
+
+def _load_part(path: pathlib.Path, identity: dict):
+    """``(result, None)`` if ``path`` holds a study for ``identity``, else ``(None, reason)``."""
+    if not path.exists():
+        return None, None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # writes are atomic, so only an edited file gets here
+        return None, f"unreadable ({err})"
+    if not isinstance(stored, dict) or "result" not in stored:
+        return None, "no result in it"
+    for part in ("config", "versions"):
+        want, got = identity[part], stored.get(part) or {}
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        if diff:
+            return None, f"another {part} ({', '.join(diff)} differ)"
+    return stored["result"], None
+
+
+def run(config: Config, progress=print, resume: bool = True) -> dict:
+    """Runs every study under float64 and returns the results dict (config and versions included).
+
+    Each finished study is written at once to :func:`parts_dir`; with ``resume``, a study already
+    there for this config and these versions is loaded instead of recomputed.
+    """
     key = jax.random.key(config.seed)
-    out = {"config": dataclasses.asdict(config), "versions": versions(),
+    vers = versions()
+    identity = _identity(config, vers)
+    out = {"config": dataclasses.asdict(config), "versions": vers,
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    parts = parts_dir(config)
     with jax.enable_x64(True):
-        for name, fn, k in (("rates", rates_and_growth, 0), ("moments", moments, 1),
-                            ("hardmax", hardmax_results, 2)):
+        for name, fn_name, k in STUDIES:
+            path = parts / f"{name}.json"
+            if resume:
+                result, reason = _load_part(path, identity)
+                if result is not None:
+                    progress(f"{name}: finished in an earlier run, loaded from {path}")
+                    out[name] = result
+                    continue
+                if reason is not None:
+                    progress(f"{name}: {path} is not reusable, {reason}: recomputing")
             t0 = time.time()
-            out[name] = fn(config, jax.random.fold_in(key, k))
-            progress(f"{name}: {time.time() - t0:.1f}s")
+            # Looked up by name at call time, so a caller (or test) can replace a study.
+            result = globals()[fn_name](config, jax.random.fold_in(key, k))
+            # Through JSON, so a fresh study and one loaded from its part are the same values.
+            result = json.loads(json.dumps(result))
+            _write_atomic(path, json.dumps({**identity, "result": result}, indent=1))
+            out[name] = result
+            progress(f"{name}: {time.time() - t0:.1f}s, wrote {path}")
     return out
 
 
 def save(results: dict, config: Config) -> pathlib.Path:
-    """Writes the JSON; returns its path."""
-    out = pathlib.Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{config.preset}-{config.digest()}.json"
-    path.write_text(json.dumps(results, indent=1))
+    """Writes the JSON (atomically); returns its path."""
+    path = pathlib.Path(config.out_dir) / f"{config.preset}-{config.digest()}.json"
+    _write_atomic(path, json.dumps(results, indent=1))
     return path
 
 
@@ -182,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="recompute every study, even those a previous run of this config finished")
     for f in dataclasses.fields(Config):
         if f.name == "preset":
             continue
@@ -202,19 +278,27 @@ def _convert(name: str, text: str, default):
                          f"{type(default).__name__}") from err
 
 
-def config_from_args(argv=None) -> tuple[Config, bool]:
-    """The preset with command-line overrides applied."""
+def _args_and_config(argv=None):
+    """The parsed arguments and the preset with command-line overrides applied."""
     args = _parser().parse_args(argv)
     base = PRESETS[args.preset]
     overrides = {f.name: _convert(f.name, getattr(args, f.name), getattr(base, f.name))
                  for f in dataclasses.fields(Config)
                  if f.name != "preset" and getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **overrides), args.no_plot
+    return args, dataclasses.replace(base, **overrides)
+
+
+def config_from_args(argv=None) -> tuple[Config, bool]:
+    """The preset with command-line overrides applied, and whether ``--no-plot`` was given."""
+    args, config = _args_and_config(argv)
+    return config, args.no_plot
 
 
 def main(argv=None) -> pathlib.Path:
-    config, no_plot = config_from_args(argv)
-    results = run(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    args, config = _args_and_config(argv)
+    no_plot = args.no_plot
+    results = run(config, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                  resume=not args.no_resume)
     path = save(results, config)
     print(f"wrote {path}")
     if not no_plot:
