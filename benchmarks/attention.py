@@ -2,9 +2,12 @@
 
 Measures, bf16, ``B * N = 16384`` tokens, ``H = 16`` heads, head dims D and sequence lengths N:
 
-* ours: ``jaxattn.attention(..., implementation="pallas")`` for softmax, temperature (0.7),
-  scalable_softmax, rbf and adaptive_temperature (stop_gradient_beta=True);
-  ``ssmax_learned``: scalable_softmax with ``s`` a traced argument (one value per head, as a
+* ours: ``jaxattn.attention(..., implementation="pallas")`` for every variant the kernels run,
+  each with its default options (:data:`ROWS` says what each row runs): softmax, temperature
+  (``Softmax(temperature=0.7)``, the variant's one option), scalable_softmax, rbf and
+  adaptive_temperature (the default: the gradient flows through beta); rows with a non-default
+  option are named for it: ``adaptive_sg`` (``stop_gradient_beta=True``, faster backward) and
+  ``ssmax_learned`` (scalable_softmax with ``s`` a traced argument, one value per head, as a
   model learns it; forward+backward also differentiates ``s``);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (no mask array);
 * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
@@ -39,6 +42,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jaxattn  # noqa: E402
+from benchmarks import require_gpu  # noqa: E402
 from benchmarks.timing import compare, paired_ratio, warm_device  # noqa: E402
 from jaxattn import variants  # noqa: E402
 
@@ -46,10 +50,28 @@ HEADS = 16
 TOKENS = 16384
 OURS = {
     "softmax": variants.Softmax(),
-    "temperature": variants.Softmax(0.7),
-    "ssmax": variants.ScalableSoftmax(0.43),
+    "temperature": variants.Softmax(temperature=0.7),
+    "ssmax": variants.ScalableSoftmax(),
     "rbf": variants.RBF(),
-    "adaptive": variants.AdaptiveTemperature(stop_gradient_beta=True),
+    "adaptive": variants.AdaptiveTemperature(),
+    "adaptive_sg": variants.AdaptiveTemperature(stop_gradient_beta=True),
+}
+
+# What each row runs, as the summary table shows it; also the table's row order.
+ROWS = {
+    "softmax": "ours: `Softmax()`",
+    "temperature": "ours: `Softmax(temperature=0.7)`",
+    "ssmax": "ours: `ScalableSoftmax()` (s = 0.43, a constant)",
+    "ssmax_learned": "ours: `ScalableSoftmax(s)`, s a traced `[N]` array (non-default: learned)",
+    "rbf": "ours: `RBF()`",
+    "adaptive": "ours: `AdaptiveTemperature()` (default: gradient through beta)",
+    "adaptive_sg": "ours: `AdaptiveTemperature(stop_gradient_beta=True)` (non-default)",
+    "cudnn": "`jax.nn.dot_product_attention(implementation=\"cudnn\")`",
+    "xla": "`jax.nn.dot_product_attention(implementation=\"xla\")`",
+    "mgpu": "jax's Pallas `attention_mgpu` (float16)",
+    "tokamax": "tokamax 0.0.17 Mosaic GPU softmax",
+    "tokamax_rbf": "tokamax 0.0.17 with the RBF key bias",
+    "cudnn_rbf": "cuDNN with RBF folded into extra head dims",
 }
 
 
@@ -154,11 +176,14 @@ def main(argv=None):
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--causal", default="0,1")
     parser.add_argument("--modes", default="fwd,fwdbwd")
-    parser.add_argument("--impls", default="softmax,temperature,ssmax,rbf,adaptive,cudnn,xla,mgpu,"
-                                           "cudnn_rbf")
+    parser.add_argument("--impls", default="softmax,temperature,ssmax,ssmax_learned,rbf,adaptive,"
+                                           "adaptive_sg,cudnn,cudnn_rbf",
+                        help=f"rows to time, from {','.join(ROWS)}")
     parser.add_argument("--rounds", type=int, default=7,
                         help="timed rounds per cell (benchmarks/timing.py)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--out", default=None, help="raw JSON path (default out/bench/...)")
+    parser.add_argument("--summary", default=None,
+                        help="also write the summary (benchmarks/summary.py) here at the end")
     parser.add_argument("--warmup-cell", type=int, default=1,
                         help="time the first cell this many extra times first and discard them "
                              "(its first timing ran ~25 %% slow for every column in four sweeps)")
@@ -178,6 +203,9 @@ def main(argv=None):
     if args.warmup_cell < 0:
         parser.error(f"--warmup-cell must be >= 0, got {args.warmup_cell}")
     impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in ROWS]
+    if unknown:
+        parser.error(f"--impls: unknown {unknown}; choose from {','.join(ROWS)}")
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
     if args.memory:
@@ -195,9 +223,11 @@ def main(argv=None):
     if jax.default_backend() == "gpu":
         warm_device()
     rows = []
-    path = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                    f"attention-{dev.device_kind.replace(' ', '_')}-"
+    path = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "out", "bench",
+                                    f"speed-{dev.device_kind.replace(' ', '_')}-"
                                     f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    command = "python3 -m benchmarks speed " + " ".join(argv if argv is not None else sys.argv[1:])
     for D in map(int, args.dims.split(",")):
         for N in map(int, args.lengths.split(",")):
             B = max(1, TOKENS // N)
@@ -221,15 +251,20 @@ def main(argv=None):
                         tf = "-" if t is None else f"{row['tflops']:.0f}"
                         print(f"D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {impl:<12} "
                               f"{tf:>6} TFLOP/s {'' if err is None else err}", flush=True)
-                    _write(path, dev, rows)  # after every cell: a cut-off run keeps its rows
+                    _write(path, dev, rows, command)  # after every cell: a cut-off run keeps its rows
     _summary(rows)
     print(f"wrote {path}")
+    if args.summary:
+        from benchmarks import summary
+        with open(path) as f:
+            summary.write_summary(args.summary, summary.summarize([json.load(f)], command.strip()))
+        print(f"wrote {args.summary}")
 
 
 def _discarded_cell(cands, rounds, flops):
     """Times a cell and prints it as discarded: the first cell a process times.
 
-    In four H200 sweeps (2026-11-30) the first cell of the forward process (D = 64, N = 4096,
+    In four H200 sweeps the first cell of the forward process (D = 64, N = 4096,
     non-causal) ran ~25 % slow for every column, cuDNN included, with a round-to-round spread of
     up to 60 % (741-1204 us for one call), after :func:`warm_device`'s 3 s of matmuls; the cells
     after it were steady (spread < 5 %)."""
@@ -261,13 +296,14 @@ def candidate(impl, D, N, causal, mode, q, k, v):
     return _jitted(f, causal, mode), (q, k, v)
 
 
-def _write(path, dev, rows):
+def _write(path, dev, rows, command=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(device=dev.device_kind, jax=jax.__version__,
-                       jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-                       python=platform.python_version(), heads=HEADS, tokens=TOKENS, rows=rows),
-                  f, indent=1)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(device=dev.device_kind, date=time.strftime("%Y-%m-%d"), command=command,
+                       jax=jax.__version__, python=platform.python_version(), heads=HEADS,
+                       tokens=TOKENS, rows=rows), f, indent=1)
+    os.replace(tmp, path)
 
 
 def tune_candidates(D, block_kvs=(64, 128, 256), stages=(2, 3, 4), mmas=(False,)):
@@ -412,4 +448,6 @@ def _summary(rows):
 
 
 if __name__ == "__main__":
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        require_gpu("benchmarks/attention.py")
     main()

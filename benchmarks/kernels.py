@@ -10,7 +10,7 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 * ``b``: a per-key bias (RBF), ``b_j = -||k_j||^2 / 2``.
 
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
-``first`` = the first session's defaults, ``edge`` / ``noedge`` = edge-only masks in both / no
+``first`` = untuned tiles, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
 ``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off,
 ``dclse`` = ``dc_center_lse``, ``dqascending`` = ``dq_heavy_first`` off, ``dkvsplit`` /
@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import require_gpu  # noqa: E402
 from benchmarks.timing import compare, warm_device  # noqa: E402
 from pallas_kernels.backward import BackwardConfig, default_config, flash_backward  # noqa: E402
 from pallas_kernels.common import MaskSpec  # noqa: E402
@@ -298,4 +299,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        require_gpu("benchmarks/kernels.py")
     main()

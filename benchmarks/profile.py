@@ -25,6 +25,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention as bench  # noqa: E402
+from benchmarks import require_gpu  # noqa: E402
 from benchmarks.timing import warm_device  # noqa: E402
 
 
@@ -126,4 +127,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        require_gpu("benchmarks/profile.py")
     main()
