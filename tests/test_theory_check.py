@@ -6,9 +6,12 @@ test_theory_sample_complexity.py and test_theory_hardmax.py.
 """
 
 import jax
+import numpy as np
 import pytest
 
 from theory import check
+from theory import hardmax as hm
+from theory import sample_complexity as sc
 
 EXPECTED = {
     "row_lemma_2_1": "verified",
@@ -38,13 +41,13 @@ EXPECTED = {
     "row_gamma_exact": "verified",
     "row_rate": "verified",
     "row_rate_large_radius": "measured",
-    "row_growth": "measured",
+    "row_growth": "verified",
     "row_moment_below_half": "verified",
     "row_moment_curve": "measured",
     "row_softmax_gap": "verified",
     "row_lambda_rate": "verified",
     "row_hardmax_n": "verified",
-    "row_scale_sweep": "measured",
+    "row_scale_sweep": "verified",
 }
 
 
@@ -62,3 +65,38 @@ def test_row_status(row):
 def test_format_table():
     rows = [check.Row("a claim", "a source", "verified", "1 < 2")]
     assert check.format_table(rows).splitlines()[2] == "| a claim | a source | verified | 1 < 2 |"
+
+
+@pytest.mark.parametrize("values, ses, want", [
+    ([1.0, 2.0, 4.0], [0.1, 0.1, 0.1], "verified"),
+    ([1.0, 2.0, 1.0], [0.1, 0.1, 0.1], "refuted"),  # one step down beyond the noise
+    ([1.0, 1.1, 2.0], [0.1, 0.1, 0.1], "inconclusive"),  # one step up within 3 SE
+    ([1.0, np.nan, 2.0], [0.1, 0.1, 0.1], "refuted"),  # a broken estimate never passes
+    ([1.0, 2.0], [0.1, np.inf], "refuted"),
+])
+def test_trend_status(values, ses, want):
+    assert check._trend_status(values, ses) == want
+
+
+def _growth(c):
+    fit = sc.Fit(0.0, 0.0, 0.0, 0.0, 1.0)
+    c = np.asarray(c, np.float64)
+    return sc.GrowthStudy(np.arange(1.0, c.size + 1), c, np.full(c.size, 0.01), np.zeros(c.size),
+                          np.zeros(c.size), fit, fit)
+
+
+def test_growth_row_sees_a_falling_c():
+    # The row's status comes from the data: a C(R) that falls for one token kind refutes it.
+    rising, falling = _growth([1.0, 2.0, 3.0]), _growth([3.0, 2.0, 1.0])
+    assert check.row_growth(check.CI, data=(rising, rising)).status == "verified"
+    assert check.row_growth(check.CI, data=(rising, falling)).status == "refuted"
+    assert check.row_growth(check.CI, data=(_growth([1.0, 1.01, 3.0]), rising)).status == "inconclusive"
+
+
+def test_scale_sweep_row_sees_no_slowdown():
+    def sweep(slopes):
+        k = len(slopes)
+        return hm.ScaleSweep(np.arange(1.0, k + 1), np.zeros(k), np.asarray(slopes), np.full(k, 0.01), ())
+
+    assert check.row_scale_sweep(check.CI, data=sweep([-0.5, -0.3, -0.1])).status == "verified"
+    assert check.row_scale_sweep(check.CI, data=sweep([-0.1, -0.3, -0.5])).status == "refuted"

@@ -175,7 +175,8 @@ def scale_sweep(key, d, sigma2, scales, query_radius, ns, replicates, probes=8,
     """Softmax attention at ``A = lambda A0`` on Gaussian tokens: error vs ``n`` for each ``lambda``.
 
     At small ``lambda`` the slope is ``-1/2``; as ``lambda`` grows the error's decay in ``n`` slows
-    (the sources: "convergence becomes logarithmic"): measured, not asserted.
+    (the sources: "convergence becomes logarithmic"): the slowdown (slopes rising with ``lambda``)
+    is asserted by ``theory.check.row_scale_sweep``; the logarithmic limit is not.
     """
     studies = []
     for j, lam in enumerate(scales):

@@ -496,7 +496,8 @@ def growth_study(key, setup: GaussianSetup | None, radii, ns, replicates, probes
     """Measures ``C(R)`` for Gaussian tokens (``setup``) or sphere tokens (``sphere`` =
     ``(d, token_radius, a_scale)``), and fits ``log C`` on ``R`` and on ``R^2``.
 
-    The sources give no constant: the growth is measured and reported, never asserted.
+    The sources give no constant: its size and rate are measured and reported; only that it
+    rises with ``R`` is asserted (``theory.check.row_growth``).
     """
     cs, ses, slopes, slope_ses, studies = [], [], [], [], []
     for j, radius in enumerate(radii):
