@@ -206,10 +206,11 @@ def test_window_skips_tiles():
 
 
 @hypothesis.settings(deadline=None, max_examples=20)
+@hypothesis.example(causal=True, window=None, registers=1, T=384, S=256)  # see test_causal_one_register
 @hypothesis.given(
     causal=st.booleans(),
     window=st.one_of(st.none(), st.tuples(st.integers(0, 300), st.integers(0, 300))),
-    registers=st.sampled_from([0, 3]),
+    registers=st.sampled_from([0, 1, 3]),
     T=st.sampled_from([128, 384, 512]),
     S=st.sampled_from([128, 256, 640]),
 )
@@ -271,6 +272,20 @@ def test_full_tiles_see_every_key(causal, window, registers, T, S, bq, bkv):
                     cleared += 1
     if not causal and window is None and T % bq == 0 and (S + registers) % bkv == 0:
         assert cleared == (Tp // bq) * (Sp // bkv)
+
+
+def test_causal_one_register():
+    """Causal with one register: the dkv kernel's second key tile (keys 128..255, positions
+    127..254) is seen by query 127 alone, in the query tile before the one its first key index
+    points at (``_q_range`` must start there). T = 128 makes that pair key 128's whole gradient;
+    key 128 is built to take about half of query 127's weight (head 0: a logit of 8, near the
+    log-sum of the row's other logits) and a value along dO, so that its dk / dv rows are ~10 %
+    of the arrays' norms (a skipped tile is seen far above the tolerance)."""
+    q, k, v, dout, _, _ = _inputs(15, 1, 128, 257, 2, 1, 64, 64, jnp.bfloat16, False, False)
+    q127, do127 = (x[0, 127, 0].astype(jnp.float32) for x in (q, dout))
+    k = k.at[0, 128, 0].set((8.0 / 0.3 * q127 / jnp.sum(q127 * q127)).astype(k.dtype))
+    v = v.at[0, 128, 0].set((3.0 * do127 / jnp.linalg.norm(do127)).astype(v.dtype))
+    _compare(q, k, v, dout, None, None, MaskSpec(is_causal=True, num_registers=1))
 
 
 @pytest.mark.parametrize("name", ["causal_ragged_gqa2", "window_registers_f16", "d128_causal_ragged_kv"])
