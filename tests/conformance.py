@@ -165,6 +165,19 @@ class AttentionConformance:
     # If set for a dtype, gradients are compared with the XLA reference in relative Frobenius norm
     # instead of element by element (16-bit kernels: a few elements of large gradients stray).
     GRAD_NORM_RTOL: dict | None = None
+    # The variant parameter's gradient (temperature, SSMax s, RBF gamma: one scalar, or one per
+    # head) under GRAD_NORM_RTOL. It is a sum over every query row r of t_r = d loss_r / d param,
+    # and the rows do not share signs: |sum t_r| can be 1000x below sum |t_r| (seen: an SSMax s
+    # draw in float16 with the kernel off by 8 % of the sum, 0.08 u sum |t_r|). Each t_r is formed
+    # by a 16-bit kernel from dO and the output rounded to the input dtype and P and dZ rounded
+    # before the products: a relative error of a few unit roundoffs u at worst per row (errors of
+    # random sign in practice: measured |error| <= 0.18 u sum |t_r| over 54 float16 and bfloat16
+    # draws), and no centering across rows. So the bound is
+    #     |g_kernel - g_ref| <= PARAM_SUM_ROUNDOFFS * u * sum_r |t_r|,
+    # with the t_r from the float64 XLA reference (forward-mode, per row) and u = UNIT_ROUNDOFF of
+    # the input dtype; no relative bound on |sum t_r| alone, which has no error model.
+    UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+    PARAM_SUM_ROUNDOFFS = 2.0
     FD_STEP = 1e-4  # finite-difference step of the float64 gradient check
     FD_RTOL = 1e-6
     # Rows this close to a kink get no cotangent, so the finite differences probe a smooth loss:
@@ -405,6 +418,24 @@ class AttentionConformance:
             assert abs(analytic - fd) <= self.FD_RTOL * (1.0 + size), (
                 f"d/d{name}: analytic {analytic!r} vs finite difference {fd!r}")
 
+    def param_row_terms(self, case, ct_out, ct_stats, ref_args):
+        """``t_r``: each query row's share of d loss / d param, ``[B, T, N, *param.shape]``, by
+        forward mode through the XLA reference at ``ref_args``' precision (see
+        ``PARAM_SUM_ROUNDOFFS``)."""
+        ct_out = jnp.asarray(ct_out, ref_args["param"].dtype)
+
+        def rows(param):
+            args = dict(ref_args, param=param)
+            result = call_attention(args, case, implementation="xla",
+                                    return_stats=ct_stats is not None)
+            out, stats = result if ct_stats is not None else (result, ())
+            per_row = jnp.sum(out.astype(ct_out.dtype) * ct_out, axis=-1)  # [B, T, N]
+            for ct, s in zip(() if ct_stats is None else ct_stats, stats, strict=True):
+                per_row = per_row + jnp.transpose(s.astype(ct_out.dtype) * ct, (0, 2, 1))
+            return per_row
+
+        return np.asarray(jax.jacfwd(rows)(ref_args["param"]), np.float64)
+
     @pytest.mark.parametrize("variant_name", DIFFERENTIABLE_VARIANTS)
     @FEW_NO_SHRINK
     @hypothesis.given(data=st.data())
@@ -413,7 +444,12 @@ class AttentionConformance:
         self.skip_unless_variant(variant_name)
         self.skip_unless("SUPPORTS_VJP", "differentiation")
         case = self.draw_case(data, variant_name)
-        rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1), label="ct_seed"))
+        self.check_gradients(case, data.draw(st.integers(0, 2**31 - 1), label="ct_seed"))
+
+    def check_gradients(self, case, ct_seed):
+        """The backend's gradients of ``case`` (random cotangents from ``ct_seed``) against the
+        oracle's finite differences (float64) or the XLA reference's gradients."""
+        rng = np.random.default_rng(ct_seed)
         expected = call_oracle(case.diff_args(), case)
         ct_out, ct_stats = self.cotangents(rng, case, expected)
         grads = jax.block_until_ready(
@@ -436,5 +472,13 @@ class AttentionConformance:
                 what = f"gradient {jax.tree_util.keystr(path)}"
                 if norm_rtol is None:
                     _assert_close(got, want, tol, what)
+                elif path == (jax.tree_util.DictKey("param"),):
+                    terms = self.param_row_terms(case, ct_out, ct_stats, ref_args)
+                    bound = (self.PARAM_SUM_ROUNDOFFS * self.UNIT_ROUNDOFF[dtype.name]
+                             * np.abs(terms).sum(axis=(0, 1, 2)))
+                    err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+                    assert np.all(np.isfinite(err)) and np.all(err <= bound), (
+                        f"{what}: |error| {err} > {bound} ({self.PARAM_SUM_ROUNDOFFS} u sum_r "
+                        f"|t_r|, sum_r t_r = {terms.sum(axis=(0, 1, 2))})")
                 else:
                     _assert_close_in_norm(got, want, norm_rtol, what)
