@@ -144,3 +144,62 @@ def test_targets_count_cells_in_scope_per_sweep():
     assert sorted(cells) == [(64, 4096, False), (64, 16384, False)]
     assert cells[(64, 16384, False)][1] is None
     assert cells[(64, 4096, False)] == [pytest.approx(1 / 1.05), pytest.approx(1 / 1.2)]
+
+
+def _raw(device="NVIDIA H100 80GB HBM3"):
+    """Raw speed rows of two cells: ours and the peers at known speeds, three identical rounds."""
+    rows = []
+    for N in (4096, 16384):
+        for mode, speeds in (("fwd", dict(softmax=500, cudnn=400, adaptive=300, rbf=450,
+                                           cudnn_rbf=150)),
+                             ("fwdbwd", dict(softmax=400, cudnn=400, adaptive=200, rbf=380,
+                                              cudnn_rbf=100))):
+            for impl, tflops in speeds.items():
+                t = 1.0 / tflops
+                rows.append(dict(D=64, N=N, B=16384 // N, causal=False, mode=mode, impl=impl,
+                                 time_s=t, tflops=tflops * (1 + (N > 4096)), error=None,
+                                 round_times_s=[t, t, t]))
+    return dict(device=device, date="2026-01-02", command="python3 -m benchmarks speed",
+                jax="0.11.2", heads=16, tokens=16384, rows=rows)
+
+
+def test_summary_ratios_and_table():
+    from benchmarks import summary
+    s = summary.summarize([_raw()], "python3 -m benchmarks speed --x")
+    cell = {(c["N"], c["mode"], c["impl"]): c for c in s["cells"]}
+    assert cell[(4096, "fwd", "adaptive")]["vs_softmax"] == 0.6
+    assert cell[(4096, "fwd", "softmax")]["vs_cudnn"] == 1.25
+    assert cell[(4096, "fwd", "rbf")]["vs_peers"] == {"cudnn_rbf": 3.0}
+    table = summary.render(s)
+    assert "| `adaptive` |" in table and "| 0.60 |" in table  # fwd ÷ our softmax in both cells
+    assert "| 300–600 |" in table  # TFLOP/s range over the two cells
+    assert "forward 3.00, forward+backward 3.80" in table
+    assert "NVIDIA H100 80GB HBM3 on 2026-01-02" in table and "--x" in table
+
+
+def test_summary_refuses_mixed_devices():
+    from benchmarks import summary
+    with pytest.raises(ValueError, match="different devices"):
+        summary.summarize([_raw(), _raw("NVIDIA H200")], "x")
+
+
+def test_readme_update_replaces_only_the_marked_block():
+    from benchmarks import summary
+    s = summary.summarize([_raw()], "cmd")
+    text = f"intro\n{summary.START}\nold table\n{summary.END}\noutro\n"
+    new = summary.update_readme(text, s)
+    assert new.startswith("intro\n") and new.endswith(f"{summary.END}\noutro\n")
+    assert "old table" not in new and summary.render(s) in new
+    with pytest.raises(ValueError, match="markers"):
+        summary.update_readme("no markers", s)
+
+
+@pytest.mark.parametrize("command", ["speed", "memory", "kernels", "check"])
+def test_gpu_commands_exit_at_once_on_a_cpu(command):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", command], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "needs an NVIDIA Hopper GPU" in proc.stderr
