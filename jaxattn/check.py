@@ -9,7 +9,8 @@ gradient (``q``, ``k``, ``v``, the variant's parameters, the registers) by
 ``||x - r|| / ||r||``. Prints a pass/fail table (bf16 / f16 against float32: below 1e-2).
 
 On a Hopper GPU it runs the Mosaic GPU kernels at realistic sizes; elsewhere ``--small`` runs
-them in the interpreter at toy sizes (slow: minutes).
+them in the interpreter at toy sizes (slow: minutes); without a GPU and without ``--small`` it
+exits at once with status 2.
 
 Example::
 
@@ -29,6 +30,7 @@ import numpy as np
 
 import jaxattn
 from jaxattn import variants
+from pallas_kernels.check import gpu_missing
 
 TOL = 1e-2
 
@@ -137,6 +139,9 @@ def main(argv=None):
     unknown = [name for name in args.cases.split(",") if name not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if gpu_missing(args.small, "python -m jaxattn.check",
+                   "pass --small to run it at toy sizes in the CPU interpreter (minutes)"):
+        return 2
     B, T = (1, 128) if args.small else (2, 2048)
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, "seed", args.seed,
           f"B={B} T=S={T} N=8", flush=True)

@@ -1,5 +1,7 @@
 """GPU check of the fused forward kernels: ``python -m pallas_kernels.check [--quick] [--json PATH]``.
 
+Without a GPU it exits at once with status 2, unless ``--interpret`` asks for the CPU interpreter.
+
 Runs :func:`pallas_kernels.forward.flash_forward` (and :func:`flash_stats`) on fresh random inputs
 at realistic sizes (up to N = 16384, D = 256) and compares each with a float32 reference computed
 on a random subset of query rows (all keys), so the reference never holds a T x S matrix of the
@@ -28,6 +30,17 @@ from pallas_kernels.forward import BlockSizes, default_stats_block_sizes, flash_
 from pallas_kernels.forward import _blocks as forward_blocks
 
 REL_TOL = 1e-2
+
+
+def gpu_missing(explicit: bool, what: str, hint: str) -> bool:
+    """True (after a message on stderr) when JAX has no GPU and the caller did not ask for the
+    interpreter (``explicit``): the GPU checks at realistic sizes would run for hours in the CPU
+    interpreter, so they say so at once instead (``main`` then exits with status 2)."""
+    backend = jax.default_backend()
+    if backend == "gpu" or explicit:
+        return False
+    print(f"{what} needs a GPU (the JAX backend is {backend!r}); {hint}", file=sys.stderr)
+    return True
 STAT_TOL = 1e-2
 ROWS = 256
 
@@ -262,7 +275,12 @@ def main(argv=None):
                         help="forward BlockSizes fields to override, e.g. intra_overlap=1,pingpong=0")
     parser.add_argument("--stats-set", default="",
                         help="statistics-sweep BlockSizes fields to override, e.g. sweep_skips_v=1")
+    parser.add_argument("--interpret", action="store_true",
+                        help="run without a GPU, in the Mosaic GPU interpreter (hours at these sizes)")
     args = parser.parse_args(argv)
+    if gpu_missing(args.interpret, "python -m pallas_kernels.check",
+                   "pass --interpret to run it in the (very slow) CPU interpreter"):
+        return 2
     overrides = parse_overrides(args.set, BlockSizes)
     stats_overrides = parse_overrides(args.stats_set, BlockSizes)
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)

@@ -9,13 +9,15 @@
    implementation="cudnn")`` forward+backward minus its forward). FLOPs: bwd = 2.5 x fwd,
    fwd = 4 B H T^2 D, halved when causal. Median of 10 timed calls after warm-up.
 
-A pass/fail table and a timing table are printed last.
+A pass/fail table and a timing table are printed last. Without a GPU it exits at once with status 2,
+unless ``--interpret`` asks for the CPU interpreter.
 """
 
 import argparse
 import dataclasses
 import math
 import statistics
+import sys
 import time
 
 import jax
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
-from pallas_kernels.check import parse_overrides
+from pallas_kernels.check import gpu_missing, parse_overrides
 from pallas_kernels.common import MaskSpec, flash_reference, is_masked
 
 # name: (B, T, S, N, K, D, mask kwargs, registers, use query_scale, use key_bias (True: N(0, 1);
@@ -219,7 +221,7 @@ def time_case(T, D, causal, heads=16, tokens=16384):
                 ours_tflops=flops / t_ours / 1e12, cudnn_tflops=flops / (t_fb - t_fwd) / 1e12)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("check", "time", "both", "tune"), default="both")
     parser.add_argument("--cases", default=",".join(CHECKS))
@@ -230,7 +232,12 @@ def main():
                         help="the default config with BackwardConfig.mma_db flipped")
     parser.add_argument("--set", default="",
                         help="BackwardConfig fields to override, e.g. overlap=1,block_kv_dq=64")
-    args = parser.parse_args()
+    parser.add_argument("--interpret", action="store_true",
+                        help="run without a GPU, in the Mosaic GPU interpreter (hours at these sizes)")
+    args = parser.parse_args(argv)
+    if gpu_missing(args.interpret, "python -m pallas_kernels.check_backward",
+                   "pass --interpret to run it in the (very slow) CPU interpreter"):
+        return 2
     overrides = parse_overrides(args.set, BackwardConfig)
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, "seed", args.seed, flush=True)
     rows, timings = [], []
@@ -260,7 +267,7 @@ def main():
             for T in (4096, 16384):
                 for causal in (False, True):
                     tune_case(T, D, causal)
-        return
+        return 0
     print("\n== correctness (bf16 vs float32 oracle, rel err < 1e-2) ==")
     for name, status, detail in rows:
         print(f"{name:30s} {status:5s} {detail}")
@@ -271,7 +278,8 @@ def main():
         ratio = r["ours_tflops"] / r["cudnn_tflops"]
         print(f"{r['T']:6d} {r['D']:4d} {r['causal']!s:>6} {r['ours_ms']:8.3f} {r['cudnn_bwd_ms']:9.3f} "
               f"{r['ours_tflops']:9.1f} {r['cudnn_tflops']:10.1f} {ratio:6.2f}")
+    return 0 if all(status == "PASS" for _, status, _ in rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

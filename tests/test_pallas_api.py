@@ -411,3 +411,94 @@ def test_extreme_segment_ids_gradients_match_xla():
         assert np.all(np.isfinite(a)), label
         row_err = np.abs(a - b).reshape(Bs, -1).max(1) / np.abs(b).max()
         assert np.all(row_err <= GRAD_RTOL), (label, row_err)
+
+
+def test_adaptive_temperature_traced_scale_gradients_match_xla():
+    """A traced logit scale (a learned temperature) with the gradient through beta: the entropy's
+    VJP gets ``c = a`` (the scale folded into the statistics sweep's per-query scale), and dq, dk,
+    dv and d(scale) match XLA's. The beta path must matter at these inputs (checked), else the
+    entropy VJP's share of the gradients would be untested."""
+    q, k, v, _ = _inputs(13, registers=False)
+    q = 2 * q  # exact in bf16; sharper rows, so beta > 1 on some of them
+    cot = jnp.sin(jnp.arange(H, dtype=jnp.float32))[None, None, None, :]
+
+    def loss(q, k, v, scale, stop, impl):
+        out = jaxattn.attention(q, k, v, variant=variants.AdaptiveTemperature(stop_gradient_beta=stop),
+                                scale=scale, implementation=impl, is_causal=True)
+        return jnp.sum(out.astype(jnp.float32) * cot)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnames=("stop", "impl"))
+    a = jnp.float32(0.6 / np.sqrt(H))
+    got = _ready(grad(q, k, v, a, stop=False, impl="pallas"))
+    want = grad(*_f32((q, k, v)), a, stop=False, impl="xla")
+    other = grad(*_f32((q, k, v)), a, stop=True, impl="xla")
+    for label, a_, b, o in zip(("dq", "dk", "dv", "dscale"), got, want, other, strict=True):
+        a_, b, o = (np.asarray(x, np.float32) for x in (a_, b, o))
+        assert np.all(np.isfinite(a_)), label
+        scale = np.abs(b).max()
+        if label in ("dq", "dscale"):  # beta's share must exceed the tolerance to be seen
+            assert np.abs(o - b).max() > GRAD_RTOL * scale, (label, "beta path too small")
+        assert np.abs(a_ - b).max() <= GRAD_RTOL * scale, (label, np.abs(a_ - b).max(), scale)
+
+
+def test_default_dispatch_on_gpu_falls_back_on_not_implemented(monkeypatch):
+    """implementation=None on a GPU tries the kernel first; a NotImplementedError from it gives
+    the XLA reference's result (bit for bit), and implementation="pallas" re-raises it."""
+    import jaxattn.api
+    calls = []
+
+    def unsupported(*args, **kwargs):
+        calls.append(kwargs.get("variant"))
+        raise NotImplementedError("stand-in kernel")
+
+    monkeypatch.setattr(jaxattn.api, "_on_gpu", lambda: True)
+    monkeypatch.setattr(jaxattn.api.pallas_kernels, "attention", unsupported)
+    q, k, v, _ = _inputs(14, registers=False)
+    out = jaxattn.attention(q, k, v, variant="scalable_softmax", is_causal=True)
+    assert len(calls) == 1, "the default dispatch did not try the kernel"
+    ref = jaxattn.attention(q, k, v, variant="scalable_softmax", is_causal=True,
+                            implementation="xla")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    with pytest.raises(NotImplementedError, match="stand-in kernel"):
+        jaxattn.attention(q, k, v, variant="scalable_softmax", implementation="pallas")
+    assert len(calls) == 2
+
+
+def test_default_dispatch_on_gpu_runs_the_kernel(monkeypatch):
+    """implementation=None on a GPU runs the fused kernel (here interpreted): the result is the
+    kernel's, bit for bit that of implementation="pallas", and within the 16-bit bar of XLA's."""
+    import jaxattn.api
+    seen = _spy(monkeypatch, "pallas_kernels", "attention", lambda kw: kw["variant"].name)
+    monkeypatch.setattr(jaxattn.api, "_on_gpu", lambda: True)
+    q, k, v, _ = _inputs(15, registers=False)
+    out = _ready(jaxattn.attention(q, k, v, is_causal=True))
+    assert seen == ["softmax"]
+    kernel = _ready(jaxattn.attention(q, k, v, is_causal=True, implementation="pallas"))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(kernel, np.float32))
+    ref = jaxattn.attention(*_f32((q, k, v)), is_causal=True, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
+
+
+@pytest.mark.parametrize("module, flag", [("pallas_kernels.check", "--interpret"),
+                                          ("pallas_kernels.check_backward", "--interpret"),
+                                          ("jaxattn.check", "--small")])
+def test_gpu_checks_exit_at_once_without_a_gpu(module, flag):
+    """The GPU check scripts on a CPU backend: status 2 and a message naming the flag that asks
+    for the interpreter, within seconds (they used to start hours of interpreted kernels)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-m", module], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "needs a GPU" in proc.stderr and flag in proc.stderr, proc.stderr[-2000:]
+
+
+def test_gpu_checks_run_on_request_without_a_gpu(capsys):
+    """The explicit flag passes the GPU test (here on cases that run no kernel)."""
+    from pallas_kernels import check, check_backward
+    assert check.main(["--interpret", "--skip-cases"]) == 0
+    assert check_backward.main(["--interpret", "--only", "check", "--cases", "nope"]) == 1
+    assert "needs a GPU" not in capsys.readouterr().err
