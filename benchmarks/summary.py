@@ -25,6 +25,7 @@ README = ROOT / "README.md"
 START = "<!-- speed-table: made by `python3 -m benchmarks readme` from benchmarks/summary.json -->"
 END = "<!-- speed-table end -->"
 MODES = ("fwd", "fwdbwd")
+RBF_PEERS = ("cudnn_rbf", "tokamax_rbf")
 
 
 def summarize(raw, command):
@@ -55,6 +56,9 @@ def summarize(raw, command):
                           tflops=round(row["tflops"], 1),
                           vs_cudnn=_round(speed_ratio(by_key, key, impl, "cudnn")),
                           vs_softmax=_round(speed_ratio(by_key, key, impl, "softmax"))))
+        if impl == "rbf":  # our RBF against the RBF workarounds of other libraries
+            cells[-1]["vs_peers"] = {p: r for p in RBF_PEERS
+                                     if (r := _round(speed_ratio(by_key, key, impl, p))) is not None}
     first = raw[0]
     return dict(device=first["device"], date=first.get("date") or datetime.date.today().isoformat(),
                 jax=first.get("jax"), dtype="bfloat16", heads=first.get("heads"),
@@ -92,13 +96,20 @@ def render(summary):
                      "–" if impl == "cudnn" else _span([c["vs_cudnn"] for c in mine], "{:.2f}"),
                      "–" if impl == "softmax" else _span([c["vs_softmax"] for c in mine], "{:.2f}")]
         lines.append(f"| `{impl}` | {ROWS[impl]} | " + " | ".join(cols) + " |")
+    rbf = [c for c in summary["cells"] if c["impl"] == "rbf"]
+    for peer in RBF_PEERS:
+        spans = [_span([c.get("vs_peers", {}).get(peer) for c in rbf if c["mode"] == m], "{:.2f}")
+                 for m in MODES]
+        if any(x != "–" for x in spans):
+            lines += ["", f"Our `rbf` ÷ `{peer}` in the same cells: forward {spans[0]}, "
+                          f"forward+backward {spans[1]}."]
     lines += [
         "",
-        f"Ranges over D in {{{', '.join(map(str, dims))}}}, N in {{{', '.join(map(str, lengths))}}}, "
-        f"causal and not; {summary['dtype']}, {summary['heads']} heads, B * N = {summary['tokens']} "
-        f"tokens. Measured on one {summary['device']} on {summary['date']} with jax "
-        f"{summary['jax']} by `{summary['command']}`; every ratio is taken within one process "
-        "(the median of per-round ratios of interleaved rounds).",
+        f"Ranges over head dims H in {{{', '.join(map(str, dims))}}} and sequence lengths T = S in "
+        f"{{{', '.join(map(str, lengths))}}}, causal and not; {summary['dtype']}, N = {summary['heads']} "
+        f"heads, B * T = {summary['tokens']} tokens. Measured on one {summary['device']} on "
+        f"{summary['date']} with jax {summary['jax']} by `{summary['command']}`; every ratio is taken within "
+        "one process (the median of per-round ratios of interleaved rounds).",
     ]
     return "\n".join(lines)
 
