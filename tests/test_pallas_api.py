@@ -465,16 +465,14 @@ def test_default_dispatch_on_gpu_falls_back_on_not_implemented(monkeypatch):
 
 
 def test_default_dispatch_on_gpu_runs_the_kernel(monkeypatch):
-    """implementation=None on a GPU runs the fused kernel (here interpreted): the result is the
-    kernel's, bit for bit that of implementation="pallas", and within the 16-bit bar of XLA's."""
+    """implementation=None on a GPU runs the fused kernel (here interpreted; the spy sees the
+    call, one kernel run) and returns its result, within the 16-bit bar of XLA's."""
     import jaxattn.api
     seen = _spy(monkeypatch, "pallas_kernels", "attention", lambda kw: kw["variant"].name)
     monkeypatch.setattr(jaxattn.api, "_on_gpu", lambda: True)
     q, k, v, _ = _inputs(15, registers=False)
     out = _ready(jaxattn.attention(q, k, v, is_causal=True))
     assert seen == ["softmax"]
-    kernel = _ready(jaxattn.attention(q, k, v, is_causal=True, implementation="pallas"))
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(kernel, np.float32))
     ref = jaxattn.attention(*_f32((q, k, v)), is_causal=True, implementation="xla")
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
 
