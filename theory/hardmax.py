@@ -178,13 +178,13 @@ def scale_sweep(key, d, sigma2, scales, query_radius, ns, replicates, probes=8,
     (the sources: "convergence becomes logarithmic"): the slowdown (slopes rising with ``lambda``)
     is asserted by ``theory.check.row_scale_sweep``; the logarithmic limit is not.
     """
-    studies = []
+    studies, horizons = [], []
     for j, lam in enumerate(scales):
         setup = sc.GaussianSetup(d, sigma2, float(lam))
+        horizons.append(setup.horizon())
         studies.append(sc.gaussian_sup_study(jax.random.fold_in(key, j), setup, query_radius, ns,
                                              replicates, probes, dtype))
-    return ScaleSweep(np.asarray(scales, np.float64),
-                      np.asarray([sigma2 * lam for lam in scales]),
+    return ScaleSweep(np.asarray(scales, np.float64), np.asarray(horizons),
                       np.asarray([s.fit.slope for s in studies]),
                       np.asarray([s.fit.slope_se for s in studies]), tuple(studies))
 

@@ -46,12 +46,16 @@ __all__ = [
     "Estimate",
     "estimate",
     "pointwise_errors",
+    "pointwise_mse_constant",
     "sup_errors",
+    "pushforward_moments",
     "pushforward_errors",
     "gaussian_pushforward_moments",
     "Fit",
     "wls_fit",
     "loglog_slope",
+    "RATE_FLOOR",
+    "slope_verdict",
     "horizon",
     "predicted_moment_exponent",
     "growth_constant",
@@ -247,6 +251,47 @@ def pointwise_errors(x, tokens, exact, a_matrix, w_v=None):
     return jnp.linalg.norm(approx - exact[None], axis=-1)
 
 
+def pointwise_mse_constant(x, mean, cov, a_matrix, w_v=None):
+    """``lim_n n E||Gamma_{mu_n}(x) - Gamma_mu(x)||^2`` for Gaussian tokens ``mu = N(m, Sigma)``.
+
+    .. math:: K(x) = e^{\\|\\Sigma^{1/2} A x\\|^2} \\left(\\operatorname{tr}(W_v \\Sigma W_v^T)
+      + \\|W_v \\Sigma A x\\|^2\\right)
+
+    Derivation (ours). With ``u = A x``, weights ``w_i = e^{<u, y_i>}`` and ``Gamma_{mu_n} = N/D``,
+    ``N = mean_i w_i W_v y_i``, ``D = mean_i w_i``, the delta method gives
+    ``Gamma_{mu_n} - Gamma_mu ~ mean_i w_i W_v (y_i - mu_x) / E w`` with ``mu_x = m + Sigma u``
+    (the tilted mean; each term has mean 0), so ``n MSE -> E[w^2 ||W_v (y - mu_x)||^2] / (E w)^2``.
+    Gaussian tilts are shifts: ``E[e^{<t, y>} g(y)] = e^{<t, m> + t^T Sigma t / 2}
+    E_{N(m + Sigma t, Sigma)}[g]``; at ``t = 2u`` over ``(E w)^2`` (``t = u``, squared) the prefactor
+    is ``e^{u^T Sigma u}``, and under ``N(m + 2 Sigma u, Sigma)`` the vector ``y - mu_x`` has mean
+    ``Sigma u`` and covariance ``Sigma``, whence the bracket. ``m`` drops out. Checked against
+    Monte Carlo of :func:`pointwise_errors` (``test_pointwise_mse_matches_its_constant``,
+    ``theory.check.row_mse_constant``); the approach to ``K`` from below at small ``n`` is what
+    makes large ``||Sigma^(1/2) A x||`` pre-asymptotic (``theory.check.row_rate_large_radius``).
+
+    Args:
+      x: ``[..., d]``.
+      mean: ``m`` ``[d]`` (unused: the constant does not depend on it; kept for the signature).
+      cov: ``Sigma`` ``[d, d]``.
+      a_matrix: ``A`` ``[d, d]``.
+      w_v: ``[dv, d]`` or None.
+
+    Returns:
+      ``[...]``.
+    """
+    del mean
+    x = np.asarray(x, np.float64)
+    d = x.shape[-1]
+    cov, a = np.asarray(cov, np.float64), np.asarray(a_matrix, np.float64)
+    if cov.shape != (d, d) or a.shape != (d, d):
+        raise ValueError(f"cov and a_matrix must be [{d}, {d}], got {cov.shape}, {a.shape}")
+    w_v = np.eye(d) if w_v is None else np.asarray(w_v, np.float64)
+    u = np.einsum("ij,...j->...i", a, x)
+    tilt = np.einsum("...i,ij,...j->...", u, cov, u)
+    shift = np.einsum("ed,dj,...j->...e", w_v, cov, u)
+    return np.exp(tilt) * (np.trace(w_v @ cov @ w_v.T) + np.sum(shift**2, axis=-1))
+
+
 @jax.jit
 def sup_errors(probes, tokens, exact, a_matrix, w_v=None):
     """``max`` over probe points of the pointwise error, per replicate: ``[R]``.
@@ -262,12 +307,31 @@ def _self_attention(tokens, a_matrix, w_v):
 
 
 @jax.jit
+def pushforward_moments(tokens, a_matrix, w_v=None):
+    """Mean and (biased, ``1/n``) covariance of ``(Gamma_{mu_n})_# mu_n``, per replicate.
+
+    The transformed distribution of ``n`` tokens is their self-attention outputs
+    ``o_i = Gamma_{mu_n}(y_i)``. Checked against the exact Gaussian pushforward
+    (``test_pushforward_moments_match_exact_gaussian``).
+
+    Args:
+      tokens: ``[R, n, d]``.
+
+    Returns:
+      ``(mean [R, dv], cov [R, dv, dv])``.
+    """
+    # lax.map in chunks of 4 replicates bounds memory at 4 n^2 weights.
+    outs = jax.lax.map(lambda t: _self_attention(t, a_matrix, w_v), tokens, batch_size=4)
+    mean = jnp.mean(outs, axis=1)
+    centred = outs - mean[:, None, :]
+    return mean, jnp.einsum("rni,rnj->rij", centred, centred) / outs.shape[1]
+
+
+@jax.jit
 def pushforward_errors(tokens, a_matrix, exact_mean, exact_cov, w_v=None):
     """Errors of the mean and covariance of ``(Gamma_{mu_n})_# mu_n`` against the exact ones.
 
-    The transformed distribution of ``n`` tokens is their self-attention outputs
-    ``o_i = Gamma_{mu_n}(y_i)``; its empirical mean and (biased, 1/n) covariance are compared with
-    those of ``(Gamma_mu)_# mu``.
+    Moments from :func:`pushforward_moments`, compared with those of ``(Gamma_mu)_# mu``.
 
     Args:
       tokens: ``[R, n, d]``.
@@ -277,11 +341,7 @@ def pushforward_errors(tokens, a_matrix, exact_mean, exact_cov, w_v=None):
     Returns:
       ``(mean_error [R], cov_error [R])`` (Euclidean and Frobenius norms).
     """
-    # lax.map in chunks of 4 replicates bounds memory at 4 n^2 weights.
-    outs = jax.lax.map(lambda t: _self_attention(t, a_matrix, w_v), tokens, batch_size=4)
-    mean = jnp.mean(outs, axis=1)
-    centred = outs - mean[:, None, :]
-    cov = jnp.einsum("rni,rnj->rij", centred, centred) / outs.shape[1]
+    mean, cov = pushforward_moments(tokens, a_matrix, w_v)
     return (jnp.linalg.norm(mean - exact_mean[None], axis=-1),
             jnp.linalg.norm(cov - exact_cov[None], axis=(-2, -1)))
 
@@ -290,7 +350,8 @@ def gaussian_pushforward_moments(mean, cov, a_matrix, w_v=None):
     """Mean and covariance of ``(Gamma_mu)_# mu`` for ``mu = N(m, Sigma)`` (affine map).
 
     ``Gamma_mu(y) = W_v (m + Sigma A y)``, so the mean is ``W_v (m + Sigma A m)`` and the
-    covariance ``W_v Sigma A Sigma A^T Sigma W_v^T``.
+    covariance ``W_v Sigma A Sigma A^T Sigma W_v^T``. (``W_v (I + Sigma A) Sigma (I + Sigma A)^T
+    W_v^T`` would be the covariance of ``W_v (y + Sigma A y)``, a residual map, which this is not.)
     """
     mean, cov, a = jnp.asarray(mean), jnp.asarray(cov), jnp.asarray(a_matrix)
     sa = cov @ a
@@ -344,8 +405,40 @@ def loglog_slope(ns, mean, se) -> Fit:
     return wls_fit(np.log(np.asarray(ns, np.float64)), np.log(mean), se / mean)
 
 
+RATE_FLOOR = 0.05  # the stated floor of slope_verdict (theory.check, experiments.convergence_rates)
+
+
+def slope_verdict(fit: Fit, want: float = -0.5, floor: float = RATE_FLOOR, z: float = 3.0) -> str:
+    """The one rule for "the slope is ``want``" (the claim table and the experiment use it).
+
+    * ``verified``: ``|slope - want| <= max(z SE, floor)`` and ``z SE <= floor`` (the SE is small
+      enough to decide, so the allowance is the floor, never a wide error bar);
+    * ``refuted``: ``|slope - want| > floor + z SE`` (outside the floor beyond the noise), or a
+      non-finite slope or SE (a broken fit never passes);
+    * ``inconclusive``: otherwise (the SE is too large to decide).
+
+    A slope measured before the asymptotic regime is reached can be refuted by this rule while the
+    rate holds for larger ``n``: the rows that apply it say which regime they measure.
+    """
+    slope, se = float(fit.slope), float(fit.slope_se)
+    if not (math.isfinite(slope) and math.isfinite(se) and se >= 0):
+        return "refuted"
+    dev = abs(slope - want)
+    if z * se <= floor and dev <= floor:
+        return "verified"
+    return "refuted" if dev > floor + z * se else "inconclusive"
+
+
 def horizon(a_matrix, cov):
-    """The horizon ``H = ||Sigma^(1/2) A Sigma^(1/2)||_2`` (A as in the exponent; host, float64)."""
+    """The horizon ``H = ||Sigma^(1/2) A Sigma^(1/2)||_2`` (A as in the exponent; host, float64).
+
+    Why this norm: at a token ``y = Sigma^(1/2) z`` (``m = 0``) the pointwise constant
+    :func:`pointwise_mse_constant` carries the factor ``e^{||M z||^2}``, ``M = Sigma^(1/2) A
+    Sigma^(1/2)``, whose mean over ``z ~ N(0, I)`` is ``det(I - 2 M^T M)^(-1/2)``, finite iff
+    ``H = ||M||_2 < 1/sqrt 2``: the pushforward's moments feel the top singular value of ``M``.
+    ``||A Sigma||`` differs from it for anisotropic ``Sigma`` and non-symmetric ``A``
+    (``test_horizon_is_the_whitened_norm``).
+    """
     a, c = np.asarray(a_matrix, np.float64), np.asarray(cov, np.float64)
     evals, evecs = np.linalg.eigh(c)
     if np.any(evals < -1e-12 * max(1.0, evals.max())):
@@ -405,21 +498,32 @@ def within(value, prediction, se, floor) -> bool:
 
 
 class GaussianSetup(NamedTuple):
-    """``mu = N(0, sigma2 I_d)`` tokens, ``A = a_scale * A0`` with ``A0`` a fixed random rotation."""
+    """``mu = N(0, Sigma)`` tokens, ``A = a_scale * A0`` with ``A0`` a fixed random rotation.
+
+    ``Sigma = sigma2 I_d`` at ``anisotropy = 1``; otherwise ``Sigma = sigma2 Q diag(e) Q^T`` with a
+    fixed random rotation ``Q`` and eigenvalues ``e`` geometric from ``1/anisotropy`` to
+    ``anisotropy`` (geometric mean 1), so that ``Sigma`` and the non-symmetric ``A`` do not commute.
+    """
 
     d: int
     sigma2: float
     a_scale: float
+    anisotropy: float = 1.0
 
     def arrays(self, dtype=jnp.float64):
         """``(mean, cov, cov_sqrt, A)`` in ``dtype``."""
         rot, _ = np.linalg.qr(np.random.default_rng(self.d).standard_normal((self.d, self.d)))
-        eye = np.eye(self.d)
-        return (jnp.zeros(self.d, dtype), jnp.asarray(self.sigma2 * eye, dtype),
-                jnp.asarray(math.sqrt(self.sigma2) * eye, dtype), jnp.asarray(self.a_scale * rot, dtype))
+        if self.anisotropy == 1.0:
+            cov, root = self.sigma2 * np.eye(self.d), math.sqrt(self.sigma2) * np.eye(self.d)
+        else:
+            q, _ = np.linalg.qr(np.random.default_rng(1000 + self.d).standard_normal((self.d, self.d)))
+            e = self.sigma2 * np.geomspace(1.0 / self.anisotropy, self.anisotropy, self.d)
+            cov, root = (q * e) @ q.T, (q * np.sqrt(e)) @ q.T
+        return (jnp.zeros(self.d, dtype), jnp.asarray(cov, dtype), jnp.asarray(root, dtype),
+                jnp.asarray(self.a_scale * rot, dtype))
 
     def horizon(self) -> float:
-        """``H = sigma2 * a_scale`` (``A0`` orthogonal)."""
+        """:func:`horizon` of ``(A, Sigma)`` (``sigma2 * a_scale`` when isotropic: ``A0`` orthogonal)."""
         _, cov, _, a = self.arrays()
         return horizon(a, cov)
 
@@ -448,6 +552,24 @@ def sphere_sup_study(key, d, token_radius, a_scale, query_radius, ns, replicates
     return error_vs_n(key, ns, replicates,
                       lambda k, shape: sample_sphere(k, shape, d, token_radius, dtype),
                       lambda t: sup_errors(x, t, exact, a))
+
+
+def pointwise_mse_study(key, x, mean, cov_sqrt, a_matrix, n: int, replicates: int, w_v=None,
+                        chunk: int = 256) -> Estimate:
+    """``n ||Gamma_{mu_n}(x) - Gamma_mu(x)||^2`` over replicates for Gaussian tokens: ``[M]`` mean, SE.
+
+    Its limit in ``n`` is :func:`pointwise_mse_constant`. Tokens are drawn ``chunk`` replicates
+    at a time (memory ``chunk n d``).
+    """
+    mean, root = jnp.asarray(mean), jnp.asarray(cov_sqrt)
+    x, a = jnp.asarray(x, mean.dtype), jnp.asarray(a_matrix, mean.dtype)
+    exact = gamma_gaussian(x, mean, root @ root.T, a, w_v)
+    sq = []
+    for c in range(-(-replicates // chunk)):
+        size = min(chunk, replicates - c * chunk)
+        tokens = sample_gaussian(jax.random.fold_in(key, c), (size, int(n)), mean, root)
+        sq.append(np.asarray(pointwise_errors(x, tokens, exact, a, w_v), np.float64) ** 2)
+    return estimate(int(n) * np.concatenate(sq))
 
 
 class MomentStudy(NamedTuple):
@@ -518,6 +640,6 @@ def growth_study(key, setup: GaussianSetup | None, radii, ns, replicates, probes
                        tuple(studies))
 
 
-__all__ += ["RateStudy", "error_vs_n", "within", "GaussianSetup", "gaussian_sup_study",
+__all__ += ["RateStudy", "error_vs_n", "within", "GaussianSetup", "pointwise_mse_study", "gaussian_sup_study",
             "sphere_sup_study", "MomentStudy", "gaussian_moment_study", "GrowthStudy",
             "growth_study"]
