@@ -31,21 +31,34 @@ __all__ = [
     "lemma_2_1",
     "tight_max_bound",
     "extremal_logits",
+    "two_level_logits",
+    "Tightness",
+    "lemma_2_1_extremal",
+    "entropy_floor_gap",
     "entropy_floor",
     "entropy_temperature_derivative",
     "proposition_3_1",
+    "proposition_3_1_extremal",
     "adaptive_entropy",
     "adaptive_argmax",
     "adaptive_argmax_weight",
     "adaptive_beta",
     "adaptive_beta_sup",
     "adaptive_dispersion",
+    "adaptive_dispersion_extremal",
+    "PAPER_ADAPTIVE_THRESHOLD",
+    "adaptive_band",
+    "adaptive_logits_at_entropy",
+    "applied_beta",
     "ssmax_top_weight",
     "ssmax_limit",
     "rbf_dispersion",
+    "rbf_extremal",
     "rbf_origin_sink",
     "lemma_1",
+    "lemma_1_extremal",
     "corollary_1",
+    "corollary_1_extremal",
     "top_n_mask",
     "top_n_context",
     "top_n_distances",
@@ -53,9 +66,11 @@ __all__ = [
     "random_subset_mask",
     "CriticalN",
     "critical_n",
+    "stable_critical",
     "finite_difference_probe",
     "distinguishable_fraction",
     "random_subset_exclusion_exact",
+    "random_subset_exclusion_counts",
     "random_subset_exclusion_mc",
     "softmax_jacobian",
     "Corollary3",
@@ -65,6 +80,8 @@ __all__ = [
     "transformer_delta_bound",
     "StackDispersion",
     "transformer_dispersion",
+    "DISPERSION_SLOPE_TOL",
+    "dispersion_slope",
 ]
 
 
@@ -194,6 +211,54 @@ def extremal_logits(n: int, delta, dtype=jnp.float32):
     return jnp.zeros((n,), dtype).at[0].set(jnp.asarray(delta, dtype))
 
 
+def two_level_logits(n: int, k: int, delta, dtype=jnp.float32):
+    """Logits with ``k`` entries at ``delta`` and ``n - k`` at 0 (``k = 1``: :func:`extremal_logits`)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n:
+        raise ValueError(f"k must be an int in [0, n] = [0, {n}], got {k!r}")
+    return extremal_logits(n, 0.0, dtype).at[:k].set(jnp.asarray(delta, dtype))
+
+
+class Tightness(NamedTuple):
+    """How close a bound comes on its extremal inputs: measured ratios and their closed forms.
+
+    ``ratio`` and ``closed`` are ``[2]``: the upper side's ``max p / upper`` and the lower side's
+    ``lower / min p``, each ``<= 1`` where the bound holds; the closer to 1, the tighter.
+    """
+
+    ratio: jax.Array
+    closed: jax.Array
+
+
+def _ratios(two_sided_hi, two_sided_lo):
+    """``(max p / upper, lower / min p)`` of two :class:`TwoSided` results on extremal rows."""
+    hi = jnp.max(two_sided_hi.value) / jnp.max(two_sided_hi.upper)
+    lo = jnp.min(two_sided_lo.lower) / jnp.min(two_sided_lo.value)
+    return jnp.stack([hi, lo])
+
+
+def _one_sided_closed(n, r):
+    """Closed forms ``n/(e^r + n - 1)`` and ``(e^-r + n - 1)/n`` of the two extremal ratios."""
+    r = np.float64(r)
+    return np.asarray([n / (np.exp(r) + n - 1), (np.exp(-r) + n - 1) / n])
+
+
+def lemma_2_1_extremal(n: int, delta, temperature=1.0, dtype=jnp.float64):
+    """Lemma 2.1 on the inputs its proof points to: how close each side comes.
+
+    Upper side: one logit at ``M`` and ``n - 1`` at ``m`` give
+    ``max p / (e^{r}/n) = n/(e^r + n - 1)``; lower side: one logit at ``m`` and ``n - 1`` at ``M``
+    give ``(e^{-r}/n) / min p = (e^{-r} + n - 1)/n``, with ``r = delta/theta``. Both tend to 1 as
+    ``n`` grows with ``r`` fixed, so no bound ``c e^{r}/n`` with ``c < 1`` (or exponent below
+    ``r``) holds for every ``n``. Checked by ``test_lemma_2_1_tight``.
+
+    Returns:
+      :class:`Tightness` (ratios from :func:`lemma_2_1`'s own bounds and jaxattn's weights).
+    """
+    top = extremal_logits(n, delta, dtype)
+    ratio = _ratios(lemma_2_1(top, temperature), lemma_2_1(-top, temperature))
+    return Tightness(ratio, _one_sided_closed(n, float(delta) / float(temperature)))
+
+
 def entropy_floor(logits, temperature=1.0):
     """Entropy floor (Velickovic et al., section 2): ``H(p) >= log n - delta/theta``.
 
@@ -208,6 +273,25 @@ def entropy_floor(logits, temperature=1.0):
     h = entropy_of_logits(logits, variants.Softmax(temperature))
     floor = math.log(rows.shape[-1]) - logit_spread(logits) / temperature
     return Sides(floor, h)
+
+
+def entropy_floor_gap(n: int, k: int, delta, temperature=1.0, dtype=jnp.float64):
+    """``H - floor`` of :func:`entropy_floor` on ``k`` logits at ``delta``, ``n - k`` at 0, and its
+    closed form.
+
+    With ``r = delta/theta``, ``f = k/n`` and ``z = f e^r + 1 - f``:
+    ``H - (log n - r) = r (1 - f)/z + log z``. It is 0 at ``r = 0`` (uniform weights: the floor is
+    attained), and with ``k = ceil(r e^{-r} n)`` it is below ``1 + log(1 + r)``, a vanishing
+    fraction of ``r``: no floor ``log n - c r`` with ``c < 1`` holds for all ``n, r``. Checked by
+    ``test_entropy_floor_tight``.
+
+    Returns:
+      :class:`Sides` ``(H - floor by jaxattn, closed form)``.
+    """
+    floor, h = entropy_floor(two_level_logits(n, k, delta, dtype), temperature)
+    r, f = float(delta) / float(temperature), k / n
+    z = f * math.exp(r) + 1 - f
+    return Sides(h - floor, r * (1 - f) / z + math.log(z))
 
 
 def entropy_temperature_derivative(logits, temperature=1.0):
@@ -266,6 +350,26 @@ def proposition_3_1(q_matrix, k_matrix, y, xs):
     sk = jnp.linalg.norm(k_matrix, ord=2)
     bound = 2 * sq * sk * jnp.linalg.norm(y) * jnp.max(jnp.linalg.norm(xs, axis=-1))
     return Sides(delta, bound)
+
+
+def proposition_3_1_extremal(q_matrix, k_matrix, y_norm, radius, n: int = 2):
+    """Inputs on which Proposition 3.1's bound is an equality.
+
+    ``K' = U_Q S_K V_K^T`` (``K``'s singular values and right vectors, ``Q``'s left vectors), so
+    ``Q v_Q1`` and ``K' v_K1`` are both along ``u_Q1``; ``y = ||y|| v_Q1`` and keys
+    ``x = +-R v_K1`` give logits ``+-sigma(Q) sigma(K) ||y|| R``: ``delta`` equals the bound.
+    Checked by ``test_proposition_3_1_attained``.
+
+    Returns:
+      ``(Q, K', y, xs [n, d])`` for :func:`proposition_3_1`.
+    """
+    q_matrix, k_matrix = jnp.asarray(q_matrix), jnp.asarray(k_matrix)
+    uq, _, vq = jnp.linalg.svd(q_matrix, full_matrices=False)
+    _, sk, vk = jnp.linalg.svd(k_matrix, full_matrices=False)
+    k_aligned = (uq * sk[None, :]) @ vk
+    y = y_norm * vq[0]
+    signs = jnp.where(jnp.arange(n) % 2 == 0, 1.0, -1.0).astype(q_matrix.dtype)
+    return q_matrix, k_aligned, y, radius * signs[:, None] * vk[0][None, :]
 
 
 # --- adaptive temperature -------------------------------------------------------------------
@@ -380,22 +484,130 @@ def adaptive_dispersion(logits, variant=None):
     return TwoSided(jnp.exp(-spread) / n, p, jnp.exp(spread) / n)
 
 
+def _entropy_eps_of(p, eps):
+    return -np.sum(p * np.log(p + eps))
+
+
+def adaptive_logits_at_entropy(n: int, target, low: bool = False, variant=None):
+    """One logit ``delta`` above (``low``: below) ``n - 1`` zeros, with ``delta`` chosen so that the
+    paper's entropy ``-sum p log(p + eps)`` of plain softmax is ``target`` (bisection in float64
+    on the host; the entropy falls in ``delta``).
+
+    Returns:
+      ``(logits [n] float64, delta)``. Raises if ``target`` is out of the family's range.
+    """
+    variant = variants.AdaptiveTemperature() if variant is None else variant
+
+    def entropy(d):
+        s = np.zeros(n)
+        s[0] = -d if low else d
+        p = np.exp(s - s.max())
+        return _entropy_eps_of(p / p.sum(), variant.entropy_eps)
+
+    lo, hi = 0.0, 700.0
+    if not entropy(hi) < target < entropy(lo):
+        raise ValueError(f"entropy {target} is outside ({entropy(hi)}, {entropy(lo)}) for n = {n}")
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if entropy(mid) > target else (lo, mid)
+    delta = 0.5 * (lo + hi)
+    return extremal_logits(n, -delta if low else delta, jnp.float64), delta
+
+
+def adaptive_dispersion_extremal(n: int = 83, variant=None):
+    """:func:`adaptive_dispersion` on the inputs that come closest to it.
+
+    The bound uses ``b = sup beta``, so it is approached only by rows whose entropy is ``h_sup``
+    (where ``beta = b``): one logit ``delta`` above (below) ``n - 1`` zeros with ``delta`` set so
+    that ``H = h_sup`` (:func:`adaptive_logits_at_entropy`). The ratios are then Lemma 2.1's,
+    ``n/(e^{b delta} + n - 1)`` and ``(e^{-b delta} + n - 1)/n``. ``n = 83`` is the smallest
+    ``n`` with ``log n > h_sup`` and gives the largest upper ratio (about 0.934; 0.41 at n = 90).
+    Checked by ``test_adaptive_still_disperses_tight``.
+
+    Returns:
+      ``(Tightness, (delta_upper, delta_lower))``.
+    """
+    variant = variants.AdaptiveTemperature() if variant is None else variant
+    b, h_sup, _ = adaptive_beta_sup(variant)
+    top, d_hi = adaptive_logits_at_entropy(n, h_sup, False, variant)
+    bottom, d_lo = adaptive_logits_at_entropy(n, h_sup, True, variant)
+    ratio = _ratios(adaptive_dispersion(top, variant), adaptive_dispersion(bottom, variant))
+    closed = np.asarray([n / (np.exp(b * d_hi) + n - 1), (np.exp(-b * d_lo) + n - 1) / n])
+    return Tightness(ratio, closed), (d_hi, d_lo)
+
+
+# The paper's rule (Velickovic et al., SCIENCE.md section 1): beta adapts only where H > 0.5 nats.
+# Kept apart from jaxattn's default so that a changed default shows up as a disagreement.
+PAPER_ADAPTIVE_THRESHOLD = 0.5
+
+
+def adaptive_band(coeffs=None, threshold=PAPER_ADAPTIVE_THRESHOLD):
+    """The entropy interval ``(h_low, h_high)`` where ``beta(H) = max(1, poly(H)) > 1``.
+
+    ``beta > 1`` needs ``H > threshold`` and ``poly(H) > 1``; the ends are the real roots of
+    ``poly = 1`` (float64, on the host) clipped to the threshold. For the paper's polynomial
+    ``poly(0.5) = 0.150 < 1``, so the lower edge is the root ``0.8486`` and the 0.5 threshold
+    changes nothing; the upper edge is ``5.9445``. Raises unless the set is one interval.
+    """
+    coeffs = np.asarray(variants.AdaptiveTemperature().coeffs if coeffs is None else coeffs,
+                        np.float64)
+    roots = np.roots(np.polysub(coeffs, [1.0]))
+    roots = np.sort(roots[np.abs(roots.imag) < 1e-12].real)
+    edges = np.concatenate([[threshold], roots[roots > threshold], [np.inf]])
+    mids = 0.5 * (edges[:-1] + edges[1:])
+    mids[-1] = edges[-2] + 1.0
+    inside = np.polyval(coeffs, mids) > 1
+    if inside.sum() != 1:
+        raise ValueError(f"beta > 1 on {int(inside.sum())} intervals; adaptive_band needs one")
+    i = int(np.argmax(inside))
+    return float(edges[i]), float(edges[i + 1])
+
+
+def applied_beta(logits, variant=None):
+    """The inverse temperature jaxattn's adaptive variant actually applied to each row.
+
+    Read off its weights: ``beta = (log p_i - log p_j)/(s_i - s_j)`` for the largest and smallest
+    logit (rows need distinct logits). Independent of :meth:`AdaptiveTemperature.beta`.
+    """
+    variant = variants.AdaptiveTemperature() if variant is None else variant
+    rows, lead = _float_rows(logits)
+    p = weights_of_logits(rows, variant)
+    hi, lo = jnp.argmax(rows, axis=-1)[:, None], jnp.argmin(rows, axis=-1)[:, None]
+    logp = jnp.log(p)
+    num = jnp.take_along_axis(logp, hi, -1) - jnp.take_along_axis(logp, lo, -1)
+    den = jnp.take_along_axis(rows, hi, -1) - jnp.take_along_axis(rows, lo, -1)
+    return (num / den)[:, 0].reshape(lead)
+
+
 # --- scalable softmax, RBF ------------------------------------------------------------------
 
 
-def ssmax_top_weight(n: int, delta, s=0.43, dtype=jnp.float32):
+def ssmax_top_weight(n: int, delta, s=0.43, dtype=jnp.float32, padding: int = 0):
     """SSMax: one logit ``Delta`` above ``n - 1`` equal ones gets ``1/(1 + (n-1) n^{-s Delta})``.
 
-    Left side through :class:`jaxattn.variants.ScalableSoftmax`; checked by
-    ``test_ssmax_top_weight``.
+    Left side through :class:`jaxattn.variants.ScalableSoftmax`, with ``padding`` further keys
+    (logit 0, like the ``n - 1``) hidden by ``key_value_seq_lengths = n``: SSMax's ``n`` is the
+    number of *visible* keys, so the closed form keeps ``n``. Checked by ``test_ssmax_top_weight``
+    and ``test_ssmax_counts_visible_keys``.
 
     Returns:
       :class:`Sides` ``(weight of the top logit by jaxattn, closed form)``.
     """
-    logits = extremal_logits(n, delta, dtype)
-    p = weights_of_logits(logits, variants.ScalableSoftmax(s))
+    if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    logits = extremal_logits(n + padding, delta, dtype)
+    w = _visible_weights(logits, jnp.asarray([n], jnp.int32), variants.ScalableSoftmax(s))
     closed = 1.0 / (1.0 + (n - 1) * jnp.asarray(n, dtype) ** (-s * jnp.asarray(delta, dtype)))
-    return Sides(p[0], closed)
+    return Sides(w[0], closed)
+
+
+@jax.jit
+def _visible_weights(logits, lengths, variant):
+    """Weights ``[S]`` of one row of logits ``[S]`` of which the first ``lengths[0]`` keys are
+    visible (``key_value_seq_lengths``)."""
+    q = jnp.ones((1, 1, 1, 1), logits.dtype)
+    return jaxattn.attention_weights(q, logits[None, :, None, None], scale=1.0, variant=variant,
+                                     key_value_seq_lengths=lengths)[0, 0, 0]
 
 
 def ssmax_limit(s, delta):
@@ -441,6 +653,27 @@ def rbf_dispersion(query, keys, gamma):
             TwoSided(jnp.exp(-delta_bound) / n, p, jnp.exp(delta_bound) / n))
 
 
+def rbf_extremal(n: int, radius, gamma, d: int = 4, dtype=jnp.float64):
+    """RBF inputs on which the dispersion bounds come closest, and how close.
+
+    ``q = R e_1``: a key at ``q`` and one at ``-q`` give logits ``0`` and ``-4 gamma R^2``, so
+    ``delta = 4 gamma R^2`` exactly; one key at ``q`` and ``n - 1`` at ``-q`` (and the reverse)
+    give Lemma 2.1's extremal ratios ``n/(e^r + n - 1)``, ``(e^-r + n - 1)/n`` with
+    ``r = 4 gamma R^2``. Checked by ``test_rbf_dispersion_tight``.
+
+    Returns:
+      ``(Sides(delta, 4 gamma R^2), Tightness)``, weights through jaxattn's RBF variant.
+    """
+    q = jnp.zeros((d,), dtype).at[0].set(radius)
+    near, far = q[None, :], -q[None, :]
+    one_near = jnp.concatenate([near, jnp.repeat(far, n - 1, axis=0)])
+    one_far = jnp.concatenate([far, jnp.repeat(near, n - 1, axis=0)])
+    spread, hi = rbf_dispersion(q, one_near, gamma)
+    _, lo = rbf_dispersion(q, one_far, gamma)
+    r = 4 * float(gamma) * float(radius) ** 2
+    return spread, Tightness(_ratios(hi, lo), _one_sided_closed(n, r))
+
+
 def rbf_origin_sink(query, key, gamma):
     """RBF sink criterion: a key ``k`` outweighs a register at the origin iff ``||q - k|| < ||q||``.
 
@@ -471,8 +704,8 @@ def lemma_1(logits, fn, a, grid: int = 4097):
       C_1 = \\frac{\\min F}{\\max F}, \\; C_2 = \\frac{\\max F}{\\min F} \\text{ over } [-a, a]
 
     ``min F`` and ``max F`` are taken over a ``grid``-point mesh of ``[-a, a]`` including its ends
-    (exact for monotone ``F`` and for ``F`` with its extremes on the mesh). Checked by
-    ``test_lemma_1``.
+    (exact for monotone ``F`` and for ``F`` with its extremes on the mesh). The weights are
+    jaxattn's softmax of ``log F(l)``. Checked by ``test_lemma_1`` and ``test_lemma_1_tight``.
 
     Args:
       logits: float ``[..., L]`` within ``[-a, a]``.
@@ -491,13 +724,33 @@ def lemma_1(logits, fn, a, grid: int = 4097):
         raise ValueError(f"a must be > 0, got {a!r}")
     if bool(jnp.any(jnp.abs(rows) > a)):
         raise ValueError(f"logits must lie in [-a, a] = [{-a}, {a}]")
-    f = fn(rows)
-    p = f / jnp.sum(f, axis=-1, keepdims=True)
+    # F(l_i) / sum_j F(l_j) is softmax of log F(l): jaxattn's softmax normalises it.
+    p = weights_of_logits(jnp.log(fn(rows)))
     mesh = fn(jnp.linspace(-a, a, grid, dtype=rows.dtype))
     lo, hi = jnp.min(mesh), jnp.max(mesh)
     L = rows.shape[-1]
     return TwoSided(jnp.full(lead + (1,), lo / hi / L), p.reshape(*lead, L),
                     jnp.full(lead + (1,), hi / lo / L))
+
+
+def lemma_1_extremal(L: int, fn, a, grid: int = 4097, dtype=jnp.float64):
+    """Lemma 1 on the inputs that approach it: one logit at ``argmax F`` and ``L - 1`` at
+    ``argmin F`` (and the reverse), both on the bound's mesh.
+
+    With ``k = max F / min F``: ``max p / (C2/L) = L/(k + L - 1)`` and
+    ``(C1/L) / min p = (1/k + L - 1)/L``, both ``-> 1`` as ``L`` grows. Checked by
+    ``test_lemma_1_tight``.
+
+    Returns:
+      :class:`Tightness`.
+    """
+    mesh = jnp.linspace(-a, a, grid, dtype=dtype)
+    f = fn(mesh)
+    hi, lo = mesh[jnp.argmax(f)], mesh[jnp.argmin(f)]
+    top = jnp.full((L,), lo, dtype).at[0].set(hi)
+    bottom = jnp.full((L,), hi, dtype).at[0].set(lo)
+    ratio = _ratios(lemma_1(top, fn, a, grid), lemma_1(bottom, fn, a, grid))
+    return Tightness(ratio, _one_sided_closed(L, math.log(float(jnp.max(f) / jnp.min(f)))))
 
 
 def corollary_1(query, keys, temperature=1.0):
@@ -523,6 +776,23 @@ def corollary_1(query, keys, temperature=1.0):
     big = jnp.linalg.norm(query) * jnp.max(jnp.linalg.norm(keys, axis=-1))
     L = keys.shape[0]
     return TwoSided(jnp.exp(-2 * big / temperature) / L, w, jnp.exp(2 * big / temperature) / L)
+
+
+def corollary_1_extremal(L: int, q_norm, radius, temperature=1.0, d: int = 4,
+                         dtype=jnp.float64):
+    """Corollary 1 on its extremal inputs: one key ``R u`` along ``q = ||q|| u`` and ``L - 1`` at
+    ``-R u`` (and the reverse): logits ``+-Delta``, spread ``2 Delta``, and Lemma 2.1's ratios
+    with ``r = 2 Delta / T``. Checked by ``test_corollary_1_tight``.
+
+    Returns:
+      :class:`Tightness`.
+    """
+    u = jnp.zeros((d,), dtype).at[0].set(1.0)
+    q = q_norm * u
+    one_up = jnp.concatenate([radius * u[None], jnp.repeat(-radius * u[None], L - 1, axis=0)])
+    r = 2 * float(q_norm) * float(radius) / float(temperature)
+    ratio = _ratios(corollary_1(q, one_up, temperature), corollary_1(q, -one_up, temperature))
+    return Tightness(ratio, _one_sided_closed(L, r))
 
 
 def top_n_mask(weights, n_top: int):
@@ -577,21 +847,48 @@ def subset_distances(weights, x, mask):
     return d_a, d_b
 
 
+@jax.jit
+def _topk_support(noise, variant):
+    q = jnp.ones((noise.shape[0], 1, 1, 1), noise.dtype)
+    return jaxattn.attention_weights(q, noise[:, :, None, None], variant=variant,
+                                     scale=1.0)[:, 0, 0, :] > 0
+
+
 def random_subset_mask(key, shape, n_top: int):
-    """Bool ``shape = [..., L]``: a uniform random ``n_top``-subset per row."""
+    """Bool ``shape = [..., L]``: a uniform random ``n_top``-subset per row.
+
+    The subset is the support of jaxattn's top-k variant on i.i.d. Gaussian logits (float64 draws
+    tie with probability 0), so the selection the experiments compare against is the library's.
+    """
     L = shape[-1]
-    rows = math.prod(shape[:-1])
-    perms = jax.vmap(lambda k: jax.random.permutation(k, L))(jax.random.split(key, rows))
-    mask = jnp.sum(jax.nn.one_hot(perms[:, :n_top], L, dtype=jnp.int32), axis=1) > 0
-    return mask.reshape(shape)
+    if isinstance(n_top, bool) or not isinstance(n_top, (int, np.integer)) or not 0 <= n_top <= L:
+        raise ValueError(f"n_top must be an int in [0, L] = [0, {L}], got {n_top!r}")
+    if n_top == 0:
+        return jnp.zeros(shape, bool)
+    noise = jax.random.normal(key, (math.prod(shape[:-1]), L), jnp.float64)
+    return _topk_support(noise, variants.TopK(int(n_top))).reshape(shape)
 
 
 class CriticalN(NamedTuple):
-    """KS two-sample p-values of top-N vs random-N distances per N, and the first N with p > alpha."""
+    """KS two-sample p-values of top-N vs random-N distances per N, and the stable critical N."""
 
     n_values: tuple
     p_values: np.ndarray
     critical: int | None
+
+
+def stable_critical(n_values, p_values, alpha: float = 0.05):
+    """The smallest ``N`` from which the p-value stays above ``alpha`` for every larger ``N``.
+
+    A first crossing can be a fluctuation (one ``N`` with ``p > alpha`` amid rejections); this
+    rule ignores any crossing that a later rejection undoes. ``None`` if the last ``p <= alpha``.
+    """
+    p = np.asarray(p_values, np.float64)
+    if p.size != len(n_values):
+        raise ValueError(f"{len(n_values)} N values but {p.size} p-values")
+    below = np.nonzero(~(p > alpha))[0]  # NaN counts as a rejection
+    start = 0 if below.size == 0 else int(below[-1]) + 1
+    return int(n_values[start]) if start < p.size else None
 
 
 def critical_n(key, weights, x, n_values, reading: int = 1, alpha: float = 0.05) -> CriticalN:
@@ -599,9 +896,9 @@ def critical_n(key, weights, x, n_values, reading: int = 1, alpha: float = 0.05)
 
     For each ``N``, the Eq. 7 distance (``reading`` 0 = (a), 1 = (b)) over the rows of ``weights``
     for the top-N set is compared by a two-sample Kolmogorov-Smirnov test (scipy, on the host)
-    with the same distance for a uniform random N-subset; the critical N is the first whose
-    p-value exceeds ``alpha``. A measurement (the protocol runs on GPT-2 in the paper; here on any
-    weights given).
+    with the same distance for a uniform random N-subset (:func:`random_subset_mask`); the
+    critical N follows :func:`stable_critical`. A measurement (the protocol runs on GPT-2 in the
+    paper; here on any weights given).
     """
     from scipy import stats
 
@@ -612,22 +909,27 @@ def critical_n(key, weights, x, n_values, reading: int = 1, alpha: float = 0.05)
         rand = np.asarray(subset_distances(weights, x, rand_mask)[reading])
         pvals.append(float(stats.ks_2samp(top, rand).pvalue))
     pvals = np.asarray(pvals)
-    above = np.nonzero(pvals > alpha)[0]
-    return CriticalN(tuple(n_values), pvals, int(n_values[above[0]]) if above.size else None)
+    return CriticalN(tuple(n_values), pvals, stable_critical(n_values, pvals, alpha))
 
 
-def finite_difference_probe(key, logits, temperature, eps):
+def finite_difference_probe(key, logits, temperature, eps, direction=None):
     """``||p(l + eps u) - p(l)|| / eps`` for a random unit direction ``u`` per row (paper's probe).
 
     By the mean value inequality it is at most ``sup ||J||_2 <= 1/(2T)`` for every ``eps``
     (``test_finite_difference_probe``); Corollary 3's ``min{1/(4T), sqrt 2}`` is not a bound on it.
+    ``direction`` (``[n]``, normalised here) replaces the random ones: at two equal logits and
+    ``u = (1, -1)/sqrt 2`` the ratio is ``tanh(x)/x`` of the bound, ``x = eps/(sqrt 2 T)``, so it
+    tends to ``1/(2T)`` as ``eps -> 0`` (``test_finite_difference_probe_tight``).
 
     Returns:
       :class:`Sides` ``(ratio [...], 1/(2T))``.
     """
     _check_temperature(temperature)
     rows, lead = _float_rows(logits)
-    u = jax.random.normal(key, rows.shape, rows.dtype)
+    if direction is None:
+        u = jax.random.normal(key, rows.shape, rows.dtype)
+    else:
+        u = jnp.broadcast_to(jnp.asarray(direction, rows.dtype), rows.shape)
     u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
     var = variants.Softmax(temperature)
     diff = weights_of_logits(rows + eps * u, var) - weights_of_logits(rows, var)
@@ -658,29 +960,44 @@ def distinguishable_fraction(weights, x, n_top: int):
 def random_subset_exclusion_exact(L: int, n_top: int):
     """A uniform random N-subset of L tokens excludes each token with probability ``(L-N)/L``.
 
-    Exact rational arithmetic: ``C(L-1, N) / C(L, N)`` against ``(L - N)/L``. Checked by
+    Exact: over all ``L!`` orderings of ``L`` distinct logits (each equally likely for i.i.d.
+    continuous logits), the share in which jaxattn's top-N selection leaves token 0 out, as a
+    :class:`fractions.Fraction`, against ``(L - N)/L``. Enumeration: ``L <= 7``. Checked by
     ``test_random_subset_exclusion_exact``.
 
     Returns:
-      :class:`Sides` of two :class:`fractions.Fraction`.
+      :class:`Sides` of two :class:`fractions.Fraction` (``value``: token 0; all tokens agree by
+      symmetry of the enumeration, which :func:`random_subset_exclusion_counts` exposes).
     """
-    if not 0 <= n_top <= L or L < 1:
-        raise ValueError(f"need 1 <= L and 0 <= n_top <= L, got L={L}, n_top={n_top}")
-    return Sides(Fraction(math.comb(L - 1, n_top), math.comb(L, n_top)), Fraction(L - n_top, L))
+    counts = random_subset_exclusion_counts(L, n_top)
+    return Sides(Fraction(int(counts[0]), math.factorial(L)), Fraction(L - n_top, L))
+
+
+def random_subset_exclusion_counts(L: int, n_top: int):
+    """For each token, in how many of the ``L!`` orderings jaxattn's top-N selection omits it."""
+    import itertools
+
+    if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or not 1 <= L <= 7:
+        raise ValueError(f"L must be an int in [1, 7] (L! orderings are enumerated), got {L!r}")
+    if not 0 <= n_top <= L:
+        raise ValueError(f"need 0 <= n_top <= L, got L={L}, n_top={n_top}")
+    if n_top == 0:
+        return np.full(L, math.factorial(L))
+    ranks = np.asarray(list(itertools.permutations(range(L))), np.float64)
+    chosen = np.asarray(_topk_support(jnp.asarray(ranks), variants.TopK(int(n_top))))
+    return np.sum(~chosen, axis=0)
 
 
 def random_subset_exclusion_mc(key, L: int, n_top: int, trials: int):
     """Monte Carlo frequency with which each token is left out of a random N-subset.
 
-    Subsets are the first ``N`` entries of ``jax.random.permutation``. Checked by
+    Subsets from :func:`random_subset_mask` (jaxattn's top-k on Gaussian logits). Checked by
     ``test_random_subset_exclusion_mc`` (within 3 standard errors of ``(L-N)/L``).
 
     Returns:
       ``(frequency [L], standard error [L])``.
     """
-    keys = jax.random.split(key, trials)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, L))(keys)  # [trials, L]
-    chosen = jnp.sum(jax.nn.one_hot(perms[:, :n_top], L, dtype=jnp.float32), axis=1)  # [trials, L]
+    chosen = random_subset_mask(key, (trials, L), n_top).astype(jnp.float32)  # [trials, L]
     freq = 1.0 - jnp.mean(chosen, axis=0)
     se = jnp.std(chosen, axis=0, ddof=1) / math.sqrt(trials)
     return freq, se
@@ -821,6 +1138,11 @@ def transformer_delta_bound(model: TinyTransformer):
 
 
 
+# Lemma 2.1 with an n-free spread makes max p = Theta(1/n): the least-squares slope of
+# log max p on log n is -1 up to the spread's drift at small n. The rule: |slope + 1| <= 0.1.
+DISPERSION_SLOPE_TOL = 0.1
+
+
 class StackDispersion(NamedTuple):
     """Theorem 2.2 demonstration: per length ``[len(lengths), layers, heads]`` arrays."""
 
@@ -852,3 +1174,11 @@ def transformer_dispersion(key, lengths, model: TinyTransformer | None = None):
     return StackDispersion(np.asarray(lengths), np.stack(max_w), np.stack(spread),
                            np.asarray(transformer_delta_bound(model)))
 
+
+def dispersion_slope(res: StackDispersion):
+    """Least-squares slope of ``log max p`` (largest over layers and heads) on ``log n``.
+
+    Theorem 2.2's dispersion, as a rate: ``-1`` within :data:`DISPERSION_SLOPE_TOL`.
+    """
+    top = np.asarray(res.max_weight, np.float64).reshape(len(res.lengths), -1).max(axis=1)
+    return float(np.polyfit(np.log(np.asarray(res.lengths, np.float64)), np.log(top), 1)[0])
