@@ -42,12 +42,14 @@ EXPECTED = {
     "row_rate": "verified",
     "row_rate_large_radius": "measured",
     "row_growth": "verified",
-    "row_moment_below_half": "verified",
+    "row_moment_below_half": "measured",  # beta < 1/2 is a rate bound: the exponent is reported
     "row_moment_curve": "measured",
     "row_softmax_gap": "verified",
     "row_lambda_rate": "verified",
     "row_hardmax_n": "verified",
     "row_scale_sweep": "verified",
+    "row_mse_constant": "verified",
+    "row_log_rate": "measured",
 }
 
 
@@ -100,3 +102,38 @@ def test_scale_sweep_row_sees_no_slowdown():
 
     assert check.row_scale_sweep(check.CI, data=sweep([-0.5, -0.3, -0.1])).status == "verified"
     assert check.row_scale_sweep(check.CI, data=sweep([-0.1, -0.3, -0.5])).status == "refuted"
+
+
+def _rate(slope, se):
+    fit = sc.Fit(slope, se, 0.0, 0.0, 1.0)
+    ns = np.asarray([64, 256, 1024])
+    return sc.RateStudy(ns, np.ones(3), np.full(3, 0.01), fit)
+
+
+@pytest.mark.parametrize("slope, se, want", [
+    (-0.49, 0.01, "verified"),
+    (-0.437, 0.026, "inconclusive"),  # within floor + 3 SE only because the SE is wide
+    (-0.400, 0.014, "refuted"),
+    (np.nan, 0.01, "refuted"),  # a broken estimate never passes
+    (-0.5, np.nan, "refuted"),
+])
+def test_rate_row_applies_the_slope_rule(slope, se, want):
+    data = {("sphere", 1.0): _rate(-0.5, 0.01), ("sphere", 2.0): _rate(slope, se)}
+    assert check.row_rate(check.CI, data=data).status == want
+
+
+def test_moment_row_fails_on_a_broken_estimate():
+    def study(beta, se):
+        return sc.MomentStudy(1.5, 0.15, _rate(-0.5, 0.01), _rate(-beta, se))
+
+    assert check.row_moment_below_half(check.CI, data=[study(0.23, 0.02)]).status == "measured"
+    assert check.row_moment_below_half(check.CI, data=[study(np.nan, 0.02)]).status == "refuted"
+    assert check.row_moment_below_half(check.CI, data=[study(0.23, np.inf)]).status == "refuted"
+
+
+def test_nan_max_and_finite_worst_see_nan():
+    assert np.isnan(check._nan_max([0.0, np.asarray([1.0, np.nan])]))
+    assert check._nan_max([0.0, np.asarray([1.0, 2.0])]) == 2.0
+    assert np.isnan(check._finite_worst([(np.asarray([np.nan]), np.asarray([1.0]))]))
+    assert np.isnan(check._finite_worst([(np.asarray([0.5]), np.asarray([np.inf]))]))
+    assert check._finite_worst([(np.asarray([0.5]), np.asarray([1.0]))]) == 0.5

@@ -56,7 +56,7 @@ class Settings:
     replicates: int = 64
     ns: tuple = (64, 256, 1024, 4096)
     probes: int = 8
-    rate_floor: float = 0.05  # the stated floor for slope checks
+    rate_floor: float = sc.RATE_FLOOR  # the stated floor of sc.slope_verdict
     d: int = 4
     sigma2: float = 0.5
     radii: tuple = (0.5, 1.0, 2.0, 3.0)
@@ -442,15 +442,37 @@ def row_critical_n(settings=CI):
 # --- 2.3 token-sample complexity ------------------------------------------------------------
 
 
+def _nan_max(values) -> float:
+    """Largest of ``values`` (arrays or numbers), ``nan`` if any is ``nan``: unlike Python's ``max``
+    (``max(0.0, nan) == 0.0``), a broken estimate then fails every ``<=`` comparison."""
+    flat = [np.ravel(np.asarray(v, np.float64)) for v in values]
+    return float(np.max(np.concatenate(flat))) if flat else float("nan")
+
+
+def _finite_worst(pairs) -> float:
+    """:func:`_worst` that returns ``nan`` when a value or bound is not finite (a broken row)."""
+    pairs = [tuple(np.asarray(a, np.float64) for a in pair) for pair in pairs]
+    if not all(np.all(np.isfinite(v)) and np.all(np.isfinite(b)) for v, b in pairs):
+        return float("nan")
+    return _worst(pairs)
+
+
+def _combine(statuses) -> str:
+    """``refuted`` if any is, else ``inconclusive`` if any is, else ``verified``."""
+    statuses = set(statuses)
+    return next((st for st in ("refuted", "inconclusive") if st in statuses), "verified")
+
+
 def row_bessel(settings=CI):
     import scipy.special as sps
 
     x = np.geomspace(1e-4, 2e3, 400)
-    worst = 0.0
+    errs = []
     for nu in (0.0, 0.5, 1.0, 4.0, 24.0):
         ref = sps.ive(nu + 1, x) / sps.ive(nu, x)
         got = np.asarray(sc.bessel_ratio(jnp.asarray(nu), jnp.asarray(x)))
-        worst = max(worst, float(np.max(np.abs(got / ref - 1))))
+        errs.append(np.abs(got / ref - 1))
+    worst = _nan_max(errs)
     return Row("A_d(r) = I_{d/2}/I_{d/2-1} by backward recurrence (vs scipy ive)", OURS,
                _status(worst < 1e-12), f"max rel. error {worst:.1e} for r in [1e-4, 2e3]")
 
@@ -484,12 +506,13 @@ def row_gamma_exact(settings=CI):
 
 
 def rate_rows_data(settings=CI):
-    """The sup-error rate studies for Gaussian and sphere tokens at two radii each."""
-    out = {}
+    """The sup-error rate studies in the 1/sqrt(n) regime over ``settings.ns``: Gaussian tokens at
+    ``R = 1`` (``n MSE/K >= 0.9`` from the smallest ``n``, ``row_rate_large_radius``), sphere tokens
+    (bounded) at ``R = 1, 2``."""
     setup = sc.GaussianSetup(settings.d, settings.sigma2, 1.0)
+    out = {("gaussian", 1.0): sc.gaussian_sup_study(jax.random.key(100), setup, 1.0, settings.ns,
+                                                    settings.replicates, settings.probes)}
     for j, radius in enumerate((1.0, 2.0)):
-        out[("gaussian", radius)] = sc.gaussian_sup_study(
-            jax.random.key(100 + j), setup, radius, settings.ns, settings.replicates, settings.probes)
         out[("sphere", radius)] = sc.sphere_sup_study(
             jax.random.key(200 + j), settings.d, 1.0, 1.0, radius, settings.ns, settings.replicates,
             settings.probes)
@@ -498,22 +521,50 @@ def rate_rows_data(settings=CI):
 
 def row_rate(settings=CI, data=None):
     data = rate_rows_data(settings) if data is None else data
-    oks, parts = [], []
+    verdicts, parts = [], []
+    if ("gaussian", 1.0) in data:
+        # The Gaussian study counts only from the 1/sqrt(n) regime on: n MSE/K >= 0.9 (3 SE).
+        ratio, ratio_se = mse_ratio(settings, 1.0, jax.random.key(170))
+        asymptotic = bool(ratio[0] + 3 * ratio_se[0] >= 0.9)
+        parts.append(f"Gaussian R=1: n MSE/K(x) = {ratio[0]:.2f}+-{ratio_se[0]:.2f} at n={settings.ns[0]}")
     for (kind, radius), st in data.items():
-        oks.append(sc.within(st.fit.slope, -0.5, st.fit.slope_se, settings.rate_floor))
-        parts.append(f"{kind} R={radius:g}: {st.fit.slope:.3f}+-{st.fit.slope_se:.3f}")
+        verdicts.append(sc.slope_verdict(st.fit, -0.5, settings.rate_floor))
+        if kind == "gaussian" and not asymptotic and verdicts[-1] != "refuted":
+            verdicts[-1] = "inconclusive"
+        parts.append(f"{kind} R={radius:g}: {st.fit.slope:.3f}+-{st.fit.slope_se:.3f} ({verdicts[-1]})")
     return Row("sup_{|x|=R} |Gamma_mu_n - Gamma_mu| ~ C(R)/sqrt(n): slope -1/2", B26,
-               _status(all(oks)), "; ".join(parts) + f" (floor {settings.rate_floor})")
+               _combine(verdicts), "; ".join(parts) + f" (sc.slope_verdict: within the floor "
+               f"{settings.rate_floor} at 3 SE <= floor; Gaussian R >= 2: row_rate_large_radius)")
+
+
+def mse_ratio(settings, radius, key, probes=1):
+    """``n MSE(n) / K(x)`` at each ``n`` of ``settings.ns`` for the Gaussian setup at ``|x| = radius``:
+    how far the sample sizes are from the ``1/sqrt(n)`` regime (``K`` = sc.pointwise_mse_constant)."""
+    setup = sc.GaussianSetup(settings.d, settings.sigma2, 1.0)
+    mean, cov, root, a = setup.arrays()
+    x = sc.sphere_directions(jax.random.fold_in(key, 1), probes, settings.d, radius, jnp.float64)
+    k = sc.pointwise_mse_constant(x, mean, cov, a)
+    out = [sc.pointwise_mse_study(jax.random.fold_in(key, 2 + i), x, mean, root, a, n,
+                                  settings.replicates) for i, n in enumerate(settings.ns)]
+    return np.asarray([o.mean / k for o in out])[:, 0], np.asarray([o.se / k for o in out])[:, 0]
 
 
 def row_rate_large_radius(settings=CI):
     setup = sc.GaussianSetup(settings.d, settings.sigma2, 1.0)
-    radius = settings.radii[-1]
-    st = sc.gaussian_sup_study(jax.random.key(150), setup, radius, settings.ns, settings.replicates,
-                               settings.probes)
-    return Row(f"Gaussian tokens at R={radius:g}: slope over n in [{settings.ns[0]}, {settings.ns[-1]}]",
-               B26, "measured", f"{st.fit.slope:.3f}+-{st.fit.slope_se:.3f}: pre-asymptotic (the "
-               "C(R)/sqrt(n) bound allows it; -1/2 needs larger n)")
+    parts, finite = [], True
+    for j, radius in enumerate(sorted({2.0, settings.radii[-1]})):
+        st = sc.gaussian_sup_study(jax.random.key(150 + j), setup, radius, settings.ns,
+                                   settings.replicates, settings.probes)
+        ratio, ratio_se = mse_ratio(settings, radius, jax.random.key(160 + j))
+        finite &= bool(np.all(np.isfinite(ratio)) and np.isfinite(st.fit.slope))
+        parts.append(f"R={radius:g}: slope {st.fit.slope:.3f}+-{st.fit.slope_se:.3f} (sc.slope_verdict: "
+                     f"{sc.slope_verdict(st.fit, -0.5, settings.rate_floor)}); n MSE/K(x) = "
+                     + ", ".join(f"{r:.2f}" for r in ratio) + f" (+-{ratio_se.max():.2f})")
+    return Row(f"Gaussian tokens at R >= 2, n in [{settings.ns[0]}, {settings.ns[-1]}]: pre-asymptotic",
+               B26 + " / " + OURS, "measured" if finite else "refuted", "; ".join(parts)
+               + ": n MSE rises to its limit K(x) = e^(||Sigma^(1/2)Ax||^2)(...) from below over these n, "
+               "so the error falls slower than 1/sqrt(n) here and the fitted slope is shallower; the "
+               "rule is applied where n MSE/K >= 0.9 (row_rate)")
 
 
 def growth_data(settings=CI):
@@ -554,10 +605,13 @@ def row_moment_below_half(settings=CI, data=None):
     else:
         top = data[-1]
     beta, se = -top.cov.fit.slope, top.cov.fit.slope_se
-    ok = 0.5 - beta > max(3 * se, 0.0)
-    return Row("Pushforward covariance converges at n^-beta with beta < 1/2", B26,
-               _status(ok) if ok or beta > 0.5 + 3 * se else "inconclusive",
-               f"H={top.horizon:.2f}: beta_cov = {beta:.3f}+-{se:.3f}")
+    # beta < 1/2 is a rate bound: a measured slope below 1/2 neither verifies it (the bound may
+    # be loose) nor would 1/2 refute it; the row reports the exponent.
+    finite = math.isfinite(beta) and math.isfinite(se)
+    return Row("Pushforward covariance converges at n^-beta (beta < 1/2: a rate bound)", B26,
+               "measured" if finite else "refuted",
+               f"H={top.horizon:.2f}: measured beta_cov = {beta:.3f}+-{se:.3f} over n in "
+               f"[{settings.moment_ns[0]}, {settings.moment_ns[-1]}]")
 
 
 def row_moment_curve(settings=CI, data=None):
@@ -577,7 +631,7 @@ def row_softmax_gap(settings=CI):
     for s in _battery(settings)[1:]:
         for lam in (0.5, 2.0, 10.0, 50.0):
             r = hm.softmax_gap(s, lam)
-            worst = max(worst, _worst([(r.value, r.upper), (r.lower, r.value)]))
+            worst = _nan_max([worst, _finite_worst([(r.value, r.upper), (r.lower, r.value)])])
     return Row("softmax(lambda s) -> hardmax: e^(-lg)/(1+e^(-lg)) <= 1-p_max <= (n-1)e^(-lg)/(..)",
                B26 + " / " + OURS, _status(worst <= 1 + 1e-9), f"max ratio to bound {worst:.4f}")
 
@@ -593,14 +647,16 @@ def row_lambda_rate(settings=CI):
 
 
 def row_hardmax_n(settings=CI):
-    oks, parts = [], []
+    verdicts, parts = [], []
     for d in (2, 3):
-        st = hm.hardmax_sphere_study(jax.random.key(500 + d), d, 1.0, settings.ns, settings.replicates)
+        # d = 2's error (one angle, slope -1) is noisier: twice the replicates bring 3 SE under the floor.
+        st = hm.hardmax_sphere_study(jax.random.key(500 + d), d, 1.0, settings.ns,
+                                     settings.replicates * (2 if d == 2 else 1))
         want = hm.predicted_hardmax_slope(d)
-        oks.append(sc.within(st.fit.slope, want, st.fit.slope_se, settings.rate_floor))
-        parts.append(f"d={d}: {st.fit.slope:.3f}+-{st.fit.slope_se:.3f} vs {want:.3f}")
-    return Row("Hardmax on sphere tokens: error ~ n^(-1/(d-1))", OURS, _status(all(oks)),
-               "; ".join(parts))
+        verdicts.append(sc.slope_verdict(st.fit, want, settings.rate_floor))
+        parts.append(f"d={d}: {st.fit.slope:.3f}+-{st.fit.slope_se:.3f} vs {want:.3f} ({verdicts[-1]})")
+    return Row("Hardmax on sphere tokens: error ~ n^(-1/(d-1))", OURS, _combine(verdicts),
+               "; ".join(parts) + " (sc.slope_verdict)")
 
 
 def row_scale_sweep(settings=CI, data=None):
@@ -615,6 +671,48 @@ def row_scale_sweep(settings=CI, data=None):
                + " (Gaussian tokens, sup over |x|=1)")
 
 
+def row_mse_constant(settings=CI):
+    """n MSE of the empirical attention map at large n against its derived constant K(x)."""
+    d = 3
+    rng = np.random.default_rng(31)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    root = (q * np.sqrt([1.5, 0.6, 0.25])) @ q.T  # anisotropic Sigma, non-symmetric A, W_v [2, 3]
+    mean, a = rng.standard_normal(d) * 0.4, 0.6 * rng.standard_normal((d, d))
+    w_v = rng.standard_normal((2, d))
+    cov = root @ root.T
+    x = sc.sphere_directions(jax.random.key(32), 4, d, 1.0, jnp.float64)
+    est = sc.pointwise_mse_study(jax.random.key(33), x, jnp.asarray(mean), jnp.asarray(root), a, 2048,
+                                 4 * settings.replicates, w_v)
+    z = {}
+    for name, c in (("K", cov), ("K at 1.1 Sigma", 1.1 * cov)):
+        z[name] = _nan_max(np.abs(est.mean - sc.pointwise_mse_constant(x, mean, c, a, w_v)) / est.se)
+    accept, power = z["K"] <= 3, z["K at 1.1 Sigma"] > 3
+    status = ("verified" if power else "inconclusive") if accept else "refuted"
+    return Row("n E||Gamma_mu_n(x) - Gamma_mu(x)||^2 -> e^(||Sigma^(1/2)Ax||^2)(tr(W_v Sigma W_v^T) + "
+               "||W_v Sigma A x||^2) (Gaussian tokens, delta method)", OURS, status,
+               f"n=2048, {4 * settings.replicates} reps, 4 x on |x|=1, anisotropic Sigma: max |z| "
+               f"{z['K']:.2f} (<= 3); the constant at 1.1 Sigma: max |z| {z['K at 1.1 Sigma']:.2f} (> 3)")
+
+
+def row_log_rate(settings=CI):
+    """What the error against n looks like at large lambda: power law or linear in sqrt(log n)."""
+    lams = tuple(lam for lam in (4.0 * s for s in settings.scales) if lam >= 8.0)[:2] or (8.0, 16.0)
+    sw = hm.scale_sweep(jax.random.key(610), 2, 1.0, lams, 1.0, settings.ns, settings.replicates // 2)
+    parts, finite = [], True
+    for lam, st in zip(sw.scales, sw.studies, strict=True):
+        lin = sc.wls_fit(np.sqrt(2 * np.log(st.ns)), st.mean, st.se)
+        finite &= bool(np.isfinite(lin.slope) and np.isfinite(st.fit.slope))
+        parts.append(f"lambda={lam:g}: power slope {st.fit.slope:.3f}+-{st.fit.slope_se:.3f} "
+                     f"(chi2 {st.fit.chi2_red:.1f}); d error / d sqrt(2 log n) = {lin.slope:.2f}+-"
+                     f"{lin.slope_se:.2f} (chi2 {lin.chi2_red:.1f})")
+    # Our reading: for n << e^(lambda^2 sigma^2) the output is near the top token in direction
+    # A x, whose projection grows like sigma sqrt(2 log n) towards lambda sigma^2: an error
+    # falling by about sigma per unit of sqrt(2 log n), a logarithmic rate, not a power of n.
+    return Row("At large lambda the error falls like sqrt(log n) (\"logarithmic\"), not a power of n",
+               B26 + " / " + OURS, "measured" if finite else "refuted", "; ".join(parts)
+               + " (Gaussian tokens N(0, I_2), sup over |x|=1; sigma = 1)")
+
+
 ROWS = (
     row_lemma_2_1, row_tight_max, row_entropy_floor, row_entropy_derivative, row_theorem_2_2,
     row_prop_3_1, row_adaptive_entropy, row_adaptive_argmax, row_adaptive_beta,
@@ -622,7 +720,7 @@ ROWS = (
     row_topn_length_b, row_topn_length_a, row_topn_collapse, row_subset, row_distinguishable,
     row_corollary_3, row_fd_probe, row_critical_n, row_bessel, row_gamma_exact, row_rate,
     row_rate_large_radius, row_growth, row_moment_below_half, row_moment_curve, row_softmax_gap,
-    row_lambda_rate, row_hardmax_n, row_scale_sweep,
+    row_lambda_rate, row_hardmax_n, row_scale_sweep, row_mse_constant, row_log_rate,
 )
 
 
