@@ -9,7 +9,10 @@ studies instead of recomputing them, so a run killed in its last study loses onl
 part written under another config or other versions is recomputed (the output says which).
 
 * ``rates.png`` -- sup error over ``|x| = R`` against ``n`` (log-log), Gaussian and sphere tokens,
-  several ``R``, with the fitted slope +- SE and the predicted ``-1/2`` line;
+  several ``R``, with the fitted slope +- SE and the predicted ``-1/2`` line; each study's JSON
+  carries the verdict of :func:`theory.sample_complexity.slope_verdict` (the claim table's rule;
+  Gaussian tokens at ``R >= 2`` are pre-asymptotic over the small preset's ``n``, see
+  ``theory.check.row_rate_large_radius``);
 * ``growth.png`` -- ``C(R) = sqrt(n) E[sup error]`` against ``R``;
 * ``moments.png`` -- measured moment exponents ``beta`` (mean, covariance) against the horizon
   ``H`` with the curve ``1/(2(1+H^2))``;
@@ -100,9 +103,12 @@ def _study_dict(st: sc.RateStudy) -> dict:
 
 
 def _growth_dict(g: sc.GrowthStudy) -> dict:
+    # The verdict on "slope -1/2" is theory.check's rule (sc.slope_verdict), so the experiment and
+    # the claim table cannot disagree on the same numbers.
     return {"radii": g.radii.tolist(), "c": g.c.tolist(), "c_se": g.c_se.tolist(),
             "rate_linear": g.rate_linear._asdict(), "rate_quadratic": g.rate_quadratic._asdict(),
-            "studies": [_study_dict(s) for s in g.studies]}
+            "studies": [{**_study_dict(s), "verdict": sc.slope_verdict(s.fit, -0.5, sc.RATE_FLOOR)}
+                        for s in g.studies]}
 
 
 def rates_and_growth(config: Config, key) -> dict:
@@ -141,7 +147,9 @@ def hardmax_results(config: Config, key) -> dict:
     for d in config.hardmax_dims:
         st = hm.hardmax_sphere_study(jax.random.fold_in(key, 100 + d), d, 1.0, config.ns,
                                      config.replicates)
-        in_n.append({"d": d, "predicted_slope": hm.predicted_hardmax_slope(d), **_study_dict(st)})
+        want = hm.predicted_hardmax_slope(d)
+        in_n.append({"d": d, "predicted_slope": want, **_study_dict(st),
+                     "verdict": sc.slope_verdict(st.fit, want, sc.RATE_FLOOR)})
     sweep = hm.scale_sweep(jax.random.fold_in(key, 1), config.moment_d, 1.0, config.lambdas, 1.0,
                            config.ns, config.replicates, config.probes)
     return {"in_lambda": in_lambda, "in_n": in_n,
