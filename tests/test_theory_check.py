@@ -24,7 +24,9 @@ EXPECTED = {
     "row_adaptive_argmax": "verified",
     "row_adaptive_beta": "verified",
     "row_adaptive_disperses": "verified",
+    "row_adaptive_band": "verified",
     "row_ssmax": "verified",
+    "row_ssmax_headline": "verified",
     "row_rbf": "verified",
     "row_rbf_sink": "verified",
     "row_lemma_1": "verified",
@@ -35,6 +37,7 @@ EXPECTED = {
     "row_subset": "verified",
     "row_distinguishable": "measured",
     "row_corollary_3": "refuted",  # finding: ||J||_2 reaches 1/(2T)
+    "row_corollary_3_corrected": "verified",
     "row_fd_probe": "verified",
     "row_critical_n": "measured",
     "row_bessel": "verified",
