@@ -1,6 +1,6 @@
 """An independent float64 NumPy oracle for every attention variant (tests only).
 
-Written from ``/work/shared/SCIENCE.md`` section 1 and the API contract of issue 2, not from
+Written from ``docs/science.md`` section 1 and the API contract, not from
 ``jaxattn/reference.py``: it loops over (batch, query head, query) rows and builds each row's
 logits from their definitions.
 

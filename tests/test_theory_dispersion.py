@@ -1,4 +1,4 @@
-"""Property tests for theory.dispersion: SCIENCE.md sections 2.1 and 2.2.
+"""Property tests for theory.dispersion: docs/science.md sections 2.1 and 2.2.
 
 Shapes come from fixed buckets; hypothesis draws seeds, scales, temperatures and tie patterns.
 float64 is on for the session (conftest). jaxattn applies ``1/temperature`` (and SSMax's

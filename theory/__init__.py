@@ -9,7 +9,7 @@
 
 Every attention computation goes through :func:`jaxattn.attention` or
 :func:`jaxattn.attention_weights` (the reference implementation), so the checks run on the same
-functions that models train with. See ``../shared/SCIENCE.md`` section 2 for the claims.
+functions that models train with. See ``docs/science.md`` section 2 for the claims.
 """
 
 from theory import dispersion, hardmax, sample_complexity

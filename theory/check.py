@@ -1,6 +1,6 @@
 """The claim table: ``python -m theory.check`` (CI size) or ``python -m theory.check --full``.
 
-One row per claim of ``SCIENCE.md`` section 2: claim, source, status, the numbers behind it.
+One row per claim of ``docs/science.md`` section 2: claim, source, status, the numbers behind it.
 
 * ``verified`` -- an exact claim held on every case of a random battery (within float rounding),
   or a statistical estimate fell within ``max(3 SE, floor)`` of the prediction;
@@ -535,7 +535,7 @@ def row_distinguishable(settings=CI):
     return Row("Thm 2: fraction of top-N tokens geometrically distinguishable (L=64, sphere d=8)",
                M25, "measured", ", ".join(f"N={n}: {f:.3f}" for n, f in fr.items())
                + " (paper: about 80%, 70-85% on GPT-2; Theorem 2's bound itself is not in "
-               "SCIENCE.md or the docstrings, nor in the public summaries searched: not checked)")
+               "docs/science.md or the docstrings, nor in the public summaries searched: not checked)")
 
 
 def row_corollary_3(settings=CI):

@@ -1,6 +1,6 @@
 """Dispersion of softmax-type attention and the limits of normalisation: both sides of each claim.
 
-Claims of ``SCIENCE.md`` sections 2.1 (Velickovic et al., "softmax is not enough", arXiv 2410.01104)
+Claims of ``docs/science.md`` sections 2.1 (Velickovic et al., "softmax is not enough", arXiv 2410.01104)
 and 2.2 (Mudarisov et al., "Limitations of normalization in attention", arXiv 2508.17821). Each
 function takes logits, weights or matrices and returns the two sides of a statement (a
 :class:`Sides` or :class:`TwoSided`), so a test or :mod:`theory.check` compares them. Attention
@@ -536,7 +536,7 @@ def adaptive_dispersion_extremal(n: int = 83, variant=None):
     return Tightness(ratio, closed), (d_hi, d_lo)
 
 
-# The paper's rule (Velickovic et al., SCIENCE.md section 1): beta adapts only where H > 0.5 nats.
+# The paper's rule (Velickovic et al., docs/science.md section 1): beta adapts only where H > 0.5 nats.
 # Kept apart from jaxattn's default so that a changed default shows up as a disagreement.
 PAPER_ADAPTIVE_THRESHOLD = 0.5
 
@@ -942,7 +942,7 @@ def distinguishable_fraction(weights, x, n_top: int):
 
     Selected ``i`` is distinguishable when some ball centred at ``s`` holds ``p_i x_i`` and no
     non-selected ``p_j x_j``, i.e. ``||p_i x_i - s|| < min_{j not in I_N} ||p_j x_j - s||``
-    (the quantity Theorem 2 of Mudarisov et al. bounds). Measured, not asserted: SCIENCE.md does
+    (the quantity Theorem 2 of Mudarisov et al. bounds). Measured, not asserted: docs/science.md does
     not give the bound's formula.
 
     Returns:

@@ -1,6 +1,6 @@
 """The ``lambda -> infinity`` limit of softmax attention (``A = lambda A0``): hardmax, and its rates.
 
-Bohbot et al. (arXiv 2512.10656, ``SCIENCE.md`` 2.3): as the attention scale grows, softmax tends
+Bohbot et al. (arXiv 2512.10656, ``docs/science.md`` 2.3): as the attention scale grows, softmax tends
 to hardmax and the token-sample convergence slows down ("becomes logarithmic"). Two limits:
 
 * in ``lambda`` at fixed tokens: ``softmax(lambda s) -> hardmax(s)`` exponentially, at the rate of

@@ -1,7 +1,7 @@
 """Token-sample complexity of attention: ``Gamma_{mu_n} -> Gamma_mu`` and its Monte Carlo rates.
 
 Bohbot, Letrouit, Peyre, Vialard, "token-sample complexity of attention", arXiv 2512.10656
-(``SCIENCE.md`` section 2.3). Attention on a token distribution ``mu`` is
+(``docs/science.md`` section 2.3). Attention on a token distribution ``mu`` is
 
 .. math:: \\Gamma_\\mu(x) = \\frac{E_{y \\sim \\mu}[e^{\\langle A x, y\\rangle} W_v y]}
   {E_{y \\sim \\mu}[e^{\\langle A x, y\\rangle}]}
