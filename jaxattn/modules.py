@@ -86,6 +86,8 @@ class MultiHeadAttention(nnx.Module):
       num_kv_heads: key/value heads ``K`` (default ``N``; ``N % K == 0``).
       variant: name or :class:`jaxattn.variants.Variant`.
       num_registers: learnable register tokens per layer.
+      use_bias: add a learned bias to the query, key, value and output projections (BERT's
+        layers have them; zero-initialised, as flax's).
       dtype: computation dtype (default: inferred from inputs and params).
       param_dtype: parameter dtype.
       implementation: passed to :func:`jaxattn.attention`.
@@ -102,7 +104,7 @@ class MultiHeadAttention(nnx.Module):
 
     def __init__(self, num_heads: int, in_features: int, *, qkv_features: int | None = None,
                  out_features: int | None = None, num_kv_heads: int | None = None,
-                 variant="softmax", num_registers: int = 0, dtype=None,
+                 variant="softmax", num_registers: int = 0, use_bias: bool = False, dtype=None,
                  param_dtype=jnp.float32, implementation=None, rngs: nnx.Rngs):
         # `is None`, not `or`: an explicit 0 is a bad size to report, not a request for the default
         qkv_features = in_features if qkv_features is None else qkv_features
@@ -115,6 +117,8 @@ class MultiHeadAttention(nnx.Module):
                 raise ValueError(f"{name} must be a positive int, got {size!r}")
         if isinstance(num_registers, bool) or not isinstance(num_registers, numbers.Integral):
             raise TypeError(f"num_registers must be an int, got {num_registers!r}")
+        if not isinstance(use_bias, bool):
+            raise TypeError(f"use_bias must be a bool, got {use_bias!r}")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got "
                              f"{implementation!r}")
@@ -130,13 +134,13 @@ class MultiHeadAttention(nnx.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = qkv_features // num_heads
         self.dtype, self.implementation = dtype, implementation
-        dense = functools.partial(nnx.LinearGeneral, in_features=in_features, use_bias=False,
+        dense = functools.partial(nnx.LinearGeneral, in_features=in_features, use_bias=use_bias,
                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = dense(out_features=(num_heads, self.head_dim))
         self.key = dense(out_features=(num_kv_heads, self.head_dim))
         self.value = dense(out_features=(num_kv_heads, self.head_dim))
         self.out = nnx.LinearGeneral(in_features=(num_heads, self.head_dim),
-                                     out_features=out_features, axis=(-2, -1), use_bias=False,
+                                     out_features=out_features, axis=(-2, -1), use_bias=use_bias,
                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         ssmax_s = key_registers = value_registers = None
         if isinstance(self.variant, V.ScalableSoftmax):

@@ -75,6 +75,31 @@ def test_module_segment_ids_isolate_documents():
     np.testing.assert_allclose(packed[:, 3:], mha(x[:, 3:]), rtol=1e-5, atol=1e-6)
 
 
+def test_module_use_bias_adds_projection_biases():
+    # The biases BERT's attention carries: q = x Wq + bq etc. and out = o Wo + bo, checked against
+    # softmax attention written out (no jaxattn code on the reference side).
+    mha = jaxattn.MultiHeadAttention(2, 8, use_bias=True, rngs=nnx.Rngs(7))
+    assert jaxattn.MultiHeadAttention(2, 8, rngs=nnx.Rngs(7)).query.bias is None  # default: none
+    for i, proj in enumerate((mha.query, mha.key, mha.value, mha.out)):
+        np.testing.assert_array_equal(proj.bias[...], 0.0)  # zero-initialised
+        proj.bias[...] = _x(proj.bias.shape, seed=20 + i)
+    x = _x((2, 5, 8), seed=8)
+    mask = jnp.array([True] * 4 + [False])[None, None, None, :]
+
+    def proj(p, x):
+        return jnp.einsum("BTF,FNH->BTNH", x, p.kernel[...]) + p.bias[...][None, None]
+
+    q, k, v = proj(mha.query, x), proj(mha.key, x), proj(mha.value, x)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(4.0)
+    p = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    o = jnp.einsum("BNTS,BSNH->BTNH", p, v)
+    want = jnp.einsum("BTNH,NHF->BTF", o, mha.out.kernel[...]) + mha.out.bias[...][None, None]
+    # float32 sums of 8 and 5 terms of O(1) values: a few ulps, far below 1e-5
+    np.testing.assert_allclose(mha(x, mask=mask), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="use_bias"):
+        jaxattn.MultiHeadAttention(2, 8, use_bias=1, rngs=nnx.Rngs(0))
+
+
 def test_module_bad_arguments():
     with pytest.raises(ValueError, match="num_kv_heads"):
         jaxattn.MultiHeadAttention(4, 16, num_kv_heads=3, rngs=nnx.Rngs(0))
