@@ -80,6 +80,17 @@ def test_uniform_attention_entropy_is_log_l_with_slope_one():
     assert {v for row in fit_mw["verdict"] for v in row} == {"verified"}
 
 
+def test_window_means_average_over_queries():
+    ent = jnp.arange(2 * 3 * 4, dtype=jnp.float64).reshape(2, 3, 4)  # [B, N, T]
+    stats = jaxattn.AttentionStats(jnp.zeros_like(ent), ent, ent / 100)
+    out = md.window_means([stats, stats])
+    assert out["entropy"].shape == (2, 2, 3)  # [B, layers, N]
+    np.testing.assert_allclose(out["entropy"][:, 0], np.asarray(ent).mean(-1))
+    np.testing.assert_allclose(out["max_weight"][:, 1], np.asarray(ent).mean(-1) / 100)
+    with pytest.raises(ValueError, match="one AttentionStats per layer"):
+        md.window_means([])
+
+
 def test_slope_table_known_power_law_and_refutation():
     rng = np.random.default_rng(0)
     L = np.asarray([16, 32, 64, 128, 256, 512], np.float64)
@@ -142,7 +153,11 @@ def test_topn_study_peaked_head_differs_from_random_at_small_n():
     assert p[0, 0] < 1e-6  # the top-1 set (key 7) is not a random one
     # uniform weights: top-N is the first N keys (ties), an arbitrary set like a random one
     assert p[0, 1] > 1e-3
-    assert out["critical"]["b"][0] > 1
+    # the stable rule: head 0 merges only at N = L, head 1 from the first N; at alpha = 0.5 the
+    # uniform head's p-value at N = 1 (0.27 on this draw) counts as a rejection
+    assert out["critical"]["b"].tolist() == [64, 1]
+    strict = md.topn_study(jax.random.key(4), w, x, (1,), (1, 5, 64), alpha=0.5)
+    assert p[0, 1] < 0.5 < p[1, 1] and strict["critical"]["b"].tolist() == [64, 5]
     with pytest.raises(ValueError, match="critical_ns"):
         md.topn_study(jax.random.key(4), w, x, (1,), (5, 1))
     with pytest.raises(ValueError, match="weights"):
