@@ -706,7 +706,7 @@ def attention_stats(model: BertModel, input_ids, attention_mask=None, token_type
       >>> model, tok = load_minilm()
       >>> stats = attention_stats(model, *tokenize(tok, ["A cat sat on the mat."]))
       >>> len(stats), stats[0].max_weight.shape
-      (6, (1, 12, 8))
+      (6, (1, 12, 9))
     """
     input_ids = _as_ids("input_ids", input_ids)
     attention_mask = _as_ids("attention_mask", attention_mask)
