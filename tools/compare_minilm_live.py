@@ -55,7 +55,7 @@ def bound(length: int) -> float:
       >>> round(bound(512), 7)
       1.4e-05
     """
-    return LAYERS * np.sqrt(max(1536, length)) * U
+    return float(LAYERS * np.sqrt(max(1536, length)) * U)
 
 
 def windows(tokenizer, length: int, batch: int):
