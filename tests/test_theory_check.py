@@ -140,3 +140,15 @@ def test_nan_max_and_finite_worst_see_nan():
     assert np.isnan(check._finite_worst([(np.asarray([np.nan]), np.asarray([1.0]))]))
     assert np.isnan(check._finite_worst([(np.asarray([0.5]), np.asarray([np.inf]))]))
     assert check._finite_worst([(np.asarray([0.5]), np.asarray([1.0]))]) == 0.5
+
+
+def test_save_round_trips_the_rows(tmp_path):
+    import json
+    import pathlib
+
+    rows = [check.Row("a claim", "a source", "verified", "1 < 2"),
+            check.Row("b", "c", "refuted", "J = 0.5 > 0.25")]
+    path = check.save(rows, tmp_path / "sub" / "claims.json", settings="ci", seconds=1.5)
+    doc = json.loads(pathlib.Path(path).read_text())
+    assert [check.Row(**r) for r in doc["rows"]] == rows
+    assert doc["settings"] == "ci" and doc["versions"]["jax"]

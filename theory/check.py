@@ -15,7 +15,10 @@ check the status), so the table says what the tests say. Runs under float64 (a l
 
 import argparse
 import dataclasses
+import json
 import math
+import pathlib
+import platform
 import sys
 import time
 from typing import NamedTuple
@@ -917,12 +920,31 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="paper-size settings (slow)")
     parser.add_argument("--quiet", action="store_true", help="no per-row progress on stderr")
+    parser.add_argument("--out", default=None,
+                        help="also write the rows as JSON here (read by experiments.report)")
     args = parser.parse_args(argv)
     settings = FULL if args.full else CI
     progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    t0 = time.time()
     rows = run(settings, progress=progress)
     print(format_table(rows))
+    if args.out is not None:
+        save(rows, args.out, settings="full" if args.full else "ci", seconds=time.time() - t0)
     return rows
+
+
+def save(rows, path, *, settings: str, seconds: float) -> str:
+    """Writes the rows, the settings' name, the wall time and the versions as JSON at ``path``."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"settings": settings, "seconds": seconds,
+           "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                        "numpy": np.__version__, "backend": jax.default_backend()},
+           "rows": [r._asdict() for r in rows]}
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(out)
+    return str(out)
 
 
 if __name__ == "__main__":
