@@ -260,6 +260,62 @@ def save(results: dict, config: Config) -> pathlib.Path:
     return path
 
 
+def _slope(study: dict) -> str:
+    fit = study["fit"]
+    return f"{fit['slope']:+.3f} ± {fit['slope_se']:.3f}"
+
+
+def report_section(results_json_path, base_dir=None) -> str:
+    """A markdown section for the report: the four plots, each with what it shows and the verdicts.
+
+    Every number and verdict is read from the JSON (the verdicts are those of
+    :func:`theory.sample_complexity.slope_verdict`, stored by :func:`run`). Plot paths are relative
+    to ``base_dir`` (default: the folder above the JSON's, where the report lives).
+    """
+    path = pathlib.Path(results_json_path)
+    res = json.loads(path.read_text())
+    base = path.parent.parent if base_dir is None else pathlib.Path(base_dir)
+
+    def png(name):
+        return os.path.relpath(path.with_name(f"{path.stem}-{name}.png"), base)
+
+    cfg, rates = res["config"], res["rates"]
+    lines = ["## Token-sample convergence rates (Bohbot et al., arXiv 2512.10656) and hardmax", "",
+             f"Preset `{cfg['preset']}`: d = {cfg['d']}, n from {min(cfg['ns'])} to {max(cfg['ns'])}, "
+             f"{cfg['replicates']} replicates; float64 on {res['versions'].get('backend', 'cpu')}. "
+             "Attention over n sampled tokens converges to attention over their distribution at rate "
+             "n^(-1/2) (Theorem 1); the verdicts use the claim table's slope rule.", "",
+             f"![rates]({png('rates')})", "",
+             "Sup error over |x| = R against n, log-log, with the fitted slopes (claim: -1/2):", ""]
+    for kind in ("gaussian", "sphere"):
+        for radius, study in zip(rates[kind]["radii"], rates[kind]["studies"], strict=True):
+            lines.append(f"- {kind} tokens, R = {radius:g}: slope {_slope(study)}, **{study['verdict']}**")
+    g = rates["gaussian"]
+    lines += ["", f"![growth]({png('growth')})", "",
+              "C(R) = sqrt(n) E[sup error] against R (how the constant grows with the radius): "
+              f"Gaussian C from {min(g['c']):.3g} to {max(g['c']):.3g} over R = "
+              f"{min(g['radii']):g}..{max(g['radii']):g}.", "",
+              f"![moments]({png('moments')})", "",
+              "Moment exponents beta of the pushforward (mean, covariance) against the horizon H, with "
+              "the predicted curve 1/(2(1+H^2)):", ""]
+    for m in res["moments"]:
+        lines.append(f"- H = {m['horizon']:.2f}: predicted {m['predicted_beta']:.3f}, mean "
+                     f"{-m['mean']['fit']['slope']:.3f} ± {m['mean']['fit']['slope_se']:.3f}, covariance "
+                     f"{-m['cov']['fit']['slope']:.3f} ± {m['cov']['fit']['slope_se']:.3f}")
+    hmx = res["hardmax"]
+    lines += ["", f"![hardmax]({png('hardmax')})", "",
+              "Softmax to hardmax: the mass off the argmax against the scale lambda between its exact "
+              "bounds, the hardmax error against n on the sphere, and the slope in n as lambda grows:", ""]
+    for st in hmx["in_n"]:
+        lines.append(f"- hardmax on the sphere, d = {st['d']}: slope {_slope(st)} against the predicted "
+                     f"{st['predicted_slope']:+.3f}, **{st['verdict']}**")
+    sw = hmx["scale_sweep"]
+    lines.append(f"- Gaussian tokens: slope {sw['slopes'][0]:+.3f} at lambda = {sw['lambdas'][0]:g}, "
+                 f"{sw['slopes'][-1]:+.3f} at lambda = {sw['lambdas'][-1]:g} (convergence slows as the "
+                 "scale grows)")
+    return "\n".join(lines) + "\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
