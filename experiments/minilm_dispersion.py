@@ -54,14 +54,24 @@ Usage::
   python -m experiments.minilm_dispersion --preset cpu --windows 8 --seed 1
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import math
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 import jaxattn
 from theory import dispersion as D
@@ -536,3 +546,545 @@ def moment_fits(ns, errors, predicted_beta) -> dict:
             "chi2_red": np.asarray([f.chi2_red for f in fits]),
             "verdict_half": [sc.slope_verdict(f, -0.5) for f in fits],
             "verdict_curve": [sc.slope_verdict(f, -float(b)) for f, b in zip(fits, pred, strict=True)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: what the protocols need of it
+
+
+@nnx.jit
+def _layer_projections(model, input_ids):
+    """Per layer, its input ``x [B, T, F]`` and its own ``q, k, v [B, T, N, H]`` (biases included).
+
+    Runs the encoder layer by layer through its public modules (``model.embeddings``,
+    ``model.layers[i]`` and each layer's ``attention.query/key/value``), with every key visible
+    (windows carry no padding), as :meth:`jaxattn.models.bert.BertModel.__call__` does.
+    """
+    mask = jnp.ones((input_ids.shape[0], 1, 1, input_ids.shape[1]), jnp.bool_)
+    x = model.embeddings(input_ids, jnp.zeros(input_ids.shape, jnp.int32))
+    out = []
+    for layer in model.layers:
+        att = layer.attention
+        out.append((x, att.query(x), att.key(x), att.value(x)))
+        x, _ = layer(x, mask)
+    return out
+
+
+def load_text(config: Config) -> str:
+    """The text the windows come from: the first ``text_chars`` characters of the corpus."""
+    from experiments import corpus
+
+    text = ("\n".join(corpus.shakespeare_plays().values()) if config.text == "shakespeare"
+            else corpus.pydoc_text())
+    return text[:config.text_chars]
+
+
+def token_stream(tokenizer, text: str) -> np.ndarray:
+    """The whole text as one token stream (no special tokens, no truncation), int32 ``[M]``.
+
+    A copy of the tokenizer is used: the model's truncates at 256 tokens.
+    """
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    return np.asarray(tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+
+class Encoder(NamedTuple):
+    """The loaded model and what the studies read from it."""
+
+    model: object  # jaxattn.models.bert.BertModel
+    tokenizer: object
+    cls_id: int
+    sep_id: int
+    scale: float  # the attention logit scale, 1/sqrt(head_dim)
+
+
+def minilm_encoder() -> Encoder:
+    """all-MiniLM-L6-v2 from the installed package (:func:`jaxattn.models.bert.load_minilm`)."""
+    from jaxattn.models import bert
+
+    model, tokenizer = bert.load_minilm()
+    return Encoder(model, tokenizer, tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]"),
+                   1.0 / math.sqrt(model.config.head_dim))
+
+
+def _bar(iterable, desc, progress):
+    return tqdm(iterable, desc=desc, leave=False, disable=not progress, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# The studies
+
+
+def dispersion_study(config: Config, enc: Encoder, ids, key, progress=True) -> dict:
+    """Velickovic et al.'s Theorem 2.2 on MiniLM: mean entropy and max weight per layer and head
+    against ``L`` (from :func:`jaxattn.models.bert.attention_stats`), and their slopes."""
+    from jaxattn.models import bert
+
+    del key  # the windows' draw is the only randomness (numpy, seeded by config.seed)
+    per = []
+    for L in _bar(config.lengths, "dispersion: L", progress):
+        windows = token_windows(ids, L, config.windows, config.seed, cls_id=enc.cls_id,
+                                sep_id=enc.sep_id, slot=max(config.lengths))
+        per.append(window_means(bert.attention_stats(enc.model, windows)))
+    lengths = np.asarray(config.lengths, np.float64)
+    out = {"lengths": lengths.tolist()}
+    for field, want, log_y in (("entropy", 1.0, False), ("max_weight", -1.0, True)):
+        values = np.stack([p[field] for p in per])  # [K, B, layers, N]
+        mean = values.mean(axis=1)
+        se = values.std(axis=1, ddof=1) / math.sqrt(values.shape[1])
+        out[field] = {"mean": mean, "se": se, "per_window": values,
+                      "fit": slope_table(np.log(lengths), mean, se, want, log_y=log_y),
+                      "want_slope": want}
+    return out
+
+
+def _rows(weights, values, logits, rows, rng):
+    """``rows`` sampled (query, window) pairs, shared by every head: ``[N, R, L]`` weights and
+    logits, ``[N, R, L, H]`` values (float64 numpy)."""
+    B, N, T, S = weights.shape
+    pick = rng.choice(B * T, size=min(rows, B * T), replace=False)
+    b, i = pick // T, pick % T
+    w = np.asarray(weights, np.float64)[b, :, i, :].transpose(1, 0, 2)
+    lg = np.asarray(logits, np.float64)[b, :, i, :].transpose(1, 0, 2)
+    v = np.asarray(values, np.float64)[b].transpose(2, 0, 1, 3)  # [N, R, S, H]
+    return w, lg, v
+
+
+def topn_study_model(config: Config, enc: Encoder, ids, key, progress=True) -> dict:
+    """Mudarisov et al.'s protocol on MiniLM: top-N distances and critical N against ``L`` for the
+    chosen layers and every head, and finite-difference probes at the largest ``L``."""
+    from jaxattn.models import bert
+
+    layers = tuple(config.topn_layers)
+    if max(layers) >= len(enc.model.layers):
+        raise ValueError(f"topn_layers {layers} names a layer past the model's "
+                         f"{len(enc.model.layers)}")
+    rng = np.random.default_rng(config.seed + 1)
+    per_length, probes, spread, consistency = [], None, [], 0.0
+    for li, L in enumerate(_bar(config.topn_lengths, "top-N: L", progress)):
+        windows = token_windows(ids, L, config.topn_windows, config.seed + 1, cls_id=enc.cls_id,
+                                sep_id=enc.sep_id, slot=max(config.topn_lengths))
+        proj = _layer_projections(enc.model, jnp.asarray(windows))
+        stats = bert.attention_stats(enc.model, windows)
+        grid = tuple(n for n in config.critical_ns if n < L) + (L,)
+        rows_at_l, spread_at_l = [], []
+        for layer in _bar(layers, f"top-N: layers at L={L}", progress):
+            _, q, k, v = proj[layer]
+            weights, st = jaxattn.attention_weights(q, k, scale=enc.scale, return_stats=True)
+            # The model's own stats and those of the weights rebuilt here must agree: this checks
+            # that q, k and the scale are the layer's.
+            consistency = max(consistency, float(jnp.max(jnp.abs(st.entropy
+                                                                  - stats[layer].entropy))))
+            logits = enc.scale * jnp.einsum("BTNH,BSNH->BNTS", q, k)
+            gap = jnp.max(logits, -1) - jnp.min(logits, -1)  # [B, N, T]
+            spread_at_l.append({"mean": np.asarray(jnp.mean(gap, axis=(0, 2))),
+                                "max": np.asarray(jnp.max(gap, axis=(0, 2)))})
+            w, lg, x = _rows(weights, v, logits, config.topn_queries, rng)
+            with jax.enable_x64(True):
+                study = topn_study(jax.random.fold_in(key, 100 * li + layer), w, x, config.topn_ns,
+                                   grid, config.alpha)
+                if L == max(config.topn_lengths):
+                    if probes is None:
+                        probes = {}
+                    probes[layer] = gradient_probes(
+                        jax.random.fold_in(key, 10_000 + layer), lg[:, :config.probe_queries],
+                        config.probe_temperatures, config.probe_eps)
+            rows_at_l.append(study)
+        per_length.append(rows_at_l)
+        spread.append(spread_at_l)
+    return _topn_summary(config, layers, per_length, spread, probes, consistency)
+
+
+def _topn_summary(config, layers, per_length, spread, probes, consistency) -> dict:
+    """Arrays over ``(L, layer, head)`` and the slopes of log distance on log L per N."""
+    lengths = np.asarray(config.topn_lengths, np.float64)
+    out = {"layers": list(layers), "lengths": lengths.tolist(), "ns": list(config.topn_ns),
+           "entropy_check_max_abs": consistency,
+           "spread": {s: np.stack([[sp[s] for sp in at_l] for at_l in spread]) for s in ("mean", "max")}}
+    for kind in ("top", "random"):
+        out[kind] = {}
+        for r in "ab":
+            # [L, N, layer, head], NaN where N > L
+            heads = per_length[0][0]["top"]["a"]["mean"].shape[1]
+            mean = np.full((len(lengths), len(config.topn_ns), len(layers), heads), np.nan)
+            se = np.full_like(mean, np.nan)
+            for a, at_l in enumerate(per_length):
+                for c, st in enumerate(at_l):
+                    for j, n in enumerate(st["ns"]):
+                        b = config.topn_ns.index(int(n))
+                        mean[a, b, c], se[a, b, c] = st[kind][r]["mean"][j], st[kind][r]["se"][j]
+            out[kind][r] = {"mean": mean, "se": se}
+    fits = {}
+    for r in "ab":
+        fits[r] = []
+        for b, n in enumerate(config.topn_ns):
+            keep = lengths >= n
+            if keep.sum() < 3:
+                fits[r].append(None)
+                continue
+            fits[r].append(slope_table(np.log(lengths[keep]), out["top"][r]["mean"][keep, b],
+                                       out["top"][r]["se"][keep, b], want=0.0, log_y=True))
+    out["top_fit"] = fits
+    out["critical"] = {
+        "grids": [at_l[0]["critical"]["ns"] for at_l in per_length],
+        **{r: np.stack([[st["critical"][r] for st in at_l] for at_l in per_length]) for r in "ab"},
+        **{f"p_{r}": [[st["critical"][f"p_{r}"] for st in at_l] for at_l in per_length] for r in "ab"},
+    }
+    out["probes"] = {"layers": sorted(probes), **{
+        k: (probes[layers[0]][k] if k in ("temperatures", "eps", "bound", "published") else
+            np.stack([probes[la][k] for la in sorted(probes)]))
+        for k in ("temperatures", "eps", "bound", "published", "max", "mean", "above_bound",
+                  "above_published", "rows")}}
+    return out
+
+
+def bohbot_study(config: Config, enc: Encoder, ids, key, progress=True) -> dict:
+    """Bohbot et al.'s BERT protocol on MiniLM's layer 0: moment errors of resampled tokens per
+    head against ``n``, their slopes, and each head's horizon."""
+    windows = token_windows(ids, config.bohbot_length, config.bohbot_windows, config.seed + 2,
+                            cls_id=enc.cls_id, sep_id=enc.sep_id)
+    x0, q, k, v = _layer_projections(enc.model, jnp.asarray(windows))[0]
+    att = enc.model.layers[0].attention
+    wq, wk = np.asarray(att.query.kernel[...]), np.asarray(att.key.kernel[...])
+    out = []
+    for w in _bar(range(config.bohbot_windows), "Bohbot: windows", progress):
+        hor = head_horizons(x0[w], wq, wk, enc.scale)
+        err = resampled_moment_errors(jax.random.fold_in(key, w), q[w], k[w], v[w],
+                                      config.bohbot_ns, config.bohbot_replicates, enc.scale)
+        out.append({**hor, "ns": err["ns"],
+                    "mean": moment_fits(err["ns"], err["mean_error"], hor["predicted_beta"]),
+                    "cov": moment_fits(err["ns"], err["cov_error"], hor["predicted_beta"])})
+    return {"layer": 0, "windows": out,
+            "horizon_convention": "H = ||Sigma^(1/2) A Sigma^(1/2)||_2, A = W_k^T W_q / sqrt(d_head) "
+                                  "(theory.sample_complexity; the authors' code: H * sqrt(d_head))"}
+
+
+# (name, function, fold_in index of its key): the run order.
+STUDIES = (("dispersion", "dispersion_study", 0), ("topn", "topn_study_model", 1),
+           ("bohbot", "bohbot_study", 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def versions() -> dict:
+    """Versions of everything that could change the numbers."""
+    import flax
+    import jaxlib
+    import scipy
+    import tokenizers
+
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "tokenizers": tokenizers.__version__,
+            "jaxattn": jaxattn.__version__, "platform": platform.platform(),
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+
+
+def _jsonable(obj):
+    """numpy arrays and scalars as lists and Python numbers (NaN kept: ``json`` writes ``NaN``)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """A reader (or a killed writer) sees either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _stem(config: Config) -> str:
+    return f"{config.preset}-{config.digest()}"
+
+
+def result_path(config: Config) -> pathlib.Path:
+    """The results JSON of a config."""
+    return pathlib.Path(config.out_dir) / f"{_stem(config)}.json"
+
+
+def parts_dir(config: Config) -> pathlib.Path:
+    """The folder of a config's finished studies."""
+    return pathlib.Path(config.out_dir) / f"{_stem(config)}.parts"
+
+
+def _identity(config: Config, vers: dict) -> dict:
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "out_dir"}
+    return json.loads(json.dumps({"config": fields, "versions": vers}))
+
+
+def _load_part(path: pathlib.Path, identity: dict, say):
+    """The stored study at ``path`` if it was written under ``identity``, else None (says why)."""
+    if not path.exists():
+        return None
+    try:
+        part = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # writes are atomic: only an edited file gets here
+        say(f"recomputing {path.name}: unreadable ({err})")
+        return None
+    for field in ("config", "versions"):
+        if part.get(field) != identity[field]:
+            say(f"recomputing {path.name}: written under another {field}")
+            return None
+    return part.get("result")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run(config: Config, *, resume: bool = True, progress: bool = True, say=print,
+        encoder: Encoder | None = None) -> dict:
+    """Runs the three studies (model in float32) and returns the results dict.
+
+    Each finished study is written at once to :func:`parts_dir`; with ``resume``, one already
+    there for this config and these versions is loaded instead of recomputed.
+    """
+    t0 = time.perf_counter()
+    vers = versions()
+    identity = _identity(config, vers)
+    key = jax.random.key(config.seed)
+    out = {"experiment": "minilm_dispersion", "config": dataclasses.asdict(config),
+           "versions": vers}
+    timing, loaded = {}, []
+    with jax.enable_x64(False):
+        enc = minilm_encoder() if encoder is None else encoder
+        ids = token_stream(enc.tokenizer, load_text(config))
+        out["model"] = {"name": "all-MiniLM-L6-v2", "kind": "encoder (bidirectional, no causal mask)",
+                        "layers": len(enc.model.layers),
+                        "heads": enc.model.config.num_attention_heads,
+                        "head_dim": enc.model.config.head_dim, "scale": enc.scale,
+                        "text": config.text, "text_tokens": int(ids.size)}
+        for name, fn_name, k in STUDIES:
+            path = parts_dir(config) / f"{name}.json"
+            result = _load_part(path, identity, say) if resume else None
+            if result is not None:
+                loaded.append(name)
+                say(f"{name}: loaded from {path}")
+            else:
+                t1 = time.perf_counter()
+                # Looked up by name at call time, so a caller (or test) can replace a study.
+                result = globals()[fn_name](config, enc, ids, jax.random.fold_in(key, k), progress)
+                # Through JSON, so a fresh study and one loaded from its part are the same values.
+                result = json.loads(json.dumps(_jsonable(result)))
+                _write_atomic(path, json.dumps({**identity, "result": result}))
+                timing[name] = time.perf_counter() - t1
+                say(f"{name}: {timing[name]:.1f} s, wrote {path}")
+            out[name] = result
+    out["claims"] = claims_text(out)
+    # Seconds are the only numbers that differ between runs of one config.
+    out["timing"] = {"wall_s": time.perf_counter() - t0, "studies_s": timing, "loaded": loaded}
+    return out
+
+
+def save(results: dict, config: Config) -> pathlib.Path:
+    """Writes the results JSON (atomically); returns its path."""
+    path = result_path(config)
+    _write_atomic(path, json.dumps(_jsonable(results), indent=1))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims, read from the numbers
+
+
+def _counts(verdicts) -> str:
+    flat = list(np.asarray(verdicts, object).ravel())
+    return ", ".join(f"{flat.count(v)} {v}" for v in ("verified", "inconclusive", "refuted")
+                     if flat.count(v))
+
+
+def _share(mask) -> str:
+    mask = np.asarray(mask, bool)
+    return f"{int(mask.sum())}/{mask.size}"
+
+
+def _status(mask) -> str:
+    """``holds`` if every cell shows it, ``not observed`` if none does, else ``partly``."""
+    mask = np.asarray(mask, bool)
+    return "holds" if mask.all() else ("not observed" if not mask.any() else "partly")
+
+
+def claims(results: dict) -> list[dict]:
+    """The papers' claims, each with a status and the numbers behind it, from ``results`` alone.
+
+    Rules: a slope "falls" or "rises" when it is beyond 3 standard errors from 0; "consistent
+    with" a rate is theory's :func:`theory.sample_complexity.slope_verdict`; a claim over heads
+    ``holds`` when every head shows it, is ``not observed`` when none does, else ``partly``.
+    """
+    from scipy import stats
+
+    out = []
+    if "dispersion" in results:
+        d = results["dispersion"]
+        L = np.asarray(d["lengths"])
+        mw, ent = d["max_weight"]["fit"], d["entropy"]["fit"]
+        falling = np.asarray(mw["slope"]) + 3 * np.asarray(mw["slope_se"]) < 0
+        rising = np.asarray(ent["slope"]) - 3 * np.asarray(ent["slope_se"]) > 0
+        gap = np.log(L)[:, None, None] * np.ones_like(np.asarray(d["entropy"]["mean"])) \
+            - np.asarray(d["entropy"]["mean"])
+        out.append({
+            "source": "Velickovic et al., Theorem 2.2",
+            "claim": f"every head disperses as L grows (L = {int(L[0])}..{int(L[-1])})",
+            "status": _status(falling & rising),
+            "numbers": (f"mean max weight falls in {_share(falling)} heads (median log-log slope "
+                        f"{np.median(mw['slope']):.2f}; slope -1: {_counts(mw['verdict'])}); "
+                        f"entropy rises with log L in {_share(rising)} (median slope "
+                        f"{np.median(ent['slope']):.2f}; slope 1: {_counts(ent['verdict'])}); "
+                        f"log L - entropy, median over heads: {np.median(gap[0]):.2f} at "
+                        f"L={int(L[0])}, {np.median(gap[-1]):.2f} at L={int(L[-1])}")})
+    if "topn" in results:
+        t = results["topn"]
+        L = np.asarray(t["lengths"])
+        cells, parts = [], []
+        for r in "ab":
+            for n, fit in zip(t["ns"], t["top_fit"][r], strict=True):
+                if fit is None:
+                    continue
+                grows = np.asarray(fit["slope"]) - 3 * np.asarray(fit["slope_se"]) > 0
+                cells.append(grows.ravel())
+                parts.append(f"({r}) N={n}: {_share(grows)}, median slope "
+                             f"{np.median(fit['slope']):.2f}")
+        grows = np.concatenate(cells) if cells else np.zeros(0, bool)
+        out.append({
+            "source": "Mudarisov et al., top-N distance",
+            "claim": f"the top-N distance grows with L at fixed N (layers {t['layers']})",
+            "status": _status(grows),
+            "numbers": "heads whose log-log slope in L is > 0 beyond 3 SE: " + "; ".join(parts)})
+        crit = np.asarray(t["critical"]["b"], np.float64)  # [L, layer, head]
+        below = crit < L[:, None, None]
+        ratio = np.median(crit.reshape(len(L), -1) / L[:, None], axis=1)
+        out.append({
+            "source": "Mudarisov et al., critical N (KS test, reading b)",
+            "claim": "top-N and random-N distances become indistinguishable at some N < L",
+            "status": _status(below),
+            "numbers": (f"merges before N = L in {_share(below)} (L, layer, head) cells; median "
+                        "critical N / L: " + ", ".join(f"{v:.2f} (L={int(x)})"
+                                                       for x, v in zip(L, ratio, strict=True)))})
+        p = t["probes"]
+        bound, mx = np.asarray(p["bound"]), np.asarray(p["max"])  # mx [layers, T, eps, heads]
+        worst = float(np.max(mx / bound[None, :, None, None]))
+        above, above_pub = int(np.sum(p["above_bound"])), int(np.sum(p["above_published"]))
+        total = int(np.sum(p["rows"])) * len(p["temperatures"]) * len(p["eps"])
+        out.append({
+            "source": "Mudarisov et al., Corollary 3 corrected (theory)",
+            "claim": "finite-difference probes stay below 1/(2T)",
+            "status": "holds" if above == 0 else "refuted",
+            "numbers": (f"{above}/{total} probes above 1/(2T), largest ratio to it {worst:.3f} "
+                        f"(T in {p['temperatures']}, eps in {p['eps']}); {above_pub} above "
+                        "the published min{1/(4T), sqrt 2}")})
+        out.append({
+            "source": "Mudarisov et al., Corollary 3 as published",
+            "claim": "||dp/dl|| <= min{1/(4T), sqrt 2} on the probes",
+            "status": "refuted" if above_pub else "not contradicted by these probes",
+            "numbers": f"{above_pub}/{total} probes above it"})
+    if "bohbot" in results:
+        b = results["bohbot"]
+        h = np.concatenate([w["horizon"] for w in b["windows"]])
+        for moment in ("mean", "cov"):
+            slope = np.concatenate([w[moment]["slope"] for w in b["windows"]])
+            se = np.concatenate([w[moment]["slope_se"] for w in b["windows"]])
+            half = sum((w[moment]["verdict_half"] for w in b["windows"]), [])
+            curve = sum((w[moment]["verdict_curve"] for w in b["windows"]), [])
+            beta = -slope
+            below = beta + 3 * se < 0.5
+            rho = stats.spearmanr(h, beta).statistic if h.size > 2 else float("nan")
+            out.append({
+                "source": f"Bohbot et al., layer 0, {moment} error",
+                "claim": "converges at n^-beta with beta < 1/2, beta near 1/(2(1+H^2))",
+                "status": _status(below),
+                "numbers": (f"beta below 1/2 beyond 3 SE in {_share(below)} heads (median beta "
+                            f"{np.median(beta):.3f}, range [{beta.min():.3f}, {beta.max():.3f}]); "
+                            f"slope -1/2: {_counts(half)}; slope -1/(2(1+H^2)): {_counts(curve)}; "
+                            f"H in [{h.min():.2f}, {h.max():.2f}], Spearman(H, beta) = {rho:.2f}")})
+    return out
+
+
+def claims_text(results: dict) -> list[str]:
+    """One line per claim: whether it holds on this encoder, and the numbers that say so."""
+    return [f"{c['source']}: {c['claim']}: **{c['status']}** ({c['numbers']})"
+            for c in claims(results)]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.minilm_dispersion",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", dest="out_dir", default=None, help="output folder (the preset's "
+                   "out_dir by default)")
+    p.add_argument("--no-resume", action="store_true", help="recompute every study")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for f in dataclasses.fields(Config):
+        if f.name not in ("preset", "out_dir"):
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                           help=f"override the preset's {f.name} (tuples: comma-separated)")
+    return p
+
+
+def _convert(name: str, text: str, default):
+    try:
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else int
+            return tuple(kind(x) for x in text.split(",") if x)
+        return type(default)(text)
+    except ValueError as err:
+        raise SystemExit(f"--{name.replace('_', '-')}: cannot read {text!r} as "
+                         f"{type(default).__name__}") from err
+
+
+def config_from_args(argv=None):
+    """The preset with the command line's overrides, and the parsed arguments."""
+    args = _parser().parse_args(argv)
+    base = PRESETS[args.preset]
+    overrides = {f.name: _convert(f.name, getattr(args, f.name), getattr(base, f.name))
+                 for f in dataclasses.fields(Config)
+                 if f.name not in ("preset", "out_dir") and getattr(args, f.name) is not None}
+    if args.out_dir is not None:
+        overrides["out_dir"] = args.out_dir
+    return dataclasses.replace(base, **overrides), args
+
+
+def main(argv=None) -> pathlib.Path:
+    config, args = config_from_args(argv)
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    results = run(config, resume=not args.no_resume, progress=not args.no_progress, say=say)
+    path = save(results, config)
+    print(f"wrote {path} ({results['timing']['wall_s']:.1f} s)")
+    if not args.no_plot:
+        from experiments import plot_minilm_dispersion
+
+        for png in plot_minilm_dispersion.plot(path):
+            print(f"wrote {png}")
+    for line in results["claims"]:
+        print(f"- {line}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
