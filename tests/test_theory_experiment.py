@@ -150,3 +150,26 @@ def test_digest_ignores_out_dir():
     a = cr.PRESETS["small"]
     assert a.digest() == dataclasses.replace(a, out_dir="elsewhere").digest()
     assert a.digest() != dataclasses.replace(a, seed=1).digest()
+
+
+def test_report_section_reads_the_json(tmp_path):
+    """The report section's numbers and verdicts are the JSON's (a changed slope shows)."""
+    import json
+
+    from experiments import convergence_rates as cr
+
+    study = {"ns": [1, 2], "mean": [1.0, 0.5], "se": [0.1, 0.1],
+             "fit": {"slope": -0.4321, "slope_se": 0.01, "intercept": 0.0}, "verdict": "refuted"}
+    growth = {"radii": [1.0], "c": [2.0], "c_se": [0.1], "studies": [study]}
+    res = {"config": {"preset": "x", "d": 3, "ns": [64, 128], "replicates": 5},
+           "versions": {"backend": "cpu"},
+           "rates": {"gaussian": growth, "sphere": growth},
+           "moments": [{"horizon": 0.5, "predicted_beta": 0.4, "mean": study, "cov": study}],
+           "hardmax": {"in_n": [{"d": 3, "predicted_slope": -0.5, **study}],
+                       "scale_sweep": {"lambdas": [0.5, 8.0], "slopes": [-0.48, -0.06]}}}
+    path = tmp_path / "convergence_rates" / "x.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(res))
+    text = cr.report_section(path)
+    assert "slope -0.432 ± 0.010, **refuted**" in text
+    assert "mean 0.432 ± 0.010" in text and "![rates](convergence_rates/x-rates.png)" in text
