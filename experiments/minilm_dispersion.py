@@ -56,6 +56,7 @@ Usage::
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -297,49 +298,95 @@ def _ks_pvalues(a, b):
     return np.asarray([stats.ks_2samp(a[h], b[h]).pvalue for h in range(a.shape[0])])
 
 
+@jax.jit
+def _ranks(scores):
+    """Rank of each entry in its row, largest first, ties to the lower index (as ``lax.top_k``):
+    ``rank < N`` is theory's :func:`theory.dispersion.top_n_mask` for every ``N`` at once."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    positions = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
+    # the inverse permutation of each row, by a scatter rather than a second sort
+    return jnp.put_along_axis(jnp.zeros(scores.shape, jnp.int32), order, positions, axis=-1,
+                              inplace=False)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _noise_ranks(key, shape):
+    """Ranks of the noise :func:`theory.dispersion.random_subset_mask` draws (i.i.d. float64
+    Gaussians ``[prod(shape[:-1]), L]``, reshaped to ``shape``): ``rank < n`` is its uniform random
+    ``n``-subset (the ``n`` largest; ties have probability 0)."""
+    noise = jax.random.normal(key, (math.prod(shape[:-1]), shape[-1]), jnp.float64)
+    return _ranks(noise).reshape(shape)
+
+
+@jax.jit
+def _window_distances(weights, x, mask, output):
+    """Eq. 7's two readings for rows that share their window's token vectors.
+
+    ``weights, mask [H, B, R, L]``, ``x [H, B, L, d]``, ``output = sum_i p_i x_i [H, B, R, d]``.
+    With ``s = sum_{i in I} p_i x_i``: ``d_a = ||output - 2 s||`` (the rest is ``output - s``) and
+    ``d_b = sum_{i not in I} sqrt(p_i^2 ||x_i||^2 - 2 p_i x_i . s + ||s||^2)``: batched matrix
+    products over the window's ``L`` vectors instead of ``[H, B, R, L, d]`` products (the tests
+    compare both with :func:`theory.dispersion.subset_distances`).
+    """
+    s = jnp.einsum("hbrl,hbld->hbrd", jnp.where(mask, weights, 0.0), x)
+    d_a = jnp.linalg.norm(output - 2.0 * s, axis=-1)
+    xs = jnp.einsum("hbld,hbrd->hbrl", x, s)
+    x2 = jnp.sum(x * x, axis=-1)[:, :, None, :]
+    s2 = jnp.sum(s * s, axis=-1)[..., None]
+    each = jnp.sqrt(jnp.maximum(weights**2 * x2 - 2.0 * weights * xs + s2, 0.0))
+    return d_a, jnp.sum(jnp.where(mask, 0.0, each), axis=-1)
+
+
 def topn_study(key, weights, values, ns, critical_ns, alpha: float = 0.05) -> dict:
     """Mudarisov et al.'s top-N distances and critical N, per head, on real attention rows.
 
-    For each ``N``, the Eq. 7 distances of the top-N set (:func:`theory.dispersion.top_n_distances`)
+    For each ``N``, the Eq. 7 distances of the top-N set (theory's
+    :func:`theory.dispersion.top_n_distances`)
 
     .. math:: d_a = \\Big\\|\\sum_{i \\notin I_N} p_i x_i - s\\Big\\|, \\quad
       d_b = \\sum_{i \\notin I_N} \\|p_i x_i - s\\|, \\quad s = \\sum_{i \\in I_N} p_i x_i
 
-    and of a uniform random ``N``-subset (:func:`theory.dispersion.random_subset_mask`, drawn with
-    ``fold_in(key, i)`` for the ``i``-th ``N`` of ``critical_ns``, as
-    :func:`theory.dispersion.critical_n` does), compared head by head by a two-sample KS test; the
-    critical ``N`` of a head is :func:`theory.dispersion.stable_critical` over ``critical_ns``.
-    With one head, the p-values equal :func:`theory.dispersion.critical_n`'s on its rows.
+    and of a uniform random ``N``-subset (the ``N`` largest of i.i.d. float64 Gaussian noise drawn
+    with ``fold_in(key, i)`` for the ``i``-th ``N`` of ``critical_ns``: the subset
+    :func:`theory.dispersion.random_subset_mask` draws, as :func:`theory.dispersion.critical_n`
+    does), compared head by head by a two-sample KS test over all rows; the critical ``N`` of a
+    head is :func:`theory.dispersion.stable_critical` over ``critical_ns``. With one head and one
+    window the p-values equal :func:`theory.dispersion.critical_n`'s on the same rows.
 
     Args:
       key: a JAX key.
-      weights: ``[H, R, L]``: ``R`` attention rows per head.
-      values: ``[H, R, L, d]``: the token vectors ``x_i`` of each row.
+      weights: ``[H, B, R, L]``: ``R`` attention rows per head in each of ``B`` windows.
+      values: ``[H, B, L, d]``: each window's token vectors ``x_i``.
       ns: the ``N`` whose distances are reported (those ``> L`` are skipped).
       critical_ns: the KS grid (increasing, each ``<= L``).
       alpha: the KS level.
 
     Returns:
       A dict of numpy arrays: ``ns`` (those kept); ``top``, ``random`` each
-      ``{"a": {"mean", "se"}, "b": {...}}`` with ``[len(ns), H]``; ``critical`` with ``ns`` (the
-      grid), ``p_a``, ``p_b`` ``[len(grid), H]`` and ``a``, ``b`` ``[H]`` (critical N, ``-1`` where
-      the last p-value rejects).
+      ``{"a": {"mean", "se"}, "b": {...}}`` with ``[len(ns), H]`` (over the ``B R`` rows);
+      ``critical`` with ``ns`` (the grid), ``p_a``, ``p_b`` ``[len(grid), H]`` and ``a``, ``b``
+      ``[H]`` (critical N, ``-1`` where the last p-value rejects).
     """
     weights, values = jnp.asarray(weights), jnp.asarray(values)
-    if weights.ndim != 3 or values.ndim != 4 or values.shape[:3] != weights.shape:
-        raise ValueError(f"weights must be [H, R, L] and values [H, R, L, d], got {weights.shape} "
-                         f"and {values.shape}")
-    L = weights.shape[-1]
+    if (weights.ndim != 4 or values.ndim != 4 or values.shape[:2] != weights.shape[:2]
+            or values.shape[2] != weights.shape[3]):
+        raise ValueError(f"weights must be [H, B, R, L] and values [H, B, L, d], got "
+                         f"{weights.shape} and {values.shape}")
+    H, L = weights.shape[0], weights.shape[-1]
     grid = tuple(int(n) for n in critical_ns)
     if not grid or any(n < 1 or n > L for n in grid) or list(grid) != sorted(set(grid)):
         raise ValueError(f"critical_ns must be increasing ints in [1, L] = [1, {L}], got {grid}")
     kept = tuple(int(n) for n in ns if n <= L)
     order = list(grid) + [n for n in kept if n not in grid]
+    output = jnp.einsum("hbrl,hbld->hbrd", weights, values)
+    top_rank = _ranks(weights)
     top, rand = {}, {}
     for i, n in enumerate(order):
-        top[n] = [np.asarray(d) for d in D.top_n_distances(weights, values, n)]
-        mask = D.random_subset_mask(jax.random.fold_in(key, i), weights.shape, n)
-        rand[n] = [np.asarray(d) for d in D.subset_distances(weights, values, mask)]
+        top[n] = [np.asarray(d).reshape(H, -1)
+                  for d in _window_distances(weights, values, top_rank < n, output)]
+        mask = _noise_ranks(jax.random.fold_in(key, i), weights.shape) < n
+        rand[n] = [np.asarray(d).reshape(H, -1)
+                   for d in _window_distances(weights, values, mask, output)]
 
     def moments(table):
         return {r: {"mean": np.stack([table[n][j].mean(axis=-1) for n in kept]),
@@ -350,7 +397,7 @@ def topn_study(key, weights, values, ns, critical_ns, alpha: float = 0.05) -> di
     p = {r: np.stack([_ks_pvalues(top[n][j], rand[n][j]) for n in grid]) for j, r in enumerate("ab")}
     critical = {"ns": np.asarray(grid), "p_a": p["a"], "p_b": p["b"]}
     for r in "ab":
-        found = [D.stable_critical(grid, p[r][:, h], alpha) for h in range(weights.shape[0])]
+        found = [D.stable_critical(grid, p[r][:, h], alpha) for h in range(H)]
         critical[r] = np.asarray([-1 if c is None else c for c in found])
     return {"ns": np.asarray(kept), "top": moments(top), "random": moments(rand),
             "critical": critical}
@@ -643,14 +690,15 @@ def dispersion_study(config: Config, enc: Encoder, ids, key, progress=True) -> d
 
 
 def _rows(weights, values, logits, rows, rng):
-    """``rows`` sampled (query, window) pairs, shared by every head: ``[N, R, L]`` weights and
-    logits, ``[N, R, L, H]`` values (float64 numpy)."""
+    """``rows // B`` queries sampled per window (all of them if fewer), shared by every head:
+    ``[N, B, R, L]`` weights and logits and the windows' values ``[N, B, L, H]`` (float64 numpy)."""
     B, N, T, S = weights.shape
-    pick = rng.choice(B * T, size=min(rows, B * T), replace=False)
-    b, i = pick // T, pick % T
-    w = np.asarray(weights, np.float64)[b, :, i, :].transpose(1, 0, 2)
-    lg = np.asarray(logits, np.float64)[b, :, i, :].transpose(1, 0, 2)
-    v = np.asarray(values, np.float64)[b].transpose(2, 0, 1, 3)  # [N, R, S, H]
+    per = min(max(rows // B, 1), T)
+    pick = np.stack([np.sort(rng.choice(T, size=per, replace=False)) for _ in range(B)])
+    take = np.arange(B)[:, None]
+    w = np.asarray(weights, np.float64)[take, :, pick, :].transpose(2, 0, 1, 3)
+    lg = np.asarray(logits, np.float64)[take, :, pick, :].transpose(2, 0, 1, 3)
+    v = np.asarray(values, np.float64).transpose(2, 0, 1, 3)
     return w, lg, v
 
 
@@ -690,9 +738,9 @@ def topn_study_model(config: Config, enc: Encoder, ids, key, progress=True) -> d
                 if L == max(config.topn_lengths):
                     if probes is None:
                         probes = {}
-                    probes[layer] = gradient_probes(
-                        jax.random.fold_in(key, 10_000 + layer), lg[:, :config.probe_queries],
-                        config.probe_temperatures, config.probe_eps)
+                    flat = lg.reshape(lg.shape[0], -1, lg.shape[-1])[:, :config.probe_queries]
+                    probes[layer] = gradient_probes(jax.random.fold_in(key, 10_000 + layer), flat,
+                                                    config.probe_temperatures, config.probe_eps)
             rows_at_l.append(study)
         per_length.append(rows_at_l)
         spread.append(spread_at_l)
