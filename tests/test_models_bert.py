@@ -48,6 +48,21 @@ def _delta(layers):
 EMBEDDING_TOL = 1e-5  # the issue's bound; the model above predicts about _delta(6) = 1.4e-5
 
 
+@nnx.jit
+def _max_logits(model, ids, mask):
+    """Z_l, the largest |logit| over valid (query, key) pairs of each layer, ``[layers, B]``, for
+    the error model: from the layers' own q and k, running the layers one by one."""
+    x = model.embeddings(ids, jnp.zeros(ids.shape, jnp.int32))
+    keep = (mask[:, :, None] * mask[:, None, :])[:, None] > 0  # [B, 1, T, S]
+    out = []
+    for layer in model.layers:
+        q, k = layer.attention.query(x), layer.attention.key(x)
+        z = jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(32.0)
+        out.append(jnp.where(keep, jnp.abs(z), 0.0).max(axis=(1, 2, 3)))
+        x, _ = layer(x, keep[:, :, :1])
+    return jnp.stack(out)
+
+
 @pytest.fixture(scope="module")
 def ref():
     with np.load(FIXTURE) as f:
@@ -93,14 +108,9 @@ def test_hidden_state_and_attention_stats_match_transformers(loaded, ref):
     ids, mask = ref["input_ids"][p:p + 1], ref["attention_mask"][p:p + 1]
     stats = bert.attention_stats(model, ids, mask)
     assert len(stats) == LAYERS
-    # Z_l, the largest |logit| of each layer, for the error model (from the layer's own q and k);
-    # the layers run here one by one on the valid tokens, which also gives the last hidden state
-    x = model.embeddings(jnp.asarray(ids[:, :valid]), jnp.zeros((1, valid), jnp.int32))
-    for layer_index, (layer, st) in enumerate(zip(model.layers, stats, strict=True)):
+    z_maxes = np.asarray(_max_logits(model, ids[:, :valid], mask[:, :valid]))[:, 0]
+    for layer_index, (z_max, st) in enumerate(zip(z_maxes, stats, strict=True)):
         assert isinstance(st, jaxattn.AttentionStats) and st.entropy.shape == (1, 12, 256)
-        q, k = layer.attention.query(x), layer.attention.key(x)
-        z_max = float(jnp.abs(jnp.einsum("BTNH,BSNH->BNTS", q, k)).max()) / np.sqrt(32.0)
-        x, _ = layer(x, jnp.ones((1, 1, 1, valid), jnp.bool_))
         dz = 2 * _delta(layer_index + 1) * z_max
         max_weight = np.asarray(st.max_weight)[0, :, :valid]
         entropy = np.asarray(st.entropy)[0, :, :valid]
@@ -109,7 +119,8 @@ def test_hidden_state_and_attention_stats_match_transformers(loaded, ref):
                                    atol=2 * dz)
         assert np.all(np.abs(entropy - want_h) <= 2 * dz * want_h + valid * U), layer_index
     want = ref["probe_hidden"]
-    np.testing.assert_allclose(np.asarray(x)[0, :n], want, rtol=0,
+    hidden, _ = bert.encode(model, ids, mask, return_stats=True)  # attention_stats' compilation
+    np.testing.assert_allclose(np.asarray(hidden)[0, :n], want, rtol=0,
                                atol=_delta(LAYERS) * np.abs(want).max())
 
 
@@ -250,3 +261,56 @@ def test_bad_inputs_name_the_argument():
         bert.with_variant(object(), "softmax")
     with pytest.raises(ValueError, match="variant must be one of"):
         bert.with_variant(model, "cosine")
+
+
+def test_packed_rows_give_each_sentence_its_own_embedding_and_stats(loaded, ref):
+    # Packing changes only shapes and XLA's summation order, unless a segment or position leaked,
+    # which moves embeddings by O(0.01-1). Each sentence alone is taken from a padded batch (one
+    # compilation; padding is checked above): each side is within the error model of the
+    # sentence alone, so they agree within twice its bound.
+    model, _ = loaded
+    rows = (0, 1, 2, 4)
+    ids, mask = ref["input_ids"][rows, :20], ref["attention_mask"][rows, :20]
+    seqs = [ids[i, :mask[i].sum()] for i in range(len(rows))]
+    packed = bert.pack(seqs, 48)
+    assert packed.input_ids.shape == (1, 48)  # 6 + 12 + 20 + 4 tokens share one row
+    hidden, stats = bert.encode(model, packed.input_ids, packed.attention_mask,
+                                segment_ids=packed.segment_ids, position_ids=packed.position_ids,
+                                return_stats=True)
+    alone, alone_stats = bert.encode(model, ids, mask, return_stats=True)
+    z_maxes = np.asarray(_max_logits(model, ids, mask))
+    for i, (seq, (row, start, stop)) in enumerate(zip(seqs, packed.slots, strict=True)):
+        np.testing.assert_array_equal(packed.input_ids[row, start:stop], seq)
+        n = stop - start
+        got = bert.mean_pool(hidden[row:row + 1, start:stop], np.ones((1, n)))
+        want = bert.mean_pool(alone[i:i + 1, :n], np.ones((1, n)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2 * _delta(LAYERS))
+        for layer_index in range(LAYERS):
+            dz = 2 * _delta(layer_index + 1) * z_maxes[layer_index, i]  # the docstring's bound
+            want_h = np.asarray(alone_stats[layer_index].entropy[i, :, :n])
+            got_h = np.asarray(stats[layer_index].entropy[row, :, start:stop])
+            assert np.all(np.abs(got_h - want_h) <= 2 * (2 * dz * want_h + n * U)), layer_index
+    unsegmented = bert.encode(model, packed.input_ids, packed.attention_mask,
+                              position_ids=packed.position_ids)
+    row, start, stop = packed.slots[3]
+    leaked = bert.mean_pool(unsegmented[row:row + 1, start:stop], np.ones((1, stop - start)))
+    want = bert.mean_pool(alone[3:4, :stop - start], np.ones((1, stop - start)))
+    assert np.abs(leaked - want).max() > 100 * _delta(LAYERS)
+
+
+def test_pack_layout_and_errors():
+    p = bert.pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 6, pad_id=0)
+    np.testing.assert_array_equal(p.input_ids, [[6, 7, 8, 9, 4, 5], [1, 2, 3, 0, 0, 0]])
+    np.testing.assert_array_equal(p.segment_ids, [[0, 0, 0, 0, 1, 1], [0, 0, 0, -1, -1, -1]])
+    np.testing.assert_array_equal(p.position_ids, [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(p.attention_mask, [[1] * 6, [1, 1, 1, 0, 0, 0]])
+    assert p.slots == ((1, 0, 3), (0, 4, 6), (0, 0, 4))
+    with pytest.raises(ValueError, match=r"sequences\[1\] has 7 tokens"):
+        bert.pack([[1], list(range(7))], 6)
+    with pytest.raises(ValueError, match="length must be a positive int"):
+        bert.pack([[1]], 0)
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"position_ids must lie in \[0, 8\)"):
+        bert.encode(model, np.ones((1, 3), np.int32), position_ids=np.array([[0, 1, 8]]))
+    with pytest.raises(ValueError, match="segment_ids must have shape"):
+        bert.encode(model, np.ones((1, 3), np.int32), segment_ids=np.zeros((1, 2), np.int32))

@@ -143,7 +143,7 @@ def compare(model_dir, length: int, batch: int, device: str, implementation) -> 
     model, tokenizer = bert.load_minilm(model_dir, implementation=implementation)
     ids, mask = windows(tokenizer, length, batch)
     hidden_ref, emb_ref, mw_ref, ent_ref = _torch_reference(model_dir, ids, mask, device)
-    hidden, stats = bert._encode(model, ids, mask, None, return_stats=True)
+    hidden, stats = bert.encode(model, ids, mask, return_stats=True)
     hidden = np.asarray(jax.device_get(hidden))
     emb = bert.embeddings_from_ids(model, ids, mask)
     valid = mask.astype(bool)  # [B, T]

@@ -49,6 +49,7 @@ import importlib
 import json
 import numbers
 import pathlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,9 @@ __all__ = [
     "load_tokenizer",
     "with_variant",
     "tokenize",
+    "pack",
+    "Packed",
+    "encode",
     "mean_pool",
     "embeddings_from_ids",
     "sentence_embeddings",
@@ -220,9 +224,12 @@ class _Embeddings(nnx.Module):
         self.token_type = nnx.Embed(config.type_vocab_size, config.hidden_size, **embed)
         self.norm = _layer_norm(config, rngs)
 
-    def __call__(self, input_ids, token_type_ids):
-        positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-        x = self.word(input_ids) + self.position(positions)[None] + self.token_type(token_type_ids)
+    def __call__(self, input_ids, token_type_ids, position_ids=None):
+        if position_ids is None:
+            pos = self.position(jnp.arange(input_ids.shape[1], dtype=jnp.int32))[None]
+        else:
+            pos = self.position(position_ids)
+        x = self.word(input_ids) + pos + self.token_type(token_type_ids)
         return self.norm(x)
 
 
@@ -243,8 +250,8 @@ class _Layer(nnx.Module):
         self.output = nnx.Linear(config.intermediate_size, config.hidden_size, **dense)
         self.output_norm = _layer_norm(config, rngs)
 
-    def __call__(self, x, mask):
-        h, stats = self.attention(x, mask=mask, return_stats=True)
+    def __call__(self, x, mask, segment_ids=None):
+        h, stats = self.attention(x, mask=mask, segment_ids=segment_ids, return_stats=True)
         x = self.attention_norm(x + h)
         h = self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
         return self.output_norm(x + h), stats
@@ -298,7 +305,7 @@ class BertModel(nnx.Module):
                                 for _ in range(config.num_hidden_layers)])
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 return_stats: bool = False):
+                 segment_ids=None, position_ids=None, return_stats: bool = False):
         """Encodes ``input_ids [B, T]`` into the last hidden state ``[B, T, F]`` (float32).
 
         Args:
@@ -306,6 +313,10 @@ class BertModel(nnx.Module):
           attention_mask: ``[B, T]``, 1 (or True) for tokens, 0 for padding; default all ones.
             Padded keys get no weight; padded rows are computed but belong to no token.
           token_type_ids: int ``[B, T]``, default zeros (one segment).
+          segment_ids: int ``[B, T]`` for packed rows (several sequences in one row, see
+            :func:`pack`): a token attends only tokens of its own segment.
+          position_ids: int ``[B, T]`` in ``[0, max_position_embeddings)``, default
+            ``0, 1, ..., T-1``; packed sequences restart at 0.
           return_stats: also return one :class:`jaxattn.AttentionStats` (``[B, N, T]``) per layer.
 
         Returns:
@@ -329,12 +340,24 @@ class BertModel(nnx.Module):
         if tuple(attention_mask.shape) != tuple(shape):
             raise ValueError(f"attention_mask must have shape {tuple(shape)} (that of "
                              f"input_ids), got {tuple(attention_mask.shape)}")
+        if segment_ids is not None:
+            dtype = segment_ids.dtype
+            if not jnp.issubdtype(dtype, jnp.integer):
+                raise TypeError(f"segment_ids must be an integer array, got dtype {dtype}")
+            if tuple(segment_ids.shape) != tuple(shape):
+                raise ValueError(f"segment_ids must have shape {tuple(shape)} (that of "
+                                 f"input_ids), got {tuple(segment_ids.shape)}")
+            segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if position_ids is not None:
+            _check_ids("position_ids", position_ids, shape, self.config.max_position_embeddings)
+            position_ids = jnp.asarray(position_ids, jnp.int32)
         # [B, 1, 1, S]: every query of a sequence sees its valid keys (an encoder: no causality)
         mask = (jnp.asarray(attention_mask) != 0)[:, None, None, :]
-        x = self.embeddings(jnp.asarray(input_ids, jnp.int32), jnp.asarray(token_type_ids, jnp.int32))
+        x = self.embeddings(jnp.asarray(input_ids, jnp.int32), jnp.asarray(token_type_ids, jnp.int32),
+                            position_ids)
         stats = []
         for layer in self.layers:
-            x, s = layer(x, mask)
+            x, s = layer(x, mask, segment_ids)
             stats.append(s)
         return (x, stats) if return_stats else x
 
@@ -592,8 +615,127 @@ def mean_pool(hidden, attention_mask, *, normalize: bool = True):
 
 
 @nnx.jit(static_argnames=("return_stats",))
-def _encode(model, input_ids, attention_mask, token_type_ids, return_stats=False):
-    return model(input_ids, attention_mask, token_type_ids, return_stats=return_stats)
+def _encode(model, input_ids, attention_mask, token_type_ids, segment_ids=None, position_ids=None,
+            return_stats=False):
+    return model(input_ids, attention_mask, token_type_ids, segment_ids=segment_ids,
+                 position_ids=position_ids, return_stats=return_stats)
+
+
+def encode(model: BertModel, input_ids, attention_mask=None, token_type_ids=None, *,
+           segment_ids=None, position_ids=None, return_stats: bool = False):
+    """The jitted forward pass, its inputs checked first: :meth:`BertModel.__call__`.
+
+    One compilation per model variant and input shape.
+
+    Args:
+      model: a :class:`BertModel`.
+      input_ids: int ``[B, T]``.
+      attention_mask: ``[B, T]`` (default all ones).
+      token_type_ids: int ``[B, T]`` (default zeros).
+      segment_ids: int ``[B, T]`` for packed rows (:func:`pack`).
+      position_ids: int ``[B, T]`` (default ``0 .. T-1``).
+      return_stats: also return the per-layer :class:`jaxattn.AttentionStats`.
+
+    Returns:
+      ``hidden [B, T, F]``, or ``(hidden, [stats per layer])``.
+
+    Example:
+      >>> model, tok = load_minilm()
+      >>> encode(model, *tokenize(tok, ["A cat."])).shape
+      (1, 5, 384)
+    """
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+    input_ids = _as_ids("input_ids", input_ids)
+    attention_mask = _as_ids("attention_mask", attention_mask)
+    token_type_ids = _as_ids("token_type_ids", token_type_ids)
+    segment_ids = _as_ids("segment_ids", segment_ids)
+    position_ids = _as_ids("position_ids", position_ids)
+    _check_inputs(model, input_ids, attention_mask, token_type_ids)
+    for name, ids in (("segment_ids", segment_ids), ("position_ids", position_ids)):
+        if ids is not None and ids.shape != input_ids.shape:
+            raise ValueError(f"{name} must have shape {input_ids.shape} (that of input_ids), got "
+                             f"{ids.shape}")
+    if position_ids is not None:
+        _check_ids("position_ids", position_ids, input_ids.shape,
+                   model.config.max_position_embeddings)
+    return _encode(model, input_ids, attention_mask, token_type_ids, segment_ids, position_ids,
+                   return_stats=return_stats)
+
+
+class Packed(NamedTuple):
+    """Sequences packed into rows of equal length (:func:`pack`).
+
+    Attributes:
+      input_ids: int32 ``[R, L]`` (padding: ``pad_id``).
+      attention_mask: int32 ``[R, L]``, 1 on tokens.
+      segment_ids: int32 ``[R, L]``: the sequence's index within its row, -1 on padding.
+      position_ids: int32 ``[R, L]``: each sequence counts from 0.
+      slots: per input sequence, in input order, ``(row, start, stop)``.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    segment_ids: np.ndarray
+    position_ids: np.ndarray
+    slots: tuple
+
+
+def pack(sequences, length: int, *, pad_id: int = 0) -> Packed:
+    """Packs token sequences into rows of ``length`` tokens (first fit, longest first).
+
+    Encoding the rows with their ``segment_ids`` and ``position_ids`` gives each sequence what it
+    would get alone (a token attends only its own segment; positions restart at 0), with far
+    less padding than one sequence per row, and one input shape for sequences of many lengths.
+
+    Args:
+      sequences: lists (or arrays) of token ids, each of at most ``length`` tokens.
+      length: the row length.
+      pad_id: the id of padding tokens.
+
+    Returns:
+      A :class:`Packed`.
+
+    Example:
+      >>> p = pack([[101, 7, 102], [101, 102], [101, 5, 6, 102]], 6)
+      >>> p.input_ids.tolist(), p.slots
+      ([[101, 5, 6, 102, 101, 102], [101, 7, 102, 0, 0, 0]], ((1, 0, 3), (0, 4, 6), (0, 0, 4)))
+    """
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    sequences = [np.asarray(s, np.int32).reshape(-1) for s in sequences]
+    if not sequences:
+        raise ValueError("sequences must not be empty")
+    too_long = [i for i, s in enumerate(sequences) if len(s) > length or len(s) == 0]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(f"sequences[{i}] has {len(sequences[i])} tokens; each must have 1 to "
+                         f"length={length}")
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
+    free, placed = [], {}  # free[r]: tokens left in row r
+    for i in order:
+        n = len(sequences[i])
+        row = next((r for r, f in enumerate(free) if f >= n), None)
+        if row is None:
+            row = len(free)
+            free.append(length)
+        start = length - free[row]
+        placed[i] = (row, start, start + n)
+        free[row] -= n
+    rows = len(free)
+    ids = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    seg = np.full((rows, length), -1, np.int32)
+    pos = np.zeros((rows, length), np.int32)
+    counts = [0] * rows
+    for i in sorted(placed, key=lambda i: placed[i]):
+        row, start, stop = placed[i]
+        ids[row, start:stop] = sequences[i]
+        mask[row, start:stop] = 1
+        seg[row, start:stop] = counts[row]
+        pos[row, start:stop] = np.arange(stop - start)
+        counts[row] += 1
+    return Packed(ids, mask, seg, pos, tuple(placed[i] for i in range(len(sequences))))
 
 
 @nnx.jit
@@ -686,7 +828,8 @@ def sentence_embeddings(model: BertModel, tokenizer, sentences, *, batch_size: i
     return out
 
 
-def attention_stats(model: BertModel, input_ids, attention_mask=None, token_type_ids=None):
+def attention_stats(model: BertModel, input_ids, attention_mask=None, token_type_ids=None, *,
+                    segment_ids=None, position_ids=None):
     """Per-layer attention statistics (entropy, max weight, logsumexp per query and head).
 
     From each layer's :class:`jaxattn.MultiHeadAttention` with ``return_stats=True``: the
@@ -698,6 +841,8 @@ def attention_stats(model: BertModel, input_ids, attention_mask=None, token_type
       input_ids: int ``[B, T]``.
       attention_mask: ``[B, T]`` (default all ones).
       token_type_ids: int ``[B, T]`` (default zeros).
+      segment_ids: int ``[B, T]`` for packed rows (:func:`pack`).
+      position_ids: int ``[B, T]`` (default ``0 .. T-1``).
 
     Returns:
       A list of :class:`jaxattn.AttentionStats`, one per layer, fields float32 ``[B, N, T]``.
@@ -708,9 +853,6 @@ def attention_stats(model: BertModel, input_ids, attention_mask=None, token_type
       >>> len(stats), stats[0].max_weight.shape
       (6, (1, 12, 9))
     """
-    input_ids = _as_ids("input_ids", input_ids)
-    attention_mask = _as_ids("attention_mask", attention_mask)
-    token_type_ids = _as_ids("token_type_ids", token_type_ids)
-    _check_inputs(model, input_ids, attention_mask, token_type_ids)
-    _, stats = _encode(model, input_ids, attention_mask, token_type_ids, return_stats=True)
+    _, stats = encode(model, input_ids, attention_mask, token_type_ids, segment_ids=segment_ids,
+                      position_ids=position_ids, return_stats=True)
     return stats
