@@ -1075,6 +1075,53 @@ def claims_text(results: dict) -> list[str]:
             for c in claims(results)]
 
 
+_FIGURE_TEXT = (
+    ("dispersion", "dispersion", "each head's mean entropy against L beside log L, and its mean "
+     "max weight beside 1/L (Velickovic et al.'s Theorem 2.2: bounded logits disperse)"),
+    ("topn", "topn", "the top-N distances against L beside a random N-subset's, and the critical N "
+     "of the KS test (Mudarisov et al.: normalisation cannot single out N tokens as L grows)"),
+    ("probes", "topn", "finite-difference probes of the heads' logit rows against the corrected "
+     "Jacobian bound 1/(2T) and the published min{1/(4T), sqrt 2}"),
+    ("bohbot", "bohbot", "layer 0's moment errors against n and the fitted exponents against the "
+     "horizon H (Bohbot et al.: beta below 1/2, near 1/(2(1 + H^2)))"),
+)
+
+
+def report_section(results_json_path, base_dir=None) -> str:
+    """A markdown section: per-layer dispersion at the shortest and longest L, the plots, the claims.
+
+    The plots' paths are relative to ``base_dir`` (default: the folder above the JSON's).
+    """
+    path = pathlib.Path(results_json_path)
+    results = json.loads(path.read_text())
+    base = path.parent.parent if base_dir is None else pathlib.Path(base_dir)
+    m, cfg = results["model"], results["config"]
+    lines = ["## Dispersion and sample complexity on all-MiniLM-L6-v2", "",
+             f"A pretrained {m['kind']} ({m['layers']} layers, {m['heads']} heads of "
+             f"{m['head_dim']} dims) reading {m['text_tokens']} tokens of {m['text']}; Mudarisov "
+             "et al. used GPT-2, a decoder, so here every query sees every key of its window.", ""]
+    if "dispersion" in results:
+        d = results["dispersion"]
+        L = d["lengths"]
+        ent = np.asarray(d["entropy"]["mean"])  # [L, layers, heads]
+        mw = np.asarray(d["max_weight"]["mean"])
+        lines += [f"Mean over heads and {cfg['windows']} windows per length "
+                  f"(log L = {math.log(L[0]):.2f} and {math.log(L[-1]):.2f}; 1/L = {1 / L[0]:.4f} "
+                  f"and {1 / L[-1]:.4f}):", "",
+                  f"| layer | entropy L={int(L[0])} | entropy L={int(L[-1])} | max weight "
+                  f"L={int(L[0])} | max weight L={int(L[-1])} |", "|---|---|---|---|---|"]
+        for layer in range(ent.shape[1]):
+            lines.append(f"| {layer} | {ent[0, layer].mean():.3f} | {ent[-1, layer].mean():.3f} | "
+                         f"{mw[0, layer].mean():.3f} | {mw[-1, layer].mean():.3f} |")
+        lines.append("")
+    for fig, study, what in _FIGURE_TEXT:
+        if study in results:
+            rel = os.path.relpath(path.with_name(f"{path.stem}-{fig}.png"), base)
+            lines += [f"![{fig}]({rel})", "", f"The plot shows {what}.", ""]
+    lines += [f"- {line}" for line in results["claims"]]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 

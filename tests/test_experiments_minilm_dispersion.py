@@ -245,3 +245,56 @@ def test_moment_fits_recover_known_rates():
     assert out["verdict_curve"] == ["refuted", "verified"]
     with pytest.raises(ValueError, match="predicted_beta"):
         md.moment_fits(ns, errors, predicted_beta=np.asarray([0.3]))
+
+
+# --- end to end on the real model ------------------------------------------------------------
+
+_TINY = ["--preset", "cpu", "--no-progress", "--lengths", "8,16,32", "--windows", "2",
+         "--topn-layers", "0", "--topn-lengths", "8,16,32", "--topn-windows", "2",
+         "--topn-queries", "8", "--topn-ns", "1,5", "--critical-ns", "1,2,5",
+         "--probe-queries", "4", "--bohbot-length", "32", "--bohbot-ns", "4,8,16",
+         "--bohbot-replicates", "4", "--text-chars", "20000"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("safetensors")
+    return md.minilm_encoder()
+
+
+def test_tiny_run_writes_json_plots_report_and_resumes(tmp_path, encoder, monkeypatch):
+    import json
+
+    monkeypatch.setattr(md, "minilm_encoder", lambda: encoder)
+    config, _ = md.config_from_args(_TINY + ["--out", str(tmp_path / "whole")])
+    whole = md.run(config, progress=False, say=lambda m: None)
+
+    # A run killed during its last study keeps the finished ones and continues from them.
+    cut, _ = md.config_from_args(_TINY + ["--out", str(tmp_path / "cut")])
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(md, "bohbot_study", killed)
+        with pytest.raises(KeyboardInterrupt):
+            md.run(cut, progress=False, say=lambda m: None)
+    assert sorted(p.name for p in md.parts_dir(cut).iterdir()) == ["dispersion.json", "topn.json"]
+    said = []
+    resumed = md.run(cut, progress=False, say=said.append)
+    assert resumed["timing"]["loaded"] == ["dispersion", "topn"]
+    assert any("dispersion: loaded" in s for s in said)
+    for name in ("model", "dispersion", "topn", "bohbot", "claims"):
+        assert resumed[name] == whole[name], name
+
+    path = md.main(_TINY + ["--out", str(tmp_path / "cut")])
+    results = json.loads(path.read_text())
+    assert results["timing"]["loaded"] == ["dispersion", "topn", "bohbot"]
+    ent = np.asarray(results["dispersion"]["entropy"]["mean"])  # [L, layers, heads]
+    assert ent.shape == (3, 6, 12) and np.all(ent <= np.log([8, 16, 32])[:, None, None] + 1e-5)
+    figs = [path.with_name(f"{path.stem}-{f}.png") for f in ("dispersion", "topn", "probes", "bohbot")]
+    assert all(f.stat().st_size > 10_000 for f in figs)
+    section = md.report_section(path, base_dir=tmp_path)
+    assert "| 5 |" in section and all(f"cut/{f.name}" in section for f in figs)
+    assert section.count("**") >= 2 * len(results["claims"])
