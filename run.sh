@@ -53,7 +53,7 @@ step max_retrieval "$py" -m experiments.max_retrieval --preset "$preset" --no-pr
   --out-dir "$results/max_retrieval"
 step minilm_dispersion "$py" -m experiments.minilm_dispersion --preset "$preset" --no-progress \
   --out "$results/minilm_dispersion"
-step minilm_variants "$py" -m experiments.minilm_variants --preset "$preset" \
+step minilm_variants "$py" -m experiments.minilm_variants --preset "$preset" --no-progress \
   --out "$results/minilm_variants"
 step byte_lm "$py" -m experiments.byte_lm --preset "$preset" --no-progress --out "$results/byte_lm"
 step convergence_rates "$py" -m experiments.convergence_rates --preset "$rates" \
