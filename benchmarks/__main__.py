@@ -37,7 +37,7 @@ def _check(argv):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p))
     rc = 0
-    for module in ("pallas_kernels.check", "pallas_kernels.check_backward", "jaxattn.check"):
+    for module in ("checks.forward", "checks.backward", "checks.api"):
         print(f"== python3 -m {module} {' '.join(argv)}", flush=True)
         rc |= subprocess.call([sys.executable, "-m", module, *argv], env=env)
     return rc

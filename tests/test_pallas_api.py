@@ -336,11 +336,11 @@ def test_query_scale_gradient_only_when_wanted(monkeypatch, traced_s):
         assert np.abs(a - b).max() <= GRAD_RTOL * np.abs(b).max()
 
 
-def test_jaxattn_check_small(monkeypatch, capsys):
-    """``python -m jaxattn.check --small`` (the GPU end-to-end check, here in the interpreter):
+def test_api_check_small(monkeypatch, capsys):
+    """``python -m checks.api --small`` (the GPU end-to-end check, here in the interpreter):
     the beta-gradient case passes, and the same case fails when the tolerance is below the 16-bit
     rounding (the check compares real differences)."""
-    from jaxattn import check
+    from checks import api as check
     args = ["--small", "--cases", "adaptive_beta_grad_d64", "--seed", "0"]
     assert check.main(args) == 0
     monkeypatch.setattr(check, "TOL", 1e-6)
@@ -348,8 +348,8 @@ def test_jaxattn_check_small(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_jaxattn_check_rejects_unknown_cases(capsys):
-    from jaxattn import check
+def test_api_check_rejects_unknown_cases(capsys):
+    from checks import api as check
     with pytest.raises(SystemExit):
         check.main(["--small", "--cases", "softmax_causal_gqa_d128,nope"])
     assert "--cases: unknown nope" in capsys.readouterr().err
@@ -477,9 +477,9 @@ def test_default_dispatch_on_gpu_runs_the_kernel(monkeypatch):
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
 
 
-@pytest.mark.parametrize("module, flag", [("pallas_kernels.check", "--interpret"),
-                                          ("pallas_kernels.check_backward", "--interpret"),
-                                          ("jaxattn.check", "--small")])
+@pytest.mark.parametrize("module, flag", [("checks.forward", "--interpret"),
+                                          ("checks.backward", "--interpret"),
+                                          ("checks.api", "--small")])
 def test_gpu_checks_exit_at_once_without_a_gpu(module, flag):
     """The GPU check scripts on a CPU backend: status 2 and a message naming the flag that asks
     for the interpreter, within seconds (they used to start hours of interpreted kernels)."""
@@ -496,7 +496,13 @@ def test_gpu_checks_exit_at_once_without_a_gpu(module, flag):
 
 def test_gpu_checks_run_on_request_without_a_gpu(capsys):
     """The explicit flag passes the GPU test (here on cases that run no kernel)."""
-    from pallas_kernels import check, check_backward
+    from checks import backward as check_backward
+    from checks import forward as check
     assert check.main(["--interpret", "--skip-cases"]) == 0
+    assert [c[0] for c in check.select_cases("signed c D256,0")] == ["signed c D256", "softmax"]
+    with pytest.raises(ValueError, match="'nope' is neither a case name"):
+        check.select_cases("softmax,nope")
+    with pytest.raises(SystemExit):
+        check.main(["--interpret", "--cases", "99"])
     assert check_backward.main(["--interpret", "--only", "check", "--cases", "nope"]) == 1
     assert "needs a GPU" not in capsys.readouterr().err

@@ -6,7 +6,7 @@ automatically), whose uninitialised memory -- outputs included, see
 write shows up as NaN, which every comparison here rejects. The interpreter runs everything the GPU
 kernels run except the three register-operand wgmma products (dq += dZ K, dv += P^T dO,
 dk += dZ^T Q), which :func:`pallas_kernels.backward._mma_acc` replaces by ``jnp.dot``; those are
-checked on the GPU by ``python -m pallas_kernels.check_backward``.
+checked on the GPU by ``python -m checks.backward``.
 
 Tolerances (relative Frobenius error per output): the kernels round P and dZ to the 16-bit input dtype
 before the products (as every flash backward does); measured errors are about 3e-3 (bf16) and 5e-4
@@ -539,9 +539,9 @@ def test_query_scale_grad_off_skips_dc_only():
 @pytest.mark.parametrize("flip_mma_db, overrides", [(False, None), (True, None),
                                                      (False, dict(overlap=False))])
 def test_gpu_check_case_runs_in_the_interpreter(monkeypatch, flip_mma_db, overrides):
-    """`python -m pallas_kernels.check_backward`'s per-case routine (and --flip-mma-db, --set) at
+    """`python -m checks.backward`'s per-case routine (and --flip-mma-db, --set) at
     a tiny size."""
-    from pallas_kernels import check_backward
+    from checks import backward as check_backward
     tiny = (1, 128, 128, 2, 1, 64, dict(is_causal=True), 0, False, "rbf")
     monkeypatch.setitem(check_backward.CHECKS, "tiny_rbf", tiny)
     errs = check_backward.check_case("tiny_rbf", 0, flip_mma_db=flip_mma_db, overrides=overrides)

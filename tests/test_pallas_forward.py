@@ -4,7 +4,7 @@ On CPU the kernels run under ``plgpu.InterpretGPUParams`` (chosen automatically)
 memory is NaN: an output element the kernel fails to write shows up as NaN, which every comparison here
 rejects. The interpreter runs everything the GPU kernel runs except one step, the register-operand
 P @ V wgmma, which it replaces by ``jnp.dot`` (:func:`pallas_kernels.forward._pv`); that step is
-checked on the GPU by ``python -m pallas_kernels.check``.
+checked on the GPU by ``python -m checks.forward``.
 
 Tolerances: the kernel rounds P to the input dtype before P @ V (as every flash kernel does), so the
 output differs from the float32 oracle by up to a few ulps of the 16-bit dtype; the statistics are
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels.forward as _fwd
-from pallas_kernels.check import reference_rows
+from checks.forward import reference_rows
 from pallas_kernels.common import MaskSpec, visible
 from pallas_kernels.forward import (
     BlockSizes,
@@ -498,8 +498,8 @@ def test_split_bias_non_finite():
 
 
 def test_gpu_check_case_runs_in_the_interpreter(monkeypatch):
-    """`python -m pallas_kernels.check`'s per-case routine (with --flip-mma-bias) at a tiny size."""
-    from pallas_kernels import check
+    """`python -m checks.forward`'s per-case routine (with --flip-mma-bias) at a tiny size."""
+    from checks import forward as check
     monkeypatch.setattr(check, "_poison", lambda: None)  # 2 GiB of NaN: a GPU habit
     case = ("tiny rbf causal", 1, 128, 128, 2, 1, 64, "bfloat16", dict(is_causal=True), False,
             True, 0)

@@ -1,4 +1,4 @@
-"""GPU check and timing of the fused backward (``python -m pallas_kernels.check_backward``).
+"""GPU check and timing of the fused backward (``python -m checks.backward``).
 
 1. Correctness: :func:`pallas_kernels.backward.flash_backward` on bf16 inputs against ``jax.vjp`` of the
    float32 oracle :func:`pallas_kernels.common.flash_reference` (forward residuals from the oracle too),
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from checks.common import gpu_missing, parse_overrides
 from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
-from pallas_kernels.check import gpu_missing, parse_overrides
 from pallas_kernels.common import MaskSpec, flash_reference, is_masked
 
 # name: (B, T, S, N, K, D, mask kwargs, registers, use query_scale, use key_bias (True: N(0, 1);
@@ -235,7 +235,7 @@ def main(argv=None):
     parser.add_argument("--interpret", action="store_true",
                         help="run without a GPU, in the Mosaic GPU interpreter (hours at these sizes)")
     args = parser.parse_args(argv)
-    if gpu_missing(args.interpret, "python -m pallas_kernels.check_backward",
+    if gpu_missing(args.interpret, "python -m checks.backward",
                    "pass --interpret to run it in the (very slow) CPU interpreter"):
         return 2
     overrides = parse_overrides(args.set, BackwardConfig)

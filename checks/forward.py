@@ -1,4 +1,4 @@
-"""GPU check of the fused forward kernels: ``python -m pallas_kernels.check [--quick] [--json PATH]``.
+"""GPU check of the fused forward kernels: ``python -m checks.forward [--quick] [--json PATH]``.
 
 Without a GPU it exits at once with status 2, unless ``--interpret`` asks for the CPU interpreter.
 
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from checks.common import gpu_missing, parse_overrides
 from pallas_kernels.common import MaskSpec, visible
 from pallas_kernels.forward import BlockSizes, default_stats_block_sizes, flash_forward, flash_stats
 from pallas_kernels.forward import _blocks as forward_blocks
@@ -32,15 +33,6 @@ from pallas_kernels.forward import _blocks as forward_blocks
 REL_TOL = 1e-2
 
 
-def gpu_missing(explicit: bool, what: str, hint: str) -> bool:
-    """True (after a message on stderr) when JAX has no GPU and the caller did not ask for the
-    interpreter (``explicit``): the GPU checks at realistic sizes would run for hours in the CPU
-    interpreter, so they say so at once instead (``main`` then exits with status 2)."""
-    backend = jax.default_backend()
-    if backend == "gpu" or explicit:
-        return False
-    print(f"{what} needs a GPU (the JAX backend is {backend!r}); {hint}", file=sys.stderr)
-    return True
 STAT_TOL = 1e-2
 ROWS = 256
 
@@ -117,6 +109,21 @@ CASES = [
 ]
 
 
+def select_cases(text: str) -> list:
+    """The cases of ``--cases``: comma-separated names (``CASES``' first fields) or indices."""
+    by_name = {c[0]: c for c in CASES}
+    out = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        if item in by_name:
+            out.append(by_name[item])
+        elif item.isdigit() and int(item) < len(CASES):
+            out.append(CASES[int(item)])
+        else:
+            raise ValueError(f"--cases: {item!r} is neither a case name ({', '.join(by_name)}) nor "
+                             f"an index in [0, {len(CASES)})")
+    return out
+
+
 def _make(case, seed):
     name, B, T, S, N, K, H, dtype, mask_kw, use_c, use_b, R = case
     dtype = jnp.dtype(dtype)
@@ -151,24 +158,6 @@ def _rel(x, ref):
 def _stat_err(x, ref):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(x - ref) / np.maximum(1.0, np.abs(ref))))
-
-
-def parse_overrides(text, cls):
-    """``"intra_overlap=1,pingpong=0"`` -> ``{"intra_overlap": True, "pingpong": False}``: fields
-    of the dataclass ``cls`` (``--set``); bool fields by the field's default type, else int."""
-    fields = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"--set: {key!r} is not a {cls.__name__} field ({', '.join(fields)})")
-        try:
-            number = int(value)
-        except ValueError:
-            raise SystemExit(f"--set: {item!r}: the value must be an integer (0 / 1 for a bool "
-                             "field)") from None
-        out[key] = bool(number) if fields[key] is bool else number
-    return out
 
 
 def check_case(case, seed=0, flip_mma_bias=False, overrides=None, stats_overrides=None):
@@ -270,7 +259,7 @@ def main(argv=None):
                         help="on the cases with a key bias, also check the forward with "
                              "BlockSizes.mma_bias flipped from its default")
     parser.add_argument("--cases", default=None,
-                        help="comma-separated case indices (0-based) to run, default all")
+                        help="comma-separated case names or 0-based indices to run, default all")
     parser.add_argument("--set", default="",
                         help="forward BlockSizes fields to override, e.g. intra_overlap=1,pingpong=0")
     parser.add_argument("--stats-set", default="",
@@ -278,7 +267,7 @@ def main(argv=None):
     parser.add_argument("--interpret", action="store_true",
                         help="run without a GPU, in the Mosaic GPU interpreter (hours at these sizes)")
     args = parser.parse_args(argv)
-    if gpu_missing(args.interpret, "python -m pallas_kernels.check",
+    if gpu_missing(args.interpret, "python -m checks.forward",
                    "pass --interpret to run it in the (very slow) CPU interpreter"):
         return 2
     overrides = parse_overrides(args.set, BlockSizes)
@@ -287,10 +276,9 @@ def main(argv=None):
     cases = [] if args.skip_cases else CASES[:3] if args.quick else CASES
     if args.cases:
         try:
-            cases = [CASES[int(i)] for i in args.cases.split(",")]
-        except (ValueError, IndexError):
-            parser.error(f"--cases must be comma-separated indices in [0, {len(CASES)}), got "
-                         f"{args.cases!r}")
+            cases = select_cases(args.cases)
+        except ValueError as err:
+            parser.error(str(err))
     results = []
     for case in cases:
         try:

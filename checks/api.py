@@ -1,4 +1,4 @@
-"""The fused path against the reference through the public API: ``python -m jaxattn.check``.
+"""The fused path against the reference through the public API: ``python -m checks.api``.
 
 For every kernel variant and option a user trains with -- temperature, scalable-softmax with a
 learned ``s``, RBF with its ``gamma``, adaptive temperature with and without the gradient through
@@ -14,8 +14,8 @@ exits at once with status 2.
 
 Example::
 
-  PYTHONPATH=. python3 -m jaxattn.check                 # GPU
-  PYTHONPATH=. python3 -m jaxattn.check --small --cases adaptive_beta_grad_d64
+  PYTHONPATH=. python3 -m checks.api                 # GPU
+  PYTHONPATH=. python3 -m checks.api --small --cases adaptive_beta_grad_d64
 """
 
 import argparse
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
+from checks.common import gpu_missing
 from jaxattn import variants
-from pallas_kernels.check import gpu_missing
 
 TOL = 1e-2
 
@@ -139,7 +139,7 @@ def main(argv=None):
     unknown = [name for name in args.cases.split(",") if name not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    if gpu_missing(args.small, "python -m jaxattn.check",
+    if gpu_missing(args.small, "python -m checks.api",
                    "pass --small to run it at toy sizes in the CPU interpreter (minutes)"):
         return 2
     B, T = (1, 128) if args.small else (2, 2048)
