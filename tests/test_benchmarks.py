@@ -203,3 +203,15 @@ def test_gpu_commands_exit_at_once_on_a_cpu(command):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", command], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "needs an NVIDIA Hopper GPU" in proc.stderr
+
+
+def test_check_runs_the_three_gpu_checks_correctness_only(monkeypatch):
+    import subprocess
+
+    import benchmarks.__main__ as cli
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append(cmd[2:]) or 0)
+    assert cli._check(["--cases", "0"]) == 0
+    assert calls == [["checks.forward", "--cases", "0"],
+                     ["checks.backward", "--only", "check", "--cases", "0"],
+                     ["checks.api", "--cases", "0"]]
