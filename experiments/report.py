@@ -23,7 +23,7 @@ import pathlib
 import platform
 import sys
 
-__all__ = ["EXPERIMENTS", "latest_json", "theory_section", "build", "main"]
+__all__ = ["EXPERIMENTS", "latest_json", "json_timings", "theory_section", "build", "main"]
 
 # (results subfolder, module with report_section); the report's order.
 EXPERIMENTS = (
@@ -60,6 +60,23 @@ def theory_section(path: pathlib.Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_timings(results) -> dict:
+    """``{step: seconds}`` from the JSON files themselves, for a report built without ``run.sh``'s
+    timings (e.g. steps run in separate calls): each experiment's last invocation, which for a
+    resumed run is only the part it computed."""
+    results = pathlib.Path(results)
+    out = {}
+    theory = results / THEORY_JSON
+    if theory.is_file():
+        out["theory"] = float(json.loads(theory.read_text())["seconds"])
+    for sub, _ in EXPERIMENTS:
+        path = latest_json(results / sub)
+        timing = json.loads(path.read_text()).get("timing") if path else None
+        if isinstance(timing, dict) and "wall_s" in timing:
+            out[sub] = float(timing["wall_s"])
+    return out
+
+
 def _header(results: pathlib.Path, timings: dict) -> str:
     import jax
 
@@ -87,7 +104,7 @@ def build(results, *, timings: dict | None = None) -> tuple[str, list]:
       ``(markdown, missing)``: missing holds the subfolders with no results JSON.
     """
     results = pathlib.Path(results)
-    parts, missing = [_header(results, timings or {})], []
+    parts, missing = [_header(results, timings or json_timings(results))], []
     theory = results / THEORY_JSON
     if theory.is_file():
         parts.append(theory_section(theory))

@@ -59,3 +59,16 @@ def test_missing_parts_fail_unless_allowed(monkeypatch, tmp_path):
     (tmp_path / "a" / "r.json").write_text(json.dumps({"tag": "t"}))
     assert report.main(["--results", str(tmp_path), "--timings", "x=1.5,y=2"]) == 0
     assert "| y | 2 s |" in (tmp_path / "report.md").read_text()
+
+
+def test_timings_from_the_json_without_run_sh(monkeypatch, tmp_path):
+    _theory(tmp_path)
+    _fake_experiments(monkeypatch, tmp_path, ["a", "b"])
+    for sub, timing in (("a", {"wall_s": 12.4}), ("b", None)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "r.json").write_text(json.dumps({"tag": sub, "timing": timing}))
+    assert report.json_timings(tmp_path) == {"theory": 3.0, "a": 12.4}
+    text, _ = report.build(tmp_path)
+    assert "| theory | 3 s |" in text and "| a | 12 s |" in text and "| b |" not in text
+    text, _ = report.build(tmp_path, timings={"x": 1.0})  # run.sh's own timings win
+    assert "| x | 1 s |" in text and "| a | 12 s |" not in text
