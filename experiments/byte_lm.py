@@ -54,7 +54,6 @@ Usage::
   python -m experiments.byte_lm --preset cpu --seeds 0,1,2 --steps 600
 """
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -62,11 +61,9 @@ import json
 import math
 import os
 import pathlib
-import platform
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import jax
@@ -76,7 +73,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-import jaxattn
+from experiments import cli, files
 from jaxattn import variants as V
 from jaxattn.model import POSITIONS, Transformer
 
@@ -501,64 +498,22 @@ def measure_throughput(config: Config, variant: str, implementation: str | None)
 
 def versions() -> dict:
     """Versions of everything that could change the numbers."""
-    import flax
-    import jaxlib
-    import orbax.checkpoint
-
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "numpy": np.__version__, "orbax-checkpoint": orbax.checkpoint.__version__,
-            "jaxattn": jaxattn.__version__, "platform": platform.platform(),
-            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+    return files.versions("flax", "optax", "orbax.checkpoint")
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """A reader (or a killed writer) sees either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _stem(config: Config) -> str:
-    return f"{config.preset}-{config.digest()}"
-
-
-def result_path(config: Config) -> pathlib.Path:
-    return pathlib.Path(config.out_dir) / f"{_stem(config)}.json"
-
-
-def parts_dir(config: Config) -> pathlib.Path:
-    return pathlib.Path(config.out_dir) / f"{_stem(config)}.parts"
+result_path = files.result_path
+parts_dir = files.parts_dir
 
 
 def _identity(config: Config, vers: dict) -> dict:
-    skip = {"out_dir", "throughput_implementations", "throughput_steps"}
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
-    return json.loads(json.dumps({"config": fields, "versions": vers}))
+    return files.identity(config, vers, skip=("out_dir", "throughput_implementations", "throughput_steps"))
 
 
 def _load_part(path: pathlib.Path, identity: dict, say):
-    if not path.exists():
-        return None
-    try:
-        part = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        say(f"recomputing {path.name}: unreadable ({err})")
-        return None
-    for field in ("config", "versions"):
-        if part.get(field) != identity[field]:
-            say(f"recomputing {path.name}: written under another {field}")
-            return None
-    return part["unit"]
+    unit, why = files.load_part(path, identity, "unit")
+    if why:
+        say(f"recomputing {path.name}: {why}")
+    return unit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,7 +650,7 @@ def run(config: Config, *, resume: bool = True, progress: bool = True, say=print
                 if not resume and ckpt.exists():
                     shutil.rmtree(ckpt)
                 unit = train_unit(config, variant, seed, progress=progress, checkpoint_dir=ckpt)
-                _write_atomic(path, json.dumps({**identity, "unit": unit}, indent=1))
+                files.write_atomic(path, json.dumps({**identity, "unit": unit}, indent=1))
                 if ckpt.exists():  # the unit's JSON now holds everything the run needs
                     shutil.rmtree(ckpt)
                 computed.append(name)
@@ -726,7 +681,7 @@ def run(config: Config, *, resume: bool = True, progress: bool = True, say=print
 
 def save(results: dict, config: Config) -> pathlib.Path:
     path = result_path(config)
-    _write_atomic(path, json.dumps(results, indent=1))
+    files.write_atomic(path, json.dumps(results, indent=1))
     return path
 
 
@@ -791,40 +746,14 @@ def report_section(results_json_path, base_dir=None) -> str:
 # CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.byte_lm",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--out", dest="out_dir", default=None, help="output folder (= --out-dir)")
-    p.add_argument("--no-resume", action="store_true", help="recompute every unit")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for f in dataclasses.fields(Config):
-        if f.name not in ("preset", "out_dir"):
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                           help=f"override the preset's {f.name} (tuples: comma-separated)")
-    p.add_argument("--out-dir", dest="out_dir", default=None, help=argparse.SUPPRESS)
-    return p
-
-
-def _convert(name: str, text: str, default):
-    if isinstance(default, tuple):
-        kind = type(default[0]) if default else str
-        return tuple(kind(x) for x in text.split(",") if x)
-    if name == "implementation":
-        return None if text in ("", "none", "None") else text
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes")
-    return type(default)(text)
+def _parser():
+    return cli.parser("experiments.byte_lm", __doc__, Config, PRESETS, default="cpu")
 
 
 def config_from_args(argv=None):
+    """The preset with the command line's overrides, and the parsed arguments."""
     args = _parser().parse_args(argv)
-    base = PRESETS[args.preset]
-    overrides = {f.name: _convert(f.name, getattr(args, f.name), getattr(base, f.name))
-                 for f in dataclasses.fields(Config)
-                 if f.name != "preset" and getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **overrides), args
+    return cli.config(args, Config, PRESETS), args
 
 
 def main(argv=None) -> pathlib.Path:

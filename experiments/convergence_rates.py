@@ -29,21 +29,19 @@ Every estimate comes from :mod:`theory.sample_complexity` and :mod:`theory.hardm
 :func:`jaxattn.attention`), in float64.
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
-import platform
 import sys
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli, files
 from theory import hardmax as hm
 from theory import sample_complexity as sc
 
@@ -160,63 +158,14 @@ def hardmax_results(config: Config, key) -> dict:
 
 def versions() -> dict:
     """Versions of everything that could change the numbers."""
-    import jaxlib
-
-    import jaxattn
-
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-            "jaxattn": jaxattn.__version__, "platform": platform.platform(),
-            "backend": jax.default_backend()}
+    return files.versions()
 
 
 # (name, function, fold_in index of its key): the order is the run order.
 STUDIES = (("rates", "rates_and_growth", 0), ("moments", "moments", 1), ("hardmax", "hardmax_results", 2))
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a reader (or a rerun after a kill) sees the old file or
-    the whole new one: a temporary file in the same folder (one filesystem), then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _identity(config: Config, vers: dict) -> dict:
-    """What a stored study must match to be reused: the config (less ``out_dir``) and versions."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "out_dir"}
-    return json.loads(json.dumps({"config": fields, "versions": vers}))
-
-
-def parts_dir(config: Config) -> pathlib.Path:
-    """The folder of one config's finished studies."""
-    return pathlib.Path(config.out_dir) / f"{config.preset}-{config.digest()}.parts"
-
-
-def _load_part(path: pathlib.Path, identity: dict):
-    """``(result, None)`` if ``path`` holds a study for ``identity``, else ``(None, reason)``."""
-    if not path.exists():
-        return None, None
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # writes are atomic, so only an edited file gets here
-        return None, f"unreadable ({err})"
-    if not isinstance(stored, dict) or "result" not in stored:
-        return None, "no result in it"
-    for part in ("config", "versions"):
-        want, got = identity[part], stored.get(part) or {}
-        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        if diff:
-            return None, f"another {part} ({', '.join(diff)} differ)"
-    return stored["result"], None
+parts_dir = files.parts_dir
 
 
 def run(config: Config, progress=print, resume: bool = True) -> dict:
@@ -227,7 +176,7 @@ def run(config: Config, progress=print, resume: bool = True) -> dict:
     """
     key = jax.random.key(config.seed)
     vers = versions()
-    identity = _identity(config, vers)
+    identity = files.identity(config, vers)
     out = {"config": dataclasses.asdict(config), "versions": vers,
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     parts = parts_dir(config)
@@ -235,7 +184,7 @@ def run(config: Config, progress=print, resume: bool = True) -> dict:
         for name, fn_name, k in STUDIES:
             path = parts / f"{name}.json"
             if resume:
-                result, reason = _load_part(path, identity)
+                result, reason = files.load_part(path, identity, "result")
                 if result is not None:
                     progress(f"{name}: finished in an earlier run, loaded from {path}")
                     out[name] = result
@@ -247,7 +196,7 @@ def run(config: Config, progress=print, resume: bool = True) -> dict:
             result = globals()[fn_name](config, jax.random.fold_in(key, k))
             # Through JSON, so a fresh study and one loaded from its part are the same values.
             result = json.loads(json.dumps(result))
-            _write_atomic(path, json.dumps({**identity, "result": result}, indent=1))
+            files.write_part(path, identity, "result", result, indent=1)
             out[name] = result
             progress(f"{name}: {time.time() - t0:.1f}s, wrote {path}")
     return out
@@ -255,8 +204,8 @@ def run(config: Config, progress=print, resume: bool = True) -> dict:
 
 def save(results: dict, config: Config) -> pathlib.Path:
     """Writes the JSON (atomically); returns its path."""
-    path = pathlib.Path(config.out_dir) / f"{config.preset}-{config.digest()}.json"
-    _write_atomic(path, json.dumps(results, indent=1))
+    path = files.result_path(config)
+    files.write_atomic(path, json.dumps(results, indent=1))
     return path
 
 
@@ -319,40 +268,15 @@ def report_section(results_json_path, base_dir=None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="recompute every study, even those a previous run of this config finished")
-    for f in dataclasses.fields(Config):
-        if f.name == "preset":
-            continue
-        kind = "comma-separated list" if isinstance(f.default, tuple) else type(f.default).__name__
-        parser.add_argument(f"--{f.name.replace('_', '-')}", default=None,
-                            help=f"{kind}; overrides the preset")
-    return parser
-
-
-def _convert(name: str, text: str, default):
-    if isinstance(default, tuple):
-        cast = type(default[0])
-        return tuple(cast(v) for v in text.split(","))
-    try:
-        return type(default)(text)
-    except ValueError as err:
-        raise SystemExit(f"--{name.replace('_', '-')}: cannot read {text!r} as "
-                         f"{type(default).__name__}") from err
+def _parser():
+    return cli.parser("experiments.convergence_rates", __doc__, Config, PRESETS, default="small",
+                      progress=False)
 
 
 def _args_and_config(argv=None):
     """The parsed arguments and the preset with command-line overrides applied."""
     args = _parser().parse_args(argv)
-    base = PRESETS[args.preset]
-    overrides = {f.name: _convert(f.name, getattr(args, f.name), getattr(base, f.name))
-                 for f in dataclasses.fields(Config)
-                 if f.name != "preset" and getattr(args, f.name) is not None}
-    return args, dataclasses.replace(base, **overrides)
+    return args, cli.config(args, Config, PRESETS)
 
 
 def config_from_args(argv=None) -> tuple[Config, bool]:

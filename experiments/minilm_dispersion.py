@@ -54,7 +54,6 @@ Usage::
   python -m experiments.minilm_dispersion --preset cpu --windows 8 --seed 1
 """
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -62,9 +61,7 @@ import json
 import math
 import os
 import pathlib
-import platform
 import sys
-import tempfile
 import time
 from typing import NamedTuple
 
@@ -75,6 +72,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import jaxattn
+from experiments import cli, files
 from theory import dispersion as D
 from theory import sample_complexity as sc
 
@@ -822,80 +820,19 @@ STUDIES = (("dispersion", "dispersion_study", 0), ("topn", "topn_study_model", 1
 
 def versions() -> dict:
     """Versions of everything that could change the numbers."""
-    import flax
-    import jaxlib
-    import scipy
-    import tokenizers
-
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "tokenizers": tokenizers.__version__,
-            "jaxattn": jaxattn.__version__, "platform": platform.platform(),
-            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+    return files.versions("flax", "scipy", "tokenizers")
 
 
-def _jsonable(obj):
-    """numpy arrays and scalars as lists and Python numbers (NaN kept: ``json`` writes ``NaN``)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """A reader (or a killed writer) sees either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _stem(config: Config) -> str:
-    return f"{config.preset}-{config.digest()}"
-
-
-def result_path(config: Config) -> pathlib.Path:
-    """The results JSON of a config."""
-    return pathlib.Path(config.out_dir) / f"{_stem(config)}.json"
-
-
-def parts_dir(config: Config) -> pathlib.Path:
-    """The folder of a config's finished studies."""
-    return pathlib.Path(config.out_dir) / f"{_stem(config)}.parts"
-
-
-def _identity(config: Config, vers: dict) -> dict:
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "out_dir"}
-    return json.loads(json.dumps({"config": fields, "versions": vers}))
+result_path = files.result_path
+parts_dir = files.parts_dir
 
 
 def _load_part(path: pathlib.Path, identity: dict, say):
     """The stored study at ``path`` if it was written under ``identity``, else None (says why)."""
-    if not path.exists():
-        return None
-    try:
-        part = json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # writes are atomic: only an edited file gets here
-        say(f"recomputing {path.name}: unreadable ({err})")
-        return None
-    for field in ("config", "versions"):
-        if part.get(field) != identity[field]:
-            say(f"recomputing {path.name}: written under another {field}")
-            return None
-    return part.get("result")
+    result, why = files.load_part(path, identity, "result")
+    if why:
+        say(f"recomputing {path.name}: {why}")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,7 +848,7 @@ def run(config: Config, *, resume: bool = True, progress: bool = True, say=print
     """
     t0 = time.perf_counter()
     vers = versions()
-    identity = _identity(config, vers)
+    identity = files.identity(config, vers)
     key = jax.random.key(config.seed)
     out = {"experiment": "minilm_dispersion", "config": dataclasses.asdict(config),
            "versions": vers}
@@ -935,8 +872,8 @@ def run(config: Config, *, resume: bool = True, progress: bool = True, say=print
                 # Looked up by name at call time, so a caller (or test) can replace a study.
                 result = globals()[fn_name](config, enc, ids, jax.random.fold_in(key, k), progress)
                 # Through JSON, so a fresh study and one loaded from its part are the same values.
-                result = json.loads(json.dumps(_jsonable(result)))
-                _write_atomic(path, json.dumps({**identity, "result": result}))
+                result = json.loads(json.dumps(files.jsonable(result)))
+                files.write_part(path, identity, "result", result)
                 timing[name] = time.perf_counter() - t1
                 say(f"{name}: {timing[name]:.1f} s, wrote {path}")
             out[name] = result
@@ -949,7 +886,7 @@ def run(config: Config, *, resume: bool = True, progress: bool = True, say=print
 def save(results: dict, config: Config) -> pathlib.Path:
     """Writes the results JSON (atomically); returns its path."""
     path = result_path(config)
-    _write_atomic(path, json.dumps(_jsonable(results), indent=1))
+    files.write_atomic(path, json.dumps(files.jsonable(results), indent=1))
     return path
 
 
@@ -1126,43 +1063,14 @@ def report_section(results_json_path, base_dir=None) -> str:
 # CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.minilm_dispersion",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--out", dest="out_dir", default=None, help="output folder (the preset's "
-                   "out_dir by default)")
-    p.add_argument("--no-resume", action="store_true", help="recompute every study")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for f in dataclasses.fields(Config):
-        if f.name not in ("preset", "out_dir"):
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                           help=f"override the preset's {f.name} (tuples: comma-separated)")
-    return p
-
-
-def _convert(name: str, text: str, default):
-    try:
-        if isinstance(default, tuple):
-            kind = type(default[0]) if default else int
-            return tuple(kind(x) for x in text.split(",") if x)
-        return type(default)(text)
-    except ValueError as err:
-        raise SystemExit(f"--{name.replace('_', '-')}: cannot read {text!r} as "
-                         f"{type(default).__name__}") from err
+def _parser():
+    return cli.parser("experiments.minilm_dispersion", __doc__, Config, PRESETS, default="cpu")
 
 
 def config_from_args(argv=None):
     """The preset with the command line's overrides, and the parsed arguments."""
     args = _parser().parse_args(argv)
-    base = PRESETS[args.preset]
-    overrides = {f.name: _convert(f.name, getattr(args, f.name), getattr(base, f.name))
-                 for f in dataclasses.fields(Config)
-                 if f.name not in ("preset", "out_dir") and getattr(args, f.name) is not None}
-    if args.out_dir is not None:
-        overrides["out_dir"] = args.out_dir
-    return dataclasses.replace(base, **overrides), args
+    return cli.config(args, Config, PRESETS), args
 
 
 def main(argv=None) -> pathlib.Path:

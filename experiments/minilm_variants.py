@@ -37,7 +37,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -53,6 +52,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxattn
+from experiments import cli, files
 from experiments import minilm_dispersion as md
 
 __all__ = ["Config", "PRESETS", "VARIANTS", "make_variant", "text_sentences", "cosine_summary",
@@ -284,21 +284,19 @@ def run(config: Config, *, progress: bool = True, say=print, encoder=None) -> di
             "entropy": ent[name], "max_weight": mw[name],
             "entropy_change": change,
             "entropy_change_slope": per_window_slopes(config.lengths, ent[name] - ent["softmax"])}
-    out = json.loads(json.dumps(md._jsonable(out)))
+    out = json.loads(json.dumps(files.jsonable(out)))
     out["claims"] = claims(out)
     out["timing"] = {"wall_s": time.perf_counter() - t0}
     return out
 
 
-def result_path(config: Config) -> pathlib.Path:
-    """The results JSON of a config."""
-    return pathlib.Path(config.out_dir) / f"{config.preset}-{config.digest()}.json"
+result_path = files.result_path
 
 
 def save(results: dict, config: Config) -> pathlib.Path:
     """Writes the results JSON (atomically); returns its path."""
     path = result_path(config)
-    md._write_atomic(path, json.dumps(md._jsonable(results), indent=1))
+    files.write_atomic(path, json.dumps(files.jsonable(results), indent=1))
     return path
 
 
@@ -452,42 +450,14 @@ def report_section(results_json_path, base_dir=None) -> str:
 # CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.minilm_variants",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--out", dest="out_dir", default=None,
-                   help="output folder (the preset's out_dir by default)")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for f in dataclasses.fields(Config):
-        if f.name not in ("preset", "out_dir"):
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                           help=f"override the preset's {f.name} (tuples: comma-separated)")
-    return p
-
-
-def _convert(name: str, text: str, default):
-    try:
-        if isinstance(default, tuple):
-            kind = type(default[0]) if default else int
-            return tuple(kind(x) for x in text.split(",") if x)
-        return type(default)(text)
-    except ValueError as err:
-        raise SystemExit(f"--{name.replace('_', '-')}: cannot read {text!r} as "
-                         f"{type(default).__name__}") from err
+def _parser():
+    return cli.parser("experiments.minilm_variants", __doc__, Config, PRESETS, default="cpu", resume=False)
 
 
 def config_from_args(argv=None):
     """The preset with the command line's overrides, and the parsed arguments."""
     args = _parser().parse_args(argv)
-    base = PRESETS[args.preset]
-    overrides = {f.name: _convert(f.name, getattr(args, f.name), getattr(base, f.name))
-                 for f in dataclasses.fields(Config)
-                 if f.name not in ("preset", "out_dir") and getattr(args, f.name) is not None}
-    if args.out_dir is not None:
-        overrides["out_dir"] = args.out_dir
-    return dataclasses.replace(base, **overrides), args
+    return cli.config(args, Config, PRESETS), args
 
 
 def main(argv=None) -> pathlib.Path:

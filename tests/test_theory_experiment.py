@@ -13,7 +13,7 @@ import time
 import pytest
 
 from experiments import convergence_rates as cr
-from experiments import plot_convergence_rates
+from experiments import files, plot_convergence_rates
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--preset", "small", "--ns", "32,64,128", "--replicates", "4", "--probes", "2",
@@ -60,6 +60,7 @@ def test_tiny_run_writes_json_and_pngs(uninterrupted):
 _STALLED_CHILD = """
 import pathlib, sys, time
 from experiments import convergence_rates as cr
+from experiments import files
 def stalled(config, key):
     pathlib.Path(sys.argv[1]).touch()
     time.sleep(600)
@@ -129,14 +130,14 @@ def test_part_of_another_config_is_recomputed(tmp_path, monkeypatch):
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "study.json"
-    cr._write_atomic(path, "old")
+    files.write_atomic(path, "old")
 
     def killed(fd):
         raise KeyboardInterrupt  # the process dies before the new text is in place
 
-    monkeypatch.setattr(cr.os, "fsync", killed)
+    monkeypatch.setattr(files.os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
-        cr._write_atomic(path, "new")
+        files.write_atomic(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["study.json"]  # the temporary file is gone
 
