@@ -58,7 +58,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -73,7 +72,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from experiments import cli, files
+from experiments import cli, files, stats
 from jaxattn import variants as V
 from jaxattn.model import POSITIONS, Transformer
 
@@ -509,50 +508,8 @@ def _identity(config: Config, vers: dict) -> dict:
     return files.identity(config, vers, skip=("out_dir", "throughput_implementations", "throughput_steps"))
 
 
-def _load_part(path: pathlib.Path, identity: dict, say):
-    unit, why = files.load_part(path, identity, "unit")
-    if why:
-        say(f"recomputing {path.name}: {why}")
-    return unit
-
-
 # ---------------------------------------------------------------------------------------------
 # Statistics and claims
-
-
-def _t975(n: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
-def _mean_ci(values) -> tuple[float, float]:
-    """Mean and half-width of the 95 % t-interval over seeds (nan with one seed)."""
-    x = np.asarray(values, np.float64)
-    if x.size < 2:
-        return float(x.mean()), float("nan")
-    return float(x.mean()), _t975(x.size) * float(x.std(ddof=1)) / math.sqrt(x.size)
-
-
-def _verdict(diffs, what: str) -> dict:
-    """A one-sided reading of per-seed differences (positive = the claim's direction)."""
-    mean, half = _mean_ci(diffs)
-    if not np.isfinite(half):
-        status = "holds (one seed, no interval)" if mean > 0 else "does not hold (one seed)"
-    elif mean - half > 0:
-        status = "holds"
-    elif mean > 0:
-        status = "same direction, not significant at 95 %"
-    else:
-        status = "does not hold"
-    return {"claim": what, "status": status, "mean_diff": mean, "ci95": half,
-            "per_seed": [float(d) for d in diffs]}
-
-
-def _stats_over_seeds(rows) -> tuple[list, list]:
-    arr = np.asarray(rows, np.float64)  # [seeds, points]
-    stats = [_mean_ci(arr[:, j]) for j in range(arr.shape[1])]
-    return [m for m, _ in stats], [h for _, h in stats]
 
 
 def summarise(config: Config, units: list) -> dict:
@@ -573,11 +530,11 @@ def summarise(config: Config, units: list) -> dict:
                "loss_curve_steps": [config.chunk_steps * (k + 1) for k in range(len(curve[0]))],
                "loss_curve": curve, "held_out": loss.tolist(), "tail_loss": tail.tolist(),
                "degradation": degr.tolist()}
-        row["loss_curve_mean"], row["loss_curve_ci95"] = _stats_over_seeds(curve)
-        row["held_out_mean"], row["held_out_ci95"] = _stats_over_seeds(loss)
-        row["tail_loss_mean"], row["tail_loss_ci95"] = _stats_over_seeds(tail)
+        row["loss_curve_mean"], row["loss_curve_ci95"] = stats.over_seeds(curve)
+        row["held_out_mean"], row["held_out_ci95"] = stats.over_seeds(loss)
+        row["tail_loss_mean"], row["tail_loss_ci95"] = stats.over_seeds(tail)
         row["entropy_mean"] = ent.mean(0).tolist()
-        row["degradation_mean"], row["degradation_ci95"] = _mean_ci(degr)
+        row["degradation_mean"], row["degradation_ci95"] = stats.mean_ci(degr)
         if name == "ssmax":
             row["learned_s_mean"] = [float(np.mean(u["learned_s"])) for u in seeds]
         per[name] = row
@@ -593,26 +550,26 @@ def _claims(per: dict, short: int, long: int) -> dict:
     deg = {name: np.asarray(row["degradation"]) for name, row in per.items()}
     at_train = {name: np.asarray(row["held_out"])[:, 0] for name, row in per.items()}
     if "softmax" in per:
-        claims["softmax_degrades"] = _verdict(
+        claims["softmax_degrades"] = stats.verdict(
             deg["softmax"], f"softmax's held-out loss rises {span} (it does not generalise "
             "past its training length)")
     if "softmax" in per and "ssmax" in per:
-        claims["ssmax_degrades_less"] = _verdict(
+        claims["ssmax_degrades_less"] = stats.verdict(
             deg["softmax"] - deg["ssmax"],
             f"scalable-softmax's held-out loss degrades less than softmax's {span} (Nakanishi's "
             "length-generalisation claim)")
-        claims["ssmax_better_at_train_length"] = _verdict(
+        claims["ssmax_better_at_train_length"] = stats.verdict(
             at_train["softmax"] - at_train["ssmax"],
             f"scalable-softmax's held-out loss at the training length {short} is below softmax's")
     if "softmax" in per and "rbf" in per:
-        claims["rbf_better_at_train_length"] = _verdict(
+        claims["rbf_better_at_train_length"] = stats.verdict(
             at_train["softmax"] - at_train["rbf"],
             f"RBF + register's held-out loss at the training length {short} is below softmax's "
             "(the RBF post's 'slightly better')")
     if len(per) > 1:
         order = sorted(per, key=lambda name: float(deg[name].mean()))
         best, second = order[0], order[1]
-        verdict = _verdict(deg[second] - deg[best],
+        verdict = stats.verdict(deg[second] - deg[best],
                            f"{per[best]['label']} degrades least {span}, ahead of "
                            f"{per[second]['label']}")
         verdict["ranking"] = order
@@ -644,7 +601,7 @@ def run(config: Config, *, resume: bool = True, progress: bool = True, say=print
         for seed in config.seeds:
             name = f"{variant}-seed{seed}"
             path = parts / f"{name}.json"
-            unit = _load_part(path, identity, say) if resume else None
+            unit = files.resume_part(path, identity, "unit", say) if resume else None
             if unit is None:
                 ckpt = parts / f"{name}.ckpt"
                 if not resume and ckpt.exists():

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 __all__ = ["versions", "jsonable", "write_atomic", "result_path", "parts_dir", "identity",
-           "load_part", "write_part"]
+           "load_part", "resume_part", "write_part"]
 
 
 def versions(*modules: str) -> dict:
@@ -115,3 +115,11 @@ def load_part(path, ident: dict, field: str):
         if diff:
             return None, f"another {part} ({', '.join(diff)} differ)"
     return stored[field], None
+
+
+def resume_part(path, ident: dict, field: str, say):
+    """:func:`load_part`'s value, or None after saying why the file there is not reused."""
+    value, why = load_part(path, ident, field)
+    if why:
+        say(f"recomputing {pathlib.Path(path).name}: {why}")
+    return value

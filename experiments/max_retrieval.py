@@ -56,7 +56,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import jaxattn
-from experiments import cli, files
+from experiments import cli, files, stats
 from jaxattn import variants as V
 
 __all__ = ["Config", "PRESETS", "TRAINED", "ROWS", "make_batch", "MaxRetrievalModel", "train_unit",
@@ -415,44 +415,8 @@ def _identity(config: Config, vers: dict) -> dict:
     return files.identity(config, vers)
 
 
-def _load_part(path: pathlib.Path, identity: dict, say):
-    unit, why = files.load_part(path, identity, "unit")
-    if why:
-        say(f"recomputing {path.name}: {why}")
-    return unit
-
-
 # ---------------------------------------------------------------------------------------------
 # Statistics and claims
-
-
-def _t975(n: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
-def _mean_ci(values) -> tuple[float, float]:
-    """Mean and half-width of the 95 % t-interval over seeds (nan with one seed)."""
-    x = np.asarray(values, np.float64)
-    if x.size < 2:
-        return float(x.mean()), float("nan")
-    return float(x.mean()), _t975(x.size) * float(x.std(ddof=1)) / math.sqrt(x.size)
-
-
-def _verdict(diffs, what: str) -> dict:
-    """A one-sided reading of per-seed differences (positive = the claim's direction)."""
-    mean, half = _mean_ci(diffs)
-    if not np.isfinite(half):
-        status = "holds (one seed, no interval)" if mean > 0 else "not observed (one seed)"
-    elif mean - half > 0:
-        status = "holds"
-    elif mean > 0:
-        status = "same direction, not significant at 95 %"
-    else:
-        status = "not observed"
-    return {"claim": what, "status": status, "mean_diff": mean, "ci95": half,
-            "per_seed": [float(d) for d in diffs]}
 
 
 def summarise(config: Config, units: list) -> dict:
@@ -465,10 +429,10 @@ def summarise(config: Config, units: list) -> dict:
         acc = np.array([u["rows"][row]["accuracy"] for u in seeds])  # [seeds, sizes]
         mw = np.array([u["rows"][row]["max_weight"] for u in seeds])
         ent = np.array([u["rows"][row]["entropy"] for u in seeds])
-        stats = [_mean_ci(acc[:, j]) for j in range(len(sizes))]
+        acc_mean, acc_ci = stats.over_seeds(acc)
         per_row[row] = {"label": ROW_LABELS[row], "seeds": [u["seed"] for u in seeds],
                         "accuracy": acc.tolist(),
-                        "accuracy_mean": [m for m, _ in stats], "accuracy_ci95": [h for _, h in stats],
+                        "accuracy_mean": acc_mean, "accuracy_ci95": acc_ci,
                         "max_weight_mean": mw.mean(0).tolist(), "entropy_mean": ent.mean(0).tolist()}
     claims = {}
     i_train = sizes.index(config.max_train_items) if config.max_train_items in sizes else 0
@@ -476,7 +440,7 @@ def summarise(config: Config, units: list) -> dict:
     ood = [j for j, s in enumerate(sizes) if s > config.max_train_items]
     if "softmax" in per_row and big != i_train:
         acc = np.asarray(per_row["softmax"]["accuracy"])
-        claims["softmax_falls"] = _verdict(
+        claims["softmax_falls"] = stats.verdict(
             acc[:, i_train] - acc[:, big],
             f"softmax accuracy falls from {sizes[i_train]} to {sizes[big]} items")
         claims["softmax_falls"]["monotone_mean"] = bool(
@@ -484,11 +448,11 @@ def summarise(config: Config, units: list) -> dict:
     if "softmax" in per_row and "softmax+adaptive" in per_row and ood:
         base = np.asarray(per_row["softmax"]["accuracy"])
         adapt = np.asarray(per_row["softmax+adaptive"]["accuracy"])
-        claims["adaptive_helps_ood"] = _verdict(
+        claims["adaptive_helps_ood"] = stats.verdict(
             (adapt - base)[:, ood].mean(1),
             "adaptive temperature at inference raises the softmax model's accuracy, averaged over "
             f"the out-of-distribution sizes {[sizes[j] for j in ood]}")
-        claims["adaptive_not_cure"] = _verdict(
+        claims["adaptive_not_cure"] = stats.verdict(
             adapt[:, i_train] - adapt[:, big],
             f"with adaptive temperature accuracy still falls from {sizes[i_train]} to {sizes[big]} items")
     return {"sizes": sizes, "rows": per_row, "claims": claims}
@@ -517,7 +481,7 @@ def run(config: Config, *, resume: bool = True, progress: bool = True, say=print
         for seed in config.seeds:
             name = f"{variant}-seed{seed}"
             path = parts / f"{name}.json"
-            unit = _load_part(path, identity, say) if resume else None
+            unit = files.resume_part(path, identity, "unit", say) if resume else None
             if unit is None:
                 ckpt = parts / f"{name}.ckpt"
                 if not resume and ckpt.exists():

@@ -827,14 +827,6 @@ result_path = files.result_path
 parts_dir = files.parts_dir
 
 
-def _load_part(path: pathlib.Path, identity: dict, say):
-    """The stored study at ``path`` if it was written under ``identity``, else None (says why)."""
-    result, why = files.load_part(path, identity, "result")
-    if why:
-        say(f"recomputing {path.name}: {why}")
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Running
 
@@ -863,7 +855,7 @@ def run(config: Config, *, resume: bool = True, progress: bool = True, say=print
                         "text": config.text, "text_tokens": int(ids.size)}
         for name, fn_name, k in STUDIES:
             path = parts_dir(config) / f"{name}.json"
-            result = _load_part(path, identity, say) if resume else None
+            result = files.resume_part(path, identity, "result", say) if resume else None
             if result is not None:
                 loaded.append(name)
                 say(f"{name}: loaded from {path}")

@@ -52,7 +52,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxattn
-from experiments import cli, files
+from experiments import cli, files, stats
 from experiments import minilm_dispersion as md
 
 __all__ = ["Config", "PRESETS", "VARIANTS", "make_variant", "text_sentences", "cosine_summary",
@@ -159,12 +159,6 @@ def text_sentences(text: str, count: int, seed: int, *, min_words: int = 6,
     return [candidates[i] for i in pick]
 
 
-def _t95(n: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1))
-
-
 def cosine_summary(reference, swapped) -> dict:
     """Per-row cosine of two sets of unit embeddings ``[n, F]`` and its summary.
 
@@ -178,7 +172,7 @@ def cosine_summary(reference, swapped) -> dict:
     cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     n = cos.size
     return {"cosine": cos, "mean": float(cos.mean()),
-            "ci95": float(_t95(n) * cos.std(ddof=1) / math.sqrt(n)),
+            "ci95": float(stats.t975(n) * cos.std(ddof=1) / math.sqrt(n)),
             "p05": float(np.percentile(cos, 5)), "min": float(cos.min())}
 
 
@@ -205,7 +199,7 @@ def paired_change(variant, softmax) -> dict:
     """
     d = np.asarray(variant, np.float64) - np.asarray(softmax, np.float64)
     w = d.shape[1]
-    return {"mean": d.mean(axis=1), "ci95": _t95(w) * d.std(axis=1, ddof=1) / math.sqrt(w)}
+    return {"mean": d.mean(axis=1), "ci95": stats.t975(w) * d.std(axis=1, ddof=1) / math.sqrt(w)}
 
 
 def per_window_slopes(lengths, values) -> dict:
@@ -336,7 +330,7 @@ def claims(results: dict) -> list[dict]:
     out = []
     L = np.asarray(results["lengths"])
     w = results["config"]["windows"]
-    q = _t95(w)
+    q = stats.t975(w)
     floor = rounding_floor(L)[:, None]
     var = results["variants"]
     if "adaptive_temperature" in var:

@@ -68,3 +68,18 @@ def test_convert_reads_each_type_and_names_the_flag():
         cli.convert("flag", "maybe", False)
     with pytest.raises(SystemExit, match="--ns: cannot read '1,x' as comma-separated list"):
         cli.convert("ns", "1,x", (1,))
+
+
+def test_seed_statistics_and_verdicts():
+    from experiments import stats
+
+    mean, half = stats.mean_ci([1.0, 2.0, 3.0])
+    # t quantile 0.975 at 2 degrees of freedom (tables: 4.3027), sample sd 1
+    assert mean == 2.0 and half == pytest.approx(4.302652729749462 / np.sqrt(3), rel=1e-12)
+    assert np.isnan(stats.mean_ci([1.0])[1])
+    assert stats.verdict([1.0, 1.1, 0.9], "x")["status"] == "holds"
+    assert stats.verdict([1.0, -0.5, 0.2], "x")["status"] == "same direction, not significant at 95 %"
+    assert stats.verdict([-1.0, -1.1], "x")["status"] == "does not hold"
+    assert stats.verdict([0.3], "x")["status"] == "holds (one seed, no interval)"
+    means, halves = stats.over_seeds([[1.0, 5.0], [3.0, 5.0]])
+    assert means == [2.0, 5.0] and halves[1] == 0.0
