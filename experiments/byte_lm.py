@@ -467,7 +467,7 @@ def train_unit(config: Config, variant: str, seed: int, *, progress: bool = True
                           "train_tokens_per_s": (steady_steps * config.batch * config.seq_len
                                                  / steady_s if steady_s else None)}}
     if variant == "ssmax":
-        result["learned_s"] = [np.asarray(b.attn.ssmax_s[...]).tolist() for b in model.blocks]
+        result["learned_s"] = [np.asarray(b.attn.variant_params["s"][...]).tolist() for b in model.blocks]
     return result
 
 

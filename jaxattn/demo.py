@@ -85,7 +85,7 @@ def swap_variant(model: Transformer, variant) -> None:
     """Uses ``variant`` in every attention layer of ``model`` (parameters unchanged)."""
     for block in model.blocks:
         block.attn.variant = variant
-        block.attn.ssmax_s = None
+        block.attn.variant_params = nnx.Dict({})
 
 
 def run(cfg: Config):

@@ -1,66 +1,49 @@
-"""Dense visibility masks for the reference: which keys each query may attend.
+"""Dense visibility masks for the reference, from the one mask description the kernels read.
 
-A query ``i`` of batch ``b`` sees key ``j`` when every given condition holds:
+A query ``i`` of batch ``b`` sees key ``j`` when every condition of the plan's
+:class:`pallas_kernels.MaskSpec` holds and the dense ``mask`` (if any) allows it:
 
-* ``mask[b, n, i, j]`` (True = attend);
 * causal: ``j <= i`` (top-left aligned, as ``jax.nn.dot_product_attention``);
 * local window ``(left, right)``: ``i - left <= j <= i + right``;
-* lengths: ``i < query_seq_lengths[b]`` and ``j < key_value_seq_lengths[b]``;
-* segments: ``q_segment_ids[b, i] == kv_segment_ids[b, j]``.
+* lengths: ``i < q_lengths[b]`` and ``j < kv_lengths[b]``;
+* segments: ``q_segment_ids[b, i] == kv_segment_ids[b, j]``;
+* ``mask[b, n, i, j]`` (True = attend; the reference alone takes a dense mask).
 
-Registers (sinks) are visible to every valid query (``i < query_seq_lengths[b]``).
-The kernels build the same predicate from indices, tile by tile.
+Registers (sinks) are visible to every valid query (``i < q_lengths[b]``). The rule is written
+once, in :func:`pallas_kernels.common.visible`, which the kernels evaluate tile by tile on indices
+and this module evaluates on the whole ``T x S`` grid.
 """
 
 import jax.numpy as jnp
 
-__all__ = ["visibility_mask", "query_valid"]
+from pallas_kernels.common import MaskSpec, visible
+
+__all__ = ["visibility_mask"]
 
 
-def query_valid(batch: int, q_len: int, query_seq_lengths):
-    """Bool ``[B, T]``: the query rows inside each sequence's length."""
-    rows = jnp.arange(q_len)[None, :]  # [1, T]
-    if query_seq_lengths is None:
-        return jnp.ones((batch, q_len), bool)
-    return rows < query_seq_lengths[:, None]
-
-
-def visibility_mask(
-    *,
-    batch: int,
-    q_len: int,
-    kv_len: int,
-    mask=None,
-    is_causal: bool = False,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    local_window_size=None,
-    num_registers: int = 0,
-):
+def visibility_mask(spec: MaskSpec, *, batch: int, q_len: int, kv_len: int, dense=None):
     """Bool ``[B, N or 1, T, R + S]``: True where query ``i`` may attend key ``j``.
 
-    The first ``num_registers`` columns are the registers; the others are the sequence keys.
+    Args:
+      spec: the structured visibility; its ``num_registers`` registers are the first columns.
+      batch: ``B``.
+      q_len: ``T``.
+      kv_len: ``S``, the sequence keys (registers not included).
+      dense: optional bool ``[B, N or 1, T, S]`` over the sequence keys (True = attend).
+
+    Examples:
+      >>> from pallas_kernels import MaskSpec
+      >>> visibility_mask(MaskSpec(is_causal=True), batch=1, q_len=3, kv_len=3)[0, 0].astype("int32")
+      Array([[1, 0, 0],
+             [1, 1, 0],
+             [1, 1, 1]], dtype=int32)
     """
-    i = jnp.arange(q_len)[None, None, :, None]  # [1, 1, T, 1]
-    j = jnp.arange(kv_len)[None, None, None, :]  # [1, 1, 1, S]
-    vis = jnp.ones((batch, 1, q_len, kv_len), bool)  # [B, 1, T, S]
-    if mask is not None:
-        vis = vis & mask
-    if is_causal:
-        vis = vis & (j <= i)
-    if local_window_size is not None:
-        left, right = local_window_size
-        vis = vis & (j >= i - left) & (j <= i + right)
-    if key_value_seq_lengths is not None:
-        vis = vis & (j < key_value_seq_lengths[:, None, None, None])
-    if q_segment_ids is not None:
-        same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
-        vis = vis & same[:, None]
-    rows = query_valid(batch, q_len, query_seq_lengths)[:, None, :, None]  # [B, 1, T, 1]
-    vis = vis & rows
-    if num_registers:
-        regs = jnp.broadcast_to(rows, (*vis.shape[:3], num_registers))
-        vis = jnp.concatenate([regs, vis], axis=-1)
+    R = spec.num_registers
+    b = jnp.arange(batch)[:, None, None]
+    i = jnp.arange(q_len)[None, :, None]
+    j = jnp.arange(R + kv_len)[None, None, :]
+    vis = jnp.broadcast_to(visible(spec, b, i, j), (batch, q_len, R + kv_len))[:, None]
+    if dense is not None:
+        dense = jnp.pad(dense, [(0, 0)] * (dense.ndim - 1) + [(R, 0)], constant_values=True)
+        vis = vis & dense
     return vis

@@ -1,5 +1,6 @@
 """Flax integration: an NNX multi-head attention module and a drop-in ``attention_fn``."""
 
+import dataclasses
 import functools
 import numbers
 
@@ -65,7 +66,7 @@ def attention_fn(variant="softmax", **options):
 
 
 def _register_init(variant, shape, dtype, rngs):
-    if isinstance(variant, V.RBF):  # the origin is the sink every query can fall back to
+    if variant.zero_registers:  # RBF: the origin is the sink every query can fall back to
         return jnp.zeros(shape, dtype)
     return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
 
@@ -74,7 +75,8 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head attention with a :mod:`jaxattn` variant and its learnable parameters.
 
     Forked from ``flax.nnx.MultiHeadAttention`` (as the flax maintainers advise for custom
-    attention) so that it can own the variant's parameters: SSMax's ``s`` per query head, and
+    attention) so that it can own the variant's parameters: one per query head for each of the
+    variant's ``learned_fields`` (SSMax's ``s``, in ``variant_params['s']``), and
     ``num_registers`` learnable key/value registers (attention sinks) per layer, visible to every
     query, zero-initialised for RBF (the origin is the universal sink) and small random otherwise.
 
@@ -86,6 +88,9 @@ class MultiHeadAttention(nnx.Module):
       num_kv_heads: key/value heads ``K`` (default ``N``; ``N % K == 0``).
       variant: name or :class:`jaxattn.variants.Variant`.
       num_registers: learnable register tokens per layer.
+      sink_logits: learn one sink logit per query head (zero-initialised): ``e^{s_h}`` joins every
+        row's normaliser and takes no value (see :func:`jaxattn.attention`).
+      logits_soft_cap: soft-cap the logits at this static value (Gemma 2), or None.
       use_bias: add a learned bias to the query, key, value and output projections (BERT's
         layers have them; zero-initialised, as flax's).
       dtype: computation dtype (default: inferred from inputs and params).
@@ -104,7 +109,8 @@ class MultiHeadAttention(nnx.Module):
 
     def __init__(self, num_heads: int, in_features: int, *, qkv_features: int | None = None,
                  out_features: int | None = None, num_kv_heads: int | None = None,
-                 variant="softmax", num_registers: int = 0, use_bias: bool = False, dtype=None,
+                 variant="softmax", num_registers: int = 0, sink_logits: bool = False,
+                 logits_soft_cap: float | None = None, use_bias: bool = False, dtype=None,
                  param_dtype=jnp.float32, implementation=None, rngs: nnx.Rngs):
         # `is None`, not `or`: an explicit 0 is a bad size to report, not a request for the default
         qkv_features = in_features if qkv_features is None else qkv_features
@@ -119,6 +125,9 @@ class MultiHeadAttention(nnx.Module):
             raise TypeError(f"num_registers must be an int, got {num_registers!r}")
         if not isinstance(use_bias, bool):
             raise TypeError(f"use_bias must be a bool, got {use_bias!r}")
+        if not isinstance(sink_logits, bool):
+            raise TypeError(f"sink_logits must be a bool (learn one sink logit per head), got "
+                            f"{sink_logits!r}")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got "
                              f"{implementation!r}")
@@ -142,21 +151,26 @@ class MultiHeadAttention(nnx.Module):
         self.out = nnx.LinearGeneral(in_features=(num_heads, self.head_dim),
                                      out_features=out_features, axis=(-2, -1), use_bias=use_bias,
                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        ssmax_s = key_registers = value_registers = None
-        if isinstance(self.variant, V.ScalableSoftmax):
-            s = jnp.broadcast_to(jnp.asarray(self.variant.s, param_dtype), (num_heads,))
-            ssmax_s = nnx.Param(s)
+        # one parameter per query head for each field the variant learns (SSMax's s)
+        self.variant_params = nnx.Dict({
+            name: nnx.Param(jnp.broadcast_to(jnp.asarray(getattr(self.variant, name), param_dtype),
+                                             (num_heads,)))
+            for name in self.variant.learned_fields})
+        key_registers = value_registers = None
         if num_registers:
             shape = (num_registers, num_kv_heads, self.head_dim)
             key_registers = nnx.Param(_register_init(self.variant, shape, param_dtype, rngs))
             value_registers = nnx.Param(_register_init(self.variant, shape, param_dtype, rngs))
-        self.ssmax_s = nnx.data(ssmax_s)
         self.key_registers = nnx.data(key_registers)
+        self.sink_logits = nnx.data(
+            nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sink_logits else None)
+        self.logits_soft_cap = logits_soft_cap
         self.value_registers = nnx.data(value_registers)
 
     def _current_variant(self):
-        if self.ssmax_s is not None:
-            return V.ScalableSoftmax(s=self.ssmax_s[...])
+        if len(self.variant_params):
+            return dataclasses.replace(self.variant,
+                                       **{n: p[...] for n, p in self.variant_params.items()})
         return self.variant
 
     def __call__(self, inputs_q, inputs_kv=None, *, mask=None, is_causal: bool = False,
@@ -180,8 +194,9 @@ class MultiHeadAttention(nnx.Module):
                          self.value_registers[...].astype(q.dtype))
         out = attention(q, k, v, variant=self._current_variant(), mask=mask, is_causal=is_causal,
                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                        registers=registers, implementation=self.implementation,
-                        return_stats=return_stats)
+                        registers=registers, logits_soft_cap=self.logits_soft_cap,
+                        sink_logits=None if self.sink_logits is None else self.sink_logits[...],
+                        implementation=self.implementation, return_stats=return_stats)
         if return_stats:
             out, stats = out
             return self.out(out), stats

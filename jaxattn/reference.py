@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn import masking
-from jaxattn.variants import Variant
+from jaxattn.plan import Plan
 
 __all__ = ["AttentionStats", "attention_reference", "attention_weights_reference"]
 
@@ -25,11 +25,14 @@ class AttentionStats(NamedTuple):
     Attributes:
       logsumexp: ``log sum_j exp(z_ij)`` over the keys that carry weight (all visible keys for
         softmax variants, the kept ones for top-k, the maximal ones for hardmax), of the logits
-        as the variant defines them (for RBF: ``-gamma ||q - k||^2``).
+        as the variant defines them (for RBF: ``-gamma ||q - k||^2``; soft-capped when the call
+        caps them).
       entropy: ``-sum_j p_ij log p_ij`` of the final weights, in nats.
       max_weight: ``max_j p_ij``.
 
-    A query with no visible key has all three equal to zero.
+    With sink logits the weights are over the keys and the sink: the logsumexp includes
+    ``e^{s_h}``, and the entropy and max weight count the sink's weight ``e^{s_h - lse_i}``. A
+    query with no visible key has all three equal to zero.
     """
 
     logsumexp: jax.Array
@@ -56,25 +59,50 @@ def _forward_only_jvp(name, primals, tangents):
     )
 
 
-def _masked_softmax(z, keep):
-    """Softmax of ``z`` over the True entries of ``keep``; all-False rows give zeros.
+def _masked_softmax(z, keep, sink=None):
+    """Softmax of ``z`` over the True entries of ``keep`` (and a sink logit); all-False rows give
+    zeros.
 
-    Returns (p, lse) with lse ``[..., T]`` (zero for empty rows).
+    ``sink`` (``[..., 1]`` broadcastable, or None) adds ``e^sink`` to each row's normaliser and
+    takes no value. Returns ``(p, lse, p_sink)`` with ``lse`` and ``p_sink`` ``[..., T]`` (zero for
+    empty rows; ``p_sink`` None without a sink).
     """
     zm = jnp.where(keep, z, _NEG)
-    m = jax.lax.stop_gradient(jnp.max(zm, axis=-1, keepdims=True))
+    m = jnp.max(zm, axis=-1, keepdims=True)
+    if sink is not None:
+        m = jnp.maximum(m, sink)
+    m = jax.lax.stop_gradient(m)
     e = jnp.where(keep, jnp.exp(zm - m), 0.0)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    nonempty = total > 0
-    p = e / jnp.where(nonempty, total, 1.0)
-    lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, total, 1.0)), 0.0)
-    return p, lse[..., 0]
+    keys = jnp.sum(e, axis=-1, keepdims=True)
+    # not keys > 0: a sink far above every logit can underflow all of e to zero
+    nonempty = jnp.any(keep, axis=-1, keepdims=True)
+    total = keys if sink is None else keys + jnp.exp(sink - m)
+    total = jnp.where(nonempty, total, 1.0)
+    p = e / total
+    lse = jnp.where(nonempty, m + jnp.log(total), 0.0)
+    p_sink = None if sink is None else jnp.where(nonempty, jnp.exp(sink - m) / total, 0.0)[..., 0]
+    return p, lse[..., 0], p_sink
 
 
-def _entropy(p, eps=0.0):
-    """``-sum p log(p + eps)`` over the last axis, with ``0 log 0 = 0``."""
+def _entropy(p, eps=0.0, p_sink=None):
+    """``-sum p log(p + eps)`` over the last axis (and the sink's weight), with ``0 log 0 = 0``."""
     safe = jnp.where(p > 0, p, 1.0)
-    return 0.0 - jnp.sum(jnp.where(p > 0, p * jnp.log(safe + eps), 0.0), axis=-1)  # no -0.0
+    h = 0.0 - jnp.sum(jnp.where(p > 0, p * jnp.log(safe + eps), 0.0), axis=-1)  # no -0.0
+    if p_sink is not None:
+        h = h - jnp.where(p_sink > 0, p_sink * jnp.log(jnp.where(p_sink > 0, p_sink, 1.0) + eps),
+                          0.0)
+    return h
+
+
+def _final_logits(u, c, offset, cap):
+    """The logits the normaliser sees: ``c_i (u_ij + o_i)``, soft-capped to ``cap tanh(. / cap)``
+    when ``cap`` is set. ``offset`` (``o_i``, the per-query constant the variant drops) is None
+    where it may stay dropped; with a cap or a sink it may not (tanh is not shift-invariant, and a
+    sink logit competes with the logits as the variant defines them)."""
+    if offset is not None:
+        u = u + offset[..., None]
+    z = u if c is None else c[..., None] * u
+    return z if cap is None else cap * jnp.tanh(z / cap)
 
 
 def _support(z, visible, variant):
@@ -92,7 +120,7 @@ def _support(z, visible, variant):
     raise ValueError(f"unknown normalizer {variant.normalizer!r}")
 
 
-def _logits(query, key, variant: Variant, scale, bias):
+def _logits(query, key, plan, bias):
     """``a q.k + b_j + bias``, ``[B, N, T, S]`` in the compute dtype."""
     B, T, N, H = query.shape
     _, S, K, _ = key.shape
@@ -100,8 +128,8 @@ def _logits(query, key, variant: Variant, scale, bias):
     q = query.reshape(B, T, K, N // K, H)
     qk = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=ct,
                     precision=jax.lax.Precision.HIGHEST)
-    z = (variant.logit_scale(scale) * qk).reshape(B, N, T, S)
-    kb = variant.key_bias(key, scale)  # [B, S, K]
+    z = (plan.logit_scale * qk).reshape(B, N, T, S)
+    kb = plan.key_bias(key)  # [B, S, K]
     if kb is not None:
         kb = jnp.repeat(kb.transpose(0, 2, 1), N // K, axis=1)  # [B, N, S]
         z = z + kb[:, :, None, :].astype(ct)
@@ -123,48 +151,29 @@ def _with_registers(key, value, bias, registers):
     return key, value, bias, R
 
 
-def attention_weights_reference(
-    query,
-    key,
-    *,
-    variant: Variant,
-    scale,
-    bias=None,
-    mask=None,
-    is_causal=False,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    local_window_size=None,
-    registers=None,
-    value=None,
-):
-    """Weights ``[B, N, T, R + S]`` and :class:`AttentionStats` of a variant (batched inputs).
+def attention_weights_reference(query, key, plan: Plan, *, value=None):
+    """Weights ``[B, N, T, R + S]`` and :class:`AttentionStats` of a plan (batched inputs).
 
-    Arguments are the normalised ones of :func:`jaxattn.attention` (batched arrays, a ``[B, N|1,
-    T, S]`` bias and bool mask, a ``(left, right)`` window, registers as ``([B, R, K, H], [B, R,
-    K, Hv])``). A ``-inf`` bias entry hides its key, as a False mask entry does (SSMax's ``n_i``
-    does not count it). Returns ``(weights, stats, key, value)`` where key and value include
-    registers.
+    ``plan`` is :func:`jaxattn.plan.make_plan`'s. A ``-inf`` bias entry hides its key, as a False
+    mask entry does (SSMax's ``n_i`` does not count it). Returns ``(weights, stats, key, value)``
+    where key and value include the registers.
     """
     B, T, N, _ = query.shape
     S = key.shape[1]
+    variant = plan.variant
+    bias = plan.bias
     if bias is not None:
         bias = jnp.broadcast_to(bias, (B, bias.shape[1], T, S))
-    key, value, bias, R = _with_registers(key, value, bias, registers)
-    visible = masking.visibility_mask(
-        batch=B, q_len=T, kv_len=S, mask=mask, is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        local_window_size=local_window_size, num_registers=R)
+    key, value, bias, R = _with_registers(key, value, bias, plan.registers)
+    visible = masking.visibility_mask(plan.mask, batch=B, q_len=T, kv_len=S,
+                                      dense=plan.dense_mask)
     if bias is not None:
         # A -inf bias hides its key as a False mask entry does: left in the logits, a row biased
         # -inf on every key would give exp(-inf - -inf) = NaN instead of the zeros promised for a
         # query with no visible key, and 0 * -inf = NaN in the gradients of per-query scales.
         visible = visible & (bias != -jnp.inf)
     visible = jnp.broadcast_to(visible, (B, N, T, R + S))
-    z = _logits(query, key, variant, scale, bias)
+    z = _logits(query, key, plan, bias)
     if bias is not None:
         # Hidden entries never carry weight; a finite stand-in keeps their zero cotangents from
         # meeting -inf (0 * -inf = NaN) in the products below.
@@ -172,39 +181,44 @@ def attention_weights_reference(
     if not variant.differentiable:
         z = _forward_only(z, variant.name)
     num_visible = jnp.sum(visible, axis=-1, dtype=jnp.int32)
+    cap = plan.logits_soft_cap
+    offset = plan.query_offset(query)  # [B, T, N]
+    if offset is not None:
+        offset = offset.transpose(0, 2, 1).astype(z.dtype)  # [B, N, T]
+    sink = None
+    if plan.sink_logits is not None:
+        sink = jnp.asarray(plan.sink_logits, z.dtype)[None, :, None, None]  # [1, N, 1, 1]
+    # the offset goes into the logits only where the cap or a sink makes it matter
+    exact = offset if cap is not None or sink is not None else None
     entropy0 = None
     if variant.needs_stats:
-        p0, _ = _masked_softmax(z, visible)
-        entropy0 = _entropy(p0, getattr(variant, "entropy_eps", 0.0))
-    c = variant.query_scale(num_visible, entropy0)
+        p0, _, p0_sink = _masked_softmax(_final_logits(z, None, exact, cap), visible, sink)
+        entropy0 = _entropy(p0, variant.entropy_eps, p0_sink)
+    c = plan.query_scale(num_visible, entropy0)
     if c is not None:
         c = jnp.broadcast_to(jnp.asarray(c, z.dtype), (B, N, T))
-        z = c[..., None] * z
+    z = _final_logits(z, c, exact, cap)
     keep = _support(z, visible, variant)
-    p, lse = _masked_softmax(z, keep)
-    offset = variant.query_offset(query, scale)  # [B, T, N]
-    has_keys = num_visible > 0
-    if offset is not None:
-        offset = offset.transpose(0, 2, 1).astype(z.dtype)
-        lse = lse + jnp.where(has_keys, offset if c is None else c * offset, 0.0)
+    p, lse, p_sink = _masked_softmax(z, keep, sink)
+    if offset is not None and exact is None:  # else the logits hold the offset already
+        lse = lse + jnp.where(num_visible > 0, offset if c is None else c * offset, 0.0)
+    max_weight = jnp.max(p, axis=-1)
     stats = AttentionStats(
         logsumexp=lse,
-        entropy=_entropy(p),
-        max_weight=jnp.max(p, axis=-1),
+        entropy=_entropy(p, 0.0, p_sink),
+        max_weight=max_weight if p_sink is None else jnp.maximum(max_weight, p_sink),
     )
     return p, stats, key, value
 
 
-def attention_reference(query, key, value, *, variant: Variant, scale, return_stats=False,
-                        **options):
-    """Reference attention for batched, validated inputs; see :func:`jaxattn.attention`.
+def attention_reference(query, key, value, plan: Plan, *, return_stats=False):
+    """Reference attention for batched inputs and their plan; see :func:`jaxattn.attention`.
 
     Returns ``out [B, T, N, Hv]`` in the query dtype, and :class:`AttentionStats` if
     ``return_stats``.
     """
     B, T, N, _ = query.shape
-    p, stats, key, value = attention_weights_reference(
-        query, key, variant=variant, scale=scale, value=value, **options)
+    p, stats, key, value = attention_weights_reference(query, key, plan, value=value)
     K, Hv = value.shape[2], value.shape[3]
     ct = p.dtype
     pg = p.reshape(B, K, N // K, T, p.shape[-1])

@@ -89,6 +89,25 @@ class Variant:
     normalizer: ClassVar[str] = "softmax"  # "softmax" | "hardmax" | "topk"
     needs_stats: ClassVar[bool] = False
     differentiable: ClassVar[bool] = True
+    # The statistics sweep's entropy is -sum p log(p + entropy_eps) (adaptive temperature: the
+    # paper's 1e-9, a dataclass field there). Unannotated here, so that it is no dataclass field of
+    # the base: a field would come first in every subclass's positional arguments.
+    entropy_eps = 0.0
+    # Learned per-query-head fields: a module owns one parameter of shape [N] for each and
+    # rebuilds the variant with them (SSMax's s).
+    learned_fields: ClassVar[tuple[str, ...]] = ()
+    # Registers initialised at zero rather than small random values (RBF: the origin is the
+    # sink every query can fall back to).
+    zero_registers: ClassVar[bool] = False
+
+    def check_num_keys(self, num_keys: int) -> None:
+        """Raises ValueError when the variant cannot run over ``num_keys`` keys (registers
+        included)."""
+        del num_keys
+
+    def stats_gradient(self) -> bool:
+        """Whether gradients flow through the statistics sweep (when :attr:`needs_stats`)."""
+        return True
 
     def logit_scale(self, scale):
         """The scalar ``a`` multiplying ``q . k``."""
@@ -211,6 +230,9 @@ class AdaptiveTemperature(Variant):
         if not 0 <= self.entropy_eps < np.inf:
             raise ValueError(f"entropy_eps must be finite and >= 0, got {self.entropy_eps}")
 
+    def stats_gradient(self) -> bool:
+        return not self.stop_gradient_beta
+
     def beta(self, entropy):
         """``beta(H)``: the paper's inverse temperature for entropy ``H`` (nats)."""
         poly = jnp.polyval(jnp.asarray(self.coeffs, entropy.dtype), entropy)
@@ -244,6 +266,7 @@ class ScalableSoftmax(Variant):
 
     s: Any = 0.43
     name: ClassVar[str] = "scalable_softmax"
+    learned_fields: ClassVar[tuple[str, ...]] = ("s",)
 
     def __post_init__(self):
         if not _is_concrete(self.s):
@@ -290,6 +313,7 @@ class RBF(Variant):
 
     gamma: Any = None
     name: ClassVar[str] = "rbf"
+    zero_registers: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_positive("gamma", self.gamma)
@@ -346,6 +370,11 @@ class TopK(Variant):
             raise TypeError(f"k must be a static int, got {self.k!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+
+    def check_num_keys(self, num_keys: int) -> None:
+        if not 1 <= self.k <= num_keys:
+            raise ValueError(f"TopK k must be in [1, S] = [1, {num_keys}] (keys incl. registers), "
+                             f"got {self.k}")
 
 
 Softmax = _register(Softmax, ["temperature"])

@@ -1,54 +1,47 @@
-"""Fused Pallas (Mosaic GPU) attention kernels behind :func:`jaxattn.attention`.
+"""Fused Pallas (Mosaic GPU) attention kernels over plain arrays.
 
-This package does not import :mod:`jaxattn`: it reads the variant spec object it is given
-(``logit_scale``, ``key_bias``, ``query_scale``, ``needs_stats``, ``normalizer``,
-``query_offset``).
+The kernel-level problem (:mod:`pallas_kernels.common`) is
+
+.. math::
+
+  z_{ij} = c_i \\, (a \\, q_i \\cdot k_j + b_j), \\qquad
+  o_i = \\sum_j \\text{softmax}_j(z_{i\\cdot}) \\, v_j
+
+over the keys a :class:`MaskSpec` leaves visible: ``a`` a python float, ``c`` a per-query and ``b``
+a per-key float32 array. This package knows no attention variant and imports nothing from
+``jaxattn``: the library turns each variant's plan into ``a``, ``b`` and ``c``
+(``jaxattn.fused``).
+
+* :func:`flash_attention`, :func:`flash_entropy` -- differentiable ops (``jax.custom_vjp``);
+* :func:`flash_forward`, :func:`flash_stats`, :func:`flash_backward` -- the kernels themselves;
+* :class:`MaskSpec`, :func:`visible`, :func:`count_visible` -- the mask description and the one
+  visibility rule; :func:`flash_reference` -- the pure-jnp oracle of the kernel-level problem.
 """
 
-from typing import NamedTuple
+from pallas_kernels.backward import BackwardConfig, flash_backward
+from pallas_kernels.common import MaskSpec, flash_reference, visible
+from pallas_kernels.forward import (
+    BlockSizes,
+    count_visible,
+    flash_forward,
+    flash_stats,
+    row_max_from_stats,
+    scale_row_max,
+)
+from pallas_kernels.ops import flash_attention, flash_entropy
 
-import jax
-
-from pallas_kernels import attention as _attention_module
-
-__all__ = ["attention", "KernelStats"]
-
-
-class KernelStats(NamedTuple):
-    """Per-query statistics of the fused kernel, each float32 ``[B, N, T]``.
-
-    Same fields and semantics as ``jaxattn.reference.AttentionStats``: ``logsumexp`` of the
-    variant's logits over the visible keys, ``entropy`` (nats) and ``max_weight`` of the final
-    weights; all zero for a query with no visible key.
-    """
-
-    logsumexp: jax.Array
-    entropy: jax.Array
-    max_weight: jax.Array
-
-
-def attention(query, key, value, *, variant, scale, return_stats=False, **options):
-    """Fused attention for batched, validated inputs (see :func:`jaxattn.attention`).
-
-    Args:
-      query, key, value: batched ``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]``.
-      variant: the variant spec.
-      scale: the logit scale.
-      return_stats: also return :class:`KernelStats`.
-      **options: ``bias, mask, is_causal, query_seq_lengths, key_value_seq_lengths,
-        q_segment_ids, kv_segment_ids, local_window_size, registers`` as produced by
-        ``jaxattn.api._prepare``.
-
-    Returns:
-      ``out``, or ``(out, KernelStats)`` with ``return_stats``.
-
-    Raises:
-      NotImplementedError: what the kernels do not run (hardmax / top-k, dense bias or mask
-        arrays, float32 inputs, head dims above 256); the caller falls back to XLA.
-    """
-    result = _attention_module.attention(query, key, value, variant=variant, scale=scale,
-                                         return_stats=return_stats, **options)
-    if return_stats:
-        out, stats = result
-        return out, KernelStats(*stats)
-    return result
+__all__ = [
+    "MaskSpec",
+    "visible",
+    "count_visible",
+    "flash_reference",
+    "flash_attention",
+    "flash_entropy",
+    "flash_forward",
+    "flash_stats",
+    "flash_backward",
+    "BlockSizes",
+    "BackwardConfig",
+    "scale_row_max",
+    "row_max_from_stats",
+]

@@ -14,6 +14,10 @@ logits from their definitions.
 * hardmax: uniform over the maximal visible logits; top-k: softmax over the ``k`` largest visible
   logits, ties to the lower key index (registers first).
 
+Soft cap (``logits_soft_cap``): ``cap tanh(z / cap)`` of the final logits above (and of the
+adaptive temperature's base logits). Sinks (``sink_logits[n]``): ``e^{s_n}`` joins each softmax's
+normaliser (base and final) as a weight of its own, counted in the entropy and max weight.
+
 Visibility: bool mask (True = attend), causal ``j <= i``, window ``i - left <= j <= i + right``,
 lengths (query rows ``>= q_len`` see nothing, keys ``>= kv_len`` hidden), segment ids. Registers are
 prepended, visible to every valid query, with bias 0. A query with no visible key gives zeros and
@@ -90,19 +94,21 @@ def visible_keys(*, B, N, T, S, R, mask=None, is_causal=False, query_seq_lengths
     return vis
 
 
-def _softmax(z, keep):
-    """Softmax of ``z`` over ``keep`` (zeros elsewhere) and its logsumexp; empty -> zeros, 0."""
+def _softmax(z, keep, sink=None):
+    """Softmax of ``z`` over ``keep`` (zeros elsewhere), its logsumexp and the sink's weight
+    (0 without a sink); empty -> zeros, 0, 0."""
     if not keep.any():
-        return np.zeros_like(z), 0.0
-    m = z[keep].max()
+        return np.zeros_like(z), 0.0, 0.0
+    m = z[keep].max() if sink is None else max(z[keep].max(), sink)
     e = np.where(keep, np.exp(np.where(keep, z - m, 0.0)), 0.0)
-    total = e.sum()
-    return e / total, m + math.log(total)
+    e_sink = 0.0 if sink is None else math.exp(sink - m)
+    total = e.sum() + e_sink
+    return e / total, m + math.log(total), e_sink / total
 
 
-def _entropy(p):
-    nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum())
+def _entropy(p, p_sink=0.0, eps=0.0):
+    nz = np.append(p[p > 0], [p_sink] if p_sink > 0 else [])
+    return float(-(nz * np.log(nz + eps)).sum())
 
 
 def _param(value, n):
@@ -111,33 +117,36 @@ def _param(value, n):
     return float(arr) if arr.ndim == 0 else float(arr[n])
 
 
-def row_logits(variant, q, keys, row_bias, visible, *, scale, n, fixed_beta=None):
+def row_logits(variant, q, keys, row_bias, visible, *, scale, n, fixed_beta=None, cap=None,
+               sink=None):
     """The variant's logits for one query row before normalisation.
 
-    Returns ``(z, base_entropy, beta)`` with ``z`` ``[R + S]`` as the variant defines them. For
-    adaptive temperature, ``fixed_beta`` (if given) replaces the computed ``beta``: the function
-    whose derivative ``stop_gradient_beta=True`` gives.
+    Returns ``(z, base_entropy, beta)`` with ``z`` ``[R + S]`` as the variant defines them (then
+    soft-capped by ``cap``). For adaptive temperature, ``fixed_beta`` (if given) replaces the
+    computed ``beta``: the function whose derivative ``stop_gradient_beta=True`` gives; the base
+    softmax has the ``sink`` too.
     """
+    capped = (lambda z: z) if cap is None else (lambda z: cap * np.tanh(z / cap))
     base = scale * (keys @ q) + row_bias
     if isinstance(variant, jaxattn.Softmax):
-        return base / _param(variant.temperature, n), 0.0, 1.0
+        return capped(base / _param(variant.temperature, n)), 0.0, 1.0
     if isinstance(variant, jaxattn.AdaptiveTemperature):
-        p0, _ = _softmax(base, visible)
-        h = float(-(p0[visible] * np.log(p0[visible] + variant.entropy_eps)).sum())
+        p0, _, p0_sink = _softmax(capped(base), visible, sink)
+        h = _entropy(p0[visible], p0_sink, variant.entropy_eps)
         beta = max(1.0, float(np.polyval(variant.coeffs, h))) if h > variant.threshold else 1.0
         if fixed_beta is not None:
             beta = fixed_beta
-        return beta * base, h, beta
+        return capped(beta * base), h, beta
     if isinstance(variant, jaxattn.ScalableSoftmax):
         count = int(visible.sum())
         factor = _param(variant.s, n) * math.log(count) if count else 0.0
-        return factor * base, 0.0, 1.0
+        return capped(factor * base), 0.0, 1.0
     if isinstance(variant, jaxattn.RBF):
         gamma = scale if variant.gamma is None else _param(variant.gamma, n)
         diff = keys - q[None, :]
-        return -gamma * np.sum(diff * diff, axis=-1) + row_bias, 0.0, 1.0
+        return capped(-gamma * np.sum(diff * diff, axis=-1) + row_bias), 0.0, 1.0
     if isinstance(variant, (jaxattn.Hardmax, jaxattn.TopK)):
-        return base, 0.0, 1.0
+        return capped(base), 0.0, 1.0
     raise TypeError(f"oracle: unknown variant {variant!r}")
 
 
@@ -158,12 +167,13 @@ def _support(variant, z, visible):
 def attention_oracle(query, key, value, *, variant="softmax", bias=None, mask=None, scale=None,
                      is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
                      q_segment_ids=None, kv_segment_ids=None, local_window_size=None,
-                     registers=None, fixed_beta=None):
+                     registers=None, fixed_beta=None, logits_soft_cap=None, sink_logits=None):
     """Attention of batched inputs (``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]``) in float64.
 
     Arguments follow :func:`jaxattn.attention` (``local_window_size`` a ``(left, right)`` pair,
     ``registers`` a pair of ``[R, K, H]`` / ``[R, K, Hv]`` or batched arrays). ``fixed_beta``
-    (``[B, N, T]``, adaptive temperature only) freezes beta at given values.
+    (``[B, N, T]``, adaptive temperature only) freezes beta at given values; ``logits_soft_cap``
+    and ``sink_logits`` (``[N]``) as in :func:`jaxattn.attention`.
     """
     variant = jaxattn.get_variant(variant)
     q, k, v = _f64(query), _f64(key), _f64(value)
@@ -201,16 +211,18 @@ def attention_oracle(query, key, value, *, variant="softmax", bias=None, mask=No
                 if not vis.any():
                     continue
                 row_bias = np.concatenate([np.zeros(R), bias[b, n, i]])
+                sink = None if sink_logits is None else float(np.asarray(sink_logits)[n])
                 z, h0, beta = row_logits(
                     variant, q[b, i, n], k[b, :, kv_head], row_bias, vis, scale=scale, n=n,
-                    fixed_beta=None if fixed_beta is None else float(fixed_beta[b, n, i]))
+                    fixed_beta=None if fixed_beta is None else float(fixed_beta[b, n, i]),
+                    cap=logits_soft_cap, sink=sink)
                 keep = _support(variant, z, vis)
-                p, lse = _softmax(z, keep)
+                p, lse, p_sink = _softmax(z, keep, sink)
                 res.weights[b, n, i] = p
                 res.out[b, i, n] = p @ v[b, :, kv_head]
                 res.logsumexp[b, n, i] = lse
-                res.entropy[b, n, i] = _entropy(p)
-                res.max_weight[b, n, i] = p.max()
+                res.entropy[b, n, i] = _entropy(p, p_sink)
+                res.max_weight[b, n, i] = max(p.max(), p_sink)
                 res.base_entropy[b, n, i] = h0
                 res.beta[b, n, i] = beta
     return res

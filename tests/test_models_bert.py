@@ -168,12 +168,12 @@ def test_variant_swap_changes_embeddings(loaded, short, variant):
 def test_load_minilm_variant_equals_with_variant(loaded, short):
     model, _ = loaded
     loaded_ssmax, _ = bert.load_minilm(variant=jaxattn.ScalableSoftmax(s=0.5))
-    np.testing.assert_array_equal(loaded_ssmax.layers[0].attention.ssmax_s[...], np.full(12, 0.5))
+    np.testing.assert_array_equal(loaded_ssmax.layers[0].attention.variant_params["s"][...], np.full(12, 0.5))
     swapped = bert.with_variant(model, jaxattn.ScalableSoftmax(s=0.5))
     np.testing.assert_array_equal(bert.embeddings_from_ids(loaded_ssmax, *short),
                                   bert.embeddings_from_ids(swapped, *short))
     back = bert.with_variant(swapped, "softmax")  # SSMax's own s is not carried over
-    assert back.layers[0].attention.ssmax_s is None
+    assert len(back.layers[0].attention.variant_params) == 0
 
 
 def _model_dir_with(tmp_path, config_change=None, drop=()):

@@ -40,7 +40,7 @@ def test_module_matches_functional_attention():
 def test_module_params_and_grads_reach_variant_parameters():
     mha = jaxattn.MultiHeadAttention(4, 16, variant=V.ScalableSoftmax(0.5), num_registers=1,
                                      rngs=nnx.Rngs(1))
-    np.testing.assert_allclose(mha.ssmax_s[...], np.full(4, 0.5))
+    np.testing.assert_allclose(mha.variant_params["s"][...], np.full(4, 0.5))
     assert float(jnp.abs(mha.key_registers[...]).max()) > 0  # small random for non-RBF
     x = _x((2, 6, 16), seed=3)
 
@@ -49,7 +49,7 @@ def test_module_params_and_grads_reach_variant_parameters():
         return nnx.grad(lambda m: jnp.sum(m(x, is_causal=True) ** 2))(m)
 
     g = grads(mha)
-    for leaf in (g.ssmax_s, g.key_registers, g.value_registers, g.query.kernel):
+    for leaf in (g.variant_params["s"], g.key_registers, g.value_registers, g.query.kernel):
         assert float(jnp.abs(leaf[...]).max()) > 0
 
 

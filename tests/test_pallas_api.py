@@ -177,12 +177,11 @@ def test_adaptive_temperature_gradients_match_xla(stop_gradient_beta):
 
 def test_entropy_gradient_with_key_bias_raises():
     """The statistics sweep's VJP is not implemented with a per-key bias: it raises, never lies."""
-    from pallas_kernels.attention import _entropy
-    from pallas_kernels.common import MaskSpec
+    from pallas_kernels import flash_entropy
     q, k, _, _ = _inputs(6, registers=False)
     b = jnp.zeros((B, K, S), jnp.float32)
     with pytest.raises(NotImplementedError, match="per-key bias"):
-        jax.grad(lambda q: jnp.sum(_entropy(q, k, None, b, MaskSpec(), 0.1)[0]))(q)
+        jax.grad(lambda q: jnp.sum(flash_entropy(q, k, logit_scale=0.1, key_bias=b)[0]))(q)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -238,7 +237,7 @@ def _spy(monkeypatch, module, name, record):
 def test_constant_temperature_takes_the_constant_scale_kernels(monkeypatch):
     """A constant temperature is folded into the logit scale (no per-query row vector, no dc); a
     traced one still goes through the per-query scale, so d/d(temperature) exists."""
-    seen = _spy(monkeypatch, "pallas_kernels.attention", "flash_forward",
+    seen = _spy(monkeypatch, "pallas_kernels.ops", "flash_forward",
                 lambda kw: (kw["logit_scale"], kw["query_scale"], kw["key_bias"]))
     q, k, v, _ = _inputs(7, registers=False)
     scale = 1.0 / np.sqrt(H)
@@ -285,7 +284,7 @@ def _primitives_outside_kernels(jaxpr):
 ])
 def test_nonnegative_query_scale_hint(monkeypatch, variant, promise):
     """The kernel hint ``query_scale_nonnegative`` is given only where c >= 0 is certain."""
-    seen = _spy(monkeypatch, "pallas_kernels.attention", "flash_forward",
+    seen = _spy(monkeypatch, "pallas_kernels.ops", "flash_forward",
                 lambda kw: kw.get("query_scale_nonnegative", False))
     q, k, v, _ = _inputs(8, registers=False)
     out = _ready(jaxattn.attention(q, k, v, variant=variant, implementation="pallas",
@@ -447,12 +446,12 @@ def test_default_dispatch_on_gpu_falls_back_on_not_implemented(monkeypatch):
     import jaxattn.api
     calls = []
 
-    def unsupported(*args, **kwargs):
-        calls.append(kwargs.get("variant"))
+    def unsupported(query, key, value, plan, **kwargs):
+        calls.append(plan.variant)
         raise NotImplementedError("stand-in kernel")
 
     monkeypatch.setattr(jaxattn.api, "_on_gpu", lambda: True)
-    monkeypatch.setattr(jaxattn.api.pallas_kernels, "attention", unsupported)
+    monkeypatch.setattr(jaxattn.api.fused, "attention", unsupported)
     q, k, v, _ = _inputs(14, registers=False)
     out = jaxattn.attention(q, k, v, variant="scalable_softmax", is_causal=True)
     assert len(calls) == 1, "the default dispatch did not try the kernel"
@@ -468,11 +467,11 @@ def test_default_dispatch_on_gpu_runs_the_kernel(monkeypatch):
     """implementation=None on a GPU runs the fused kernel (here interpreted; the spy sees the
     call, one kernel run) and returns its result, within the 16-bit bar of XLA's."""
     import jaxattn.api
-    seen = _spy(monkeypatch, "pallas_kernels", "attention", lambda kw: kw["variant"].name)
+    seen = _spy(monkeypatch, "jaxattn.fused", "attention", lambda kw: kw["return_stats"])
     monkeypatch.setattr(jaxattn.api, "_on_gpu", lambda: True)
     q, k, v, _ = _inputs(15, registers=False)
     out = _ready(jaxattn.attention(q, k, v, is_causal=True))
-    assert seen == ["softmax"]
+    assert seen == [False]
     ref = jaxattn.attention(*_f32((q, k, v)), is_causal=True, implementation="xla")
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
 

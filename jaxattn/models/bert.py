@@ -552,7 +552,7 @@ def with_variant(model: BertModel, variant, *, implementation="same") -> BertMod
     new = BertModel(model.config, variant=variant, implementation=implementation,
                     rngs=nnx.Rngs(0))
     # Every learned weight, but not a variant parameter (SSMax's s), which the new variant sets.
-    weights = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("ssmax_s"))))
+    weights = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("variant_params"))))
     nnx.update(new, weights)
     return new
 

@@ -1,0 +1,155 @@
+"""The fused backend: a plan's logit terms computed in XLA around the kernel ops of :mod:`pallas_kernels`.
+
+For a plan (variant spec and logit scale ``s``) this computes, with ordinary differentiable ops,
+
+.. math::
+
+  a = \\text{logit\\_scale}(s), \\quad b_j = \\text{key\\_bias}(k)_j, \\quad
+  c_i = \\text{query\\_scale}(n_i, H_i)
+
+and runs :func:`pallas_kernels.flash_attention` on ``z_ij = c_i (a q_i . k_j + b_j)``. Its VJP is
+over ``(q, k, v, c, b)``, so gradients reach the variant's parameters (SSMax ``s``, RBF ``gamma``, a
+temperature), the keys through ``b`` and register keys/values through XLA autodiff. A traced ``a``
+(a learned scale) is folded into ``c`` and ``b`` (``c a (q.k + b / a)``), keeping the kernel's ``a``
+a python float.
+
+Adaptive temperature runs the statistics sweep first (:func:`pallas_kernels.flash_entropy`, no
+P @ V) for the entropy ``H_i`` of ``softmax(z / c)``, then the main sweep with ``c = beta(H)``. The
+streamed entropy is exact; the paper's ``-sum p log(p + eps)`` is smaller by at most ``n_i * eps``
+nats (``p log(1 + eps / p) <= eps`` per key), i.e. <= 1.6e-5 nats at n = 16384 and eps = 1e-9.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from jaxattn.plan import Plan
+
+__all__ = ["attention"]
+
+
+def _unsupported(plan: Plan, query):
+    variant = plan.variant
+    if variant.normalizer != "softmax":
+        raise NotImplementedError(f"the Pallas kernels run softmax variants only, not "
+                                  f"{variant.normalizer!r} ({variant.name}); use the XLA path")
+    if plan.bias is not None:
+        raise NotImplementedError("the Pallas kernels take no [B, N, T, S] bias array (only the "
+                                  "variant's per-key bias); use the XLA path")
+    if plan.dense_mask is not None:
+        raise NotImplementedError("the Pallas kernels take no bool mask array (causal, window, "
+                                  "lengths and segment ids are supported); use the XLA path")
+    if plan.logits_soft_cap is not None:
+        raise NotImplementedError("the Pallas kernels do not soft-cap logits yet; use the XLA path")
+    if plan.sink_logits is not None:
+        raise NotImplementedError("the Pallas kernels take no sink logits yet; use the XLA path")
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"the Pallas kernels take bfloat16 or float16 inputs, got "
+                                  f"{query.dtype}; use the XLA path")
+
+
+def _is_static(x):
+    return isinstance(x, (int, float, np.number)) or (
+        isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+        and np.ndim(x) == 0)
+
+
+def _split_scale(a):
+    """``(a_static, a_traced)``: a python float for the kernel, and what is folded into c / b."""
+    if _is_static(a):
+        return float(a), None
+    return 1.0, jnp.asarray(a, jnp.float32)
+
+
+def _bias_key_grad(plan: Plan, a_traced, dtype):
+    """``2 g`` (a python float) when the variant's key bias is ``g ||k_j||^2`` with a static ``g``
+    and the backward kernel can add its key gradient; else None (XLA differentiates the bias)."""
+    if a_traced is not None or dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    g = plan.variant.key_bias_norm(plan.scale)
+    return 2.0 * float(g) if g is not None and _is_static(g) else None
+
+
+def _with_registers(key, value, registers):
+    if registers is None:
+        return key, value
+    rk, rv = registers
+    return (jnp.concatenate([rk.astype(key.dtype), key], axis=1),
+            jnp.concatenate([rv.astype(value.dtype), value], axis=1))
+
+
+def attention(query, key, value, plan: Plan, *, return_stats=False):
+    """Fused attention for batched inputs and their plan (see :func:`jaxattn.attention`).
+
+    Args:
+      query: ``[B, T, N, H]`` bfloat16 / float16.
+      key: ``[B, S, K, H]``.
+      value: ``[B, S, K, Hv]``.
+      plan: :func:`jaxattn.plan.make_plan`'s, with a softmax normaliser and neither a dense bias
+        nor a dense mask.
+      return_stats: also return ``(logsumexp, entropy, max_weight)``, float32 ``[B, N, T]``, with
+        the semantics of :class:`jaxattn.AttentionStats` (for RBF the logsumexp includes the
+        ``-gamma ||q||^2`` offset).
+
+    Returns:
+      ``out [B, T, N, Hv]`` in the query dtype, or ``(out, (logsumexp, entropy, max_weight))``.
+
+    Raises:
+      NotImplementedError: what the kernels do not run (hardmax / top-k, a dense bias or mask,
+        float32 inputs, head dims above 256); the API falls back to XLA.
+    """
+    _unsupported(plan, query)
+    variant, spec = plan.variant, plan.mask
+    B, T, N, _ = query.shape
+    key, value = _with_registers(key, value, plan.registers)
+    S = key.shape[1]
+    a_static, a_traced = _split_scale(plan.logit_scale)
+    bias_key_grad = _bias_key_grad(plan, a_traced, key.dtype)
+    # [B, S, K] or None; when the kernel adds the bias's key gradient, XLA must not
+    b = plan.key_bias(key if bias_key_grad is None else jax.lax.stop_gradient(key))
+    if b is not None:
+        b = jnp.transpose(b, (0, 2, 1)).astype(jnp.float32)
+        if a_traced is not None:
+            b = b / a_traced
+    num_visible = jnp.broadcast_to(pk.count_visible(spec, B, T, S)[:, None, :], (B, N, T))
+    entropy = None
+    if variant.needs_stats:
+        c0 = None if a_traced is None else jnp.broadcast_to(a_traced, (B, N, T))
+        entropy, row_max0 = pk.flash_entropy(query, key, logit_scale=a_static, query_scale=c0,
+                                             key_bias=b, mask=spec,
+                                             differentiable=variant.stats_gradient())
+    with jax.ensure_compile_time_eval():  # a constant c (temperature) stays a constant under jit
+        c_variant = plan.query_scale(num_visible, entropy)
+    row_max = None
+    if entropy is not None and variant.query_scale_nonnegative():
+        # the main logits are c_variant (>= 0) times the sweep's
+        row_max = jax.lax.stop_gradient(pk.scale_row_max(row_max0, c_variant))
+    c = c_variant
+    if c is not None and _is_static(c):
+        # One constant c: z = (c a) q.k + c b, the constant-scale kernels (no row vector, no dc).
+        a_static *= float(c)
+        b = None if b is None else b * float(c)
+        bias_key_grad = None if bias_key_grad is None else bias_key_grad * float(c)
+        c = None
+    if a_traced is not None:
+        c = a_traced if c is None else c * a_traced
+    if c is not None:
+        c = jnp.broadcast_to(jnp.asarray(c, jnp.float32), (B, N, T))
+    # The forward's fold_scale hint: only where the variant guarantees c >= 0 and no traced logit
+    # scale of unknown sign is folded into c (else the folding tiles negate Q's rows where c < 0).
+    c_nonneg = c is not None and a_traced is None and variant.query_scale_nonnegative()
+    result = pk.flash_attention(query, key, value, logit_scale=a_static, query_scale=c,
+                                key_bias=b, mask=spec, row_max=row_max,
+                                return_stats=return_stats, query_scale_nonnegative=c_nonneg,
+                                bias_key_grad=bias_key_grad)
+    if not return_stats:
+        return result[0]
+    out, lse, ent, max_weight = result
+    offset = plan.query_offset(query)  # [B, T, N] or None
+    if offset is not None:
+        offset = jnp.transpose(offset, (0, 2, 1)).astype(jnp.float32)
+        if c_variant is not None:
+            offset = jnp.broadcast_to(jnp.asarray(c_variant, jnp.float32), (B, N, T)) * offset
+        lse = lse + jnp.where(num_visible > 0, offset, 0.0)
+    return out, (lse, ent, max_weight)

@@ -1,0 +1,205 @@
+"""Differentiable kernel-level ops: the fused kernels behind ``jax.custom_vjp``, over plain arrays.
+
+The problem is the one of :mod:`pallas_kernels.common`,
+
+.. math::
+
+  z_{ij} = c_i \\, (a \\, q_i \\cdot k_j + b_j), \\qquad
+  o_i = \\sum_j \\text{softmax}_j(z_{i\\cdot}) \\, v_j, \\qquad
+  \\text{lse}_i = \\log \\sum_j e^{z_{ij}}
+
+over the keys a :class:`~pallas_kernels.common.MaskSpec` leaves visible, with ``a`` a python float,
+``c`` a float32 ``[B, N, T]`` array or None and ``b`` a float32 ``[B, K, S]`` array or None. These
+ops know nothing of attention variants: the library (``jaxattn.fused``) turns a variant's plan into
+``a``, ``b`` and ``c`` with ordinary, differentiable XLA ops around them.
+
+* :func:`flash_attention` -- the output and logsumexp (and optionally the entropy and max weight);
+  its VJP is the backward kernel pair, with gradients to ``q, k, v, c, b``.
+* :func:`flash_entropy` -- the statistics sweep: each row's entropy and base-2 row max, without
+  P @ V; its VJP reuses the attention backward kernels (see :func:`flash_entropy`).
+
+Both run under ``jit``, ``vmap``-free callers and ``grad``; cotangents of the statistics other than
+the entropy of :func:`flash_entropy` are not implemented (they raise).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.common import MaskSpec
+from pallas_kernels.forward import flash_forward, flash_stats, row_max_from_stats
+
+__all__ = ["flash_attention", "flash_entropy"]
+
+_SymbolicZero = jax.custom_derivatives.SymbolicZero
+
+
+def _zeros_like_spec(spec):
+    return jax.tree.map(lambda x: np.zeros(np.shape(x), jax.dtypes.float0), spec)
+
+
+def _value(x):
+    """The primal of a ``symbolic_zeros`` custom_vjp argument (None passes through)."""
+    return None if x is None else x.value
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad):
+    out, lse, *rest = flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                                    return_stats=stats, query_scale_nonnegative=c_nonneg,
+                                    row_max=row_max)
+    return (out, lse, *rest) if stats else (out, lse, None, None)
+
+
+def _flash_fwd(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad):
+    c_perturbed = c is not None and c.perturbed
+    q, k, v, c, b, row_max = (_value(x) for x in (q, k, v, c, b, row_max))
+    spec = jax.tree.map(_value, spec)
+    # The pytree structure says whether c's gradient is wanted: a zero-size marker, or None.
+    want_dc = None if not c_perturbed else jnp.zeros((0,), jnp.float32)
+    result = _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad)
+    return result, (q, k, v, c, b, spec, result[0], result[1], want_dc)
+
+
+def _flash_bwd(a, stats, c_nonneg, bias_key_grad, res, cts):
+    del stats, c_nonneg
+    q, k, v, c, b, spec, out, lse, want_dc = res
+    dout, dlse, dent, dmw = cts
+    for name, ct in (("logsumexp", dlse), ("entropy", dent), ("max_weight", dmw)):
+        if ct is not None and not isinstance(ct, _SymbolicZero):
+            raise NotImplementedError(
+                f"differentiating the kernel's {name} statistic is not implemented; "
+                "differentiate the output, or use implementation='xla'")
+    if isinstance(dout, _SymbolicZero):
+        dout = jnp.zeros(out.shape, out.dtype)
+    from pallas_kernels.backward import flash_backward
+    dq, dk, dv, dc, db = flash_backward(q, k, v, out, lse, dout.astype(out.dtype), logit_scale=a,
+                                        query_scale=c, key_bias=b, mask=spec,
+                                        query_scale_grad=want_dc is not None,
+                                        bias_key_grad=bias_key_grad)
+    if c is not None and dc is None:  # c's gradient is not wanted (not perturbed)
+        dc = jnp.zeros(c.shape, c.dtype)
+    return dq, dk, dv, dc, db, _zeros_like_spec(spec), None  # row_max: a shift, zero cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
+
+
+def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
+                    mask: MaskSpec | None = None, row_max=None, return_stats: bool = False,
+                    query_scale_nonnegative: bool = False, bias_key_grad: float | None = None):
+    """Fused attention over plain arrays, differentiable in ``q, k, v, query_scale, key_bias``.
+
+    .. math::
+
+      z_{ij} = c_i (a \\, q_i \\cdot k_j + b_j), \\quad
+      o_i = \\sum_j \\text{softmax}_j(z_{i\\cdot}) v_j, \\quad \\text{lse}_i = \\log \\sum_j e^{z_{ij}}
+
+    Args:
+      q: ``[B, T, N, H]`` bfloat16 or float16.
+      k: ``[B, S, K, H]`` (registers first, ``mask.num_registers`` of them), ``N % K == 0``.
+      v: ``[B, S, K, Hv]``.
+      logit_scale: the python float ``a``.
+      query_scale: ``c``, float32 ``[B, N, T]``, or None for 1.
+      key_bias: ``b``, float32 ``[B, K, S]``, or None for 0.
+      mask: the :class:`~pallas_kernels.common.MaskSpec` (None: every key visible).
+      row_max: the exact row max of the base-2 logits (see
+        :func:`~pallas_kernels.forward.flash_forward`), or None; it receives no gradient.
+      return_stats: also return each row's entropy and max weight.
+      query_scale_nonnegative: the caller guarantees ``c >= 0`` (a tiling hint).
+      bias_key_grad: ``2 g`` when ``b_j = g ||k_j||^2`` was computed from ``stop_gradient(k)``:
+        the backward kernel then adds the bias's key gradient ``2 g db_j k_j`` itself.
+
+    Returns:
+      ``(out [B, T, N, Hv], lse [B, N, T])``, and with ``return_stats`` also ``entropy`` and
+      ``max_weight`` (float32 ``[B, N, T]``). Rows with no visible key give zeros.
+
+    Raises:
+      NotImplementedError: what the kernels cannot run (float32 inputs, head dims above 256), and
+        the gradient of a returned statistic.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from pallas_kernels import MaskSpec, flash_attention
+      >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 64, 2, 64), jnp.bfloat16)
+      >>> out, lse = flash_attention(q, k, v, logit_scale=0.125, mask=MaskSpec(is_causal=True))
+      >>> out.shape, lse.shape
+      ((1, 64, 2, 64), (1, 2, 64))
+    """
+    mask = MaskSpec() if mask is None else mask
+    out, lse, ent, mw = _flash(q, k, v, query_scale, key_bias, mask, row_max, float(logit_scale),
+                               bool(return_stats), bool(query_scale_nonnegative), bias_key_grad)
+    return (out, lse, ent, mw) if return_stats else (out, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _entropy(q, k, c, b, spec, a):
+    return flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                       return_row_max=True)[1:]
+
+
+def _entropy_fwd(q, k, c, b, spec, a):
+    q, k, c, b = (_value(x) for x in (q, k, c, b))
+    spec = jax.tree.map(_value, spec)
+    if b is not None:
+        return _entropy(q, k, c, b, spec, a), (q, k, c, b, spec, None, None)
+    out, lse, ent, mw = flash_forward(q, k, k, logit_scale=a, query_scale=c, mask=spec,
+                                      return_stats=True)
+    return (ent, row_max_from_stats(lse, mw)), (q, k, c, b, spec, out, lse)
+
+
+def _entropy_bwd(a, res, cts):
+    q, k, c, b, spec, out, lse = res
+    ct = cts[0]  # the row max's cotangent is ignored (the softmax does not depend on it)
+    zeros = lambda x: None if x is None else jnp.zeros(x.shape, x.dtype)
+    if isinstance(ct, _SymbolicZero):
+        return zeros(q), zeros(k), zeros(c), zeros(b), _zeros_like_spec(spec)
+    if b is not None:
+        raise NotImplementedError(
+            "the gradient through the entropy of logits with a per-key bias (adaptive temperature "
+            "with stop_gradient_beta=False on a biased variant) is not implemented in the Pallas "
+            "kernels; use stop_gradient_beta=True or implementation='xla'")
+    from pallas_kernels.backward import flash_backward
+    g = jnp.transpose(ct, (0, 2, 1)).astype(jnp.float32)  # [B, T, N]
+    if c is not None:
+        g = g * jnp.transpose(c, (0, 2, 1))
+    dout = (-a * g[..., None] * q.astype(jnp.float32)).astype(q.dtype)
+    dq, dk, _, dc, _ = flash_backward(q, k, k, out, lse, dout, logit_scale=a, query_scale=c,
+                                      mask=spec)
+    return dq, dk, dc, None, _zeros_like_spec(spec)
+
+
+_entropy.defvjp(_entropy_fwd, _entropy_bwd, symbolic_zeros=True)
+
+
+def flash_entropy(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
+                  mask: MaskSpec | None = None, differentiable: bool = True):
+    """Each row's entropy ``H_i`` of ``softmax(z)`` (nats) and base-2 row max, without P @ V.
+
+    The statistics sweep of adaptive temperature. Its VJP reuses the attention backward kernels:
+    ``dH_i / dz_ij = -p_ij (z_ij - sum_j p_ij z_ij)`` is the attention ``dZ = P (dP - delta)`` with
+    ``dP_ij = -g_i z_ij = dO'_i . v'_j`` for values ``v' = k`` and output cotangent
+    ``dO'_i = -g_i c_i a q_i`` (and ``delta_i = dO'_i . o'_i``, ``o'`` the forward output with
+    ``v' = k``). Only the logits' gradients (dq, dk, dc) are kept: ``v' = k`` is a device to form
+    dP, not a dependence. The row max gets no gradient (the softmax does not depend on it).
+
+    Args:
+      q, k, logit_scale, query_scale, key_bias, mask: as :func:`flash_attention`.
+      differentiable: False runs the sweep alone on ``stop_gradient`` inputs (no residuals kept);
+        True gives the VJP above (not implemented with a ``key_bias``: it raises when taken).
+
+    Returns:
+      ``(entropy, row_max)``, float32 ``[B, N, T]`` (``row_max`` is ``-1e30`` on rows with no
+      visible key: :func:`flash_attention`'s ``row_max`` input).
+    """
+    mask = MaskSpec() if mask is None else mask
+    if not differentiable:
+        stop = jax.lax.stop_gradient
+        q, k = stop(q), stop(k)
+        query_scale = None if query_scale is None else stop(query_scale)
+        key_bias = None if key_bias is None else stop(key_bias)
+        return flash_stats(q, k, logit_scale=logit_scale, query_scale=query_scale,
+                           key_bias=key_bias, mask=mask, return_row_max=True)[1:]
+    return _entropy(q, k, query_scale, key_bias, mask, float(logit_scale))
