@@ -3,13 +3,13 @@
 import jax
 import jax.numpy as jnp
 
-from jaxattn import fused
+from jaxattn import chunked, fused
 from jaxattn.plan import make_plan
 from jaxattn.reference import AttentionStats, attention_reference, attention_weights_reference
 
 __all__ = ["attention", "attention_weights", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
+IMPLEMENTATIONS = (None, "xla", "xla_chunked", "pallas")
 
 
 def _unbatch(x, batched):
@@ -20,6 +20,22 @@ def _unbatch(x, batched):
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _fused(q, k, v, plan, *, return_stats):
+    result = fused.attention(q, k, v, plan, return_stats=return_stats)
+    return (result[0], AttentionStats(*result[1])) if return_stats else result
+
+
+_BACKENDS = {"pallas": _fused, "xla_chunked": chunked.attention, "xla": attention_reference}
+
+
+def _backends(implementation):
+    """The backends to try in order: the named one, or for None the fused kernels (on a GPU), the
+    chunked sweep and the reference (which runs every call)."""
+    if implementation is not None:
+        return (implementation,)
+    return (("pallas",) if _on_gpu() else ()) + ("xla_chunked", "xla")
 
 
 def attention(query, key, value, *, variant="softmax", bias=None, mask=None, scale=None,
@@ -68,9 +84,11 @@ def attention(query, key, value, *, variant="softmax", bias=None, mask=None, sca
       sink_logits: float ``[N]`` or None: a learnable sink logit per query head that adds
         ``e^{s_h}`` to every row's normaliser and takes no value (gpt-oss; softmax normalisers
         only). The sink is a logit of its own: neither scaled by ``c_i`` nor capped.
-      implementation: None (the fused kernel when it supports the call, else XLA), ``"xla"``
-        (the reference) or ``"pallas"`` (the fused kernel; raises NotImplementedError when it
-        cannot run the call).
+      implementation: None (the first of the fused kernels on a GPU, ``"xla_chunked"`` and the
+        reference that runs the call), ``"xla"`` (the reference: it forms the ``T x S`` logits),
+        ``"xla_chunked"`` (hardmax and top-k in one sweep over key blocks, memory
+        ``O(T x block)``: :mod:`jaxattn.chunked`) or ``"pallas"`` (the fused kernels). A named
+        backend that cannot run the call raises NotImplementedError.
       return_stats: also return :class:`~jaxattn.reference.AttentionStats` (``[B, N, T]``).
 
     Returns:
@@ -99,16 +117,13 @@ def attention(query, key, value, *, variant="softmax", bias=None, mask=None, sca
         kv_segment_ids=kv_segment_ids, local_window_size=local_window_size, registers=registers,
         logits_soft_cap=logits_soft_cap, sink_logits=sink_logits)
     result = None
-    if implementation == "pallas" or (implementation is None and _on_gpu()):
+    for name in _backends(implementation):
         try:
-            result = fused.attention(q, k, v, plan, return_stats=return_stats)
-            if return_stats:
-                result = (result[0], AttentionStats(*result[1]))
+            result = _BACKENDS[name](q, k, v, plan, return_stats=return_stats)
+            break
         except NotImplementedError:
-            if implementation == "pallas":
+            if implementation is not None:
                 raise
-    if result is None:
-        result = attention_reference(q, k, v, plan, return_stats=return_stats)
     return _unbatch(result, plan.batched)
 
 
