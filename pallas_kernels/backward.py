@@ -977,7 +977,7 @@ def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
 def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=None, key_bias=None,
                    mask: MaskSpec | None = None, config: BackwardConfig | None = None, interpret=None,
                    kernels: tuple[str, ...] = ("dq", "dkv"), query_scale_grad: bool = True,
-                   bias_key_grad: float | None = None):
+                   bias_key_grad: float | None = None, lse_cotangent=None):
     """Gradients of the kernel-level attention problem, with two fused Mosaic GPU kernels.
 
     .. math::
@@ -1011,6 +1011,11 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         keys (RBF: ``g = -gamma``): dk then includes the bias's key gradient ``2 g db_j k_j``
         (added in the dk/dv kernel's epilogue), and the caller must not add it again (compute
         ``b`` from ``stop_gradient(k)``). None: dk is the logits' term only.
+      lse_cotangent: float32 ``[B, N, T]`` cotangent of ``lse``, or None. ``d lse_i / d z_ij =
+        p_ij``, so it enters as ``dZ = P (dP - (delta - dlse))``: ``delta`` is shifted in XLA
+        and the kernels are unchanged. The dq kernel's ``dc`` is formed independently of delta
+        (``sum dZ u - (sum p u)(sum dZ)``), so it does not include the term ``dlse_i sum_j p_ij
+        u_ij``: the caller adds it (:func:`pallas_kernels.flash_attention` does).
 
     Returns:
       ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
@@ -1073,9 +1078,14 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         q_rank, k_rank = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
         mask = dataclasses.replace(mask, q_segment_ids=q_rank, kv_segment_ids=k_rank)
     mask = jax.tree.map(lambda x: x.astype(jnp.int32), mask)
+    if lse_cotangent is not None:
+        if st.need_dc and cfg.dc_center_lse:
+            raise NotImplementedError("a logsumexp cotangent with BackwardConfig.dc_center_lse: its "
+                                      "dc centring is not the p-mean the lse term needs")
+        lse_cotangent = jnp.broadcast_to(lse_cotangent, lse.shape).astype(jnp.float32)
     with _interpret_context(st.interpret), jax.enable_x64(False):
         return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
-                               kernels)
+                               kernels, lse_cotangent)
 
 
 def _check_python_float(name, x):
@@ -1111,10 +1121,13 @@ def _delta(out, dout):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 11, 12))
 def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
-                    kernels):
+                    kernels, lse_cotangent=None):
     B, T, N, H0 = q.shape
     S, Hv0 = k.shape[1], v.shape[-1]
-    stats = [lse.astype(jnp.float32) * LOG2E, _delta(out, dout)]
+    delta = _delta(out, dout)
+    if lse_cotangent is not None:
+        delta = delta - lse_cotangent
+    stats = [lse.astype(jnp.float32) * LOG2E, delta]
     if st.has_c:
         stats.append(query_scale.astype(jnp.float32))
     qstats = _pad_axis(jnp.stack(stats, axis=2), 3, st.Tp)  # [B, N, n_stats, Tp]

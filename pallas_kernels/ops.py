@@ -18,8 +18,9 @@ ops know nothing of attention variants: the library (``jaxattn.fused``) turns a 
 * :func:`flash_entropy` -- the statistics sweep: each row's entropy and base-2 row max, without
   P @ V; its VJP reuses the attention backward kernels (see :func:`flash_entropy`).
 
-Both run under ``jit``, ``vmap``-free callers and ``grad``; cotangents of the statistics other than
-the entropy of :func:`flash_entropy` are not implemented (they raise).
+Both run under ``jit`` and ``grad``. Cotangents reach the output and logsumexp of
+:func:`flash_attention` and the entropy of :func:`flash_entropy`; the other statistics' are not
+implemented (they raise).
 """
 
 import functools
@@ -60,25 +61,38 @@ def _flash_fwd(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad):
     # The pytree structure says whether c's gradient is wanted: a zero-size marker, or None.
     want_dc = None if not c_perturbed else jnp.zeros((0,), jnp.float32)
     result = _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad)
-    return result, (q, k, v, c, b, spec, result[0], result[1], want_dc)
+    return result, (q, k, v, c, b, spec, result[0], result[1], result[2], want_dc)
+
+
+def _is_zero(ct):
+    return ct is None or isinstance(ct, _SymbolicZero)
 
 
 def _flash_bwd(a, stats, c_nonneg, bias_key_grad, res, cts):
     del stats, c_nonneg
-    q, k, v, c, b, spec, out, lse, want_dc = res
+    q, k, v, c, b, spec, out, lse, ent, want_dc = res
     dout, dlse, dent, dmw = cts
-    for name, ct in (("logsumexp", dlse), ("entropy", dent), ("max_weight", dmw)):
-        if ct is not None and not isinstance(ct, _SymbolicZero):
+    for name, ct in (("entropy", dent), ("max_weight", dmw)):
+        if not _is_zero(ct):
             raise NotImplementedError(
                 f"differentiating the kernel's {name} statistic is not implemented; "
-                "differentiate the output, or use implementation='xla'")
+                "differentiate the output and the logsumexp, or use implementation='xla'")
+    dlse = None if _is_zero(dlse) else dlse
     if isinstance(dout, _SymbolicZero):
         dout = jnp.zeros(out.shape, out.dtype)
     from pallas_kernels.backward import flash_backward
     dq, dk, dv, dc, db = flash_backward(q, k, v, out, lse, dout.astype(out.dtype), logit_scale=a,
                                         query_scale=c, key_bias=b, mask=spec,
                                         query_scale_grad=want_dc is not None,
-                                        bias_key_grad=bias_key_grad)
+                                        bias_key_grad=bias_key_grad, lse_cotangent=dlse)
+    if dlse is not None and dc is not None:
+        # d lse_i / d c_i = sum_j p_ij u_ij = (lse_i - H_i) / c_i (z = c u, and sum_j p z = lse - H);
+        # the dq kernel leaves this term out. Rows with c_i = 0 get none (there p is uniform and
+        # the mean of u is not in the statistics; SSMax's c = 0 at n_i = 1, where dc/ds = 0).
+        if ent is None:
+            ent = flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=spec)[1]
+        ok = c != 0
+        dc = dc + jnp.where(ok, dlse * (lse - ent) / jnp.where(ok, c, 1.0), 0.0)
     if c is not None and dc is None:  # c's gradient is not wanted (not perturbed)
         dc = jnp.zeros(c.shape, c.dtype)
     return dq, dk, dv, dc, db, _zeros_like_spec(spec), None  # row_max: a shift, zero cotangent
@@ -114,11 +128,14 @@ def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
 
     Returns:
       ``(out [B, T, N, Hv], lse [B, N, T])``, and with ``return_stats`` also ``entropy`` and
-      ``max_weight`` (float32 ``[B, N, T]``). Rows with no visible key give zeros.
+      ``max_weight`` (float32 ``[B, N, T]``). Rows with no visible key give zeros. ``out`` and
+      ``lse`` are differentiable (what combining attention over blocks of keys, or a sink logit,
+      needs); a cotangent of ``lse`` with a per-query scale whose gradient is wanted costs a
+      statistics sweep in the backward unless ``return_stats`` was set.
 
     Raises:
       NotImplementedError: what the kernels cannot run (float32 inputs, head dims above 256), and
-        the gradient of a returned statistic.
+        the gradient of the entropy or max weight.
 
     Examples:
       >>> import jax, jax.numpy as jnp

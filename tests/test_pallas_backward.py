@@ -547,3 +547,40 @@ def test_gpu_check_case_runs_in_the_interpreter(monkeypatch, flip_mma_db, overri
     errs = check_backward.check_case("tiny_rbf", 0, flip_mma_db=flip_mma_db, overrides=overrides)
     assert set(errs) == {"dq", "dk", "dv", "db", "dk+bias"}
     assert all(e < check_backward.TOL for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("use_c, use_b, causal", [(True, False, True), (True, True, False),
+                                                  (False, False, True)])
+def test_logsumexp_cotangent(use_c, use_b, causal):
+    """``flash_attention``'s lse is differentiable: with cotangents on both the output and the
+    logsumexp, dq, dk, dv, dc and db match ``jax.vjp`` of the float32 oracle (the dq kernel's dc
+    leaves out ``dlse_i sum_j p_ij u_ij``, which the op adds; a ``q_lengths`` mask leaves fully
+    masked rows). The oracle's gradients with the lse cotangent dropped differ by far more than the
+    tolerance (dv aside: the lse does not depend on v), so the term is seen."""
+    from pallas_kernels import flash_attention
+    B, T, S, N, K, H = 1, 64, 64, 2, 1, 64
+    q, k, v, dout, c, b = _inputs(21, B, T, S, N, K, H, H, jnp.bfloat16, use_c, use_b)
+    dlse = jax.random.normal(jax.random.key(22), (B, N, T), jnp.float32)
+    spec = MaskSpec(is_causal=causal, q_lengths=jnp.asarray([T - 5], jnp.int32))
+    a = 0.3
+
+    def ours(q, k, v, c, b):
+        out, lse = flash_attention(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec)
+        return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32)) + jnp.sum(lse * dlse)
+
+    def oracle(q, k, v, c, b, with_lse=True):
+        out, lse = flash_reference(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec)
+        return jnp.sum(out * dout.astype(jnp.float32)) + (jnp.sum(lse * dlse) if with_lse else 0)
+
+    argnums = (0, 1, 2) + ((3,) if use_c else ()) + ((4,) if use_b else ())
+    got = jax.block_until_ready(jax.grad(ours, argnums)(q, k, v, c, b))
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.grad(oracle, argnums)(*f32, c, b)
+    without = jax.grad(lambda *x: oracle(*x, with_lse=False), argnums)(*f32, c, b)
+    for name, g, w, w0 in zip([NAMES[i] for i in argnums], got, want, without, strict=True):
+        g, w, w0 = (np.asarray(x, np.float64) for x in (g, w, w0))
+        assert np.all(np.isfinite(g)), name
+        err = np.linalg.norm(g - w) / np.linalg.norm(w)
+        assert err <= TOL[jnp.dtype(jnp.bfloat16)], (name, err)
+        if name != "dv":
+            assert np.linalg.norm(w0 - w) / np.linalg.norm(w) > 5 * TOL[jnp.dtype(jnp.bfloat16)], name
