@@ -42,8 +42,9 @@ def _unsupported(plan: Plan, query):
                                   "lengths and segment ids are supported); use the XLA path")
     if plan.logits_soft_cap is not None:
         raise NotImplementedError("the Pallas kernels do not soft-cap logits yet; use the XLA path")
-    if plan.sink_logits is not None:
-        raise NotImplementedError("the Pallas kernels take no sink logits yet; use the XLA path")
+    if plan.sink_logits is not None and plan.variant.needs_stats:
+        raise NotImplementedError("sink logits with a statistics sweep (adaptive temperature: its "
+                                  "entropy must count the sink) are not fused; use the XLA path")
     if query.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError(f"the Pallas kernels take bfloat16 or float16 inputs, got "
                                   f"{query.dtype}; use the XLA path")
@@ -139,17 +140,51 @@ def attention(query, key, value, plan: Plan, *, return_stats=False):
     # The forward's fold_scale hint: only where the variant guarantees c >= 0 and no traced logit
     # scale of unknown sign is folded into c (else the folding tiles negate Q's rows where c < 0).
     c_nonneg = c is not None and a_traced is None and variant.query_scale_nonnegative()
-    result = pk.flash_attention(query, key, value, logit_scale=a_static, query_scale=c,
-                                key_bias=b, mask=spec, row_max=row_max,
-                                return_stats=return_stats, query_scale_nonnegative=c_nonneg,
-                                bias_key_grad=bias_key_grad)
-    if not return_stats:
-        return result[0]
-    out, lse, ent, max_weight = result
-    offset = plan.query_offset(query)  # [B, T, N] or None
+    offset = plan.query_offset(query)  # [B, T, N] or None: c_i o_i, dropped from the logits
     if offset is not None:
         offset = jnp.transpose(offset, (0, 2, 1)).astype(jnp.float32)
         if c_variant is not None:
             offset = jnp.broadcast_to(jnp.asarray(c_variant, jnp.float32), (B, N, T)) * offset
+    sinks = plan.sink_logits is not None
+    # With sinks and a per-query scale, the forward's entropy spares the backward the statistics
+    # sweep that the lse cotangent's dc term would need.
+    stats = return_stats or (sinks and c is not None)
+    result = pk.flash_attention(query, key, value, logit_scale=a_static, query_scale=c,
+                                key_bias=b, mask=spec, row_max=row_max, return_stats=stats,
+                                query_scale_nonnegative=c_nonneg, bias_key_grad=bias_key_grad)
+    out, lse, ent, max_weight = result if stats else (*result, None, None)
+    if sinks:
+        out, lse, ent, max_weight = _with_sinks(plan, out, lse, ent, max_weight, offset,
+                                                num_visible > 0)
+    if not return_stats:
+        return out
+    if offset is not None:
         lse = lse + jnp.where(num_visible > 0, offset, 0.0)
     return out, (lse, ent, max_weight)
+
+
+def _with_sinks(plan: Plan, out, lse, ent, max_weight, offset, nonempty):
+    """The kernel's attention over the keys, renormalised with each head's sink logit.
+
+    A sink adds ``e^{s_h}`` to the normaliser and takes no value, so with ``w_i`` the weight the
+    keys keep, ``w_i = e^lse_i / (e^lse_i + e^s_h) = sigmoid(lse_i - s_h)``: ``o_i -> w_i o_i``,
+    ``lse_i -> logaddexp(lse_i, s_h)``, the entropy ``H -> w H + h(w)`` (``h`` the binary
+    entropy: the grouping rule) and the max weight ``-> max(w mw, 1 - w)``. The kernel's logits
+    drop the variant's ``c_i o_i``, so the sink is compared with them as ``s_h - c_i o_i``. The
+    gradient flows through ``lse`` (:func:`pallas_kernels.flash_attention`'s is differentiable).
+    """
+    B, T, N = out.shape[0], out.shape[1], out.shape[2]
+    s = jnp.broadcast_to(jnp.asarray(plan.sink_logits, jnp.float32)[None, :, None], (B, N, T))
+    if offset is not None:
+        s = s - offset
+    w = jnp.where(nonempty, jax.nn.sigmoid(lse - s), 0.0)  # [B, N, T]
+    rest = jnp.where(nonempty, jax.nn.sigmoid(s - lse), 0.0)  # 1 - w without the cancellation
+    out = (out.astype(jnp.float32) * jnp.transpose(w, (0, 2, 1))[..., None]).astype(out.dtype)
+    lse = jnp.where(nonempty, jnp.logaddexp(lse, s), 0.0)
+    if ent is not None:
+        def xlogx(x):
+            return jnp.where(x > 0, x * jnp.log(jnp.where(x > 0, x, 1.0)), 0.0)
+
+        ent = jnp.where(nonempty, w * ent - xlogx(w) - xlogx(rest), 0.0)
+        max_weight = jnp.where(nonempty, jnp.maximum(w * max_weight, rest), 0.0)
+    return out, lse, ent, max_weight

@@ -505,3 +505,53 @@ def test_gpu_checks_run_on_request_without_a_gpu(capsys):
         check.main(["--interpret", "--cases", "99"])
     assert check_backward.main(["--interpret", "--only", "check", "--cases", "nope"]) == 1
     assert "needs a GPU" not in capsys.readouterr().err
+
+
+SINKS = jnp.asarray([-1.0, 0.5, 2.0, 4.0], jnp.float32)  # one per query head (N = 4)
+
+
+@pytest.mark.parametrize("name", ["temperature", "scalable_softmax", "rbf"])
+def test_sink_logits_match_xla(name):
+    """Sink logits on the fused path (the kernel's attention renormalised with the sink, through
+    its logsumexp): output and the three statistics against XLA, with registers, a causal mask
+    and query rows past their length (zeros); for RBF the sink meets the logits with the
+    ``-gamma ||q||^2`` the kernel drops. The sinks here take 5-99 % of a row's weight."""
+    variant = VARIANTS[name]
+    q, k, v, regs = _inputs(2)
+    kw = dict(variant=variant, sink_logits=SINKS, return_stats=True, **OPTIONS)
+    out, stats = _ready(jaxattn.attention(q, k, v, registers=regs, implementation="pallas", **kw))
+    r_out, r_stats = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs),
+                                       implementation="xla", **kw)
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    for field in ("logsumexp", "entropy", "max_weight"):
+        np.testing.assert_allclose(getattr(stats, field), getattr(r_stats, field), atol=STAT_TOL,
+                                   rtol=STAT_TOL, err_msg=field)
+    plain = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs), implementation="xla",
+                              variant=variant, **OPTIONS)
+    assert np.abs(plain - r_out).max() > 10 * OUT_TOL[q.dtype]  # the sinks matter here
+
+
+@pytest.mark.parametrize("name, param", [("softmax", 0.8), ("scalable_softmax", 0.43),
+                                         ("rbf", 0.05)])
+def test_sink_logits_gradients_match_xla(name, param):
+    """dq, dk, dv, the registers, the variant parameter (a traced temperature or s: the dc term
+    of the lse cotangent) and the sink logits, against XLA."""
+    def loss(q, k, v, rk, rv, p, sinks, impl):
+        variant = dict(softmax=variants.Softmax, scalable_softmax=variants.ScalableSoftmax,
+                       rbf=variants.RBF)[name](p)
+        g = jnp.cos(jnp.arange(H, dtype=jnp.float32))[None, None, None, :]
+        out = jaxattn.attention(q, k, v, variant=variant, registers=(rk, rv), sink_logits=sinks,
+                                implementation=impl, **OPTIONS)
+        return jnp.sum(out.astype(jnp.float32) * g)
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(7))), static_argnames="impl")
+    q, k, v, (rk, rv) = _inputs(3)
+    p = jnp.float32(param)
+    got = _ready(grad(q, k, v, rk, rv, p, SINKS, impl="pallas"))
+    want = grad(*_f32((q, k, v, rk, rv)), p, SINKS, impl="xla")
+    for label, a, b in zip(("dq", "dk", "dv", "dregister_k", "dregister_v", "dparam", "dsinks"),
+                           got, want, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), label
+        scale = max(np.abs(b).max(), 1e-6)
+        assert np.abs(a - b).max() <= GRAD_RTOL * scale, (label, np.abs(a - b).max(), scale)

@@ -159,11 +159,14 @@ def test_traced_soft_cap_raises():
 
 
 def test_fused_backend_falls_back():
-    """The kernels do not run either term yet: implementation="pallas" raises NotImplementedError
-    naming it, and the default dispatch on a GPU falls back to XLA (same result)."""
+    """What the fused backend does not run -- the soft cap, and sinks with adaptive temperature
+    (its entropy sweep would have to count the sink) -- raises NotImplementedError naming it under
+    implementation="pallas"; the default dispatch then falls back (the sinks' fused path is
+    tested in tests/test_pallas_api.py)."""
     q, k, v, _, sinks = _problem(1)
     q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    for kwargs, what in ((dict(logits_soft_cap=2.0), "soft-cap"), (dict(sink_logits=sinks), "sink")):
+    for kwargs, what in ((dict(logits_soft_cap=2.0), "soft-cap"),
+                         (dict(sink_logits=sinks, variant="adaptive_temperature"), "sink")):
         with pytest.raises(NotImplementedError, match=what):
             jaxattn.attention(q16, k16, v16, implementation="pallas", **kwargs)
 
