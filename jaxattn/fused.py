@@ -41,7 +41,16 @@ def _unsupported(plan: Plan, query):
         raise NotImplementedError("the Pallas kernels take no bool mask array (causal, window, "
                                   "lengths and segment ids are supported); use the XLA path")
     if plan.logits_soft_cap is not None:
-        raise NotImplementedError("the Pallas kernels do not soft-cap logits yet; use the XLA path")
+        if plan.query_offset(query) is not None:
+            raise NotImplementedError("a soft cap with a per-query logit offset (RBF's -gamma "
+                                      "||q||^2, which the kernels drop) is not fused; use the XLA "
+                                      "path")
+        if plan.sink_logits is not None:
+            raise NotImplementedError("a soft cap with sink logits is not fused; use the XLA path")
+        if plan.variant.needs_stats and plan.variant.stats_gradient():
+            raise NotImplementedError("a soft cap with a gradient through the statistics sweep "
+                                      "(adaptive temperature's beta) is not fused; use "
+                                      "stop_gradient_beta=True or the XLA path")
     if plan.sink_logits is not None and plan.variant.needs_stats:
         raise NotImplementedError("sink logits with a statistics sweep (adaptive temperature: its "
                                   "entropy must count the sink) are not fused; use the XLA path")
@@ -119,12 +128,13 @@ def attention(query, key, value, plan: Plan, *, return_stats=False):
         c0 = None if a_traced is None else jnp.broadcast_to(a_traced, (B, N, T))
         entropy, row_max0 = pk.flash_entropy(query, key, logit_scale=a_static, query_scale=c0,
                                              key_bias=b, mask=spec,
-                                             differentiable=variant.stats_gradient())
+                                             differentiable=variant.stats_gradient(),
+                                             logits_soft_cap=plan.logits_soft_cap)
     with jax.ensure_compile_time_eval():  # a constant c (temperature) stays a constant under jit
         c_variant = plan.query_scale(num_visible, entropy)
     row_max = None
-    if entropy is not None and variant.query_scale_nonnegative():
-        # the main logits are c_variant (>= 0) times the sweep's
+    if entropy is not None and variant.query_scale_nonnegative() and plan.logits_soft_cap is None:
+        # the main logits are c_variant (>= 0) times the sweep's (not so under a cap)
         row_max = jax.lax.stop_gradient(pk.scale_row_max(row_max0, c_variant))
     c = c_variant
     if c is not None and _is_static(c):
@@ -151,7 +161,8 @@ def attention(query, key, value, plan: Plan, *, return_stats=False):
     stats = return_stats or (sinks and c is not None)
     result = pk.flash_attention(query, key, value, logit_scale=a_static, query_scale=c,
                                 key_bias=b, mask=spec, row_max=row_max, return_stats=stats,
-                                query_scale_nonnegative=c_nonneg, bias_key_grad=bias_key_grad)
+                                query_scale_nonnegative=c_nonneg, bias_key_grad=bias_key_grad,
+                                logits_soft_cap=plan.logits_soft_cap)
     out, lse, ent, max_weight = result if stats else (*result, None, None)
     if sinks:
         out, lse, ent, max_weight = _with_sinks(plan, out, lse, ent, max_weight, offset,

@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import tuning
-from pallas_kernels.common import MaskSpec, has_codes, is_masked
+from pallas_kernels.common import MaskSpec, has_codes, is_masked, soft_cap_base2
 from pallas_kernels.forward import (
     MMA_BIAS_TERMS,
     MMA_BIAS_WIDTH,
@@ -284,6 +284,7 @@ class _Static:
     mma_db: bool  # has_b, db summed by a wgmma against ones (BackwardConfig.mma_db)
     dc_mma: bool  # need_dc, its dZ sums from wgmmas (BackwardConfig.dc_mma)
     bias_key_grad: float | None  # b_j = g ||k_j||^2 with 2 g = this: dk += 2 g db_j k_j in the kernel
+    soft_cap: float | None  # cap log2(e): the base-2 logits are soft-capped (derivative 1 - t^2)
     T: int  # true lengths (before padding)
     S: int
     Tp: int  # padded lengths
@@ -535,40 +536,49 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 return _visible(st, qi, kj, qc, kc)
 
-            def softmax():  # (u, p, sum_j p u): the logits' u and the probabilities
+            def softmax():  # (u, p, sum_j p g u, g): the logits' u, the probabilities, the cap's g
                 if strip:
                     u = s * a + lax.broadcast_in_dim(kb, (bq, bkv), [1])
                     z2 = u * (row(crow) if st.has_c else LOG2E)
                 else:  # one FMA per logit with the exponent's shift; dc pairs dZ with s, times a later
                     u = s
                     z2 = s * (row(crow * a) if st.has_c else a * LOG2E)
+                g = None
+                if st.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
+                    z2, t = soft_cap_base2(z2, st.soft_cap)
+                    g = 1.0 - t * t
                 p = jnp.exp2(z2 - row(lse2))
                 p = _apply_mask(st, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
                 pu = st.need_dc and not cfg.dc_center_lse
-                return u, p, (jnp.sum(p * u, axis=1) if pu else None)
+                pgu = p * u if g is None else p * g * u
+                return u, p, (jnp.sum(pgu, axis=1) if pu else None), g
 
-            def dc_sums(dz):  # dc_i = sum_j dZ_ij u_ij and sum_j dZ_ij (centered at the end)
+            def dc_sums(dz, dzc):  # dc_i = sum_j dZ_ij u_ij and sum_j dZc_ij (centered at the end)
                 if not st.need_dc or st.dc_mma:
                     return dc, dz_sum
-                return dc + jnp.sum(dz * u, axis=1), dz_sum + jnp.sum(dz, axis=1)
+                return dc + jnp.sum(dz * u, axis=1), dz_sum + jnp.sum(dzc, axis=1)
 
             if cfg.overlap:  # the softmax runs while the tensor cores form dP
-                dp, (u, p, pu) = _mma_while(None, do_smem, v_smem.transpose((1, 0)), softmax,
-                                            st.interpret, lhs_in_registers=False, shape=(bq, bkv))
+                dp, (u, p, pu, g) = _mma_while(None, do_smem, v_smem.transpose((1, 0)), softmax,
+                                               st.interpret, lhs_in_registers=False,
+                                               shape=(bq, bkv))
             else:
-                u, p, pu = softmax()
+                u, p, pu, g = softmax()
                 dp = _mm_smem(do_smem, v_smem.transpose((1, 0)), (bq, bkv))
             plgpu.barrier_arrive(consumed[1])
-            dz = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
+            # dZc: the capped logits' gradient (its row sum is the delta error dc centres away);
+            # dZ: the uncapped logits', through the cap's derivative
+            dzc = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
+            dz = dzc if g is None else dzc * g
             dz16 = dz.astype(st.dtype)
             if st.dc_mma:  # [sum_j dZ t1, t2, t3, 1, ..] (mma_bias) or sum_j dZ (ones)
                 rhs = kbm_smem if st.mma_bias else kv_ones_smem2.at[wg]
                 dq_acc, aux = _mma_accs(((dq_acc, dz16, k_smem), (aux, dz16, rhs)), st.interpret)
             elif cfg.overlap:  # the dc sums run while the tensor cores accumulate dq
-                dq_acc, (dc, dz_sum) = _mma_while(dq_acc, dz16, k_smem, lambda: dc_sums(dz),
+                dq_acc, (dc, dz_sum) = _mma_while(dq_acc, dz16, k_smem, lambda: dc_sums(dz, dzc),
                                                   st.interpret, lhs_in_registers=True)
             else:
-                dc, dz_sum = dc_sums(dz)
+                dc, dz_sum = dc_sums(dz, dzc)
                 dq_acc = _mma_acc(dq_acc, dz16, k_smem, st.interpret)
             if pu is not None:
                 pu_sum = pu_sum + pu
@@ -752,14 +762,20 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                     z2 = u_t * (col(crow * LOG2E) if st.has_c else LOG2E)
                 else:  # one FMA per logit with the exponent's shift
                     z2 = s_t * (col(crow * (a * LOG2E)) if st.has_c else a * LOG2E)
+                g_t = None
+                if st.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
+                    z2, t = soft_cap_base2(z2, st.soft_cap)
+                    g_t = 1.0 - t * t
                 p_t = jnp.exp2(z2 - col(lse2))
-                return _apply_mask(st, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv)
+                return _apply_mask(st, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv), g_t
 
-            def dz_of(p_t, dp_t):
+            def dz_of(p_t, dp_t, g_t):
                 if st.has_c:  # c (dP - delta) as one FMA
                     dz_t = p_t * (dp_t * col(crow) - col(delta * crow))
                 else:
                     dz_t = p_t * (dp_t - col(delta))
+                if g_t is not None:
+                    dz_t = dz_t * g_t
                 return dz_t, dz_t.astype(st.dtype)
 
             def db_sum(db, dz_t):
@@ -767,11 +783,11 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
 
             def p_and_dp():  # the softmax runs while the tensor cores form dP (overlap)
                 if cfg.overlap:
-                    dp_t, p_t = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
-                                           st.interpret, lhs_in_registers=False, shape=shape)
-                    return p_t, dp_t
-                p_t = softmax()
-                return p_t, _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
+                    dp_t, (p_t, g_t) = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
+                                                  st.interpret, lhs_in_registers=False, shape=shape)
+                    return p_t, g_t, dp_t
+                p_t, g_t = softmax()
+                return p_t, g_t, _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
 
             def dk_step(dk_acc, db, dz_t, dz16):  # dk += dZ^T Q, and db's sum of dZ
                 if st.mma_db:
@@ -783,25 +799,25 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 return _mma_acc(dk_acc, dz16, q_smem, st.interpret), db
 
             if part == "dv":  # P only: no dP, dZ or dk
-                p_t = softmax()
+                p_t, _ = softmax()
                 dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
                 plgpu.barrier_arrive(consumed[1])
             elif part == "dk":  # P, dP and dZ, no dv
-                p_t, dp_t = p_and_dp()
+                p_t, g_t, dp_t = p_and_dp()
                 plgpu.barrier_arrive(consumed[1])
-                dz_t, dz16 = dz_of(p_t, dp_t)
+                dz_t, dz16 = dz_of(p_t, dp_t, g_t)
             elif cfg.overlap:  # dZ formed while the tensor cores accumulate dv
-                p_t, dp_t = p_and_dp()
+                p_t, g_t, dp_t = p_and_dp()
                 dv_acc, (dz_t, dz16) = _mma_while(dv_acc, p_t.astype(st.dtype), do_smem,
-                                                  lambda: dz_of(p_t, dp_t), st.interpret,
+                                                  lambda: dz_of(p_t, dp_t, g_t), st.interpret,
                                                   lhs_in_registers=True)
                 plgpu.barrier_arrive(consumed[1])
             else:
-                p_t = softmax()
+                p_t, g_t = softmax()
                 dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
                 dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
                 plgpu.barrier_arrive(consumed[1])
-                dz_t, dz16 = dz_of(p_t, dp_t)
+                dz_t, dz16 = dz_of(p_t, dp_t, g_t)
             if want_dk:
                 dk_acc, db = dk_step(dk_acc, db, dz_t, dz16)
             plgpu.barrier_arrive(consumed[0])
@@ -977,7 +993,8 @@ def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
 def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=None, key_bias=None,
                    mask: MaskSpec | None = None, config: BackwardConfig | None = None, interpret=None,
                    kernels: tuple[str, ...] = ("dq", "dkv"), query_scale_grad: bool = True,
-                   bias_key_grad: float | None = None, lse_cotangent=None):
+                   bias_key_grad: float | None = None, lse_cotangent=None,
+                   logits_soft_cap: float | None = None):
     """Gradients of the kernel-level attention problem, with two fused Mosaic GPU kernels.
 
     .. math::
@@ -1016,6 +1033,10 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         and the kernels are unchanged. The dq kernel's ``dc`` is formed independently of delta
         (``sum dZ u - (sum p u)(sum dZ)``), so it does not include the term ``dlse_i sum_j p_ij
         u_ij``: the caller adds it (:func:`pallas_kernels.flash_attention` does).
+      logits_soft_cap: the forward's ``cap`` (the softmax saw ``cap tanh(z / cap)``), or None: P is
+        recomputed from the capped logits and dZ goes through the cap's derivative
+        ``1 - tanh^2``; ``dc``'s centring sums the capped logits' dZ (whose row sum is the delta
+        error) against ``sum_j p_ij (1 - t_ij^2) u_ij``.
 
     Returns:
       ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
@@ -1062,9 +1083,12 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         has_b=key_bias is not None,
         mma_bias=key_bias is not None and cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16,
         mma_db=key_bias is not None and cfg.mma_db and jnp.dtype(q.dtype) == jnp.bfloat16,
+        # dc_mma's dZ row sums come from dq's mma of dZ, not the capped logits' dZc
         dc_mma=query_scale is not None and bool(query_scale_grad) and cfg.dc_mma and (
-            key_bias is None or (cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16)),
+            key_bias is None or (cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16))
+        and logits_soft_cap is None,
         bias_key_grad=bias_key_grad,
+        soft_cap=None if logits_soft_cap is None else _check_cap(logits_soft_cap) * LOG2E,
         T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
@@ -1078,6 +1102,9 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         q_rank, k_rank = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
         mask = dataclasses.replace(mask, q_segment_ids=q_rank, kv_segment_ids=k_rank)
     mask = jax.tree.map(lambda x: x.astype(jnp.int32), mask)
+    if st.soft_cap is not None and st.need_dc and cfg.dc_center_lse:
+        raise NotImplementedError("logits_soft_cap with BackwardConfig.dc_center_lse (its centring "
+                                  "on lse / c assumes uncapped logits)")
     if lse_cotangent is not None:
         if st.need_dc and cfg.dc_center_lse:
             raise NotImplementedError("a logsumexp cotangent with BackwardConfig.dc_center_lse: its "
@@ -1086,6 +1113,12 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     with _interpret_context(st.interpret), jax.enable_x64(False):
         return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
                                kernels, lse_cotangent)
+
+
+def _check_cap(cap):
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf:
+        raise ValueError(f"logits_soft_cap must be a python float > 0, got {cap!r}")
+    return float(cap)
 
 
 def _check_python_float(name, x):

@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import tuning
-from pallas_kernels.common import MaskSpec, is_masked
+from pallas_kernels.common import MaskSpec, is_masked, soft_cap_base2
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "default_stats_block_sizes",
            "flash_forward", "flash_stats", "scale_row_max", "row_max_from_stats", "count_visible",
@@ -240,6 +240,7 @@ class _Plan:
     interpret: bool
     fixed_max: bool = False  # the exact row max is an input (row vector): no online max
     row_flip: bool = False  # fold a row vector of any sign: Q's rows negated where r_i < 0
+    soft_cap: float | None = None  # cap log2(e): the base-2 logits are soft-capped
 
     @property
     def streams_v(self):  # the forward always; the statistics sweep unless sweep_skips_v
@@ -345,6 +346,14 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
     new_max = lambda tile_max: m if plan.fixed_max else jnp.maximum(m, tile_max())
     rc = plan.row_const
+    if plan.soft_cap is not None:  # no folding: the cap comes between the scale and the max
+        if kb is not None:
+            s = s + col(kb)
+        z = soft_cap_base2(s * rc if r is None else s * row(r), plan.soft_cap)[0]
+        if masked:
+            z = jnp.where(visible(), z, MASKED)
+        m_new = new_max(lambda: z.max(axis=1))
+        return m_new, z - row(m_new)
     if (plan.blocks.fold_scale and not masked and rc is None
             and (plan.row_nonneg or plan.row_flip) and kb is None):
         # max_j (r_i s_ij) = r_i max_j s_ij for r_i >= 0; d = r s - m is one FMA
@@ -855,6 +864,14 @@ def _check_inputs(q, k, v, logit_scale):
         raise NotImplementedError(f"head dims above 256 are not supported, got {head_dim}")
 
 
+def _check_cap(cap):
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf:
+        raise ValueError(f"logits_soft_cap must be a python float > 0 or None, got {cap!r}")
+    return float(cap)
+
+
 def _check_row_max(row_max, q):
     B, T, N, _ = q.shape
     shape = jnp.shape(row_max)
@@ -930,7 +947,7 @@ def split_bias(kb, dtype=jnp.bfloat16, terms=MMA_BIAS_TERMS, width=MMA_BIAS_WIDT
 
 
 def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv,
-             nonneg=False, row_max=None):
+             nonneg=False, row_max=None, soft_cap=None):
     """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -1001,7 +1018,8 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
         row_nonneg=row_nonneg,
         row_flip=(blocks.fold_scale and query_scale is not None and not row_nonneg
-                  and key_bias is None),
+                  and key_bias is None and soft_cap is None),
+        soft_cap=None if soft_cap is None else float(soft_cap) * LOG2E,
         has_bias=kb is not None and not mma, mma_bias=mma, has_kid=has_kid, has_qid=has_qid,
         stats=stats, pv=pv, interpret=bool(interpret), fixed_max=row_max is not None)
     return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs), kb_mma, ones)
@@ -1010,7 +1028,7 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
 def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
                   mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
                   return_stats: bool = False, query_scale_nonnegative: bool = False,
-                  row_max=None):
+                  row_max=None, logits_soft_cap: float | None = None):
     """Fused attention forward for the kernel-level problem of :mod:`pallas_kernels.common`.
 
     .. math::
@@ -1039,6 +1057,8 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
         with no visible key; the kernel then skips its online max and rescaling. Only exact
         maxima are safe: a value ``delta`` below the true max scales the row's weights by up to
         ``2^delta`` before the normalisation (overflow past ``delta ~ 127``).
+      logits_soft_cap: ``cap > 0`` or None: the softmax sees ``cap tanh(z / cap)``
+        (:func:`~pallas_kernels.common.soft_cap_base2`; the folding tiles are off then).
 
     Returns:
       ``(out [B, T, N, Hv] in q's dtype, lse [B, N, T] float32)``, and with ``return_stats``
@@ -1056,7 +1076,7 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
 
     plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
                             stats=return_stats, pv=True, nonneg=query_scale_nonnegative,
-                            row_max=row_max)
+                            row_max=row_max, soft_cap=_check_cap(logits_soft_cap))
     out, lse, ent, mw = _run(plan, *arrays)
     T, Hv = q.shape[1], v.shape[3]
     out = out[:, :T, :, :Hv]
@@ -1068,7 +1088,8 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
 
 def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
                 mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
-                query_scale_nonnegative: bool = False, return_row_max: bool = False):
+                query_scale_nonnegative: bool = False, return_row_max: bool = False,
+                logits_soft_cap: float | None = None):
     """The statistics sweep: ``(lse, entropy)`` of ``softmax(z)`` per query, without P @ V.
 
     The entropy is streamed exactly, ``H_i = lse_i - sum_j p_ij z_ij`` (in nats); the paper's
@@ -1080,8 +1101,8 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     compute warpgroups: ~0.55-0.7 of a forward on the H200 (``docs/kernels.md``).
 
     Args:
-      q, k, logit_scale, query_scale, key_bias, mask, interpret, query_scale_nonnegative: as
-        :func:`flash_forward`.
+      q, k, logit_scale, query_scale, key_bias, mask, interpret, query_scale_nonnegative,
+      logits_soft_cap: as :func:`flash_forward`.
       config: :class:`BlockSizes`; None picks :func:`default_stats_block_sizes`.
       return_row_max: also return the row max of the base-2 logits, ``max_j z_ij log2(e)``
         (``-1e30`` for rows with no visible key): ``flash_forward``'s ``row_max``.
@@ -1094,7 +1115,8 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     mask = MaskSpec() if mask is None else mask
     config = _blocks(q, k, config, query_scale, key_bias, default_stats_block_sizes)[1]
     plan, arrays = _prepare(q, k, k, logit_scale, query_scale, key_bias, mask, config, interpret,
-                            stats=True, pv=False, nonneg=query_scale_nonnegative)
+                            stats=True, pv=False, nonneg=query_scale_nonnegative,
+                            soft_cap=_check_cap(logits_soft_cap))
     _, lse, ent, row_max = _run(plan, *arrays)
     T = q.shape[1]
     if return_row_max:

@@ -46,21 +46,21 @@ def _value(x):
     return None if x is None else x.value
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad, cap):
     out, lse, *rest = flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
                                     return_stats=stats, query_scale_nonnegative=c_nonneg,
-                                    row_max=row_max)
+                                    row_max=row_max, logits_soft_cap=cap)
     return (out, lse, *rest) if stats else (out, lse, None, None)
 
 
-def _flash_fwd(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad):
+def _flash_fwd(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad, cap):
     c_perturbed = c is not None and c.perturbed
     q, k, v, c, b, row_max = (_value(x) for x in (q, k, v, c, b, row_max))
     spec = jax.tree.map(_value, spec)
     # The pytree structure says whether c's gradient is wanted: a zero-size marker, or None.
     want_dc = None if not c_perturbed else jnp.zeros((0,), jnp.float32)
-    result = _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad)
+    result = _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad, cap)
     return result, (q, k, v, c, b, spec, result[0], result[1], result[2], want_dc)
 
 
@@ -68,7 +68,7 @@ def _is_zero(ct):
     return ct is None or isinstance(ct, _SymbolicZero)
 
 
-def _flash_bwd(a, stats, c_nonneg, bias_key_grad, res, cts):
+def _flash_bwd(a, stats, c_nonneg, bias_key_grad, cap, res, cts):
     del stats, c_nonneg
     q, k, v, c, b, spec, out, lse, ent, want_dc = res
     dout, dlse, dent, dmw = cts
@@ -84,8 +84,12 @@ def _flash_bwd(a, stats, c_nonneg, bias_key_grad, res, cts):
     dq, dk, dv, dc, db = flash_backward(q, k, v, out, lse, dout.astype(out.dtype), logit_scale=a,
                                         query_scale=c, key_bias=b, mask=spec,
                                         query_scale_grad=want_dc is not None,
-                                        bias_key_grad=bias_key_grad, lse_cotangent=dlse)
+                                        bias_key_grad=bias_key_grad, lse_cotangent=dlse,
+                                        logits_soft_cap=cap)
     if dlse is not None and dc is not None:
+        if cap is not None:
+            raise NotImplementedError("the logsumexp's gradient to a per-query scale under a soft "
+                                      "cap (d lse / dc = sum p (1 - t^2) u is not in the statistics)")
         # d lse_i / d c_i = sum_j p_ij u_ij = (lse_i - H_i) / c_i (z = c u, and sum_j p z = lse - H);
         # the dq kernel leaves this term out. Rows with c_i = 0 get none (there p is uniform and
         # the mean of u is not in the statistics; SSMax's c = 0 at n_i = 1, where dc/ds = 0).
@@ -103,7 +107,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 
 def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
                     mask: MaskSpec | None = None, row_max=None, return_stats: bool = False,
-                    query_scale_nonnegative: bool = False, bias_key_grad: float | None = None):
+                    query_scale_nonnegative: bool = False, bias_key_grad: float | None = None,
+                    logits_soft_cap: float | None = None):
     """Fused attention over plain arrays, differentiable in ``q, k, v, query_scale, key_bias``.
 
     .. math::
@@ -125,6 +130,8 @@ def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
       query_scale_nonnegative: the caller guarantees ``c >= 0`` (a tiling hint).
       bias_key_grad: ``2 g`` when ``b_j = g ||k_j||^2`` was computed from ``stop_gradient(k)``:
         the backward kernel then adds the bias's key gradient ``2 g db_j k_j`` itself.
+      logits_soft_cap: ``cap > 0`` or None: the softmax sees ``cap tanh(z / cap)`` (Gemma 2),
+        forward and backward.
 
     Returns:
       ``(out [B, T, N, Hv], lse [B, N, T])``, and with ``return_stats`` also ``entropy`` and
@@ -147,7 +154,8 @@ def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
     """
     mask = MaskSpec() if mask is None else mask
     out, lse, ent, mw = _flash(q, k, v, query_scale, key_bias, mask, row_max, float(logit_scale),
-                               bool(return_stats), bool(query_scale_nonnegative), bias_key_grad)
+                               bool(return_stats), bool(query_scale_nonnegative), bias_key_grad,
+                               None if logits_soft_cap is None else float(logits_soft_cap))
     return (out, lse, ent, mw) if return_stats else (out, lse)
 
 
@@ -192,7 +200,8 @@ _entropy.defvjp(_entropy_fwd, _entropy_bwd, symbolic_zeros=True)
 
 
 def flash_entropy(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
-                  mask: MaskSpec | None = None, differentiable: bool = True):
+                  mask: MaskSpec | None = None, differentiable: bool = True,
+                  logits_soft_cap: float | None = None):
     """Each row's entropy ``H_i`` of ``softmax(z)`` (nats) and base-2 row max, without P @ V.
 
     The statistics sweep of adaptive temperature. Its VJP reuses the attention backward kernels:
@@ -206,17 +215,23 @@ def flash_entropy(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
       q, k, logit_scale, query_scale, key_bias, mask: as :func:`flash_attention`.
       differentiable: False runs the sweep alone on ``stop_gradient`` inputs (no residuals kept);
         True gives the VJP above (not implemented with a ``key_bias``: it raises when taken).
+      logits_soft_cap: the entropy of ``softmax(cap tanh(z / cap))``; only with
+        ``differentiable=False`` (the VJP above needs logits linear in ``k``).
 
     Returns:
       ``(entropy, row_max)``, float32 ``[B, N, T]`` (``row_max`` is ``-1e30`` on rows with no
       visible key: :func:`flash_attention`'s ``row_max`` input).
     """
     mask = MaskSpec() if mask is None else mask
+    if logits_soft_cap is not None and differentiable:
+        raise NotImplementedError("the entropy sweep's gradient under a soft cap is not implemented "
+                                  "(pass differentiable=False)")
     if not differentiable:
         stop = jax.lax.stop_gradient
         q, k = stop(q), stop(k)
         query_scale = None if query_scale is None else stop(query_scale)
         key_bias = None if key_bias is None else stop(key_bias)
         return flash_stats(q, k, logit_scale=logit_scale, query_scale=query_scale,
-                           key_bias=key_bias, mask=mask, return_row_max=True)[1:]
+                           key_bias=key_bias, mask=mask, return_row_max=True,
+                           logits_soft_cap=logits_soft_cap)[1:]
     return _entropy(q, k, query_scale, key_bias, mask, float(logit_scale))

@@ -555,3 +555,56 @@ def test_sink_logits_gradients_match_xla(name, param):
         assert np.all(np.isfinite(a)), label
         scale = max(np.abs(b).max(), 1e-6)
         assert np.abs(a - b).max() <= GRAD_RTOL * scale, (label, np.abs(a - b).max(), scale)
+
+
+CAP_VARIANTS = {
+    "temperature": variants.Softmax(0.7),
+    "scalable_softmax": variants.ScalableSoftmax(0.43),
+    "adaptive_temperature": variants.AdaptiveTemperature(stop_gradient_beta=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CAP_VARIANTS))
+def test_soft_cap_matches_xla(name):
+    """``logits_soft_cap`` on the fused path (the forward, the capped statistics sweep for adaptive
+    temperature, both backward kernels): output and statistics against XLA at logits the cap bends
+    (q and k of scale 2, cap 3), with registers, a causal mask and rows past their length."""
+    variant = CAP_VARIANTS[name]
+    q, k, v, regs = _inputs(4)
+    q, k = (2 * q).astype(q.dtype), (2 * k).astype(k.dtype)
+    kw = dict(variant=variant, logits_soft_cap=3.0, return_stats=True, **OPTIONS)
+    out, stats = _ready(jaxattn.attention(q, k, v, registers=regs, implementation="pallas", **kw))
+    r_out, r_stats = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs),
+                                       implementation="xla", **kw)
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    for field in ("logsumexp", "entropy", "max_weight"):
+        np.testing.assert_allclose(getattr(stats, field), getattr(r_stats, field), atol=STAT_TOL,
+                                   rtol=STAT_TOL, err_msg=field)
+    uncapped = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs), implementation="xla",
+                                 variant=variant, **OPTIONS)
+    assert np.abs(uncapped - r_out).max() > 10 * OUT_TOL[q.dtype]  # the cap matters here
+
+
+@pytest.mark.parametrize("name, param", [("softmax", 0.8), ("scalable_softmax", 0.43)])
+def test_soft_cap_gradients_match_xla(name, param):
+    """dq, dk, dv, the registers and the traced variant parameter (temperature, s: the dq kernel's
+    dc under the cap) against XLA."""
+    def loss(q, k, v, rk, rv, p, impl):
+        variant = dict(softmax=variants.Softmax, scalable_softmax=variants.ScalableSoftmax)[name](p)
+        g = jnp.cos(jnp.arange(H, dtype=jnp.float32))[None, None, None, :]
+        out = jaxattn.attention(q, k, v, variant=variant, registers=(rk, rv), logits_soft_cap=3.0,
+                                implementation=impl, **OPTIONS)
+        return jnp.sum(out.astype(jnp.float32) * g)
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(6))), static_argnames="impl")
+    q, k, v, (rk, rv) = _inputs(5)
+    q, k = (2 * q).astype(q.dtype), (2 * k).astype(k.dtype)
+    p = jnp.float32(param)
+    got = _ready(grad(q, k, v, rk, rv, p, impl="pallas"))
+    want = grad(*_f32((q, k, v, rk, rv)), p, impl="xla")
+    for label, a, b in zip(("dq", "dk", "dv", "dregister_k", "dregister_v", "dparam"), got, want,
+                           strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), label
+        scale = max(np.abs(b).max(), 1e-6)
+        assert np.abs(a - b).max() <= GRAD_RTOL * scale, (label, np.abs(a - b).max(), scale)

@@ -584,3 +584,46 @@ def test_logsumexp_cotangent(use_c, use_b, causal):
         assert err <= TOL[jnp.dtype(jnp.bfloat16)], (name, err)
         if name != "dv":
             assert np.linalg.norm(w0 - w) / np.linalg.norm(w) > 5 * TOL[jnp.dtype(jnp.bfloat16)], name
+
+
+@pytest.mark.parametrize("use_c, use_b, causal, cap", [(False, False, True, 2.0),
+                                                        (True, False, False, 2.0),
+                                                        (True, True, True, 8.0),
+                                                        (False, True, False, 8.0)])
+def test_soft_cap(use_c, use_b, causal, cap):
+    """``logits_soft_cap`` through the forward and both backward kernels: out, lse and dq, dk, dv,
+    dc, db against the float32 oracle's ``cap tanh(z / cap)`` (``jax.vjp`` of it), at logits
+    large enough (q, k of scale 3) that the cap bends most of them. The same gradients without
+    the cap differ by far more than the tolerance, so the cap's derivative is seen."""
+    from pallas_kernels import flash_attention
+    B, T, S, N, K, H = 1, 64, 64, 2, 1, 64
+    q, k, v, dout, c, b = _inputs(31, B, T, S, N, K, H, H, jnp.float32, use_c, use_b)
+    q, k = (3 * q).astype(jnp.bfloat16), (3 * k).astype(jnp.bfloat16)
+    v, dout = v.astype(jnp.bfloat16), dout.astype(jnp.bfloat16)
+    spec = MaskSpec(is_causal=causal, q_lengths=jnp.asarray([T - 3], jnp.int32))
+    a = 0.125
+
+    def ours(q, k, v, c, b):
+        out, lse = flash_attention(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                                   logits_soft_cap=cap)
+        return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32)), (out, lse)
+
+    def oracle(q, k, v, c, b, cap=cap):
+        out, lse = flash_reference(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                                   logits_soft_cap=cap)
+        return jnp.sum(out * dout.astype(jnp.float32)), (out, lse)
+
+    argnums = (0, 1, 2) + ((3,) if use_c else ()) + ((4,) if use_b else ())
+    got, (out, lse) = jax.block_until_ready(jax.grad(ours, argnums, has_aux=True)(q, k, v, c, b))
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want, (r_out, r_lse) = jax.grad(oracle, argnums, has_aux=True)(*f32, c, b)
+    uncapped, _ = jax.grad(lambda *x: oracle(*x, cap=None), argnums, has_aux=True)(*f32, c, b)
+    tol = TOL[jnp.dtype(jnp.bfloat16)]
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=2e-2, rtol=0)
+    np.testing.assert_allclose(lse, r_lse, atol=1e-4, rtol=1e-5)
+    for name, g, w, w0 in zip([NAMES[i] for i in argnums], got, want, uncapped, strict=True):
+        g, w, w0 = (np.asarray(x, np.float64) for x in (g, w, w0))
+        assert np.all(np.isfinite(g)), name
+        err = np.linalg.norm(g - w) / np.linalg.norm(w)
+        assert err <= tol, (name, err)
+        assert np.linalg.norm(w0 - w) / np.linalg.norm(w) > 5 * tol, name

@@ -158,17 +158,22 @@ def test_traced_soft_cap_raises():
         jax.jit(lambda cap: jaxattn.attention(q, k, v, logits_soft_cap=cap))(2.0)
 
 
-def test_fused_backend_falls_back():
-    """What the fused backend does not run -- the soft cap, and sinks with adaptive temperature
-    (its entropy sweep would have to count the sink) -- raises NotImplementedError naming it under
-    implementation="pallas"; the default dispatch then falls back (the sinks' fused path is
+@pytest.mark.parametrize("kwargs, what", [
+    (dict(logits_soft_cap=2.0, variant="rbf"), "per-query logit offset"),
+    (dict(logits_soft_cap=2.0, sink_logits=True), "soft cap with sink logits"),
+    (dict(logits_soft_cap=2.0, variant="adaptive_temperature"), "through the statistics sweep"),
+    (dict(sink_logits=True, variant="adaptive_temperature"), "sink logits with a statistics"),
+])
+def test_fused_backend_falls_back(kwargs, what):
+    """What the fused backend does not run raises NotImplementedError naming it under
+    implementation="pallas", so the default dispatch falls back (the fused soft cap and sinks are
     tested in tests/test_pallas_api.py)."""
     q, k, v, _, sinks = _problem(1)
     q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    for kwargs, what in ((dict(logits_soft_cap=2.0), "soft-cap"),
-                         (dict(sink_logits=sinks, variant="adaptive_temperature"), "sink")):
-        with pytest.raises(NotImplementedError, match=what):
-            jaxattn.attention(q16, k16, v16, implementation="pallas", **kwargs)
+    if kwargs.get("sink_logits") is True:
+        kwargs = dict(kwargs, sink_logits=sinks)
+    with pytest.raises(NotImplementedError, match=what):
+        jaxattn.attention(q16, k16, v16, implementation="pallas", **kwargs)
 
 
 def test_module_learns_sink_logits_and_caps():
