@@ -2,7 +2,8 @@
 
 For every kernel variant and option a user trains with -- temperature, scalable-softmax with a
 learned ``s``, RBF with its ``gamma``, adaptive temperature with and without the gradient through
-``beta``, registers, GQA, causal / window / length / segment masks -- runs
+``beta``, registers, learned sink logits, the logit soft cap, GQA, causal / window / length /
+segment masks -- runs
 ``jaxattn.attention(..., implementation="pallas")`` on 16-bit inputs and
 ``implementation="xla"`` on the same values in float32, and compares the output and every
 gradient (``q``, ``k``, ``v``, the variant's parameters, the registers) by
@@ -43,6 +44,8 @@ class Case:
     masks: tuple = ()  # of "causal", "window", "lengths", "segments"
     registers: int = 0
     dtype: str = "bfloat16"
+    soft_cap: float | None = None  # logits_soft_cap
+    sinks: bool = False  # learned sink logits, one per query head (their gradient is checked)
 
 
 CASES = {
@@ -59,6 +62,17 @@ CASES = {
     "adaptive_beta_grad_registers_d128": Case(variants.AdaptiveTemperature(), registers=2),
     "softmax_registers_segments_d64": Case(variants.Softmax(), D=64, registers=4,
                                            masks=("segments",)),
+    "softcap_temperature_causal_d128": Case(variants.Softmax(0.7), masks=("causal",), soft_cap=1.0),
+    "softcap_ssmax_learned_lengths_d64": Case(variants.ScalableSoftmax(0.43), D=64,
+                                              masks=("lengths",), soft_cap=2.0),
+    "softcap_adaptive_causal_d128": Case(variants.AdaptiveTemperature(stop_gradient_beta=True),
+                                         masks=("causal",), soft_cap=2.0),
+    "sinks_ssmax_learned_causal_d128": Case(variants.ScalableSoftmax(0.43), masks=("causal",),
+                                            sinks=True),
+    "sinks_rbf_registers_d64": Case(variants.RBF(0.05), D=64, registers=2, masks=("causal",),
+                                    sinks=True),
+    "sinks_softmax_segments_d64_f16": Case(variants.Softmax(), D=64, masks=("segments",),
+                                           sinks=True, dtype="float16"),
 }
 
 
@@ -88,7 +102,11 @@ def _inputs(case, B, T, seed):
     if "segments" in case.masks:
         seg = jnp.sort(jax.random.randint(ks[6], (B, T), 0, 4), axis=1)
         opts.update(q_segment_ids=seg, kv_segment_ids=seg, is_causal=True)
-    return (q, k, v, regs, do), opts
+    if case.soft_cap is not None:
+        opts["logits_soft_cap"] = case.soft_cap
+    # sinks between -1 and 3: a fifth to nearly all of a row's weight
+    sinks = jax.random.uniform(ks[7], (N,), jnp.float32, -1.0, 3.0) if case.sinks else None
+    return (q, k, v, regs, do, sinks), opts
 
 
 def _rel(x, r):
@@ -101,29 +119,30 @@ def _rel(x, r):
 def run_case(name, B, T, seed):
     """``{"out": err, "dq": err, ...}`` of one case: the fused path's relative errors."""
     case = CASES[name]
-    (q, k, v, regs, do), opts = _inputs(case, B, T, seed)
+    (q, k, v, regs, do, sinks), opts = _inputs(case, B, T, seed)
     var = _leaves_f32(case.variant)
 
     def f(impl):
-        def fn(q, k, v, var, regs):
-            return jaxattn.attention(q, k, v, variant=var, registers=regs, implementation=impl,
-                                     **opts)
-        def out_and_grads(q, k, v, var, regs, do):
-            out, vjp = jax.vjp(fn, q, k, v, var, regs)
+        def fn(q, k, v, var, regs, sinks):
+            return jaxattn.attention(q, k, v, variant=var, registers=regs, sink_logits=sinks,
+                                     implementation=impl, **opts)
+        def out_and_grads(q, k, v, var, regs, sinks, do):
+            out, vjp = jax.vjp(fn, q, k, v, var, regs, sinks)
             return vjp(do) + (out,)
         return jax.jit(out_and_grads)
 
     # The cotangent of a loss that depends on the output (0.5 ||o||^2 plus noise): with pure noise
     # the parameters' gradients (one sum over every logit) cancel to near zero and their relative
     # error says little.
-    out = jax.jit(lambda q, k, v, var, regs: jaxattn.attention(
-        q, k, v, variant=var, registers=regs, implementation="xla", **opts))(
-        *_leaves_f32((q, k, v)), var, _leaves_f32(regs))
+    out = jax.jit(lambda q, k, v, var, regs, sinks: jaxattn.attention(
+        q, k, v, variant=var, registers=regs, sink_logits=sinks, implementation="xla", **opts))(
+        *_leaves_f32((q, k, v)), var, _leaves_f32(regs), sinks)
     do = (do.astype(jnp.float32) + out).astype(do.dtype)
-    got = jax.block_until_ready(f("pallas")(q, k, v, var, regs, do))
-    want = f("xla")(*_leaves_f32((q, k, v)), var, _leaves_f32(regs), _leaves_f32(do))
+    got = jax.block_until_ready(f("pallas")(q, k, v, var, regs, sinks, do))
+    want = f("xla")(*_leaves_f32((q, k, v)), var, _leaves_f32(regs), sinks, _leaves_f32(do))
     errs = {"out": _rel(got[-1], want[-1])}
-    for label, g, w in zip(("dq", "dk", "dv", "dparam", "dregs"), got[:-1], want[:-1], strict=True):
+    for label, g, w in zip(("dq", "dk", "dv", "dparam", "dregs", "dsinks"), got[:-1], want[:-1],
+                           strict=True):
         for i, (gl, wl) in enumerate(zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True)):
             errs[label + (str(i) if label == "dregs" else "")] = _rel(gl, wl)
     return errs

@@ -478,7 +478,8 @@ def test_default_dispatch_on_gpu_runs_the_kernel(monkeypatch):
 
 @pytest.mark.parametrize("module, flag", [("checks.forward", "--interpret"),
                                           ("checks.backward", "--interpret"),
-                                          ("checks.api", "--small")])
+                                          ("checks.api", "--small"),
+                                          ("checks.long", "--cpu")])
 def test_gpu_checks_exit_at_once_without_a_gpu(module, flag):
     """The GPU check scripts on a CPU backend: status 2 and a message naming the flag that asks
     for the interpreter, within seconds (they used to start hours of interpreted kernels)."""
