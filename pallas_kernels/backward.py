@@ -29,7 +29,6 @@ products) go through :func:`_mma_acc`, :func:`_mma_accs` or :func:`_mma_while`, 
 from the static ``interpret`` flag. Everything else runs the same code in both.
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -42,13 +41,17 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import tuning
-from pallas_kernels.common import MaskSpec, has_codes, is_masked, soft_cap_base2
-from pallas_kernels.forward import (
+from pallas_kernels.common import (
     MMA_BIAS_TERMS,
     MMA_BIAS_WIDTH,
+    MaskSpec,
     bias_ones,
+    has_codes,
+    interpret_context,
+    is_masked,
     narrow_transforms,
     segment_ranks,
+    soft_cap_base2,
     split_bias,
     tile_index,
 )
@@ -1110,7 +1113,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
             raise NotImplementedError("a logsumexp cotangent with BackwardConfig.dc_center_lse: its "
                                       "dc centring is not the p-mean the lse term needs")
         lse_cotangent = jnp.broadcast_to(lse_cotangent, lse.shape).astype(jnp.float32)
-    with _interpret_context(st.interpret), jax.enable_x64(False):
+    with interpret_context(st.interpret), jax.enable_x64(False):
         return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
                                kernels, lse_cotangent)
 
@@ -1126,18 +1129,6 @@ def _check_python_float(name, x):
     if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, bool):
         raise TypeError(f"{name} must be a python float, got {type(x).__name__}")
     return float(x)
-
-
-@contextlib.contextmanager
-def _interpret_context(interpret: bool):
-    """An abstract H100 mesh for the Mosaic GPU interpreter (it asks for the device kind)."""
-    if not interpret:
-        yield
-        return
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
-                                         num_cores=8)
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-        yield
 
 
 def _delta(out, dout):

@@ -1,4 +1,5 @@
-"""What the forward and backward kernels share: the mask spec and the kernel-level oracle.
+"""The kernel layer the forward and backward share: the mask spec, the one visibility rule, the
+soft cap of a tile's logits, the mma-bias operands, the grid order, and the kernel-level oracle.
 
 Kernel-level problem (all arrays batched, ``jax.nn.dot_product_attention`` layout):
 
@@ -24,13 +25,18 @@ the group), ``dv_j = sum_i p_ij dO_i`` (same), ``dc_i = sum_j dZ_ij u_ij``,
 ``db_j = sum_i c_i dZ_ij`` (summed over the group's query heads).
 """
 
+import contextlib
 import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["MaskSpec", "visible", "flash_reference", "soft_cap", "soft_cap_base2"]
+__all__ = ["MaskSpec", "visible", "flash_reference", "soft_cap", "soft_cap_base2", "split_bias",
+           "bias_ones", "narrow_transforms", "segment_ranks", "tile_index", "interpret_context",
+           "MMA_BIAS_WIDTH", "MMA_BIAS_TERMS"]
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -141,3 +147,94 @@ def flash_reference(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.reshape(B, K, G, T, S), v.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST).reshape(B, T, N, -1)
     return out.astype(q.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel layer both kernels import (neither imports the other): the mma-bias operands, segment
+# ranks, the tile order of the launch grid and the interpreter's device context.
+
+MMA_BIAS_WIDTH = 16  # BlockSizes.mma_bias: columns of the bias operand (one bf16 wgmma k-step)
+MMA_BIAS_TERMS = 3  # bf16 terms of the split bias (3 x 8 bits: a float32 exactly)
+
+
+def _truncate_to_bf16(x):
+    """float32 ``x`` with the low 16 mantissa bits cleared: exactly representable in bfloat16.
+
+    Done on the bits: an ``f32 -> bf16 -> f32`` round trip may be removed by XLA's excess-precision
+    rewrites inside a jitted fusion (it was, on the GPU: the split's low parts came out zero).
+    """
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def bias_ones(rows, dtype=jnp.bfloat16):
+    """The ``[rows, 16]`` left operand of the mma_bias product: ``[1, 1, 1, 0..]`` per row."""
+    row = (jnp.arange(MMA_BIAS_WIDTH) < MMA_BIAS_TERMS).astype(dtype)
+    return jnp.broadcast_to(row, (rows, MMA_BIAS_WIDTH))
+
+
+def narrow_transforms():
+    """SMEM tiling and swizzle of the ``[rows, 16]`` 16-bit mma_bias operands (32-byte rows)."""
+    return (plgpu.TilingTransform((8, MMA_BIAS_WIDTH)), plgpu.SwizzleTransform(2 * MMA_BIAS_WIDTH))
+
+
+def split_bias(kb, dtype=jnp.bfloat16, terms=MMA_BIAS_TERMS, width=MMA_BIAS_WIDTH):
+    """``kb`` float32 ``[..., S]`` as ``terms`` bfloat16 parts summing to it, ``[..., S, width]``.
+
+    Each part is the truncation of what the earlier ones left: ``t1 = trunc(kb)``,
+    ``t2 = trunc(kb - t1)``, ...; every subtraction is exact, and three parts hold all 24 bits of
+    a float32, so the parts sum to ``kb`` exactly. Non-finite entries go whole into ``t1``.
+    The remaining columns are zero.
+    """
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise NotImplementedError(f"split_bias makes bfloat16 parts, got dtype {dtype}")
+    parts, rest = [], jnp.asarray(kb, jnp.float32)
+    for _ in range(terms):
+        t = _truncate_to_bf16(rest)
+        parts.append(t.astype(dtype))  # exact: t is a bfloat16 value
+        rest = jnp.where(jnp.isfinite(t), rest - t, 0.0)
+    zeros = jnp.zeros(rest.shape + (width - terms,), dtype)
+    return jnp.concatenate([jnp.stack(parts, axis=-1), zeros], axis=-1)
+
+
+def segment_ranks(q_segment_ids, kv_segment_ids):
+    """Dense ranks of segment ids, equal exactly where the ids are equal, in ``[0, T + S)``.
+
+    Lets the kernel compare ids as float32 (exact below 2^24) whatever their int range.
+
+    Args:
+      q_segment_ids: int ``[B, T]``.
+      kv_segment_ids: int ``[B, S]``.
+
+    Returns:
+      ``(q_ranks [B, T], kv_ranks [B, S])`` int32.
+    """
+    T = q_segment_ids.shape[1]
+    # One common type wide enough for both: casting kv ids to q's type would wrap int64 ids
+    # onto int32 ones (2**32 onto 0) and make different segments equal.
+    common = jnp.promote_types(q_segment_ids.dtype, kv_segment_ids.dtype)
+    both = jnp.concatenate([q_segment_ids.astype(common), kv_segment_ids.astype(common)], axis=1)
+    ranks = jax.vmap(lambda x: jnp.searchsorted(jnp.sort(x), x, side="left"))(both)
+    ranks = ranks.astype(jnp.int32)
+    return ranks[:, :T], ranks[:, T:]
+
+
+def tile_index(reverse: bool, axis: str, num_tiles: int):
+    """This CTA's tile along grid axis ``axis``; ``reverse``: the last tile first. Mosaic GPU maps
+    the grid ``(heads, q_seq, batch)`` to CUDA's ``(z, y, x)``: CTAs launch head by head, query
+    tiles in order, so reversed, a causal kernel starts each head's longest tiles first."""
+    i = lax.axis_index(axis)
+    return (num_tiles - 1) - i if reverse else i
+
+
+@contextlib.contextmanager
+def interpret_context(interpret):
+    """An abstract H100 mesh for the Mosaic GPU interpreter (it queries the device kind)."""
+    if not interpret:
+        yield
+        return
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
+                                         num_cores=8)
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        yield

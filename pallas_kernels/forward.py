@@ -43,7 +43,6 @@ References:
   2024. https://arxiv.org/abs/2407.08608 (and jax's ``pallas/ops/gpu/attention_mgpu.py``).
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -55,11 +54,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import tuning
-from pallas_kernels.common import MaskSpec, is_masked, soft_cap_base2
+from pallas_kernels.common import (
+    MMA_BIAS_WIDTH,
+    MaskSpec,
+    bias_ones,
+    interpret_context,
+    is_masked,
+    narrow_transforms,
+    segment_ranks,
+    soft_cap_base2,
+    split_bias,
+    tile_index,
+)
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "default_stats_block_sizes",
-           "flash_forward", "flash_stats", "scale_row_max", "row_max_from_stats", "count_visible",
-           "segment_ranks"]
+           "flash_forward", "flash_stats", "scale_row_max", "row_max_from_stats", "count_visible"]
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -82,8 +91,6 @@ def _compute_registers(compute_wgs):
 
 
 _COMPUTE_REGISTERS = {n: _compute_registers(n) for n in (2, 3, 4)}
-MMA_BIAS_WIDTH = 16  # BlockSizes.mma_bias: columns of the bias operand (one bf16 wgmma k-step)
-MMA_BIAS_TERMS = 3  # bf16 terms of the split bias (3 x 8 bits: a float32 exactly)
 _REG_ID = -3.0  # key id of a register: visible to every valid query
 _PAD_ID = -2.0  # key id of a padded / out-of-length key: visible to none
 _BAD_Q_ID = -1.0  # query id of a row past its length
@@ -387,14 +394,6 @@ def _flip_rows(q_smem, r, dtype):
     q_smem[...] = (q.astype(jnp.float32) * lax.broadcast_in_dim(sign, q.shape, [0])).astype(dtype)
     plgpu.commit_smem()  # the wgmmas read Q through the async proxy
     return jnp.abs(r)
-
-
-def tile_index(reverse: bool, axis: str, num_tiles: int):
-    """This CTA's tile along grid axis ``axis``; ``reverse``: the last tile first. Mosaic GPU maps
-    the grid ``(heads, q_seq, batch)`` to CUDA's ``(z, y, x)``: CTAs launch head by head, query
-    tiles in order, so reversed, a causal kernel starts each head's longest tiles first."""
-    i = lax.axis_index(axis)
-    return (num_tiles - 1) - i if reverse else i
 
 
 def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref, lse_ref, ent_ref,
@@ -739,48 +738,13 @@ def _launch(plan, q, k, v, row_vecs, key_vecs, kb_mma, ones):
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=interpret,
     )
-    with _interpret_context(plan.interpret):
+    with interpret_context(plan.interpret):
         results = list(call(*inputs))
     return tuple(results.pop(0) if t is not None else None for t in out_types)
 
 
-@contextlib.contextmanager
-def _interpret_context(interpret):
-    """An abstract H100 mesh for the Mosaic GPU interpreter (it queries the device kind)."""
-    if not interpret:
-        yield
-        return
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
-                                         num_cores=8)
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        yield
-
-
 def _round_up(x, m):
     return -(-x // m) * m
-
-
-def segment_ranks(q_segment_ids, kv_segment_ids):
-    """Dense ranks of segment ids, equal exactly where the ids are equal, in ``[0, T + S)``.
-
-    Lets the kernel compare ids as float32 (exact below 2^24) whatever their int range.
-
-    Args:
-      q_segment_ids: int ``[B, T]``.
-      kv_segment_ids: int ``[B, S]``.
-
-    Returns:
-      ``(q_ranks [B, T], kv_ranks [B, S])`` int32.
-    """
-    T = q_segment_ids.shape[1]
-    # One common type wide enough for both: casting kv ids to q's type would wrap int64 ids
-    # onto int32 ones (2**32 onto 0) and make different segments equal.
-    common = jnp.promote_types(q_segment_ids.dtype, kv_segment_ids.dtype)
-    both = jnp.concatenate([q_segment_ids.astype(common), kv_segment_ids.astype(common)], axis=1)
-    ranks = jax.vmap(lambda x: jnp.searchsorted(jnp.sort(x), x, side="left"))(both)
-    ranks = ranks.astype(jnp.int32)
-    return ranks[:, :T], ranks[:, T:]
 
 
 def count_visible(mask: MaskSpec, batch: int, q_len: int, kv_len: int, block: int = 512):
@@ -904,46 +868,6 @@ def row_max_from_stats(lse, max_weight):
     max); rows with no visible key (max weight 0) get ``MASKED``."""
     seen = max_weight > 0
     return jnp.where(seen, lse * LOG2E + jnp.log2(jnp.where(seen, max_weight, 1.0)), MASKED)
-
-
-def _truncate_to_bf16(x):
-    """float32 ``x`` with the low 16 mantissa bits cleared: exactly representable in bfloat16.
-
-    Done on the bits: an ``f32 -> bf16 -> f32`` round trip may be removed by XLA's excess-precision
-    rewrites inside a jitted fusion (it was, on the GPU: the split's low parts came out zero).
-    """
-    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def bias_ones(rows, dtype=jnp.bfloat16):
-    """The ``[rows, 16]`` left operand of the mma_bias product: ``[1, 1, 1, 0..]`` per row."""
-    row = (jnp.arange(MMA_BIAS_WIDTH) < MMA_BIAS_TERMS).astype(dtype)
-    return jnp.broadcast_to(row, (rows, MMA_BIAS_WIDTH))
-
-
-def narrow_transforms():
-    """SMEM tiling and swizzle of the ``[rows, 16]`` 16-bit mma_bias operands (32-byte rows)."""
-    return (plgpu.TilingTransform((8, MMA_BIAS_WIDTH)), plgpu.SwizzleTransform(2 * MMA_BIAS_WIDTH))
-
-
-def split_bias(kb, dtype=jnp.bfloat16, terms=MMA_BIAS_TERMS, width=MMA_BIAS_WIDTH):
-    """``kb`` float32 ``[..., S]`` as ``terms`` bfloat16 parts summing to it, ``[..., S, width]``.
-
-    Each part is the truncation of what the earlier ones left: ``t1 = trunc(kb)``,
-    ``t2 = trunc(kb - t1)``, ...; every subtraction is exact, and three parts hold all 24 bits of
-    a float32, so the parts sum to ``kb`` exactly. Non-finite entries go whole into ``t1``.
-    The remaining columns are zero.
-    """
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        raise NotImplementedError(f"split_bias makes bfloat16 parts, got dtype {dtype}")
-    parts, rest = [], jnp.asarray(kb, jnp.float32)
-    for _ in range(terms):
-        t = _truncate_to_bf16(rest)
-        parts.append(t.astype(dtype))  # exact: t is a bfloat16 value
-        rest = jnp.where(jnp.isfinite(t), rest - t, 0.0)
-    zeros = jnp.zeros(rest.shape + (width - terms,), dtype)
-    return jnp.concatenate([jnp.stack(parts, axis=-1), zeros], axis=-1)
 
 
 def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv,

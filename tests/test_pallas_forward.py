@@ -23,13 +23,8 @@ import pytest
 
 import pallas_kernels.forward as _fwd
 from checks.forward import reference_rows
-from pallas_kernels.common import MaskSpec, visible
-from pallas_kernels.forward import (
-    BlockSizes,
-    count_visible,
-    scale_row_max,
-    segment_ranks,
-)
+from pallas_kernels.common import MaskSpec, segment_ranks, visible
+from pallas_kernels.forward import BlockSizes, count_visible, scale_row_max
 from tests.interpreter import blocking, needs_interpreter_threads
 
 flash_forward = blocking(_fwd.flash_forward)
@@ -481,7 +476,7 @@ def test_mma_bias_float16_keeps_the_strip():
 @hypothesis.given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-20, 20), jit=st.booleans())
 def test_split_bias_sums_to_float32(seed, log_scale, jit):
     """Three bf16 parts of a float32 vector sum back to it exactly (eagerly and under jit)."""
-    from pallas_kernels.forward import MMA_BIAS_TERMS, MMA_BIAS_WIDTH, split_bias
+    from pallas_kernels.common import MMA_BIAS_TERMS, MMA_BIAS_WIDTH, split_bias
     x = jax.random.normal(jax.random.key(seed), (3, 40), jnp.float32) * np.float32(2.0**log_scale)
     parts = (jax.jit(split_bias) if jit else split_bias)(x)
     assert parts.shape == (3, 40, MMA_BIAS_WIDTH) and parts.dtype == jnp.bfloat16
@@ -491,7 +486,7 @@ def test_split_bias_sums_to_float32(seed, log_scale, jit):
 
 def test_split_bias_non_finite():
     """-inf (a key masked by its bias) stays whole in the first part, the others are 0, no NaN."""
-    from pallas_kernels.forward import split_bias
+    from pallas_kernels.common import split_bias
     parts = np.asarray(split_bias(jnp.array([-jnp.inf, 3.0, jnp.inf])), np.float32)
     assert parts[0, 0] == -np.inf and parts[2, 0] == np.inf
     assert not np.isnan(parts).any() and not parts[[0, 2], 1:].any()
