@@ -191,12 +191,14 @@ def test_entropy_gradient_with_key_bias_raises():
     (dict(mask=jnp.ones((1, 1, T, S), bool)), "mask array"),
 ])
 def test_unsupported_calls_raise_and_fall_back(kwargs, match):
-    """implementation="pallas" raises NotImplementedError; None falls back to XLA silently."""
+    """implementation="pallas" raises NotImplementedError; None falls back silently: to the chunked
+    sweep for hardmax and top-k, else to the reference (the same result, bit for bit)."""
     q, k, v, _ = _inputs(4, registers=False)
     with pytest.raises(NotImplementedError, match=match):
         jaxattn.attention(q, k, v, implementation="pallas", **kwargs)
     out = jaxattn.attention(q, k, v, implementation=None, **kwargs)
-    ref = jaxattn.attention(q, k, v, implementation="xla", **kwargs)
+    chunked = jaxattn.get_variant(kwargs.get("variant", "softmax")).normalizer != "softmax"
+    ref = jaxattn.attention(q, k, v, implementation="xla_chunked" if chunked else "xla", **kwargs)
     np.testing.assert_array_equal(out, ref)
 
 
