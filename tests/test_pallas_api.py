@@ -96,6 +96,18 @@ def test_softmax_temperature_random(seed, temperature, dtype, window):
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=OUT_TOL[q.dtype], rtol=0)
 
 
+GRAD_LABELS = ("dq", "dk", "dv", "dregister_k", "dregister_v", "dparam")
+
+
+def _assert_grads_close(labels, got, want):
+    """Each kernel gradient finite and within GRAD_RTOL of the largest entry of XLA's."""
+    for label, a, b in zip(labels, got, want, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.isfinite(a)), label
+        scale = max(np.abs(b).max(), 1e-6)
+        assert np.abs(a - b).max() <= GRAD_RTOL * scale, (label, np.abs(a - b).max(), scale)
+
+
 def _loss(q, k, v, rk, rv, param, name, impl):
     variant = dict(
         softmax=lambda p: variants.Softmax(p),
@@ -119,12 +131,7 @@ def test_gradients_match_xla(name, param):
     p = jnp.float32(param)
     got = _ready(_grad(q, k, v, rk, rv, p, name=name, impl="pallas"))
     want = _grad(*_f32((q, k, v, rk, rv)), p, name=name, impl="xla")
-    for label, a, b in zip(("dq", "dk", "dv", "dregister_k", "dregister_v", "dparam"), got, want,
-                           strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert np.all(np.isfinite(a)), label
-        scale = max(np.abs(b).max(), 1e-6)
-        assert np.abs(a - b).max() <= GRAD_RTOL * scale, (label, np.abs(a - b).max(), scale)
+    _assert_grads_close(GRAD_LABELS, got, want)
 
 
 @pytest.mark.parametrize("variant, g", [(variants.RBF(0.05), -0.05), (variants.RBF(), -1 / np.sqrt(H))])
@@ -510,6 +517,25 @@ def test_gpu_checks_run_on_request_without_a_gpu(capsys):
     assert "needs a GPU" not in capsys.readouterr().err
 
 
+def _term_matches_xla(variant, inputs, **term):
+    """The fused path with a term of the logit form (``term``: sink logits, a soft cap) against
+    XLA in float32: output and the three statistics, with registers, a causal mask and rows past
+    their length; and the term must change XLA's output by far more than the tolerance."""
+    q, k, v, regs = inputs
+    kw = dict(variant=variant, return_stats=True, **OPTIONS)
+    out, stats = _ready(jaxattn.attention(q, k, v, registers=regs, implementation="pallas", **kw,
+                                          **term))
+    r_out, r_stats = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs),
+                                       implementation="xla", **kw, **term)
+    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
+    for field in ("logsumexp", "entropy", "max_weight"):
+        np.testing.assert_allclose(getattr(stats, field), getattr(r_stats, field), atol=STAT_TOL,
+                                   rtol=STAT_TOL, err_msg=field)
+    plain, _ = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs), implementation="xla",
+                                 **kw)
+    assert np.abs(plain - r_out).max() > 10 * OUT_TOL[q.dtype]  # the term matters here
+
+
 SINKS = jnp.asarray([-1.0, 0.5, 2.0, 4.0], jnp.float32)  # one per query head (N = 4)
 
 
@@ -519,19 +545,7 @@ def test_sink_logits_match_xla(name):
     its logsumexp): output and the three statistics against XLA, with registers, a causal mask
     and query rows past their length (zeros); for RBF the sink meets the logits with the
     ``-gamma ||q||^2`` the kernel drops. The sinks here take 5-99 % of a row's weight."""
-    variant = VARIANTS[name]
-    q, k, v, regs = _inputs(2)
-    kw = dict(variant=variant, sink_logits=SINKS, return_stats=True, **OPTIONS)
-    out, stats = _ready(jaxattn.attention(q, k, v, registers=regs, implementation="pallas", **kw))
-    r_out, r_stats = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs),
-                                       implementation="xla", **kw)
-    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
-    for field in ("logsumexp", "entropy", "max_weight"):
-        np.testing.assert_allclose(getattr(stats, field), getattr(r_stats, field), atol=STAT_TOL,
-                                   rtol=STAT_TOL, err_msg=field)
-    plain = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs), implementation="xla",
-                              variant=variant, **OPTIONS)
-    assert np.abs(plain - r_out).max() > 10 * OUT_TOL[q.dtype]  # the sinks matter here
+    _term_matches_xla(VARIANTS[name], _inputs(2), sink_logits=SINKS)
 
 
 @pytest.mark.parametrize("name, param", [("softmax", 0.8), ("scalable_softmax", 0.43),
@@ -552,12 +566,7 @@ def test_sink_logits_gradients_match_xla(name, param):
     p = jnp.float32(param)
     got = _ready(grad(q, k, v, rk, rv, p, SINKS, impl="pallas"))
     want = grad(*_f32((q, k, v, rk, rv)), p, SINKS, impl="xla")
-    for label, a, b in zip(("dq", "dk", "dv", "dregister_k", "dregister_v", "dparam", "dsinks"),
-                           got, want, strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert np.all(np.isfinite(a)), label
-        scale = max(np.abs(b).max(), 1e-6)
-        assert np.abs(a - b).max() <= GRAD_RTOL * scale, (label, np.abs(a - b).max(), scale)
+    _assert_grads_close(GRAD_LABELS + ("dsinks",), got, want)
 
 
 CAP_VARIANTS = {
@@ -572,20 +581,9 @@ def test_soft_cap_matches_xla(name):
     """``logits_soft_cap`` on the fused path (the forward, the capped statistics sweep for adaptive
     temperature, both backward kernels): output and statistics against XLA at logits the cap bends
     (q and k of scale 2, cap 3), with registers, a causal mask and rows past their length."""
-    variant = CAP_VARIANTS[name]
     q, k, v, regs = _inputs(4)
     q, k = (2 * q).astype(q.dtype), (2 * k).astype(k.dtype)
-    kw = dict(variant=variant, logits_soft_cap=3.0, return_stats=True, **OPTIONS)
-    out, stats = _ready(jaxattn.attention(q, k, v, registers=regs, implementation="pallas", **kw))
-    r_out, r_stats = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs),
-                                       implementation="xla", **kw)
-    np.testing.assert_allclose(np.asarray(out, np.float32), r_out, atol=OUT_TOL[q.dtype], rtol=0)
-    for field in ("logsumexp", "entropy", "max_weight"):
-        np.testing.assert_allclose(getattr(stats, field), getattr(r_stats, field), atol=STAT_TOL,
-                                   rtol=STAT_TOL, err_msg=field)
-    uncapped = jaxattn.attention(*_f32((q, k, v)), registers=_f32(regs), implementation="xla",
-                                 variant=variant, **OPTIONS)
-    assert np.abs(uncapped - r_out).max() > 10 * OUT_TOL[q.dtype]  # the cap matters here
+    _term_matches_xla(CAP_VARIANTS[name], (q, k, v, regs), logits_soft_cap=3.0)
 
 
 @pytest.mark.parametrize("name, param", [("softmax", 0.8), ("scalable_softmax", 0.43)])
@@ -605,9 +603,4 @@ def test_soft_cap_gradients_match_xla(name, param):
     p = jnp.float32(param)
     got = _ready(grad(q, k, v, rk, rv, p, impl="pallas"))
     want = grad(*_f32((q, k, v, rk, rv)), p, impl="xla")
-    for label, a, b in zip(("dq", "dk", "dv", "dregister_k", "dregister_v", "dparam"), got, want,
-                           strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert np.all(np.isfinite(a)), label
-        scale = max(np.abs(b).max(), 1e-6)
-        assert np.abs(a - b).max() <= GRAD_RTOL * scale, (label, np.abs(a - b).max(), scale)
+    _assert_grads_close(GRAD_LABELS, got, want)
