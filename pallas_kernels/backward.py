@@ -287,7 +287,6 @@ class _Static:
     mma_db: bool  # has_b, db summed by a wgmma against ones (BackwardConfig.mma_db)
     dc_mma: bool  # need_dc, its dZ sums from wgmmas (BackwardConfig.dc_mma)
     bias_key_grad: float | None  # b_j = g ||k_j||^2 with 2 g = this: dk += 2 g db_j k_j in the kernel
-    soft_cap: float | None  # cap log2(e): the base-2 logits are soft-capped (derivative 1 - t^2)
     T: int  # true lengths (before padding)
     S: int
     Tp: int  # padded lengths
@@ -297,6 +296,7 @@ class _Static:
     Hv: int  # padded value head dim
     dtype: object
     interpret: bool
+    soft_cap: float | None = None  # cap log2(e): the base-2 logits are soft-capped (d: 1 - t^2)
 
 
 def _visible(st: _Static, qi, kj, qcode=None, kcode=None):
