@@ -14,8 +14,10 @@ Kernel-level problem (all arrays batched, ``jax.nn.dot_product_attention`` layou
   scale; ``b``: float32 ``[B, K, S]`` or None (= 0), the per-key bias.
 * Visibility (:class:`MaskSpec`): the first ``num_registers`` keys are registers, visible to every
   valid query; sequence key ``j`` (position ``j - num_registers``) is visible from query ``i``
-  when ``i < q_lengths[b]``, ``pos < kv_lengths[b]``, ``pos <= i`` (causal),
-  ``i - left <= pos <= i + right`` (window), ``q_segment_ids[b, i] == kv_segment_ids[b, pos]``.
+  when ``i < q_lengths[b]``, ``pos < kv_lengths[b]``, ``pos <= i + o`` (causal),
+  ``i + o - left <= pos <= i + o + right`` (window), ``q_segment_ids[b, i] == kv_segment_ids[b, pos]``,
+  with ``o = offset`` (0 but for a block of keys elsewhere in the sequence: :func:`fold_offset`
+  turns it into the causal / window flags the kernels run).
 * ``lse`` ``[B, N, T]`` float32 = ``log sum_j exp(z_ij)`` over visible keys (0 for a row with none).
 
 Backward, with ``dP = dO V^T``, ``delta_i = sum_j p_ij dP_ij = dO_i . o_i`` and
@@ -34,8 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["MaskSpec", "visible", "flash_reference", "soft_cap", "soft_cap_base2", "split_bias",
-           "bias_ones", "narrow_transforms", "segment_ranks", "tile_index", "interpret_context",
+__all__ = ["MaskSpec", "visible", "fold_offset", "flash_reference", "soft_cap", "soft_cap_base2",
+           "split_bias", "bias_ones", "narrow_transforms", "segment_ranks", "tile_index", "interpret_context",
            "MMA_BIAS_WIDTH", "MMA_BIAS_TERMS"]
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -45,7 +47,27 @@ LOG2E = math.log2(math.e)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
-    """Structured visibility: static flags plus small index arrays (no ``T x S`` mask)."""
+    """Structured visibility: static flags plus small index arrays (no ``T x S`` mask).
+
+    Attributes:
+      q_lengths: int32 ``[B]``: queries ``i >= q_lengths[b]`` see nothing.
+      kv_lengths: int32 ``[B]``: sequence keys ``pos >= kv_lengths[b]`` are hidden.
+      q_segment_ids, kv_segment_ids: int ``[B, T]``, ``[B, S - num_registers]``: a query sees the
+        sequence keys of its own segment only.
+      is_causal: query ``i`` sees sequence keys ``pos <= i + offset``.
+      local_window_size: ``(left, right)``: query ``i`` sees ``i + offset - left <= pos <=
+        i + offset + right``.
+      num_registers: the first ``R`` keys are registers, visible to every valid query (no causal,
+        window, length or segment rule applies to them); ``pos = k_idx - R``.
+      offset: query ``i`` sits at position ``i + offset`` in the key block's coordinates (the key
+        block starts ``offset`` positions before the query block), for attention over one block of
+        keys elsewhere in the sequence (ring attention: a query chunk against another chunk's
+        keys). It moves the causal and window bounds only: lengths and segment ids stay indexes of
+        this block's own queries and keys (the caller localizes them). :func:`visible` (hence the
+        oracle and ``count_visible``) honours it; the kernels do not: :func:`fold_offset` turns
+        it into an offset-free spec they run (``pallas_kernels.flash_attention`` and
+        ``flash_entropy`` apply it), and ``flash_forward`` / ``flash_stats`` raise on an offset.
+    """
 
     q_lengths: jax.Array | None = None  # int32 [B]
     kv_lengths: jax.Array | None = None  # int32 [B]
@@ -55,6 +77,7 @@ class MaskSpec:
     local_window_size: tuple[int, int] | None = dataclasses.field(
         default=None, metadata=dict(static=True))
     num_registers: int = dataclasses.field(default=0, metadata=dict(static=True))
+    offset: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 def has_codes(mask: MaskSpec) -> bool:
@@ -72,17 +95,19 @@ def visible(spec: MaskSpec, b_idx, q_idx, k_idx):
     """Bool visibility of keys ``k_idx`` (incl. registers) from queries ``q_idx`` in batch ``b_idx``.
 
     Index arrays broadcast against each other (e.g. ``q_idx[:, None]``, ``k_idx[None, :]``);
-    usable inside kernels on tiles and in XLA.
+    usable inside kernels on tiles and in XLA. Causal and window bounds are taken at the query's
+    position ``q_idx + spec.offset`` among the keys (:class:`MaskSpec`).
     """
     R = spec.num_registers
     pos = k_idx - R
     ok = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(k_idx)), bool)
     seq = pos >= 0
+    qpos = q_idx + spec.offset if spec.offset else q_idx  # the query's position among the keys
     if spec.is_causal:
-        ok = ok & (pos <= q_idx)
+        ok = ok & (pos <= qpos)
     if spec.local_window_size is not None:
         left, right = spec.local_window_size
-        ok = ok & (pos >= q_idx - left) & (pos <= q_idx + right)
+        ok = ok & (pos >= qpos - left) & (pos <= qpos + right)
     if spec.kv_lengths is not None:
         ok = ok & (pos < spec.kv_lengths[b_idx])
     if spec.q_segment_ids is not None:
@@ -93,6 +118,75 @@ def visible(spec: MaskSpec, b_idx, q_idx, k_idx):
     if spec.q_lengths is not None:
         ok = ok & (q_idx < spec.q_lengths[b_idx])
     return ok
+
+
+def fold_offset(spec: MaskSpec, batch: int, q_len: int, kv_len: int) -> tuple[MaskSpec, bool]:
+    """``spec`` without its ``offset``: ``(folded, no_keys)``, ``folded`` an offset-free spec the
+    kernels run, with the visibility of ``spec`` over ``q_len`` queries and ``kv_len`` keys
+    (registers included; ``batch`` sizes the arrays it may make), exactly, and ``no_keys``: no
+    query sees any sequence key, whatever the lengths and segments (registers aside).
+
+    With ``o = spec.offset`` query ``i`` sees the sequence keys ``i + L <= pos <= i + U``, with
+    ``U = o`` (causal), ``o + right`` (window; the smaller of the two with both), ``L = o - left``
+    (window); no bound where the rule is absent. A bound that every query of the block meets
+    anyway is dropped (``U >= S' - 1`` or ``L <= 1 - T``, ``S'`` the sequence keys). The kernels
+    know causal (``pos <= i``) and windows ``(left, right)`` of sides ``>= 0`` (their tile ranges
+    come from ``i - left`` and ``i + right``), so, with ``F = q_len + kv_len`` (a side no query
+    reaches):
+
+    * ``offset == 0``: ``spec`` itself (bit-identical to an offset-free spec);
+    * nothing visible (``U <= -T``, ``L >= S'``, ``L > U``, or no queries or keys): ``no_keys``,
+      and ``folded`` hides every sequence key (``kv_lengths = 0``) and keeps the registers and
+      ``q_lengths``; without registers every row is empty and the kernels need not run;
+    * no bound left: neither causal nor a window (every key visible);
+    * ``U == 0``, no ``L``: causal;
+    * ``U == 0``, ``L <= 0``: causal with window ``(-L, 0)``;
+    * ``U > 0`` or no ``U``, ``L <= 0`` or no ``L``: window ``(-L or F, U or F)``, not causal;
+    * ``U < 0`` or ``L > 0`` (the block's first queries, or its last ones, see no key; e.g. causal
+      with ``-T < offset < 0``): ``NotImplementedError`` -- a window side below 0 is outside
+      what the kernels' tile ranges handle (registers would be skipped).
+
+    Lengths, segment ids and registers pass through unchanged (but for ``no_keys``).
+
+    Raises:
+      NotImplementedError: ``U < 0`` or ``L > 0`` with some key visible.
+    """
+    o = spec.offset
+    if not o:
+        return spec, False
+    R = spec.num_registers
+    n_seq = kv_len - R
+    upper = lower = None
+    if spec.is_causal:
+        upper = o
+    if spec.local_window_size is not None:
+        left, right = spec.local_window_size
+        upper = o + right if upper is None else min(upper, o + right)
+        lower = o - left
+    if (n_seq <= 0 or q_len <= 0 or (upper is not None and upper <= -q_len)
+            or (lower is not None and lower >= n_seq)
+            or (upper is not None and lower is not None and lower > upper)):
+        return MaskSpec(q_lengths=spec.q_lengths, kv_lengths=jnp.zeros((batch,), jnp.int32),
+                        num_registers=R), True
+    if upper is not None and upper >= n_seq - 1:
+        upper = None
+    if lower is not None and lower <= 1 - q_len:
+        lower = None
+    if (upper is not None and upper < 0) or (lower is not None and lower > 0):
+        raise NotImplementedError(
+            f"MaskSpec(offset={o}, is_causal={spec.is_causal}, local_window_size="
+            f"{spec.local_window_size}) over {q_len} queries and {n_seq} keys: query i sees the "
+            f"keys i + {lower} <= pos <= i + {upper} (None: unbounded), a window side below 0; "
+            "the kernels take causal masks and windows of sides >= 0 only (use "
+            "pallas_kernels.flash_reference or implementation='xla' for this block)")
+    base = dataclasses.replace(spec, is_causal=False, local_window_size=None, offset=0)
+    if upper is None and lower is None:
+        return base, False
+    if upper == 0 and lower is None:
+        return dataclasses.replace(base, is_causal=True), False
+    far = q_len + kv_len
+    window = (far if lower is None else -lower, far if upper is None else upper)
+    return dataclasses.replace(base, is_causal=upper == 0, local_window_size=window), False
 
 
 def soft_cap_base2(z2, cap2):
@@ -117,12 +211,15 @@ def soft_cap(z, cap):
 
 
 def flash_reference(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
-                    mask: MaskSpec = MaskSpec(), logits_soft_cap: float | None = None):
+                    mask: MaskSpec = MaskSpec(), logits_soft_cap: float | None = None,
+                    return_stats: bool = False):
     """Pure-jnp oracle of the kernel-level problem: returns ``(out [B,T,N,Hv], lse [B,N,T])``.
 
     Differentiable in ``q, k, v, query_scale, key_bias``; use ``jax.vjp`` of it to check the
     backward kernels. With ``logits_soft_cap`` the softmax sees ``cap tanh(z / cap)`` (``jnp.tanh``
-    here: the oracle of the kernels' form).
+    here: the oracle of the kernels' form). With ``return_stats`` it also returns each row's
+    entropy and max weight (float32 ``[B, N, T]``, 0 on rows with no visible key), as
+    ``flash_attention(..., return_stats=True)`` does.
     """
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -146,7 +243,12 @@ def flash_reference(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
     lse = jnp.where(tot > 0, m + jnp.log(jnp.where(tot > 0, tot, 1.0)), 0.0)[..., 0]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.reshape(B, K, G, T, S), v.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST).reshape(B, T, N, -1)
-    return out.astype(q.dtype), lse
+    if not return_stats:
+        return out.astype(q.dtype), lse
+    nonempty = tot[..., 0] > 0
+    # H = lse - sum_j p_j z_j over the visible keys
+    ent = jnp.where(nonempty, lse - jnp.sum(jnp.where(vis, p * zm, 0.0), axis=-1), 0.0)
+    return out.astype(q.dtype), lse, ent, jnp.max(p, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -750,8 +750,8 @@ def _round_up(x, m):
 def count_visible(mask: MaskSpec, batch: int, q_len: int, kv_len: int, block: int = 512):
     """Number of keys (registers included) each query sees, int32 ``[B, T]``, without a T x S array.
 
-    Closed form for causal / window / lengths; with segment ids, a loop over key blocks of
-    ``block`` keys (``[B, T, block]`` at a time).
+    Closed form for causal / window (at ``mask.offset``) / lengths; with segment ids, a loop
+    over key blocks of ``block`` keys (``[B, T, block]`` at a time).
 
     Args:
       mask: the visibility spec.
@@ -766,16 +766,19 @@ def count_visible(mask: MaskSpec, batch: int, q_len: int, kv_len: int, block: in
     R = mask.num_registers
     S = kv_len - R
     i = jnp.arange(q_len, dtype=jnp.int32)[None, :]
+    qpos = i + mask.offset if mask.offset else i  # the query's position among the keys
     hi = jnp.full((batch, 1), S, jnp.int32)
     if mask.kv_lengths is not None:
         hi = jnp.minimum(hi, mask.kv_lengths.astype(jnp.int32)[:, None])
     lo = jnp.zeros((batch, 1), jnp.int32)
     if mask.is_causal:
-        hi = jnp.minimum(hi, i + 1)
+        hi = jnp.minimum(hi, qpos + 1)
     if mask.local_window_size is not None:
         left, right = mask.local_window_size
-        lo = jnp.maximum(lo, i - left)
-        hi = jnp.minimum(hi, i + right + 1)
+        lo = jnp.maximum(lo, qpos - left)
+        hi = jnp.minimum(hi, qpos + right + 1)
+    # keys [lo, hi) of [0, S); clipped, an empty range stays empty (hi <= lo)
+    lo, hi = jnp.clip(lo, 0, S), jnp.clip(hi, 0, S)
     lo, hi = jnp.broadcast_to(lo, (batch, q_len)), jnp.broadcast_to(hi, (batch, q_len))
     if mask.q_segment_ids is None:
         count = jnp.maximum(hi - lo, 0)
@@ -887,6 +890,10 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     Tp = _round_up(T, blocks.compute_wgs * blocks.block_q)
     Sp = _round_up(S, blocks.block_kv)
     R = mask.num_registers
+    if mask.offset:
+        raise ValueError(f"the kernels take an offset-free MaskSpec, got offset={mask.offset}: "
+                         "fold it with pallas_kernels.common.fold_offset first "
+                         "(pallas_kernels.flash_attention and flash_entropy do)")
     pad4 = lambda x, n, n_to: jnp.pad(x, ((0, 0), (0, n_to - n), (0, 0), (0, D - x.shape[3])))
     q_p = pad4(q, T, Tp)
     k_p = pad4(k, S, Sp)

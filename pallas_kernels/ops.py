@@ -29,8 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common import MaskSpec
-from pallas_kernels.forward import flash_forward, flash_stats, row_max_from_stats
+from pallas_kernels.common import MaskSpec, fold_offset
+from pallas_kernels.forward import (
+    MASKED,
+    _check_inputs,
+    flash_forward,
+    flash_stats,
+    row_max_from_stats,
+)
 
 __all__ = ["flash_attention", "flash_entropy"]
 
@@ -62,6 +68,15 @@ def _flash_fwd(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad, 
     want_dc = None if not c_perturbed else jnp.zeros((0,), jnp.float32)
     result = _flash(q, k, v, c, b, spec, row_max, a, stats, c_nonneg, bias_key_grad, cap)
     return result, (q, k, v, c, b, spec, result[0], result[1], result[2], want_dc)
+
+
+def _fold(mask, q, k):
+    """``(spec, empty)``: ``mask`` offset-free (:func:`~pallas_kernels.common.fold_offset`), and
+    whether every row is known empty (no sequence key visible, no registers): then the ops return
+    what the kernels give such rows without running them."""
+    mask = MaskSpec() if mask is None else mask
+    spec, no_keys = fold_offset(mask, q.shape[0], q.shape[1], k.shape[1])
+    return spec, no_keys and not spec.num_registers
 
 
 def _is_zero(ct):
@@ -123,7 +138,11 @@ def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
       logit_scale: the python float ``a``.
       query_scale: ``c``, float32 ``[B, N, T]``, or None for 1.
       key_bias: ``b``, float32 ``[B, K, S]``, or None for 0.
-      mask: the :class:`~pallas_kernels.common.MaskSpec` (None: every key visible).
+      mask: the :class:`~pallas_kernels.common.MaskSpec` (None: every key visible). Its
+        ``offset`` (a block of keys elsewhere in the sequence) becomes the kernels' causal /
+        window flags (:func:`~pallas_kernels.common.fold_offset`); where it leaves no query a
+        key and there are no registers, the op returns zeros (the kernels' empty rows) without
+        running them.
       row_max: the exact row max of the base-2 logits (see
         :func:`~pallas_kernels.forward.flash_forward`), or None; it receives no gradient.
       return_stats: also return each row's entropy and max weight.
@@ -141,8 +160,9 @@ def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
       statistics sweep in the backward unless ``return_stats`` was set.
 
     Raises:
-      NotImplementedError: what the kernels cannot run (float32 inputs, head dims above 256), and
-        the gradient of the entropy or max weight.
+      NotImplementedError: what the kernels cannot run (float32 inputs, head dims above 256, a
+        mask offset that hides every key from the block's first or last queries but not from all:
+        :func:`~pallas_kernels.common.fold_offset`), and the gradient of the entropy or max weight.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -152,7 +172,13 @@ def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
       >>> out.shape, lse.shape
       ((1, 64, 2, 64), (1, 2, 64))
     """
-    mask = MaskSpec() if mask is None else mask
+    mask, empty = _fold(mask, q, k)
+    if empty:  # constants: their gradient to every input is zero
+        _check_inputs(q, k, v, logit_scale)
+        B, T, N, _ = q.shape
+        out = jnp.zeros((B, T, N, v.shape[3]), q.dtype)
+        zeros = jnp.zeros((B, N, T), jnp.float32)
+        return (out, zeros, zeros, zeros) if return_stats else (out, zeros)
     out, lse, ent, mw = _flash(q, k, v, query_scale, key_bias, mask, row_max, float(logit_scale),
                                bool(return_stats), bool(query_scale_nonnegative), bias_key_grad,
                                None if logits_soft_cap is None else float(logits_soft_cap))
@@ -222,10 +248,14 @@ def flash_entropy(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
       ``(entropy, row_max)``, float32 ``[B, N, T]`` (``row_max`` is ``-1e30`` on rows with no
       visible key: :func:`flash_attention`'s ``row_max`` input).
     """
-    mask = MaskSpec() if mask is None else mask
+    mask, empty = _fold(mask, q, k)
     if logits_soft_cap is not None and differentiable:
         raise NotImplementedError("the entropy sweep's gradient under a soft cap is not implemented "
                                   "(pass differentiable=False)")
+    if empty:  # the kernels' rows without a visible key: entropy 0, row max MASKED
+        _check_inputs(q, k, None, logit_scale)
+        B, T, N, _ = q.shape
+        return jnp.zeros((B, N, T), jnp.float32), jnp.full((B, N, T), MASKED, jnp.float32)
     if not differentiable:
         stop = jax.lax.stop_gradient
         q, k = stop(q), stop(k)
