@@ -37,3 +37,8 @@ __all__ = [
 from jaxattn.modules import MultiHeadAttention, attention_fn  # noqa: E402
 
 __all__ += ["MultiHeadAttention", "attention_fn"]
+
+from jaxattn import parallel  # noqa: E402
+from jaxattn.parallel import Parallelism, sharded_attention  # noqa: E402
+
+__all__ += ["parallel", "Parallelism", "sharded_attention"]

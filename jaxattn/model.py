@@ -110,6 +110,8 @@ class Block(nnx.Module):
         projections become :class:`RotaryProjection`.
       implementation, attention_dtype: the attention's ``implementation`` and computation dtype
         (the Pallas kernels take bfloat16 or float16).
+      parallelism: the attention's :class:`jaxattn.Parallelism` (arrays split over a mesh), or
+        None.
       rngs: ``nnx.Rngs``.
 
     Examples:
@@ -124,12 +126,13 @@ class Block(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, variant, num_registers: int,
                  num_kv_heads: int | None = None, rope: float | None = None,
-                 implementation=None, attention_dtype=None, rngs: nnx.Rngs):
+                 implementation=None, attention_dtype=None, parallelism=None,
+                 rngs: nnx.Rngs):
         self.attn_norm = nnx.RMSNorm(d_model, rngs=rngs)
         self.attn = MultiHeadAttention(num_heads, d_model, num_kv_heads=num_kv_heads,
                                        variant=variant, num_registers=num_registers,
                                        implementation=implementation, dtype=attention_dtype,
-                                       rngs=rngs)
+                                       parallelism=parallelism, rngs=rngs)
         if rope is not None:
             self.attn.query = RotaryProjection(self.attn.query, rope)
             self.attn.key = RotaryProjection(self.attn.key, rope)
@@ -166,6 +169,10 @@ class Transformer(nnx.Module):
       implementation: the attention's ``implementation`` (see :func:`jaxattn.attention`).
       attention_dtype: the attention's computation dtype (``jnp.bfloat16`` for the Pallas
         kernels); None infers it from inputs and parameters.
+      parallelism: a :class:`jaxattn.Parallelism` for every layer's attention (batch, heads or
+        sequence split over its mesh; the rest of the model is partitioned by XLA from the
+        inputs' sharding), or None. Its layout must be ``"contiguous"`` (positions are
+        ``0 .. T-1`` in order).
       rngs: ``nnx.Rngs``.
 
     Examples:
@@ -186,7 +193,7 @@ class Transformer(nnx.Module):
                  num_heads: int = 4, mlp_dim: int = 256, variant="softmax", num_registers: int = 0,
                  num_kv_heads: int | None = None, positions: str = "learned",
                  rope_base: float = 10000.0, implementation=None, attention_dtype=None,
-                 rngs: nnx.Rngs):
+                 parallelism=None, rngs: nnx.Rngs):
         for name, size, low in (("vocab_size", vocab_size, 1), ("max_len", max_len, 1),
                                 ("num_layers", num_layers, 0), ("d_model", d_model, 1),
                                 ("mlp_dim", mlp_dim, 1)):
@@ -202,6 +209,9 @@ class Transformer(nnx.Module):
             if (isinstance(rope_base, bool) or not isinstance(rope_base, numbers.Real)
                     or not rope_base > 0):
                 raise ValueError(f"rope_base must be a number > 0, got {rope_base!r}")
+        if parallelism is not None and getattr(parallelism, "layout", None) != "contiguous":
+            raise ValueError("the Transformer's positions are 0 .. T-1 in order: its parallelism "
+                             "needs layout='contiguous'")
         self.positions = positions
         self.max_len = max_len
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
@@ -213,7 +223,8 @@ class Transformer(nnx.Module):
             Block(d_model, num_heads, mlp_dim, variant=variant, num_registers=num_registers,
                   num_kv_heads=num_kv_heads,
                   rope=float(rope_base) if positions == "rope" else None,
-                  implementation=implementation, attention_dtype=attention_dtype, rngs=rngs)
+                  implementation=implementation, attention_dtype=attention_dtype,
+                  parallelism=parallelism, rngs=rngs)
             for _ in range(num_layers)
         ])
         self.norm = nnx.RMSNorm(d_model, rngs=rngs)

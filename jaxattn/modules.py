@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxattn import variants as V
 from jaxattn.api import IMPLEMENTATIONS, attention, attention_weights
+from jaxattn.parallel import Parallelism, sharded_attention
 
 __all__ = ["MultiHeadAttention", "attention_fn"]
 
@@ -96,6 +97,8 @@ class MultiHeadAttention(nnx.Module):
       dtype: computation dtype (default: inferred from inputs and params).
       param_dtype: parameter dtype.
       implementation: passed to :func:`jaxattn.attention`.
+      parallelism: a :class:`jaxattn.Parallelism`: attend with :func:`jaxattn.sharded_attention`
+        on arrays split over its mesh (batch, heads, sequence; ring or all-to-all), or None.
       rngs: ``nnx.Rngs``.
 
     Examples:
@@ -111,7 +114,8 @@ class MultiHeadAttention(nnx.Module):
                  out_features: int | None = None, num_kv_heads: int | None = None,
                  variant="softmax", num_registers: int = 0, sink_logits: bool = False,
                  logits_soft_cap: float | None = None, use_bias: bool = False, dtype=None,
-                 param_dtype=jnp.float32, implementation=None, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, implementation=None, parallelism=None,
+                 rngs: nnx.Rngs):
         # `is None`, not `or`: an explicit 0 is a bad size to report, not a request for the default
         qkv_features = in_features if qkv_features is None else qkv_features
         out_features = in_features if out_features is None else out_features
@@ -131,6 +135,9 @@ class MultiHeadAttention(nnx.Module):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got "
                              f"{implementation!r}")
+        if parallelism is not None and not isinstance(parallelism, Parallelism):
+            raise TypeError(f"parallelism must be a jaxattn.Parallelism or None, got "
+                            f"{type(parallelism).__name__}")
         if qkv_features % num_heads:
             raise ValueError(f"qkv_features={qkv_features} must be a positive multiple of "
                              f"num_heads={num_heads}")
@@ -143,6 +150,7 @@ class MultiHeadAttention(nnx.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = qkv_features // num_heads
         self.dtype, self.implementation = dtype, implementation
+        self.parallelism = parallelism
         dense = functools.partial(nnx.LinearGeneral, in_features=in_features, use_bias=use_bias,
                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = dense(out_features=(num_heads, self.head_dim))
@@ -192,11 +200,18 @@ class MultiHeadAttention(nnx.Module):
         if self.key_registers is not None:
             registers = (self.key_registers[...].astype(q.dtype),
                          self.value_registers[...].astype(q.dtype))
-        out = attention(q, k, v, variant=self._current_variant(), mask=mask, is_causal=is_causal,
-                        q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                        registers=registers, logits_soft_cap=self.logits_soft_cap,
-                        sink_logits=None if self.sink_logits is None else self.sink_logits[...],
-                        implementation=self.implementation, return_stats=return_stats)
+        args = dict(variant=self._current_variant(), is_causal=is_causal,
+                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids, registers=registers,
+                    logits_soft_cap=self.logits_soft_cap,
+                    sink_logits=None if self.sink_logits is None else self.sink_logits[...],
+                    implementation=self.implementation, return_stats=return_stats)
+        if self.parallelism is None:
+            out = attention(q, k, v, mask=mask, **args)
+        else:
+            if mask is not None:
+                raise ValueError("a dense mask is not taken on sharded arrays: use is_causal and "
+                                 "segment_ids")
+            out = sharded_attention(q, k, v, parallelism=self.parallelism, **args)
         if return_stats:
             out, stats = out
             return self.out(out), stats
