@@ -28,6 +28,7 @@ from jaxattn.reference import (
     _compute_dtype,
     _final_logits,
     _forward_only,
+    _logits,
 )
 from pallas_kernels.common import visible
 
@@ -48,21 +49,10 @@ def _unsupported(plan: Plan):
 def _block_logits(plan, q, k_blk, extra_blk, b_idx, i_idx, j_idx, S_total, offset):
     """Logits ``[B, N, T, blk]`` of one key block, hidden keys at ``_NEG``, and their visibility.
     ``extra_blk``: the block of the dense bias plus the dense mask as ``-inf`` (or None)."""
-    B, T, N, _ = q.shape
-    K = k_blk.shape[2]
-    ct = _compute_dtype(q.dtype)
-    qg = q.reshape(B, T, K, N // K, -1)
-    qk = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k_blk, preferred_element_type=ct,
-                    precision=jax.lax.Precision.HIGHEST)
-    z = (plan.logit_scale * qk).reshape(B, N, T, -1)
-    kb = plan.key_bias(k_blk)  # [B, blk, K]
-    if kb is not None:
-        kb = jnp.repeat(kb.transpose(0, 2, 1), N // K, axis=1)  # [B, N, blk]
-        z = z + kb[:, :, None, :].astype(ct)
+    z = _logits(q, k_blk, plan, extra_blk)  # a q.k + b_j + bias, the reference's form
     vis = visible(plan.mask, b_idx, i_idx, j_idx) & (j_idx < S_total)  # [B, T, blk]
     vis = vis[:, None]
     if extra_blk is not None:
-        z = z + extra_blk.astype(ct)
         vis = vis & (extra_blk != -jnp.inf)
     z = jnp.where(vis, z, 0.0)
     if not plan.variant.differentiable:
