@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 preset=cpu
-all_steps=theory,max_retrieval,minilm_dispersion,minilm_variants,byte_lm,convergence_rates,report
+all_steps=theory,max_retrieval,minilm_dispersion,minilm_variants,byte_lm,convergence_rates,long_dispersion,report
 steps=$all_steps
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -58,6 +58,8 @@ step minilm_variants "$py" -m experiments.minilm_variants --preset "$preset" --n
 step byte_lm "$py" -m experiments.byte_lm --preset "$preset" --no-progress --out "$results/byte_lm"
 step convergence_rates "$py" -m experiments.convergence_rates --preset "$rates" \
   --out-dir "$results/convergence_rates"
+step long_dispersion "$py" -m experiments.long_dispersion --preset "$preset" \
+  --out "$results/long_dispersion"
 case ",$steps," in *",report,"*)
   echo; "$py" -m experiments.report --results "$results" --timings "$timings" ;;
 esac

@@ -32,6 +32,7 @@ EXPERIMENTS = (
     ("minilm_variants", "experiments.minilm_variants"),
     ("byte_lm", "experiments.byte_lm"),
     ("convergence_rates", "experiments.convergence_rates"),
+    ("long_dispersion", "experiments.long_dispersion"),
 )
 THEORY_JSON = "theory/claims.json"
 
