@@ -8,8 +8,8 @@ the sequence, and sums the buffers of the collectives in the lowered program
 per call (as lowered: see :func:`collective_bytes`). Beside it, the analytic count of each strategy:
 
 * ring, forward: the ``n - 1`` hops of the K and V blocks, ``2 (n - 1) (S/n) K H b`` per batch row
-  (``b`` bytes per element) -- the minimum for any scheme in which every device must see every
-  key once;
+  (``b`` bytes per element) -- the minimum for a scheme that keeps the queries in place (every
+  device receives every other device's keys and values once);
 * ring, backward: the blocks go around again (``2 (n - 1)`` hops) and their float32 gradients
   ``n`` hops home: ``2 (n - 1) (S/n) K H b + 2 n (S/n) K H 4``;
 * all-to-all: ``(n - 1) / n`` of each of q, k, v and the output (and of their cotangents in the
