@@ -277,21 +277,21 @@ class _Static:
 
     logit_scale: float
     num_registers: int
-    is_causal: bool
+    causal: bool
     window: tuple[int, int] | None
     has_codes: bool
     has_c: bool
     need_dc: bool  # has_c and its gradient is wanted (else the dq kernel skips the dc sums)
-    has_b: bool
-    mma_bias: bool  # has_b, added by a second wgmma (BackwardConfig.mma_bias): no strip in the loop
-    mma_db: bool  # has_b, db summed by a wgmma against ones (BackwardConfig.mma_db)
+    has_bias: bool
+    mma_bias: bool  # has_bias, added by a second wgmma (BackwardConfig.mma_bias): no strip in the loop
+    mma_db: bool  # has_bias, db summed by a wgmma against ones (BackwardConfig.mma_db)
     dc_mma: bool  # need_dc, its dZ sums from wgmmas (BackwardConfig.dc_mma)
     bias_key_grad: float | None  # b_j = g ||k_j||^2 with 2 g = this: dk += 2 g db_j k_j in the kernel
     T: int  # true lengths (before padding)
     S: int
     Tp: int  # padded lengths
     Sp: int
-    G: int  # query heads per kv head
+    group: int  # query heads per kv head
     H: int  # padded qk head dim
     Hv: int  # padded value head dim
     dtype: object
@@ -307,7 +307,7 @@ def _visible(st: _Static, qi, kj, qcode=None, kcode=None):
         return b if a is None else a & b
 
     pos = kj - st.num_registers
-    if st.is_causal:
+    if st.causal:
         ok = conj(ok, pos <= qi)
     if st.window is not None:
         left, right = st.window
@@ -331,7 +331,7 @@ def _tile_is_full(st: _Static, q0, bq, k0, bkv):
     """
     full = jnp.bool_(True)
     first, last = k0 - st.num_registers, k0 + (bkv - 1 - st.num_registers)  # key positions
-    if st.is_causal:
+    if st.causal:
         full = full & (last <= q0)
     if st.window is not None:
         left, right = st.window
@@ -348,7 +348,7 @@ def _apply_mask(st: _Static, edge: bool, p, visible, q0, bq, k0, bkv):
 
     With ``edge`` (and no codes), tiles that :func:`_tile_is_full` clears skip the mask.
     """
-    if not (st.is_causal or st.window is not None or st.Sp != st.S or st.Tp != st.T
+    if not (st.causal or st.window is not None or st.Sp != st.S or st.Tp != st.T
             or st.has_codes):
         return p
     masked = lambda p: jnp.where(visible(), p, 0.0)
@@ -363,7 +363,7 @@ def _kv_range(st: _Static, q_start, q_stop, block_kv):
     n_tiles = st.Sp // block_kv
     hi_key = jnp.int32(st.Sp)
     lo_key = jnp.int32(0)
-    if st.is_causal:
+    if st.causal:
         hi_key = jnp.minimum(hi_key, q_stop + R)
     if st.window is not None:
         left, right = st.window
@@ -382,7 +382,7 @@ def _q_range(st: _Static, k_start, k_stop, block_q):
     lo_q = jnp.int32(0)
     hi_q = jnp.int32(st.Tp)
     p_start, p_last = k_start - R, k_stop - 1 - R
-    if st.is_causal:
+    if st.causal:
         lo_q = jnp.maximum(lo_q, p_start)
     if st.window is not None:
         left, right = st.window
@@ -421,8 +421,8 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
     n_stats = qstats.shape[2]
     num_q_tiles = Tp // (bq * wgs)
     a = st.logit_scale
-    G = st.G
-    strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
+    G = st.group
+    strip = st.has_bias and not st.mma_bias  # the bias from a float32 strip, one add per logit
     kv_ones = st.dc_mma and not st.mma_bias  # dc_mma without a bias: sum_j dZ_ij from ones
     use_ones = st.mma_bias or kv_ones
     ones = ones[:max(bq, bkv)] if use_ones else None
@@ -442,7 +442,7 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         head = lax.axis_index("heads")
         kv_head = lax.div(head, jnp.int32(G))
         wg = lax.axis_index("wg")
-        tile_start = tile_index(st.is_causal and cfg.dq_heavy_first, "q_seq", num_q_tiles) * (wgs * bq)
+        tile_start = tile_index(st.causal and cfg.dq_heavy_first, "q_seq", num_q_tiles) * (wgs * bq)
         lo, n_kv = _kv_range(st, tile_start, tile_start + wgs * bq, bkv)
 
         def compute_thread(pipeline_callback):
@@ -644,7 +644,7 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
     B, Tp, N, H = q.shape
     Sp, K = k.shape[1], k.shape[2]
     Hv = v.shape[-1]
-    G = st.G
+    G = st.group
     bq, bkv, wgs = cfg.block_q_dkv, cfg.block_kv_dkv, cfg.compute_wgs
     n_stats = qstats.shape[2]
     num_kv_tiles = Sp // (bkv * wgs)
@@ -652,9 +652,9 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
     q5 = q.reshape(B, Tp, K, G, H)
     do5 = do.reshape(B, Tp, K, G, Hv)
     qstats5 = qstats.reshape(B, K, G, n_stats, Tp)
-    strip = st.has_b and not st.mma_bias  # the bias from a float32 strip, one add per logit
+    strip = st.has_bias and not st.mma_bias  # the bias from a float32 strip, one add per logit
     use_ones = st.mma_bias or (st.mma_db and want_dk)
-    want_db = st.has_b and want_dk
+    want_db = st.has_bias and want_dk
     read_v = want_dk  # dv alone needs no dP
     v_buffer = read_v or H != Hv  # else dv is staged in the K buffer
     ones = ones[:bq] if use_ones else None
@@ -893,7 +893,7 @@ def _launch(st, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, in
     inputs = list(inputs)
     if st.has_codes:
         inputs.append(qcode)
-    if st.has_b and not st.mma_bias:
+    if st.has_bias and not st.mma_bias:
         inputs.append(kbias)
     if st.has_codes:
         inputs.append(kcode)
@@ -1084,10 +1084,10 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     k_mult = math.lcm(cfg.block_kv_dkv * cfg.compute_wgs, cfg.block_kv_dq)
     Tp, Sp = _cdiv(T, q_mult) * q_mult, _cdiv(S, k_mult) * k_mult
     st = _Static(
-        logit_scale=float(logit_scale), num_registers=R, is_causal=mask.is_causal,
+        logit_scale=float(logit_scale), num_registers=R, causal=mask.is_causal,
         window=mask.local_window_size, has_codes=has_codes(mask), has_c=query_scale is not None,
         need_dc=query_scale is not None and bool(query_scale_grad),
-        has_b=key_bias is not None,
+        has_bias=key_bias is not None,
         mma_bias=key_bias is not None and cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16,
         mma_db=key_bias is not None and cfg.mma_db and jnp.dtype(q.dtype) == jnp.bfloat16,
         # dc_mma's dZ row sums come from dq's mma of dZ, not the capped logits' dZc
@@ -1096,7 +1096,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         and logits_soft_cap is None,
         bias_key_grad=bias_key_grad,
         soft_cap=None if logits_soft_cap is None else _check_cap(logits_soft_cap) * LOG2E,
-        T=T, S=S, Tp=Tp, Sp=Sp, G=N // K, H=H, Hv=Hv, dtype=q.dtype,
+        T=T, S=S, Tp=Tp, Sp=Sp, group=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
     # python ints, which fails under jax_enable_x64.

@@ -102,9 +102,9 @@ def _compare(q, k, v, dout, c, b, spec, a=0.3, config=None, jit=False):
 
 def _index_static(**fields):
     """A ``backward._Static`` for the tile-range helpers: no c, b or codes; ``fields`` override."""
-    base = dict(logit_scale=1.0, num_registers=0, is_causal=False, window=None, has_codes=False,
-                has_c=False, need_dc=False, has_b=False, mma_bias=False, mma_db=False, dc_mma=False,
-                bias_key_grad=None, G=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
+    base = dict(logit_scale=1.0, num_registers=0, causal=False, window=None, has_codes=False,
+                has_c=False, need_dc=False, has_bias=False, mma_bias=False, mma_db=False, dc_mma=False,
+                bias_key_grad=None, group=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
     return backward._Static(**{**base, **fields})
 
 
@@ -219,7 +219,7 @@ def test_tile_ranges_cover_visible_keys(causal, window, registers, T, S):
     bq, bkv = 128, 64
     spec = MaskSpec(is_causal=causal, local_window_size=window, num_registers=registers)
     vis = np.asarray(visible(spec, 0, jnp.arange(T)[:, None], jnp.arange(S)[None, :]))
-    stt = _index_static(num_registers=registers, is_causal=causal, window=window, T=T, S=S, Tp=T,
+    stt = _index_static(num_registers=registers, causal=causal, window=window, T=T, S=S, Tp=T,
                         Sp=S)
     with jax.enable_x64(False):
         for start in range(0, T, bq):
@@ -234,7 +234,7 @@ def test_tile_ranges_cover_visible_keys(causal, window, registers, T, S):
 
 def test_causal_ranges_skip_tiles():
     """Causal: the dq kernel visits the lower triangle of tiles only, the dkv kernel likewise."""
-    stt = _index_static(is_causal=True, T=512, S=512, Tp=512, Sp=512)
+    stt = _index_static(causal=True, T=512, S=512, Tp=512, Sp=512)
     with jax.enable_x64(False):
         dq_tiles = [int(backward._kv_range(stt, jnp.int32(s), jnp.int32(s + 128), 64)[1])
                     for s in range(0, 512, 128)]
@@ -261,7 +261,7 @@ def test_full_tiles_see_every_key(causal, window, registers, T, S, bq, bkv):
     vis = np.zeros((Tp, Sp), bool)
     vis[:T, :S + registers] = np.asarray(visible(spec, 0, jnp.arange(T)[:, None],
                                                  jnp.arange(S + registers)[None, :]))
-    stt = _index_static(num_registers=registers, is_causal=causal, window=window, T=T,
+    stt = _index_static(num_registers=registers, causal=causal, window=window, T=T,
                         S=S + registers, Tp=Tp, Sp=Sp)
     cleared = 0
     with jax.enable_x64(False):
