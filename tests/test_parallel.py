@@ -133,9 +133,12 @@ def test_ring_every_variant(variant, layout, is_causal):
     _check(_par("ring", layout), VARIANTS[variant], is_causal=is_causal)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("variant,is_causal", [("softmax", False), ("temperature", True),
+                                               ("ssmax_learned", True), ("rbf", False),
+                                               ("adaptive", True), ("adaptive_stop_beta", False)])
 def test_all_to_all_every_variant(variant, is_causal):
+    # all_to_all runs the single-device call on whole sequences: one mask per variant suffices
+    # (the per-head slicing of SSMax's s and the re-sharding are what it adds)
     _check(_par("all_to_all"), VARIANTS[variant], is_causal=is_causal)
 
 
