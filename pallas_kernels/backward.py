@@ -1050,11 +1050,11 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
       NotImplementedError: float32 inputs, head dims above 256.
     """
     mask = MaskSpec() if mask is None else mask
+    _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask)
     if mask.offset:
         raise ValueError(f"the kernels take an offset-free MaskSpec, got offset={mask.offset}: "
                          "fold it with pallas_kernels.common.fold_offset first "
                          "(pallas_kernels.flash_attention does)")
-    _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask)
     kernels = tuple(kernels)
     if not kernels or any(x not in ("dq", "dkv") for x in kernels):
         raise ValueError(f"kernels must be a non-empty subset of ('dq', 'dkv'), got {kernels!r}")
