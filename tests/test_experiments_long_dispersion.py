@@ -15,35 +15,24 @@ import pytest
 from experiments import long_dispersion as ld
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def test_long_dispersion(tmp_path):
+    """One run (the 8-device ring is the costly part), three checks on it."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 CPU devices)")
-    config = ld.Config(lengths=(256, 512, 1024), check_rows=16,
-                       out_dir=str(tmp_path_factory.mktemp("ld")))
+    config = ld.Config(lengths=(256, 512, 1024), check_rows=16, out_dir=str(tmp_path))
     res = ld.run(config, progress=lambda m: None)
-    return config, res, ld.save(res, config)
-
-
-def test_rows_match_the_reference(results):
-    _, res, _ = results
+    path = ld.save(res, config)
+    # the rows match the single-device reference
     assert res["devices"]["count"] == 8
     for v in res["variants"].values():
         for row in v["rows"]:
             assert max(row["check_error"].values()) < 1e-4, row
-
-
-def test_softmax_disperses(results):
-    _, res, _ = results
+    # softmax disperses: bounded logits give max weight ~ c / N and entropy ~ log N - c'
     soft = res["variants"]["softmax"]
     assert soft["bound_holds"]
-    # bounded logits: max weight ~ c / N and entropy ~ log N - c' (slopes -1 and +1 on log N)
     assert abs(soft["log_max_weight_slope"] + 1) < 0.1
     assert abs(soft["entropy_slope"] - 1) < 0.1
-
-
-def test_report_section(results):
-    _, res, path = results
+    # the report section renders from the JSON
     ld.plot(path)
     text = ld.report_section(path)
     assert "Theorem 2.2" in text and "softmax: slope of log max weight" in text

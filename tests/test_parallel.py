@@ -127,9 +127,10 @@ def _par(strategy="ring", layout="contiguous", mesh=RING["mesh"], **axes):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("layout,is_causal", [("contiguous", False), ("contiguous", True),
+                                              ("zigzag", True)])
 def test_ring_every_variant(variant, layout, is_causal):
+    # without a mask the zigzag layout only permutes positions: causal is where it differs
     _check(_par("ring", layout), VARIANTS[variant], is_causal=is_causal)
 
 
@@ -178,8 +179,9 @@ def test_ring_without_stats():
     q, k, v, _ = _inputs(5)
     par = _par("ring", "zigzag")
     n = par.size(par.sequence_axis)
-    out = jaxattn.sharded_attention(parallel.zigzag(q, n), parallel.zigzag(k, n),
-                                    parallel.zigzag(v, n), parallelism=par, is_causal=True)
+    out = jax.jit(lambda q, k, v: jaxattn.sharded_attention(
+        parallel.zigzag(q, n), parallel.zigzag(k, n), parallel.zigzag(v, n), parallelism=par,
+        is_causal=True))(q, k, v)
     ref = jaxattn.attention(q, k, v, is_causal=True, implementation="xla")
     assert _rel(parallel.unzigzag(out, n), ref) < TOL
 
