@@ -19,21 +19,26 @@ streamed entropy is exact; the paper's ``-sum p log(p + eps)`` is smaller by at 
 nats (``p log(1 + eps / p) <= eps`` per key), i.e. <= 1.6e-5 nats at n = 16384 and eps = 1e-9.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from jaxattn import chunked
 from jaxattn.plan import Plan
+from jaxattn.reference import _forward_only
 
 __all__ = ["attention"]
 
 
 def _unsupported(plan: Plan, query):
     variant = plan.variant
-    if variant.normalizer != "softmax":
-        raise NotImplementedError(f"the Pallas kernels run softmax variants only, not "
-                                  f"{variant.normalizer!r} ({variant.name}); use the XLA path")
+    if variant.normalizer not in ("softmax", "hardmax"):
+        raise NotImplementedError(f"the Pallas kernels run softmax and hardmax variants, not "
+                                  f"{variant.normalizer!r} ({variant.name}); use the chunked or "
+                                  f"XLA path")
     if plan.bias is not None:
         raise NotImplementedError("the Pallas kernels take no [B, N, T, S] bias array (only the "
                                   "variant's per-key bias); use the XLA path")
@@ -106,10 +111,12 @@ def attention(query, key, value, plan: Plan, *, return_stats=False):
       ``out [B, T, N, Hv]`` in the query dtype, or ``(out, (logsumexp, entropy, max_weight))``.
 
     Raises:
-      NotImplementedError: what the kernels do not run (hardmax / top-k, a dense bias or mask,
+      NotImplementedError: what the kernels do not run (top-k, a dense bias or mask,
         float32 inputs, head dims above 256); the API falls back to XLA.
     """
     _unsupported(plan, query)
+    if plan.variant.normalizer == "hardmax":
+        return _hardmax(query, key, value, plan, return_stats)
     variant, spec = plan.variant, plan.mask
     B, T, N, _ = query.shape
     key, value = _with_registers(key, value, plan.registers)
@@ -199,3 +206,64 @@ def _with_sinks(plan: Plan, out, lse, ent, max_weight, offset, nonempty):
         ent = jnp.where(nonempty, w * ent - xlogx(w) - xlogx(rest), 0.0)
         max_weight = jnp.where(nonempty, jnp.maximum(w * max_weight, rest), 0.0)
     return out, lse, ent, max_weight
+
+
+def _hardmax(query, key, value, plan: Plan, return_stats):
+    """Hardmax on the forward kernel (:func:`pallas_kernels.flash_hardmax`), one sweep.
+
+    Forward-only in the queries, keys, register keys and a traced scale, as the variant is (their
+    tangents raise the reference's TypeError). The value gradient ``W^T dO``, ``W`` the argmax
+    weights, is the chunked sweep's VJP (:mod:`jaxattn.chunked`): the kernels have no hardmax
+    backward, and the sweep forms the same argmax sets wherever the logits are exact (it sums
+    ``q . k`` in float32 in another order than the tensor cores, so two logits within rounding of
+    each other may tie in one and not the other).
+    """
+    name = plan.variant.name
+    rk, rv = plan.registers if plan.registers is not None else (None, None)
+    static_scale = _is_static(plan.scale)
+    scale = None if static_scale else _forward_only(jnp.asarray(plan.scale), name)
+    query, key = _forward_only(query, name), _forward_only(key, name)
+    rk = None if rk is None else _forward_only(rk, name)
+    base = dataclasses.replace(plan, registers=None, scale=plan.scale if static_scale else 1.0)
+
+    def plan_of(mask, scale, rk, rv):
+        return dataclasses.replace(base, mask=mask, scale=base.scale if scale is None else scale,
+                                   registers=None if rk is None else (rk, rv))
+
+    @jax.custom_vjp
+    def run(q, k, v, rk, rv, mask, scale):
+        return _hardmax_kernel(q, k, v, plan_of(mask, scale, rk, rv), return_stats)
+
+    def run_fwd(q, k, v, rk, rv, mask, scale):
+        return run(q, k, v, rk, rv, mask, scale), (q, k, v, rk, rv, mask, scale)
+
+    def run_bwd(res, cts):
+        q, k, v, rk, rv, mask, scale = res
+        _, vjp = jax.vjp(lambda v, rv: chunked.attention(q, k, v, plan_of(mask, scale, rk, rv)),
+                         v, rv)
+        dv, drv = vjp(cts[0].astype(q.dtype))  # the statistics do not depend on the values
+        zeros = lambda x: None if x is None else jnp.zeros(x.shape, x.dtype)
+        dmask = jax.tree.map(lambda x: np.zeros(np.shape(x), jax.dtypes.float0), mask)
+        return zeros(q), zeros(k), dv, zeros(rk), drv, dmask, zeros(scale)
+
+    run.defvjp(run_fwd, run_bwd)
+    result = run(query, key, value, rk, rv, plan.mask, scale)
+    return (result[0], result[1:]) if return_stats else result[0]
+
+
+def _hardmax_kernel(query, key, value, plan: Plan, return_stats):
+    """``(out,)`` or ``(out, logsumexp, entropy, max_weight)`` of the hardmax kernel for a plan."""
+    B, T, N, _ = query.shape
+    key, value = _with_registers(key, value, plan.registers)
+    if plan.key_bias(key) is not None or plan.query_offset(query) is not None:
+        raise NotImplementedError("hardmax with a per-key bias or per-query offset is not fused")
+    c = plan.query_scale(None, None)
+    a_static, a_traced = _split_scale(plan.logit_scale)
+    if c is not None:
+        raise NotImplementedError("hardmax with a per-query scale is not fused")
+    if a_traced is not None:  # a learned scale: a row factor of the kernel's logits
+        c = jnp.broadcast_to(a_traced, (B, N, T))
+    result = pk.flash_hardmax(query, key, value, logit_scale=a_static, query_scale=c,
+                              mask=plan.mask, return_stats=return_stats,
+                              logits_soft_cap=plan.logits_soft_cap)
+    return tuple(result) if return_stats else (result[0],)

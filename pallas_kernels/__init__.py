@@ -13,6 +13,7 @@ a per-key float32 array. This package knows no attention variant and imports not
 (``jaxattn.fused``).
 
 * :func:`flash_attention`, :func:`flash_entropy` -- differentiable ops (``jax.custom_vjp``);
+  :func:`flash_hardmax` -- hardmax on the forward kernel (forward-only);
 * :func:`flash_forward`, :func:`flash_stats`, :func:`flash_backward` -- the kernels themselves;
 * :class:`MaskSpec`, :func:`visible`, :func:`count_visible` -- the mask description and the one
   visibility rule; :func:`flash_reference` -- the pure-jnp oracle of the kernel-level problem.
@@ -28,7 +29,7 @@ from pallas_kernels.forward import (
     row_max_from_stats,
     scale_row_max,
 )
-from pallas_kernels.ops import flash_attention, flash_entropy
+from pallas_kernels.ops import flash_attention, flash_entropy, flash_hardmax
 
 __all__ = [
     "MaskSpec",
@@ -37,6 +38,7 @@ __all__ = [
     "flash_reference",
     "flash_attention",
     "flash_entropy",
+    "flash_hardmax",
     "flash_forward",
     "flash_stats",
     "flash_backward",

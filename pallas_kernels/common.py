@@ -212,14 +212,15 @@ def soft_cap(z, cap):
 
 def flash_reference(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
                     mask: MaskSpec = MaskSpec(), logits_soft_cap: float | None = None,
-                    return_stats: bool = False):
+                    return_stats: bool = False, hardmax: bool = False):
     """Pure-jnp oracle of the kernel-level problem: returns ``(out [B,T,N,Hv], lse [B,N,T])``.
 
     Differentiable in ``q, k, v, query_scale, key_bias``; use ``jax.vjp`` of it to check the
     backward kernels. With ``logits_soft_cap`` the softmax sees ``cap tanh(z / cap)`` (``jnp.tanh``
     here: the oracle of the kernels' form). With ``return_stats`` it also returns each row's
     entropy and max weight (float32 ``[B, N, T]``, 0 on rows with no visible key), as
-    ``flash_attention(..., return_stats=True)`` does.
+    ``flash_attention(..., return_stats=True)`` does. With ``hardmax`` the weights are uniform over
+    each row's maximal logits (ties: equal float32 logits), as ``flash_hardmax``'s.
     """
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -238,6 +239,8 @@ def flash_reference(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
     zm = jnp.where(vis, z, NEG)
     m = jax.lax.stop_gradient(jnp.max(zm, axis=-1, keepdims=True))
     e = jnp.where(vis, jnp.exp(zm - m), 0.0)
+    if hardmax:
+        e = jnp.where(vis & (zm == m), 1.0, 0.0)
     tot = jnp.sum(e, axis=-1, keepdims=True)
     p = e / jnp.where(tot > 0, tot, 1.0)
     lse = jnp.where(tot > 0, m + jnp.log(jnp.where(tot > 0, tot, 1.0)), 0.0)[..., 0]

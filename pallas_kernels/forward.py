@@ -248,6 +248,7 @@ class _Plan:
     fixed_max: bool = False  # the exact row max is an input (row vector): no online max
     row_flip: bool = False  # fold a row vector of any sign: Q's rows negated where r_i < 0
     soft_cap: float | None = None  # cap log2(e): the base-2 logits are soft-capped
+    hardmax: bool = False  # uniform weights over each row's maximal logits (no exponentials)
 
     @property
     def streams_v(self):  # the forward always; the statistics sweep unless sweep_skips_v
@@ -347,12 +348,15 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
 
     ``z = r (s + b)`` with ``r`` the row factor (``plan.row_const`` or the row vector ``r``) and
     ``b`` the key bias ``kb`` (or none); hidden logits are ``MASKED`` on masked tiles. With
-    ``plan.fixed_max`` ``m`` is the row's final max already and stays.
+    ``plan.fixed_max`` ``m`` is the row's final max already and stays. With ``plan.hardmax``,
+    ``d`` is ``z`` itself: the argmax set is ``z >= m_new`` on this one value (a ``z - m_new``
+    may be contracted into an FMA with z's multiply, and is then not 0 at the max).
     """
     row = lambda x: lax.broadcast_in_dim(x, s.shape, [0])
     col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])
     new_max = lambda tile_max: m if plan.fixed_max else jnp.maximum(m, tile_max())
     rc = plan.row_const
+    shift = (lambda z, m: z) if plan.hardmax else (lambda z, m: z - row(m))
     if plan.soft_cap is not None:  # no folding: the cap comes between the scale and the max
         if kb is not None:
             s = s + col(kb)
@@ -360,13 +364,14 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
         if masked:
             z = jnp.where(visible(), z, MASKED)
         m_new = new_max(lambda: z.max(axis=1))
-        return m_new, z - row(m_new)
-    if (plan.blocks.fold_scale and not masked and rc is None
-            and (plan.row_nonneg or plan.row_flip) and kb is None):
+        return m_new, shift(z, m_new)
+    # hardmax compares z with the row max exactly: not the folded forms, which never form z
+    fold = plan.blocks.fold_scale and not masked and not plan.hardmax
+    if fold and rc is None and (plan.row_nonneg or plan.row_flip) and kb is None:
         # max_j (r_i s_ij) = r_i max_j s_ij for r_i >= 0; d = r s - m is one FMA
         m_new = new_max(lambda: s.max(axis=1) * r)
         return m_new, s * row(r) - row(m_new)
-    if plan.blocks.fold_scale and not masked and rc is not None and rc > 0:
+    if fold and rc is not None and rc > 0:
         if kb is None:  # max_j (rc s_ij) = rc max_j s_ij for rc > 0; d = rc s - m is one FMA
             m_new = new_max(lambda: s.max(axis=1) * rc)
             return m_new, s * rc - row(m_new)
@@ -379,7 +384,7 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     if masked:
         z = jnp.where(visible(), z, MASKED)
     m_new = new_max(lambda: z.max(axis=1))
-    return m_new, z - row(m_new)
+    return m_new, shift(z, m_new)
 
 
 def _flip_rows(q_smem, r, dtype):
@@ -461,9 +466,16 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
             plgpu.barrier_arrive(bars["k_done"].at[slot])
             m_new, d = _shifted_logits(plan, s, kb, r, m, masked, lambda: _visible(
                 plan, q0, step, kid, qid))
-            p = jnp.exp2(d)
-            alpha = None if plan.fixed_max else jnp.exp2(m - m_new)
-            if plan.stats:
+            if plan.hardmax:
+                # The argmax set, exactly: d is z here, and m_new one of its values (or m). A
+                # larger max empties the set (alpha 0); hidden keys (MASKED) count only until a
+                # visible one raises the max, and a row with none is empty at the end.
+                p = (d >= lax.broadcast_in_dim(m_new, d.shape, [0])).astype(jnp.float32)
+                alpha = (m >= m_new).astype(jnp.float32)
+            else:
+                p = jnp.exp2(d)
+                alpha = None if plan.fixed_max else jnp.exp2(m - m_new)
+            if plan.stats and not plan.hardmax:  # hardmax: sum_j p d = 0, so H = ln(count)
                 ent = (p * d).sum(axis=1) + (
                     ent if alpha is None else alpha * (ent + den * (m - m_new)))
             if alpha is not None:
@@ -874,7 +886,7 @@ def row_max_from_stats(lse, max_weight):
 
 
 def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret, stats, pv,
-             nonneg=False, row_max=None, soft_cap=None):
+             nonneg=False, row_max=None, soft_cap=None, hardmax=False):
     """Pads the operands and builds the per-row / per-key vectors; returns (plan, arrays)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -949,17 +961,18 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
         seq_kv=S - R, causal=mask.is_causal, window=mask.local_window_size, row_const=row_const,
         row_nonneg=row_nonneg,
         row_flip=(blocks.fold_scale and query_scale is not None and not row_nonneg
-                  and key_bias is None and soft_cap is None),
+                  and key_bias is None and soft_cap is None and not hardmax),
         soft_cap=None if soft_cap is None else float(soft_cap) * LOG2E,
         has_bias=kb is not None and not mma, mma_bias=mma, has_kid=has_kid, has_qid=has_qid,
-        stats=stats, pv=pv, interpret=bool(interpret), fixed_max=row_max is not None)
+        stats=stats, pv=pv, interpret=bool(interpret), fixed_max=row_max is not None,
+        hardmax=bool(hardmax))
     return plan, (q_p, k_p, v_p, stack(row_vecs), stack(key_vecs), kb_mma, ones)
 
 
 def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
                   mask: MaskSpec | None = None, config: BlockSizes | None = None, interpret=None,
                   return_stats: bool = False, query_scale_nonnegative: bool = False,
-                  row_max=None, logits_soft_cap: float | None = None):
+                  row_max=None, logits_soft_cap: float | None = None, hardmax: bool = False):
     """Fused attention forward for the kernel-level problem of :mod:`pallas_kernels.common`.
 
     .. math::
@@ -990,6 +1003,11 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
         ``2^delta`` before the normalisation (overflow past ``delta ~ 127``).
       logits_soft_cap: ``cap > 0`` or None: the softmax sees ``cap tanh(z / cap)``
         (:func:`~pallas_kernels.common.soft_cap_base2`; the folding tiles are off then).
+      hardmax: normalise by hardmax instead of softmax: ``o_i`` is the mean of ``v_j`` over the
+        keys whose logit equals the row max (ties share equally, as computed in float32 on the
+        tile), ``lse_i = max_j z_ij + log(count_i)``, entropy ``log(count_i)``, max weight
+        ``1 / count_i``. One sweep: the online max resets the argmax set where it grows. Not with
+        ``row_max``.
 
     Returns:
       ``(out [B, T, N, Hv] in q's dtype, lse [B, N, T] float32)``, and with ``return_stats``
@@ -1003,11 +1021,14 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
     _check_inputs(q, k, v, logit_scale)
     if row_max is not None:
         _check_row_max(row_max, q)
+        if hardmax:
+            raise ValueError("hardmax takes no row_max (its one sweep keeps the online max)")
     mask = MaskSpec() if mask is None else mask
 
     plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
                             stats=return_stats, pv=True, nonneg=query_scale_nonnegative,
-                            row_max=row_max, soft_cap=_check_cap(logits_soft_cap))
+                            row_max=row_max, soft_cap=_check_cap(logits_soft_cap),
+                            hardmax=hardmax)
     out, lse, ent, mw = _run(plan, *arrays)
     T, Hv = q.shape[1], v.shape[3]
     out = out[:, :T, :, :Hv]

@@ -17,6 +17,8 @@ ops know nothing of attention variants: the library (``jaxattn.fused``) turns a 
   its VJP is the backward kernel pair, with gradients to ``q, k, v, c, b``.
 * :func:`flash_entropy` -- the statistics sweep: each row's entropy and base-2 row max, without
   P @ V; its VJP reuses the attention backward kernels (see :func:`flash_entropy`).
+* :func:`flash_hardmax` -- hardmax attention (uniform weights over each row's maximal logits) on
+  the forward kernel; forward-only.
 
 Both run under ``jit`` and ``grad``. Cotangents reach the output and logsumexp of
 :func:`flash_attention` and the entropy of :func:`flash_entropy`; the other statistics' are not
@@ -38,7 +40,7 @@ from pallas_kernels.forward import (
     row_max_from_stats,
 )
 
-__all__ = ["flash_attention", "flash_entropy"]
+__all__ = ["flash_attention", "flash_entropy", "flash_hardmax"]
 
 _SymbolicZero = jax.custom_derivatives.SymbolicZero
 
@@ -265,3 +267,70 @@ def flash_entropy(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
                            key_bias=key_bias, mask=mask, return_row_max=True,
                            logits_soft_cap=logits_soft_cap)[1:]
     return _entropy(q, k, query_scale, key_bias, mask, float(logit_scale))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))
+def _hardmax(q, k, v, c, b, spec, a, stats, cap):
+    out, lse, *rest = flash_forward(q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=spec,
+                                    return_stats=stats, logits_soft_cap=cap, hardmax=True)
+    return (out, lse, *rest) if stats else (out, lse, None, None)
+
+
+@_hardmax.defjvp
+def _hardmax_jvp(a, stats, cap, primals, tangents):
+    raise TypeError("flash_hardmax is forward-only: its weights are piecewise constant in the "
+                    "logits (no gradient to q, k, c, b) and the kernels have no value gradient; "
+                    "wrap its inputs in jax.lax.stop_gradient")
+
+
+def flash_hardmax(q, k, v, *, logit_scale: float, query_scale=None, key_bias=None,
+                  mask: MaskSpec | None = None, return_stats: bool = False,
+                  logits_soft_cap: float | None = None):
+    """Fused hardmax attention over plain arrays: the mean of the values of each row's maximal logits.
+
+    .. math::
+
+      M_i = \\{j : z_{ij} = \\max_{j'} z_{ij'}\\}, \\quad
+      o_i = \\frac{1}{|M_i|} \\sum_{j \\in M_i} v_j, \\quad
+      \\text{lse}_i = \\max_j z_{ij} + \\log |M_i|
+
+    over the visible keys, ``z`` as :func:`flash_attention`'s (``cap tanh(z / cap)`` with a soft
+    cap). Ties are equal float32 logits as the kernel computes them (bf16 products accumulated in
+    float32): logits the XLA reference computes as equal can differ here by accumulation order only
+    where they are not exact, e.g. never for small dyadic inputs. One sweep of the forward kernel:
+    the online max keeps the argmax set and its count and empties them where the max grows.
+
+    Args:
+      q, k, v, logit_scale, query_scale, key_bias, mask, logits_soft_cap: as
+        :func:`flash_attention`.
+      return_stats: also return the entropy ``log |M_i|`` and max weight ``1 / |M_i|``.
+
+    Returns:
+      ``(out [B, T, N, Hv], lse [B, N, T])`` (and with ``return_stats`` the entropy and max
+      weight); rows with no visible key give zeros.
+
+    Raises:
+      TypeError: when differentiated (forward-only; the library's hardmax backend adds the value
+        gradient).
+      NotImplementedError: what the kernels cannot run (see :func:`flash_attention`).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from pallas_kernels import flash_hardmax
+      >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 64, 2, 64), jnp.bfloat16)
+      >>> k = k.at[:, 5].set(k[:, 3])  # key 5 duplicates key 3: a tie wherever 3 is the max
+      >>> out, lse = flash_hardmax(q, k, v, logit_scale=0.125)
+      >>> out.shape
+      (1, 64, 2, 64)
+    """
+    mask, empty = _fold(mask, q, k)
+    if empty:
+        _check_inputs(q, k, v, logit_scale)
+        B, T, N, _ = q.shape
+        out = jnp.zeros((B, T, N, v.shape[3]), q.dtype)
+        zeros = jnp.zeros((B, N, T), jnp.float32)
+        return (out, zeros, zeros, zeros) if return_stats else (out, zeros)
+    out, lse, ent, mw = _hardmax(q, k, v, query_scale, key_bias, mask, float(logit_scale),
+                                 bool(return_stats),
+                                 None if logits_soft_cap is None else float(logits_soft_cap))
+    return (out, lse, ent, mw) if return_stats else (out, lse)
