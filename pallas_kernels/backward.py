@@ -45,11 +45,14 @@ from pallas_kernels.common import (
     MMA_BIAS_TERMS,
     MMA_BIAS_WIDTH,
     MaskSpec,
+    band,
     bias_ones,
+    check_soft_cap,
     has_codes,
     interpret_context,
     is_masked,
     narrow_transforms,
+    padded_head_dim,
     segment_ranks,
     soft_cap_base2,
     split_bias,
@@ -63,7 +66,7 @@ LOG2E = math.log2(math.e)
 Q_INVALID = -(2**31)  # query row beyond q_lengths (or padding): sees nothing
 K_INVALID = -(2**31) + 1  # key beyond kv_lengths (or padding): seen by nobody
 K_REGISTER = -(2**31) + 2  # register key: seen by every valid query
-_HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (64, 128, 256)  # the compiled head dims (common.padded_head_dim)
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a vector indexed by the rows of a WGMMA tile
 COL = plgpu.Layout.WGMMA.reduce(0)  # a vector indexed by the columns of a WGMMA tile
 
@@ -173,18 +176,11 @@ def default_config(head_dim: int, query_scale: bool = False, masked: bool = True
         ``query_scale_grad``); without the sums the masked D = 128 dq kernel keeps 128-key tiles.
       device_kind: the ``jax.Device.device_kind`` whose table to read.
     """
-    D = _padded_dim(head_dim)
+    D = padded_head_dim(head_dim, HEAD_DIMS, "backward")
     case = "plain"
     if query_scale:
         case = "c_masked_dc" if masked and query_scale_grad else "c"
     return BackwardConfig(**tuning.lookup("backward", D, case, device_kind))
-
-
-def _padded_dim(d: int) -> int:
-    for size in _HEAD_DIMS:
-        if d <= size:
-            return size
-    raise NotImplementedError(f"head dim {d} > 256 is not supported by the Mosaic GPU backward")
 
 
 def _cdiv(a, b):
@@ -272,7 +268,7 @@ def _zeros_vec(n, layout):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class _Plan:
     """Everything static the kernels close over."""
 
     logit_scale: float
@@ -299,74 +295,68 @@ class _Static:
     soft_cap: float | None = None  # cap log2(e): the base-2 logits are soft-capped (d: 1 - t^2)
 
 
-def _visible(st: _Static, qi, kj, qcode=None, kcode=None):
+def _visible(plan: _Plan, qi, kj, qcode=None, kcode=None):
     """Bool tile: key index ``kj`` visible from query index ``qi`` (int32 tiles, broadcast)."""
-    ok = None
 
     def conj(a, b):
         return b if a is None else a & b
 
-    pos = kj - st.num_registers
-    if st.causal:
-        ok = conj(ok, pos <= qi)
-    if st.window is not None:
-        left, right = st.window
-        ok = conj(ok, (pos >= qi - left) & (pos <= qi + right))
-    if ok is not None and st.num_registers:
-        ok = ok | (kj < st.num_registers)
-    if st.Sp != st.S:
-        ok = conj(ok, kj < st.S)
-    if st.Tp != st.T:
-        ok = conj(ok, qi < st.T)
-    if st.has_codes:
+    ok = band(qi, kj - plan.num_registers, plan.causal, plan.window)
+    if ok is not None and plan.num_registers:
+        ok = ok | (kj < plan.num_registers)
+    if plan.Sp != plan.S:
+        ok = conj(ok, kj < plan.S)
+    if plan.Tp != plan.T:
+        ok = conj(ok, qi < plan.T)
+    if plan.has_codes:
         code_ok = (qcode != Q_INVALID) & ((kcode == qcode) | (kcode == K_REGISTER))
         ok = conj(ok, code_ok)
     return ok
 
 
-def _tile_is_full(st: _Static, q0, bq, k0, bkv):
+def _tile_is_full(plan: _Plan, q0, bq, k0, bkv):
     """Scalar bool: every query of ``[q0, q0 + bq)`` sees every key of ``[k0, k0 + bkv)``.
 
     Conservative (False may still be a full tile); only the index masks, not the codes.
     """
     full = jnp.bool_(True)
-    first, last = k0 - st.num_registers, k0 + (bkv - 1 - st.num_registers)  # key positions
-    if st.causal:
+    first, last = k0 - plan.num_registers, k0 + (bkv - 1 - plan.num_registers)  # key positions
+    if plan.causal:
         full = full & (last <= q0)
-    if st.window is not None:
-        left, right = st.window
+    if plan.window is not None:
+        left, right = plan.window
         full = full & (first >= q0 + (bq - 1 - left)) & (last <= q0 + right)
-    if st.Sp != st.S:
-        full = full & (k0 + bkv <= st.S)
-    if st.Tp != st.T:
-        full = full & (q0 + bq <= st.T)
+    if plan.Sp != plan.S:
+        full = full & (k0 + bkv <= plan.S)
+    if plan.Tp != plan.T:
+        full = full & (q0 + bq <= plan.T)
     return full
 
 
-def _apply_mask(st: _Static, edge: bool, p, visible, q0, bq, k0, bkv):
+def _apply_mask(plan: _Plan, edge: bool, p, visible, q0, bq, k0, bkv):
     """``p`` with hidden entries zeroed; ``visible()`` builds the bool tile.
 
     With ``edge`` (and no codes), tiles that :func:`_tile_is_full` clears skip the mask.
     """
-    if not (st.causal or st.window is not None or st.Sp != st.S or st.Tp != st.T
-            or st.has_codes):
+    if not (plan.causal or plan.window is not None or plan.Sp != plan.S or plan.Tp != plan.T
+            or plan.has_codes):
         return p
     masked = lambda p: jnp.where(visible(), p, 0.0)
-    if not edge or st.has_codes:
+    if not edge or plan.has_codes:
         return masked(p)
-    return lax.cond(_tile_is_full(st, q0, bq, k0, bkv), lambda p: p, masked, p)
+    return lax.cond(_tile_is_full(plan, q0, bq, k0, bkv), lambda p: p, masked, p)
 
 
-def _kv_range(st: _Static, q_start, q_stop, block_kv):
+def _kv_range(plan: _Plan, q_start, q_stop, block_kv):
     """Tiles ``[lo, hi)`` of keys that queries ``[q_start, q_stop)`` may see (causal/window skipping)."""
-    R = st.num_registers
-    n_tiles = st.Sp // block_kv
-    hi_key = jnp.int32(st.Sp)
+    R = plan.num_registers
+    n_tiles = plan.Sp // block_kv
+    hi_key = jnp.int32(plan.Sp)
     lo_key = jnp.int32(0)
-    if st.causal:
+    if plan.causal:
         hi_key = jnp.minimum(hi_key, q_stop + R)
-    if st.window is not None:
-        left, right = st.window
+    if plan.window is not None:
+        left, right = plan.window
         hi_key = jnp.minimum(hi_key, q_stop + right + R)
         if R == 0:
             lo_key = jnp.maximum(lo_key, q_start - left)
@@ -375,24 +365,24 @@ def _kv_range(st: _Static, q_start, q_stop, block_kv):
     return lo, jnp.maximum(hi - lo, 0)
 
 
-def _q_range(st: _Static, k_start, k_stop, block_q):
+def _q_range(plan: _Plan, k_start, k_stop, block_q):
     """Tiles ``[lo, hi)`` of queries that may see keys ``[k_start, k_stop)``."""
-    R = st.num_registers
-    n_tiles = st.Tp // block_q
+    R = plan.num_registers
+    n_tiles = plan.Tp // block_q
     lo_q = jnp.int32(0)
-    hi_q = jnp.int32(st.Tp)
+    hi_q = jnp.int32(plan.Tp)
     p_start, p_last = k_start - R, k_stop - 1 - R
-    if st.causal:
+    if plan.causal:
         lo_q = jnp.maximum(lo_q, p_start)
-    if st.window is not None:
-        left, right = st.window
+    if plan.window is not None:
+        left, right = plan.window
         lo_q = jnp.maximum(lo_q, p_start - right)
         hi_q = jnp.minimum(hi_q, p_last + left + 1)
     if R:
         has_register = k_start < R
         lo_q = jnp.where(has_register, 0, lo_q)
-        hi_q = jnp.where(has_register, st.Tp, hi_q)
-    lo_q = jnp.clip(lo_q, 0, st.Tp)
+        hi_q = jnp.where(has_register, plan.Tp, hi_q)
+    lo_q = jnp.clip(lo_q, 0, plan.Tp)
     lo = lax.div(lo_q, jnp.int32(block_q))
     hi = jnp.minimum(lax.div(jnp.maximum(hi_q, 0) + block_q - 1, jnp.int32(block_q)), n_tiles)
     return lo, jnp.maximum(hi - lo, 0)
@@ -409,7 +399,7 @@ def _compiler_params():
 # --------------------------------------------------------------------------------------------- dq
 
 
-def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
+def _dq_call(plan: _Plan, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
              interpret):
     """dq ``[B, Tp, N, H]`` (input dtype) and dc ``[B, N, Tp]`` float32 (or None).
 
@@ -420,30 +410,30 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
     bq, bkv, wgs = cfg.block_q_dq, cfg.block_kv_dq, cfg.compute_wgs
     n_stats = qstats.shape[2]
     num_q_tiles = Tp // (bq * wgs)
-    a = st.logit_scale
-    G = st.group
-    strip = st.has_bias and not st.mma_bias  # the bias from a float32 strip, one add per logit
-    kv_ones = st.dc_mma and not st.mma_bias  # dc_mma without a bias: sum_j dZ_ij from ones
-    use_ones = st.mma_bias or kv_ones
+    a = plan.logit_scale
+    G = plan.group
+    strip = plan.has_bias and not plan.mma_bias  # the bias from a float32 strip, one add per logit
+    kv_ones = plan.dc_mma and not plan.mma_bias  # dc_mma without a bias: sum_j dZ_ij from ones
+    use_ones = plan.mma_bias or kv_ones
     ones = ones[:max(bq, bkv)] if use_ones else None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, qstats_ref, *rest):
         rest = list(rest)
-        qcode_ref = rest.pop(0) if st.has_codes else None
+        qcode_ref = rest.pop(0) if plan.has_codes else None
         kbias_ref = rest.pop(0) if strip else None
-        kcode_ref = rest.pop(0) if st.has_codes else None
-        kbm_ref = rest.pop(0) if st.mma_bias else None
+        kcode_ref = rest.pop(0) if plan.has_codes else None
+        kbm_ref = rest.pop(0) if plan.mma_bias else None
         ones_ref = rest.pop(0) if use_ones else None
         dq_ref = rest.pop(0)
-        dc_ref = rest.pop(0) if st.need_dc else None
+        dc_ref = rest.pop(0) if plan.need_dc else None
         (q_smem2, do_smem2, stats_smem2, qcode_smem2, dc_smem2, ones_smem2, kv_ones_smem2), \
             barriers = rest
         batch = lax.axis_index("batch")
         head = lax.axis_index("heads")
         kv_head = lax.div(head, jnp.int32(G))
         wg = lax.axis_index("wg")
-        tile_start = tile_index(st.causal and cfg.dq_heavy_first, "q_seq", num_q_tiles) * (wgs * bq)
-        lo, n_kv = _kv_range(st, tile_start, tile_start + wgs * bq, bkv)
+        tile_start = tile_index(plan.causal and cfg.dq_heavy_first, "q_seq", num_q_tiles) * (wgs * bq)
+        lo, n_kv = _kv_range(plan, tile_start, tile_start + wgs * bq, bkv)
 
         def compute_thread(pipeline_callback):
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -454,27 +444,27 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, barriers.at[wg])
             plgpu.copy_gmem_to_smem(qstats_ref.at[batch, head, :, pl.ds(q0, bq)], stats_smem,
                                     barriers.at[wg])
-            if st.has_codes:
+            if plan.has_codes:
                 plgpu.copy_gmem_to_smem(qcode_ref.at[batch, pl.ds(q0, bq)], qcode_smem2.at[wg],
                                         barriers.at[wg])
-            if st.mma_bias:
+            if plan.mma_bias:
                 plgpu.copy_gmem_to_smem(ones_ref.at[pl.ds(0, bq)], ones_smem2.at[wg], barriers.at[wg])
             if kv_ones:
                 plgpu.copy_gmem_to_smem(ones_ref.at[pl.ds(0, bkv)], kv_ones_smem2.at[wg],
                                         barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
-            aux = _zeros((bq, MMA_BIAS_WIDTH)) if st.dc_mma else None
+            aux = _zeros((bq, MMA_BIAS_WIDTH)) if plan.dc_mma else None
             carry = (_zeros((bq, H)), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW),
                      aux)
             dq_acc, dc, dz_sum, pu_sum, aux = pipeline_callback(carry)
-            if st.dc_mma:  # sum_j dZ s = q . dq_acc (+ the bias parts' column sums)
+            if plan.dc_mma:  # sum_j dZ s = q . dq_acc (+ the bias parts' column sums)
                 dc = jnp.sum(q_smem[...].astype(jnp.float32) * dq_acc, axis=1)
                 col = plgpu.broadcasted_iota(jnp.int32, aux.shape, 1, layout=plgpu.Layout.WGMMA)
-                ones_col = DC_ONES_COLUMN if st.mma_bias else 0
+                ones_col = DC_ONES_COLUMN if plan.mma_bias else 0
                 dz_sum = jnp.sum(jnp.where(col == ones_col, aux, 0.0), axis=1)
-                if st.mma_bias:
+                if plan.mma_bias:
                     dc = dc + jnp.sum(jnp.where(col < MMA_BIAS_TERMS, aux, 0.0), axis=1)
-            if st.need_dc:
+            if plan.need_dc:
                 # sum_j dZ_ij = sum_j p dP - delta_i is 0 with the exact delta; with delta from the
                 # low-precision output it is not, and dc_i = sum_j dZ_ij u_ij inherits that error
                 # times the row mean of u. Centering u on its p-mean removes it.
@@ -486,17 +476,17 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
                 dc = dc - pu_sum * dz_sum
                 if not strip:
                     dc = dc * a  # u = a s (s holds b / a with mma_bias): sum dZ u = a sum dZ s
-            if st.has_c:
+            if plan.has_c:
                 scale = plgpu.load(stats_smem.at[2], layout=ROW) * a
                 dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
             else:
                 dq = dq_acc * a
-            q_smem[...] = dq.astype(st.dtype)
-            if st.need_dc:
+            q_smem[...] = dq.astype(plan.dtype)
+            if plan.need_dc:
                 dc_smem2.at[wg][...] = dc
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
-            if st.need_dc:
+            if plan.need_dc:
                 plgpu.copy_smem_to_gmem(dc_smem2.at[wg], dc_ref.at[batch, head, pl.ds(q0, bq)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -506,8 +496,8 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             k_smem, v_smem = smem_refs[0], smem_refs[1]
             extra = list(smem_refs[2:])
             kb_smem = extra.pop(0) if strip else None
-            kc_smem = extra.pop(0) if st.has_codes else None
-            kbm_smem = extra.pop(0) if st.mma_bias else None
+            kc_smem = extra.pop(0) if plan.has_codes else None
+            kbm_smem = extra.pop(0) if plan.mma_bias else None
             dq_acc, dc, dz_sum, pu_sum, aux = carry
             q0 = tile_start + wg * bq
             k0 = (lo + indices[0]) * bkv
@@ -517,19 +507,19 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             delta = plgpu.load(stats_smem.at[1], layout=ROW)
 
             bias_mm = None
-            if st.mma_bias:  # s = q . k + b / a
+            if plan.mma_bias:  # s = q . k + b / a
                 bias_mm = (ones_smem2.at[wg], kbm_smem.transpose((1, 0)))
             s = _mm_smem(q_smem, k_smem.transpose((1, 0)), (bq, bkv), bias_mm)
-            if st.mma_bias and not st.dc_mma:  # (dc_mma reads the bias parts again for dc)
+            if plan.mma_bias and not plan.dc_mma:  # (dc_mma reads the bias parts again for dc)
                 plgpu.barrier_arrive(consumed[-1])
             row = lambda x: lax.broadcast_in_dim(x, (bq, bkv), [0])
-            crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E if st.has_c else None
+            crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E if plan.has_c else None
             kb = None
             if strip:
                 kb = plgpu.load(kb_smem, layout=COL)
                 plgpu.barrier_arrive(consumed[2])
             qc = kc = None
-            if st.has_codes:
+            if plan.has_codes:
                 qc = lax.broadcast_in_dim(plgpu.load(qcode_smem2.at[wg], layout=ROW), (bq, bkv), [0])
                 kc = lax.broadcast_in_dim(plgpu.load(kc_smem, layout=COL), (bq, bkv), [1])
                 plgpu.barrier_arrive(consumed[2 + int(strip)])
@@ -537,33 +527,33 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             def visible():
                 qi = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                return _visible(st, qi, kj, qc, kc)
+                return _visible(plan, qi, kj, qc, kc)
 
             def softmax():  # (u, p, sum_j p g u, g): the logits' u, the probabilities, the cap's g
                 if strip:
                     u = s * a + lax.broadcast_in_dim(kb, (bq, bkv), [1])
-                    z2 = u * (row(crow) if st.has_c else LOG2E)
+                    z2 = u * (row(crow) if plan.has_c else LOG2E)
                 else:  # one FMA per logit with the exponent's shift; dc pairs dZ with s, times a later
                     u = s
-                    z2 = s * (row(crow * a) if st.has_c else a * LOG2E)
+                    z2 = s * (row(crow * a) if plan.has_c else a * LOG2E)
                 g = None
-                if st.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
-                    z2, t = soft_cap_base2(z2, st.soft_cap)
+                if plan.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
+                    z2, t = soft_cap_base2(z2, plan.soft_cap)
                     g = 1.0 - t * t
                 p = jnp.exp2(z2 - row(lse2))
-                p = _apply_mask(st, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
-                pu = st.need_dc and not cfg.dc_center_lse
+                p = _apply_mask(plan, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
+                pu = plan.need_dc and not cfg.dc_center_lse
                 pgu = p * u if g is None else p * g * u
                 return u, p, (jnp.sum(pgu, axis=1) if pu else None), g
 
             def dc_sums(dz, dzc):  # dc_i = sum_j dZ_ij u_ij and sum_j dZc_ij (centered at the end)
-                if not st.need_dc or st.dc_mma:
+                if not plan.need_dc or plan.dc_mma:
                     return dc, dz_sum
                 return dc + jnp.sum(dz * u, axis=1), dz_sum + jnp.sum(dzc, axis=1)
 
             if cfg.overlap:  # the softmax runs while the tensor cores form dP
                 dp, (u, p, pu, g) = _mma_while(None, do_smem, v_smem.transpose((1, 0)), softmax,
-                                               st.interpret, lhs_in_registers=False,
+                                               plan.interpret, lhs_in_registers=False,
                                                shape=(bq, bkv))
             else:
                 u, p, pu, g = softmax()
@@ -573,20 +563,20 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
             # dZ: the uncapped logits', through the cap's derivative
             dzc = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
             dz = dzc if g is None else dzc * g
-            dz16 = dz.astype(st.dtype)
-            if st.dc_mma:  # [sum_j dZ t1, t2, t3, 1, ..] (mma_bias) or sum_j dZ (ones)
-                rhs = kbm_smem if st.mma_bias else kv_ones_smem2.at[wg]
-                dq_acc, aux = _mma_accs(((dq_acc, dz16, k_smem), (aux, dz16, rhs)), st.interpret)
+            dz16 = dz.astype(plan.dtype)
+            if plan.dc_mma:  # [sum_j dZ t1, t2, t3, 1, ..] (mma_bias) or sum_j dZ (ones)
+                rhs = kbm_smem if plan.mma_bias else kv_ones_smem2.at[wg]
+                dq_acc, aux = _mma_accs(((dq_acc, dz16, k_smem), (aux, dz16, rhs)), plan.interpret)
             elif cfg.overlap:  # the dc sums run while the tensor cores accumulate dq
                 dq_acc, (dc, dz_sum) = _mma_while(dq_acc, dz16, k_smem, lambda: dc_sums(dz, dzc),
-                                                  st.interpret, lhs_in_registers=True)
+                                                  plan.interpret, lhs_in_registers=True)
             else:
                 dc, dz_sum = dc_sums(dz, dzc)
-                dq_acc = _mma_acc(dq_acc, dz16, k_smem, st.interpret)
+                dq_acc = _mma_acc(dq_acc, dz16, k_smem, plan.interpret)
             if pu is not None:
                 pu_sum = pu_sum + pu
             plgpu.barrier_arrive(consumed[0])
-            if st.mma_bias and st.dc_mma:
+            if plan.mma_bias and plan.dc_mma:
                 plgpu.barrier_arrive(consumed[-1])
             return dq_acc, dc, dz_sum, pu_sum, aux
 
@@ -599,10 +589,10 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
         if strip:
             in_specs.append(plgpu.BlockSpec((bkv,), lambda i: (lo + i,)))
             in_refs.append(kbias_ref.at[batch, kv_head])
-        if st.has_codes:
+        if plan.has_codes:
             in_specs.append(plgpu.BlockSpec((bkv,), lambda i: (lo + i,)))
             in_refs.append(kcode_ref.at[batch])
-        if st.mma_bias:
+        if plan.mma_bias:
             in_specs.append(plgpu.BlockSpec((bkv, MMA_BIAS_WIDTH), lambda i: (lo + i, 0),
                                             transforms=narrow_transforms()))
             in_refs.append(kbm_ref.at[batch, :, kv_head, :])
@@ -610,30 +600,30 @@ def _dq_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
 
     tf = _transforms()
     scratch = (
-        plgpu.SMEM((wgs, bq, H), st.dtype, transforms=tf),
-        plgpu.SMEM((wgs, bq, Hv), st.dtype, transforms=tf),
+        plgpu.SMEM((wgs, bq, H), plan.dtype, transforms=tf),
+        plgpu.SMEM((wgs, bq, Hv), plan.dtype, transforms=tf),
         plgpu.SMEM((wgs, n_stats, bq), jnp.float32),
-        plgpu.SMEM((wgs, bq), jnp.int32) if st.has_codes else None,
-        plgpu.SMEM((wgs, bq), jnp.float32) if st.need_dc else None,
-        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
-        if st.mma_bias else None,
-        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
+        plgpu.SMEM((wgs, bq), jnp.int32) if plan.has_codes else None,
+        plgpu.SMEM((wgs, bq), jnp.float32) if plan.need_dc else None,
+        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), plan.dtype, transforms=narrow_transforms())
+        if plan.mma_bias else None,
+        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), plan.dtype, transforms=narrow_transforms())
         if kv_ones else None,
     )
     out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    if st.need_dc:
+    if plan.need_dc:
         out_type.append(jax.ShapeDtypeStruct((B, N, Tp), jnp.float32))
-    outs = _launch(st, kernel, out_type, scratch,
-                   n_copies=3 + int(st.has_codes) + int(st.mma_bias) + int(kv_ones),
+    outs = _launch(plan, kernel, out_type, scratch,
+                   n_copies=3 + int(plan.has_codes) + int(plan.mma_bias) + int(kv_ones),
                    grid=(N, num_q_tiles, B), tile_axis="q_seq", wgs=wgs, interpret=interpret,
                    inputs=[q, k, v, do, qstats], side=(qcode, kbias, kcode, kbm, ones))
-    return outs[0], (outs[1] if st.need_dc else None)
+    return outs[0], (outs[1] if plan.need_dc else None)
 
 
 # -------------------------------------------------------------------------------------------- dkv
 
 
-def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
+def _dkv_call(plan: _Plan, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
               interpret, part="dkv"):
     """dk ``[B, Sp, K, H]``, dv ``[B, Sp, K, Hv]`` (input dtype), db ``[B, K, Sp]`` float32 or None.
 
@@ -644,27 +634,27 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
     B, Tp, N, H = q.shape
     Sp, K = k.shape[1], k.shape[2]
     Hv = v.shape[-1]
-    G = st.group
+    G = plan.group
     bq, bkv, wgs = cfg.block_q_dkv, cfg.block_kv_dkv, cfg.compute_wgs
     n_stats = qstats.shape[2]
     num_kv_tiles = Sp // (bkv * wgs)
-    a = st.logit_scale
+    a = plan.logit_scale
     q5 = q.reshape(B, Tp, K, G, H)
     do5 = do.reshape(B, Tp, K, G, Hv)
     qstats5 = qstats.reshape(B, K, G, n_stats, Tp)
-    strip = st.has_bias and not st.mma_bias  # the bias from a float32 strip, one add per logit
-    use_ones = st.mma_bias or (st.mma_db and want_dk)
-    want_db = st.has_bias and want_dk
+    strip = plan.has_bias and not plan.mma_bias  # the bias from a float32 strip, one add per logit
+    use_ones = plan.mma_bias or (plan.mma_db and want_dk)
+    want_db = plan.has_bias and want_dk
     read_v = want_dk  # dv alone needs no dP
     v_buffer = read_v or H != Hv  # else dv is staged in the K buffer
     ones = ones[:bq] if use_ones else None
 
     def kernel(q_ref, do_ref, k_ref, v_ref, qstats_ref, *rest):
         rest = list(rest)
-        qcode_ref = rest.pop(0) if st.has_codes else None
+        qcode_ref = rest.pop(0) if plan.has_codes else None
         kbias_ref = rest.pop(0) if strip else None
-        kcode_ref = rest.pop(0) if st.has_codes else None
-        kbm_ref = rest.pop(0) if st.mma_bias else None
+        kcode_ref = rest.pop(0) if plan.has_codes else None
+        kbm_ref = rest.pop(0) if plan.mma_bias else None
         ones_ref = rest.pop(0) if use_ones else None
         dk_ref = rest.pop(0) if want_dk else None
         dv_ref = rest.pop(0) if want_dv else None
@@ -674,7 +664,7 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         kv_head = lax.axis_index("heads")
         wg = lax.axis_index("wg")
         tile_start = lax.axis_index("kv_seq") * (wgs * bkv)
-        lo, n_q = _q_range(st, tile_start, tile_start + wgs * bkv, bq)
+        lo, n_q = _q_range(plan, tile_start, tile_start + wgs * bkv, bq)
 
         def compute_thread(pipeline_callback):
             k_smem = k_smem2.at[wg]
@@ -687,31 +677,31 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             if strip:
                 plgpu.copy_gmem_to_smem(kbias_ref.at[batch, kv_head, pl.ds(k0, bkv)], kb_smem2.at[wg],
                                         barriers.at[wg])
-            if st.mma_bias:
+            if plan.mma_bias:
                 plgpu.copy_gmem_to_smem(kbm_ref.at[rows], kbm_smem2.at[wg], barriers.at[wg])
             if use_ones:
                 plgpu.copy_gmem_to_smem(ones_ref, ones_smem.at[wg], barriers.at[wg])
-            if st.has_codes:
+            if plan.has_codes:
                 plgpu.copy_gmem_to_smem(kcode_ref.at[batch, pl.ds(k0, bkv)], kc_smem2.at[wg],
                                         barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
             db0 = None
             if want_db:
-                db0 = _zeros((bkv, MMA_BIAS_WIDTH)) if st.mma_db else _zeros_vec(bkv, ROW)
+                db0 = _zeros((bkv, MMA_BIAS_WIDTH)) if plan.mma_db else _zeros_vec(bkv, ROW)
             carry = (_zeros((bkv, H)) if want_dk else None,
                      _zeros((bkv, Hv)) if want_dv else None, db0)
             dk_acc, dv_acc, db = pipeline_callback(carry)
-            if want_db and st.mma_db:  # every column with a one holds db; keep column 0
+            if want_db and plan.mma_db:  # every column with a one holds db; keep column 0
                 colid = plgpu.broadcasted_iota(jnp.int32, db.shape, 1, layout=plgpu.Layout.WGMMA)
                 db = jnp.sum(jnp.where(colid == 0, db, 0.0), axis=1)
             if want_dk:
                 dk = dk_acc * a
-                if st.bias_key_grad is not None:  # b_j = g ||k_j||^2: its key gradient 2 g db_j k_j
-                    dk = dk + (st.bias_key_grad * lax.broadcast_in_dim(db, (bkv, H), [0])
+                if plan.bias_key_grad is not None:  # b_j = g ||k_j||^2: its key gradient 2 g db_j k_j
+                    dk = dk + (plan.bias_key_grad * lax.broadcast_in_dim(db, (bkv, H), [0])
                                * k_smem[...].astype(jnp.float32))
-                k_smem[...] = dk.astype(st.dtype)
+                k_smem[...] = dk.astype(plan.dtype)
             if want_dv:
-                v_smem[...] = dv_acc.astype(st.dtype)
+                v_smem[...] = dv_acc.astype(plan.dtype)
             if want_db:
                 kb_smem2.at[wg][...] = db
             plgpu.commit_smem()
@@ -729,7 +719,7 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             n_in = len(in_specs)
             smem_refs, consumed, carry = refs[:n_in], refs[n_in:2 * n_in], refs[-1]
             q_smem, do_smem, stats_smem = smem_refs[:3]
-            qc_smem = smem_refs[3] if st.has_codes else None
+            qc_smem = smem_refs[3] if plan.has_codes else None
             dk_acc, dv_acc, db = carry
             k_smem = k_smem2.at[wg]
             v_smem = v_smem2.at[wg] if v_buffer else None
@@ -739,16 +729,16 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
 
             lse2 = plgpu.load(stats_smem.at[0], layout=COL)
             delta = plgpu.load(stats_smem.at[1], layout=COL)
-            crow = plgpu.load(stats_smem.at[2], layout=COL) if st.has_c else None
+            crow = plgpu.load(stats_smem.at[2], layout=COL) if plan.has_c else None
             plgpu.barrier_arrive(consumed[2])
             qc = kc = None
-            if st.has_codes:
+            if plan.has_codes:
                 qc = lax.broadcast_in_dim(plgpu.load(qc_smem, layout=COL), shape, [1])
                 plgpu.barrier_arrive(consumed[3])
                 kc = lax.broadcast_in_dim(plgpu.load(kc_smem2.at[wg], layout=ROW), shape, [0])
 
             bias_mm = None
-            if st.mma_bias:  # s = k . q + b / a
+            if plan.mma_bias:  # s = k . q + b / a
                 bias_mm = (kbm_smem2.at[wg], ones_smem.at[wg].transpose((1, 0)))
             s_t = _mm_smem(k_smem, q_smem.transpose((1, 0)), shape, bias_mm)
             col = lambda x: lax.broadcast_in_dim(x, shape, [1])
@@ -757,53 +747,53 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             def visible():
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
                 qi = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                return _visible(st, qi, kj, qc, kc)
+                return _visible(plan, qi, kj, qc, kc)
 
             def softmax():
                 if strip:
                     u_t = s_t * a + lax.broadcast_in_dim(kb, shape, [0])
-                    z2 = u_t * (col(crow * LOG2E) if st.has_c else LOG2E)
+                    z2 = u_t * (col(crow * LOG2E) if plan.has_c else LOG2E)
                 else:  # one FMA per logit with the exponent's shift
-                    z2 = s_t * (col(crow * (a * LOG2E)) if st.has_c else a * LOG2E)
+                    z2 = s_t * (col(crow * (a * LOG2E)) if plan.has_c else a * LOG2E)
                 g_t = None
-                if st.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
-                    z2, t = soft_cap_base2(z2, st.soft_cap)
+                if plan.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
+                    z2, t = soft_cap_base2(z2, plan.soft_cap)
                     g_t = 1.0 - t * t
                 p_t = jnp.exp2(z2 - col(lse2))
-                return _apply_mask(st, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv), g_t
+                return _apply_mask(plan, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv), g_t
 
             def dz_of(p_t, dp_t, g_t):
-                if st.has_c:  # c (dP - delta) as one FMA
+                if plan.has_c:  # c (dP - delta) as one FMA
                     dz_t = p_t * (dp_t * col(crow) - col(delta * crow))
                 else:
                     dz_t = p_t * (dp_t - col(delta))
                 if g_t is not None:
                     dz_t = dz_t * g_t
-                return dz_t, dz_t.astype(st.dtype)
+                return dz_t, dz_t.astype(plan.dtype)
 
             def db_sum(db, dz_t):
-                return db + jnp.sum(dz_t, axis=1) if want_db and not st.mma_db else db
+                return db + jnp.sum(dz_t, axis=1) if want_db and not plan.mma_db else db
 
             def p_and_dp():  # the softmax runs while the tensor cores form dP (overlap)
                 if cfg.overlap:
                     dp_t, (p_t, g_t) = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
-                                                  st.interpret, lhs_in_registers=False, shape=shape)
+                                                  plan.interpret, lhs_in_registers=False, shape=shape)
                     return p_t, g_t, dp_t
                 p_t, g_t = softmax()
                 return p_t, g_t, _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
 
             def dk_step(dk_acc, db, dz_t, dz16):  # dk += dZ^T Q, and db's sum of dZ
-                if st.mma_db:
-                    db = _mma_acc(db, dz16, ones_smem.at[wg], st.interpret)
+                if plan.mma_db:
+                    db = _mma_acc(db, dz16, ones_smem.at[wg], plan.interpret)
                 if cfg.overlap:  # db's row sums while the tensor cores accumulate dk
-                    return _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(db, dz_t), st.interpret,
+                    return _mma_while(dk_acc, dz16, q_smem, lambda: db_sum(db, dz_t), plan.interpret,
                                       lhs_in_registers=True)
                 db = db_sum(db, dz_t)
-                return _mma_acc(dk_acc, dz16, q_smem, st.interpret), db
+                return _mma_acc(dk_acc, dz16, q_smem, plan.interpret), db
 
             if part == "dv":  # P only: no dP, dZ or dk
                 p_t, _ = softmax()
-                dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
+                dv_acc = _mma_acc(dv_acc, p_t.astype(plan.dtype), do_smem, plan.interpret)
                 plgpu.barrier_arrive(consumed[1])
             elif part == "dk":  # P, dP and dZ, no dv
                 p_t, g_t, dp_t = p_and_dp()
@@ -811,13 +801,13 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
                 dz_t, dz16 = dz_of(p_t, dp_t, g_t)
             elif cfg.overlap:  # dZ formed while the tensor cores accumulate dv
                 p_t, g_t, dp_t = p_and_dp()
-                dv_acc, (dz_t, dz16) = _mma_while(dv_acc, p_t.astype(st.dtype), do_smem,
-                                                  lambda: dz_of(p_t, dp_t, g_t), st.interpret,
+                dv_acc, (dz_t, dz16) = _mma_while(dv_acc, p_t.astype(plan.dtype), do_smem,
+                                                  lambda: dz_of(p_t, dp_t, g_t), plan.interpret,
                                                   lhs_in_registers=True)
                 plgpu.barrier_arrive(consumed[1])
             else:
                 p_t, g_t = softmax()
-                dv_acc = _mma_acc(dv_acc, p_t.astype(st.dtype), do_smem, st.interpret)
+                dv_acc = _mma_acc(dv_acc, p_t.astype(plan.dtype), do_smem, plan.interpret)
                 dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
                 plgpu.barrier_arrive(consumed[1])
                 dz_t, dz16 = dz_of(p_t, dp_t, g_t)
@@ -833,20 +823,20 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
             plgpu.BlockSpec((pl.Squeezed(), n_stats, bq), lambda g, i: (g, 0, lo + i)),
         ]
         in_refs = [q_ref.at[batch, :, kv_head], do_ref.at[batch, :, kv_head], qstats_ref.at[batch, kv_head]]
-        if st.has_codes:
+        if plan.has_codes:
             in_specs.append(plgpu.BlockSpec((bq,), lambda g, i: (lo + i,)))
             in_refs.append(qcode_ref.at[batch])
         _pipeline(q_body, (G, n_q), cfg, wgs, compute_thread, in_specs)(*in_refs)
 
     tf = _transforms()
     scratch = (
-        plgpu.SMEM((wgs, bkv, H), st.dtype, transforms=tf),
-        plgpu.SMEM((wgs, bkv, Hv), st.dtype, transforms=tf) if v_buffer else None,
+        plgpu.SMEM((wgs, bkv, H), plan.dtype, transforms=tf),
+        plgpu.SMEM((wgs, bkv, Hv), plan.dtype, transforms=tf) if v_buffer else None,
         plgpu.SMEM((wgs, bkv), jnp.float32) if strip or want_db else None,
-        plgpu.SMEM((wgs, bkv), jnp.int32) if st.has_codes else None,
-        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
-        if st.mma_bias else None,
-        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), st.dtype, transforms=narrow_transforms())
+        plgpu.SMEM((wgs, bkv), jnp.int32) if plan.has_codes else None,
+        plgpu.SMEM((wgs, bkv, MMA_BIAS_WIDTH), plan.dtype, transforms=narrow_transforms())
+        if plan.mma_bias else None,
+        plgpu.SMEM((wgs, bq, MMA_BIAS_WIDTH), plan.dtype, transforms=narrow_transforms())
         if use_ones else None,
     )
     out_type = []
@@ -856,8 +846,8 @@ def _dkv_call(st: _Static, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbia
         out_type.append(jax.ShapeDtypeStruct(v.shape, v.dtype))
     if want_db:
         out_type.append(jax.ShapeDtypeStruct((B, K, Sp), jnp.float32))
-    outs = list(_launch(st, kernel, out_type, scratch,
-                        n_copies=(1 + int(read_v) + int(strip) + int(st.has_codes) + int(st.mma_bias)
+    outs = list(_launch(plan, kernel, out_type, scratch,
+                        n_copies=(1 + int(read_v) + int(strip) + int(plan.has_codes) + int(plan.mma_bias)
                                   + int(use_ones)),
                         grid=(K, num_kv_tiles, B), tile_axis="kv_seq", wgs=wgs, interpret=interpret,
                         inputs=[q5, do5, k, v, qstats5], side=(qcode, kbias, kcode, kbm, ones)))
@@ -882,7 +872,7 @@ def _pipeline(body, grid, cfg, wgs, compute_thread, in_specs):
     )
 
 
-def _launch(st, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, interpret, inputs,
+def _launch(plan, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, interpret, inputs,
             side):
     """One ``plgpu.kernel`` call: ``wgs`` compute warpgroups + 1 pipeline warpgroup.
 
@@ -891,13 +881,13 @@ def _launch(st, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, in
     """
     qcode, kbias, kcode, kbm, ones = side
     inputs = list(inputs)
-    if st.has_codes:
+    if plan.has_codes:
         inputs.append(qcode)
-    if st.has_bias and not st.mma_bias:
+    if plan.has_bias and not plan.mma_bias:
         inputs.append(kbias)
-    if st.has_codes:
+    if plan.has_codes:
         inputs.append(kcode)
-    if st.mma_bias:
+    if plan.mma_bias:
         inputs.append(kbm)
     if ones is not None:
         inputs.append(ones)
@@ -1073,7 +1063,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         raise TypeError(f"interpret must be None, a bool or plgpu.InterpretGPUParams, got {interpret!r}")
     B, T, N, H0 = q.shape
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
-    H, Hv = _padded_dim(H0), _padded_dim(Hv0)
+    H, Hv = (padded_head_dim(d, HEAD_DIMS, "backward") for d in (H0, Hv0))
     masked = is_masked(mask)
     cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None,
                                                            masked, bool(query_scale_grad))
@@ -1083,7 +1073,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     q_mult = math.lcm(cfg.block_q_dq * cfg.compute_wgs, cfg.block_q_dkv)
     k_mult = math.lcm(cfg.block_kv_dkv * cfg.compute_wgs, cfg.block_kv_dq)
     Tp, Sp = _cdiv(T, q_mult) * q_mult, _cdiv(S, k_mult) * k_mult
-    st = _Static(
+    plan = _Plan(
         logit_scale=float(logit_scale), num_registers=R, causal=mask.is_causal,
         window=mask.local_window_size, has_codes=has_codes(mask), has_c=query_scale is not None,
         need_dc=query_scale is not None and bool(query_scale_grad),
@@ -1095,7 +1085,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
             key_bias is None or (cfg.mma_bias and jnp.dtype(q.dtype) == jnp.bfloat16))
         and logits_soft_cap is None,
         bias_key_grad=bias_key_grad,
-        soft_cap=None if logits_soft_cap is None else _check_cap(logits_soft_cap) * LOG2E,
+        soft_cap=None if logits_soft_cap is None else check_soft_cap(logits_soft_cap) * LOG2E,
         T=T, S=S, Tp=Tp, Sp=Sp, group=N // K, H=H, Hv=Hv, dtype=q.dtype,
         interpret=interpret is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
@@ -1109,23 +1099,17 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         q_rank, k_rank = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
         mask = dataclasses.replace(mask, q_segment_ids=q_rank, kv_segment_ids=k_rank)
     mask = jax.tree.map(lambda x: x.astype(jnp.int32), mask)
-    if st.soft_cap is not None and st.need_dc and cfg.dc_center_lse:
+    if plan.soft_cap is not None and plan.need_dc and cfg.dc_center_lse:
         raise NotImplementedError("logits_soft_cap with BackwardConfig.dc_center_lse (its centring "
                                   "on lse / c assumes uncapped logits)")
     if lse_cotangent is not None:
-        if st.need_dc and cfg.dc_center_lse:
+        if plan.need_dc and cfg.dc_center_lse:
             raise NotImplementedError("a logsumexp cotangent with BackwardConfig.dc_center_lse: its "
                                       "dc centring is not the p-mean the lse term needs")
         lse_cotangent = jnp.broadcast_to(lse_cotangent, lse.shape).astype(jnp.float32)
-    with interpret_context(st.interpret), jax.enable_x64(False):
-        return _flash_backward(st, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
+    with interpret_context(plan.interpret), jax.enable_x64(False):
+        return _flash_backward(plan, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
                                kernels, lse_cotangent)
-
-
-def _check_cap(cap):
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf:
-        raise ValueError(f"logits_soft_cap must be a python float > 0, got {cap!r}")
-    return float(cap)
 
 
 def _check_python_float(name, x):
@@ -1148,7 +1132,7 @@ def _delta(out, dout):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 11, 12))
-def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
+def _flash_backward(plan: _Plan, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
                     kernels, lse_cotangent=None):
     B, T, N, H0 = q.shape
     S, Hv0 = k.shape[1], v.shape[-1]
@@ -1156,32 +1140,32 @@ def _flash_backward(st: _Static, cfg, q, k, v, out, lse, dout, query_scale, key_
     if lse_cotangent is not None:
         delta = delta - lse_cotangent
     stats = [lse.astype(jnp.float32) * LOG2E, delta]
-    if st.has_c:
+    if plan.has_c:
         stats.append(query_scale.astype(jnp.float32))
-    qstats = _pad_axis(jnp.stack(stats, axis=2), 3, st.Tp)  # [B, N, n_stats, Tp]
-    qp = _pad_axis(_pad_axis(q, 3, st.H), 1, st.Tp)
-    kp = _pad_axis(_pad_axis(k, 3, st.H), 1, st.Sp)
-    vp = _pad_axis(_pad_axis(v, 3, st.Hv), 1, st.Sp)
-    dop = _pad_axis(_pad_axis(dout.astype(q.dtype), 3, st.Hv), 1, st.Tp)
-    kbias = None if key_bias is None else _pad_axis(key_bias.astype(jnp.float32), 2, st.Sp)
+    qstats = _pad_axis(jnp.stack(stats, axis=2), 3, plan.Tp)  # [B, N, n_stats, Tp]
+    qp = _pad_axis(_pad_axis(q, 3, plan.H), 1, plan.Tp)
+    kp = _pad_axis(_pad_axis(k, 3, plan.H), 1, plan.Sp)
+    vp = _pad_axis(_pad_axis(v, 3, plan.Hv), 1, plan.Sp)
+    dop = _pad_axis(_pad_axis(dout.astype(q.dtype), 3, plan.Hv), 1, plan.Tp)
+    kbias = None if key_bias is None else _pad_axis(key_bias.astype(jnp.float32), 2, plan.Sp)
     kbm = ones = None
-    if st.mma_bias:  # [B, Sp, K, 16]: bf16 parts of b / a
-        kbm = split_bias(jnp.transpose(kbias, (0, 2, 1)) / st.logit_scale, q.dtype)  # [B, Sp, K] order
-        if st.dc_mma:  # a ones column for sum_j dZ_ij (the q side's [1, 1, 1, 0..] skips it)
+    if plan.mma_bias:  # [B, Sp, K, 16]: bf16 parts of b / a
+        kbm = split_bias(jnp.transpose(kbias, (0, 2, 1)) / plan.logit_scale, q.dtype)  # [B, Sp, K] order
+        if plan.dc_mma:  # a ones column for sum_j dZ_ij (the q side's [1, 1, 1, 0..] skips it)
             kbm = kbm.at[..., DC_ONES_COLUMN].set(1)
-    if st.mma_bias or st.mma_db or st.dc_mma:  # [rows, 16]: [1, 1, 1, 0..]
+    if plan.mma_bias or plan.mma_db or plan.dc_mma:  # [rows, 16]: [1, 1, 1, 0..]
         ones = bias_ones(max(cfg.block_q_dq, cfg.block_q_dkv, cfg.block_kv_dq), q.dtype)
     qcode = kcode = None
-    if st.has_codes:
-        qcode, kcode = _codes(mask, B, T, S, st.Tp, st.Sp, st.num_registers)
+    if plan.has_codes:
+        qcode, kcode = _codes(mask, B, T, S, plan.Tp, plan.Sp, plan.num_registers)
     dq = dk = dv = dc = db = None
     if "dq" in kernels:
-        dq, dc = _dq_call(st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones,
+        dq, dc = _dq_call(plan, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones,
                           interpret)
         dq = dq[:, :T, :, :H0]
         dc = None if dc is None else dc[:, :, :T]
     if "dkv" in kernels:
-        args = (st, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones, interpret)
+        args = (plan, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones, interpret)
         if cfg.dkv_split:  # one float32 accumulator per kernel (D = 256)
             dk, _, db = _dkv_call(*args, part="dk")
             _, dv, _ = _dkv_call(*args, part="dv")

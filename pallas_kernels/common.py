@@ -91,6 +91,21 @@ def is_masked(mask: MaskSpec) -> bool:
     return mask.is_causal or mask.local_window_size is not None or has_codes(mask)
 
 
+def band(qpos, pos, causal: bool, window):
+    """The causal / window part of the visibility rule: sequence key position ``pos`` is inside
+    the band of a query at position ``qpos`` (``pos <= qpos``; ``qpos - left <= pos <= qpos +
+    right``), or None when there is neither bound. The one form of the rule that
+    :func:`visible` and both kernels' tiles evaluate (broadcasting int arrays)."""
+    ok = None
+    if causal:
+        ok = pos <= qpos
+    if window is not None:
+        left, right = window
+        inside = (pos >= qpos - left) & (pos <= qpos + right)
+        ok = inside if ok is None else ok & inside
+    return ok
+
+
 def visible(spec: MaskSpec, b_idx, q_idx, k_idx):
     """Bool visibility of keys ``k_idx`` (incl. registers) from queries ``q_idx`` in batch ``b_idx``.
 
@@ -103,11 +118,9 @@ def visible(spec: MaskSpec, b_idx, q_idx, k_idx):
     ok = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(k_idx)), bool)
     seq = pos >= 0
     qpos = q_idx + spec.offset if spec.offset else q_idx  # the query's position among the keys
-    if spec.is_causal:
-        ok = ok & (pos <= qpos)
-    if spec.local_window_size is not None:
-        left, right = spec.local_window_size
-        ok = ok & (pos >= qpos - left) & (pos <= qpos + right)
+    in_band = band(qpos, pos, spec.is_causal, spec.local_window_size)
+    if in_band is not None:
+        ok = ok & in_band
     if spec.kv_lengths is not None:
         ok = ok & (pos < spec.kv_lengths[b_idx])
     if spec.q_segment_ids is not None:
@@ -330,6 +343,33 @@ def tile_index(reverse: bool, axis: str, num_tiles: int):
     tiles in order, so reversed, a causal kernel starts each head's longest tiles first."""
     i = lax.axis_index(axis)
     return (num_tiles - 1) - i if reverse else i
+
+
+def padded_head_dim(d: int, sizes: tuple[int, ...], kernel: str) -> int:
+    """The head dim a kernel runs ``d`` at: the smallest of its compiled ``sizes`` that holds it
+    (the operands are zero-padded, which changes no logit and no output column).
+
+    One rule, two size sets: the forward compiles 64, 128, 192 and 256, the backward 64, 128 and
+    256 (no 192 is tuned or checked there), so a head dim of 160 runs the forward at 192 and the
+    backward at 256.
+
+    Raises:
+      NotImplementedError: ``d`` above the largest size (the dispatcher falls back).
+    """
+    for size in sizes:
+        if d <= size:
+            return size
+    raise NotImplementedError(f"head dims above {sizes[-1]} are not supported by the {kernel} "
+                              f"kernel, got {d}")
+
+
+def check_soft_cap(cap):
+    """``float(cap)`` for a python real ``cap > 0`` (None stays None); else ValueError."""
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf:
+        raise ValueError(f"logits_soft_cap must be a python float > 0 or None, got {cap!r}")
+    return float(cap)
 
 
 @contextlib.contextmanager

@@ -57,10 +57,13 @@ from pallas_kernels import tuning
 from pallas_kernels.common import (
     MMA_BIAS_WIDTH,
     MaskSpec,
+    band,
     bias_ones,
+    check_soft_cap,
     interpret_context,
     is_masked,
     narrow_transforms,
+    padded_head_dim,
     segment_ranks,
     soft_cap_base2,
     split_bias,
@@ -72,6 +75,7 @@ __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "default_
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+HEAD_DIMS = (64, 128, 192, 256)  # the compiled head dims (common.padded_head_dim)
 MASKED = -1e30  # base-2 logit of a hidden key
 _EMPTY = 0.5 * MASKED  # a final row max at or below this: no visible key
 _TMA_REGISTERS = 40
@@ -325,11 +329,9 @@ def _visible(plan, q0, step, kid, qid):
     cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + step * bkv
     pos = cols - R
     ok = pos < plan.seq_kv
-    if plan.causal:
-        ok = ok & (pos <= rows)
-    if plan.window is not None:
-        left, right = plan.window
-        ok = ok & (pos >= rows - left) & (pos <= rows + right)
+    in_band = band(rows, pos, plan.causal, plan.window)
+    if in_band is not None:
+        ok = ok & in_band
     if R:
         ok = ok | (cols < R)
     if plan.has_kid:
@@ -843,14 +845,6 @@ def _check_inputs(q, k, v, logit_scale):
         raise NotImplementedError(f"head dims above 256 are not supported, got {head_dim}")
 
 
-def _check_cap(cap):
-    if cap is None:
-        return None
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf:
-        raise ValueError(f"logits_soft_cap must be a python float > 0 or None, got {cap!r}")
-    return float(cap)
-
-
 def _check_row_max(row_max, q):
     B, T, N, _ = q.shape
     shape = jnp.shape(row_max)
@@ -865,7 +859,7 @@ def _check_row_max(row_max, q):
 
 
 def _blocks(q, v, config, query_scale, key_bias, defaults=default_block_sizes, **kwargs):
-    D = _round_up(max(q.shape[3], v.shape[3] if v is not None else 0), 64)
+    D = padded_head_dim(max(q.shape[3], v.shape[3] if v is not None else 0), HEAD_DIMS, "forward")
     return D, config or defaults(D, query_scale is not None, key_bias is not None, **kwargs)
 
 
@@ -1027,7 +1021,7 @@ def flash_forward(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
 
     plan, arrays = _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpret,
                             stats=return_stats, pv=True, nonneg=query_scale_nonnegative,
-                            row_max=row_max, soft_cap=_check_cap(logits_soft_cap),
+                            row_max=row_max, soft_cap=check_soft_cap(logits_soft_cap),
                             hardmax=hardmax)
     out, lse, ent, mw = _run(plan, *arrays)
     T, Hv = q.shape[1], v.shape[3]
@@ -1068,7 +1062,7 @@ def flash_stats(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     config = _blocks(q, k, config, query_scale, key_bias, default_stats_block_sizes)[1]
     plan, arrays = _prepare(q, k, k, logit_scale, query_scale, key_bias, mask, config, interpret,
                             stats=True, pv=False, nonneg=query_scale_nonnegative,
-                            soft_cap=_check_cap(logits_soft_cap))
+                            soft_cap=check_soft_cap(logits_soft_cap))
     _, lse, ent, row_max = _run(plan, *arrays)
     T = q.shape[1]
     if return_row_max:

@@ -101,11 +101,11 @@ def _compare(q, k, v, dout, c, b, spec, a=0.3, config=None, jit=False):
 
 
 def _index_static(**fields):
-    """A ``backward._Static`` for the tile-range helpers: no c, b or codes; ``fields`` override."""
+    """A ``backward._Plan`` for the tile-range helpers: no c, b or codes; ``fields`` override."""
     base = dict(logit_scale=1.0, num_registers=0, causal=False, window=None, has_codes=False,
                 has_c=False, need_dc=False, has_bias=False, mma_bias=False, mma_db=False, dc_mma=False,
                 bias_key_grad=None, group=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
-    return backward._Static(**{**base, **fields})
+    return backward._Plan(**{**base, **fields})
 
 
 def _no_key_rows(spec, B, T, S):
