@@ -9,10 +9,10 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 * ``c``: a per-query scale (scalable-softmax, adaptive temperature), ``c ~ U(0.5, 1.5)``;
 * ``b``: a per-key bias (RBF), ``b_j = -||k_j||^2 / 2``.
 
-Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_config`,
+Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_backward_block_sizes`,
 ``first`` = untuned tiles, ``edge`` / ``noedge`` = edge-only masks in both / no
 kernel, ``kv64`` / ``kv128`` = 64- / 128-key dq tiles, ``wgs3`` = 3 compute warpgroups,
-``overlap`` = :attr:`BackwardConfig.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off,
+``overlap`` = :attr:`BackwardBlockSizes.overlap`, ``dcmma`` / ``nodcmma`` = ``dc_mma`` on / off,
 ``dclse`` = ``dc_center_lse``, ``dqascending`` = ``dq_heavy_first`` off, ``dkvsplit`` /
 ``dkvfused`` = ``dkv_split`` on / off), and
 the forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``), with ``mma_bias``
@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import require_gpu  # noqa: E402
 from benchmarks.timing import compare, warm_device  # noqa: E402
-from pallas_kernels.backward import BackwardConfig, default_config, flash_backward  # noqa: E402
+from pallas_kernels.backward import BackwardBlockSizes, default_backward_block_sizes, flash_backward  # noqa: E402
 from pallas_kernels.common import MaskSpec  # noqa: E402
 from pallas_kernels.forward import default_block_sizes, default_stats_block_sizes, flash_forward, flash_stats  # noqa: E402
 
@@ -52,10 +52,10 @@ TOKENS = 16384
 
 def bwd_configs(D, query_scale=False, masked=True):
     """Named backward configs to compare at padded head dim ``D``."""
-    base = default_config(D, query_scale, masked)
+    base = default_backward_block_sizes(D, query_scale, masked)
     return {
         "default": base,
-        "first": BackwardConfig(64, 128 if D < 256 else 64, 64, 64, 2 if D < 256 else 1, 2),
+        "first": BackwardBlockSizes(64, 128 if D < 256 else 64, 64, 64, 2 if D < 256 else 1, 2),
         "edge": dataclasses.replace(base, dq_edge_masks=True, dkv_edge_masks=True),
         "noedge": dataclasses.replace(base, dq_edge_masks=False, dkv_edge_masks=False),
         "kv64": dataclasses.replace(base, block_kv_dq=64),
@@ -204,7 +204,7 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
             candidates[(part, name)] = (fn, (q, k, v, out, lse, do, c, b))
     if c is not None:  # the dq kernel without the dc sums (a constant SSMax s, a stopped beta):
         # its default tiles, and the other dq key tile (64 / 128)
-        dq_base = default_config(D, True, causal, query_scale_grad=False)
+        dq_base = default_backward_block_sizes(D, True, causal, query_scale_grad=False)
         other = 64 if dq_base.block_kv_dq == 128 else 128
         nodc = {"nodc": dq_base, f"nodckv{other}": dataclasses.replace(dq_base, block_kv_dq=other)}
         for name, cfg in nodc.items():

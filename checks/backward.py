@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checks.common import gpu_missing, parse_overrides
-from pallas_kernels.backward import BackwardConfig, default_config, flash_backward
+from pallas_kernels.backward import BackwardBlockSizes, default_backward_block_sizes, flash_backward
 from pallas_kernels.common import MaskSpec, flash_reference, is_masked
 
 # name: (B, T, S, N, K, D, mask kwargs, registers, use query_scale, use key_bias (True: N(0, 1);
@@ -90,7 +90,7 @@ def _rel(x, ref):
 
 def check_case(name, seed, query_scale_grad=True, flip_mma_db=False, overrides=None):
     """Errors of one CHECKS case against the float32 oracle; ``flip_mma_db``: the default config
-    with ``BackwardConfig.mma_db`` flipped (on at D = 64 by default); ``overrides``: fields of
+    with ``BackwardBlockSizes.mma_db`` flipped (on at D = 64 by default); ``overrides``: fields of
     the default config to replace (``--set``)."""
     B, T, S, N, K, D, mask_kind, R, use_c, use_b = CHECKS[name]
     q, k, v, do, c, b, mkey = _inputs(jax.random.key(seed), B, T, S + R, N, K, D, use_c, use_b)
@@ -107,7 +107,7 @@ def check_case(name, seed, query_scale_grad=True, flip_mma_db=False, overrides=N
     refs = vjp((do.astype(jnp.float32), jnp.zeros_like(lse)))
     config = None
     if flip_mma_db or overrides:
-        config = default_config(D, c is not None, is_masked(mask))
+        config = default_backward_block_sizes(D, c is not None, is_masked(mask))
         if flip_mma_db:
             config = dataclasses.replace(config, mma_db=not config.mma_db)
         config = dataclasses.replace(config, **(overrides or {}))
@@ -168,12 +168,12 @@ def _chunked_forward(q, k, v, a, causal, chunk=1024):
 
 # Candidate configs for ``--tune`` (dq block_q, dq block_kv, dkv block_q, dkv block_kv, wgs, stages).
 TUNE_CONFIGS = (
-    BackwardConfig(64, 128, 64, 64, 2, 2),
-    BackwardConfig(64, 128, 64, 64, 2, 3),
-    BackwardConfig(64, 64, 64, 64, 2, 2),
-    BackwardConfig(64, 128, 128, 64, 2, 2),
-    BackwardConfig(64, 64, 128, 64, 2, 3),
-    BackwardConfig(64, 128, 64, 128, 1, 2),
+    BackwardBlockSizes(64, 128, 64, 64, 2, 2),
+    BackwardBlockSizes(64, 128, 64, 64, 2, 3),
+    BackwardBlockSizes(64, 64, 64, 64, 2, 2),
+    BackwardBlockSizes(64, 128, 128, 64, 2, 2),
+    BackwardBlockSizes(64, 64, 128, 64, 2, 3),
+    BackwardBlockSizes(64, 128, 64, 128, 1, 2),
 )
 
 
@@ -229,16 +229,16 @@ def main(argv=None):
     parser.add_argument("--no-query-scale-grad", action="store_true",
                         help="run the dq kernel without the dc sums (query_scale_grad=False)")
     parser.add_argument("--flip-mma-db", action="store_true",
-                        help="the default config with BackwardConfig.mma_db flipped")
+                        help="the default config with BackwardBlockSizes.mma_db flipped")
     parser.add_argument("--set", default="",
-                        help="BackwardConfig fields to override, e.g. overlap=1,block_kv_dq=64")
+                        help="BackwardBlockSizes fields to override, e.g. overlap=1,block_kv_dq=64")
     parser.add_argument("--interpret", action="store_true",
                         help="run without a GPU, in the Mosaic GPU interpreter (hours at these sizes)")
     args = parser.parse_args(argv)
     if gpu_missing(args.interpret, "python -m checks.backward",
                    "pass --interpret to run it in the (very slow) CPU interpreter"):
         return 2
-    overrides = parse_overrides(args.set, BackwardConfig)
+    overrides = parse_overrides(args.set, BackwardBlockSizes)
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, "seed", args.seed, flush=True)
     rows, timings = [], []
     if args.only in ("check", "both"):

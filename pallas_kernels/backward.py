@@ -12,7 +12,7 @@ Two deterministic kernels (no atomics) compute the gradients of the kernel-level
 * the **dq kernel** (grid: query heads x query tiles x batch) pipelines K/V tiles through shared
   memory and accumulates ``dq_i = a c_i sum_j dZ_ij k_j`` and ``dc_i = sum_j dZ_ij u_ij`` (computed as
   ``sum_j dZ u - (sum_j p u)(sum_j dZ)``, exact also when delta comes from a bf16 output; with
-  ``BackwardConfig.dc_mma`` the two dZ sums come from the tensor cores);
+  ``BackwardBlockSizes.dc_mma`` the two dZ sums come from the tensor cores);
 * the **dkv kernel** (grid: kv heads x kv tiles x batch) pipelines Q/dO tiles of every query head of
   the GQA group (an inner loop over the group's heads) and accumulates ``dv_j = sum_i p_ij dO_i``,
   ``dk_j = a sum_i c_i dZ_ij q_i`` and ``db_j = sum_i c_i dZ_ij``, reduced over the group in-kernel.
@@ -59,7 +59,7 @@ from pallas_kernels.common import (
     tile_index,
 )
 
-__all__ = ["BackwardConfig", "default_config", "flash_backward"]
+__all__ = ["BackwardBlockSizes", "default_backward_block_sizes", "flash_backward"]
 
 LOG2E = math.log2(math.e)
 # Codes of the int32 visibility vectors; segment ids enter as dense ranks >= 0 (see _codes).
@@ -72,7 +72,7 @@ COL = plgpu.Layout.WGMMA.reduce(0)  # a vector indexed by the columns of a WGMMA
 
 
 @dataclasses.dataclass(frozen=True)
-class BackwardConfig:
+class BackwardBlockSizes:
     """Tile sizes of the two backward kernels.
 
     Attributes:
@@ -143,25 +143,26 @@ class BackwardConfig:
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value % 64:
-                raise ValueError(f"BackwardConfig.{name} must be a positive multiple of 64, got {value!r}")
+                raise ValueError(f"BackwardBlockSizes.{name} must be a positive multiple of 64, "
+                                 f"got {value!r}")
         if self.compute_wgs not in (1, 2, 3):
-            raise ValueError(f"BackwardConfig.compute_wgs must be 1, 2 or 3, got {self.compute_wgs!r}")
+            raise ValueError(f"BackwardBlockSizes.compute_wgs must be 1, 2 or 3, got {self.compute_wgs!r}")
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
-            raise ValueError("BackwardConfig.max_concurrent_steps must be an int >= 2, got "
+            raise ValueError("BackwardBlockSizes.max_concurrent_steps must be an int >= 2, got "
                              f"{self.max_concurrent_steps!r}")
         for name in ("dq_edge_masks", "dkv_edge_masks", "mma_bias", "mma_db", "overlap", "dc_mma",
                      "dc_center_lse", "dq_heavy_first", "dkv_split"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"BackwardConfig.{name} must be a bool, got {getattr(self, name)!r}")
+                raise ValueError(f"BackwardBlockSizes.{name} must be a bool, got {getattr(self, name)!r}")
 
 
 # The tuned configs are data: pallas_kernels.tuning holds one table per device kind (the
 # measurements behind each entry: docs/kernels.md); SMEM per CTA stays under sm90's 227 KiB.
 
 
-def default_config(head_dim: int, query_scale: bool = False, masked: bool = True,
-                   query_scale_grad: bool = True, *, device_kind: str | None = None) -> BackwardConfig:
-    """The default :class:`BackwardConfig` for a head dim (rounded up to 64, 128 or 256).
+def default_backward_block_sizes(head_dim: int, query_scale: bool = False, masked: bool = True,
+                   query_scale_grad: bool = True, *, device_kind: str | None = None) -> BackwardBlockSizes:
+    """The default :class:`BackwardBlockSizes` for a head dim (rounded up to 64, 128 or 256).
 
     Read from the device's table in :mod:`pallas_kernels.tuning` (``device_kind`` None: the first
     JAX device's).
@@ -180,7 +181,7 @@ def default_config(head_dim: int, query_scale: bool = False, masked: bool = True
     case = "plain"
     if query_scale:
         case = "c_masked_dc" if masked and query_scale_grad else "c"
-    return BackwardConfig(**tuning.lookup("backward", D, case, device_kind))
+    return BackwardBlockSizes(**tuning.lookup("backward", D, case, device_kind))
 
 
 def _cdiv(a, b):
@@ -237,7 +238,7 @@ DC_ONES_COLUMN = MMA_BIAS_TERMS  # dc_mma: the ones column of the key-side [S, 1
 
 def _mma_while(acc, lhs, rhs_smem, work, interpret, *, lhs_in_registers, shape=None, extra=None):
     """``(acc + lhs @ rhs_smem, work())`` with ``work``'s register math between the wgmma's issue
-    and its wait (``BackwardConfig.overlap``): the ALU runs while the tensor cores do the product.
+    and its wait (``BackwardBlockSizes.overlap``): the ALU runs while the tensor cores do the product.
 
     ``acc`` None: a fresh float32 accumulator of ``shape``; ``extra``: a second product into it (the
     mma_bias operands). ``lhs_in_registers`` under the interpreter: a ``jnp.dot`` (as
@@ -279,9 +280,9 @@ class _Plan:
     has_c: bool
     need_dc: bool  # has_c and its gradient is wanted (else the dq kernel skips the dc sums)
     has_bias: bool
-    mma_bias: bool  # has_bias, added by a second wgmma (BackwardConfig.mma_bias): no strip in the loop
-    mma_db: bool  # has_bias, db summed by a wgmma against ones (BackwardConfig.mma_db)
-    dc_mma: bool  # need_dc, its dZ sums from wgmmas (BackwardConfig.dc_mma)
+    mma_bias: bool  # has_bias, added by a second wgmma (BackwardBlockSizes.mma_bias): no strip in the loop
+    mma_db: bool  # has_bias, db summed by a wgmma against ones (BackwardBlockSizes.mma_db)
+    dc_mma: bool  # need_dc, its dZ sums from wgmmas (BackwardBlockSizes.dc_mma)
     bias_key_grad: float | None  # b_j = g ||k_j||^2 with 2 g = this: dk += 2 g db_j k_j in the kernel
     T: int  # true lengths (before padding)
     S: int
@@ -399,7 +400,7 @@ def _compiler_params():
 # --------------------------------------------------------------------------------------------- dq
 
 
-def _dq_call(plan: _Plan, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
+def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
              interpret):
     """dq ``[B, Tp, N, H]`` (input dtype) and dc ``[B, N, Tp]`` float32 (or None).
 
@@ -623,7 +624,7 @@ def _dq_call(plan: _Plan, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias
 # -------------------------------------------------------------------------------------------- dkv
 
 
-def _dkv_call(plan: _Plan, cfg: BackwardConfig, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
+def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, kbias, kcode, kbm, ones,
               interpret, part="dkv"):
     """dk ``[B, Sp, K, H]``, dv ``[B, Sp, K, Hv]`` (input dtype), db ``[B, K, Sp]`` float32 or None.
 
@@ -984,7 +985,7 @@ def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
 
 
 def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=None, key_bias=None,
-                   mask: MaskSpec | None = None, config: BackwardConfig | None = None, interpret=None,
+                   mask: MaskSpec | None = None, config: BackwardBlockSizes | None = None, interpret=None,
                    kernels: tuple[str, ...] = ("dq", "dkv"), query_scale_grad: bool = True,
                    bias_key_grad: float | None = None, lse_cotangent=None,
                    logits_soft_cap: float | None = None):
@@ -1009,7 +1010,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
       key_bias: ``[B, K, S]`` float32 ``b`` or None (= 0).
       mask: the :class:`~pallas_kernels.common.MaskSpec` of the forward (None: no mask). Segment ids
         must be larger than ``-2**31 + 2`` (the three smallest int32 values code invalid rows/keys).
-      config: block sizes; :func:`default_config` of the head dim when None.
+      config: block sizes; :func:`default_backward_block_sizes` of the head dim when None.
       interpret: a ``plgpu.InterpretGPUParams`` or a bool (None: interpret iff the default backend
         is cpu).
       kernels: which of the two kernels run, ``"dq"`` (dq, dquery_scale) and ``"dkv"`` (dk, dv,
@@ -1065,10 +1066,10 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
     H, Hv = (padded_head_dim(d, HEAD_DIMS, "backward") for d in (H0, Hv0))
     masked = is_masked(mask)
-    cfg = config if config is not None else default_config(max(H, Hv), query_scale is not None,
+    cfg = config if config is not None else default_backward_block_sizes(max(H, Hv), query_scale is not None,
                                                            masked, bool(query_scale_grad))
-    if not isinstance(cfg, BackwardConfig):
-        raise TypeError(f"config must be a BackwardConfig, got {type(cfg).__name__}")
+    if not isinstance(cfg, BackwardBlockSizes):
+        raise TypeError(f"config must be a BackwardBlockSizes, got {type(cfg).__name__}")
     R = mask.num_registers
     q_mult = math.lcm(cfg.block_q_dq * cfg.compute_wgs, cfg.block_q_dkv)
     k_mult = math.lcm(cfg.block_kv_dkv * cfg.compute_wgs, cfg.block_kv_dq)
@@ -1100,11 +1101,11 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         mask = dataclasses.replace(mask, q_segment_ids=q_rank, kv_segment_ids=k_rank)
     mask = jax.tree.map(lambda x: x.astype(jnp.int32), mask)
     if plan.soft_cap is not None and plan.need_dc and cfg.dc_center_lse:
-        raise NotImplementedError("logits_soft_cap with BackwardConfig.dc_center_lse (its centring "
+        raise NotImplementedError("logits_soft_cap with BackwardBlockSizes.dc_center_lse (its centring "
                                   "on lse / c assumes uncapped logits)")
     if lse_cotangent is not None:
         if plan.need_dc and cfg.dc_center_lse:
-            raise NotImplementedError("a logsumexp cotangent with BackwardConfig.dc_center_lse: its "
+            raise NotImplementedError("a logsumexp cotangent with BackwardBlockSizes.dc_center_lse: its "
                                       "dc centring is not the p-mean the lse term needs")
         lse_cotangent = jnp.broadcast_to(lse_cotangent, lse.shape).astype(jnp.float32)
     with interpret_context(plan.interpret), jax.enable_x64(False):

@@ -2,9 +2,9 @@
 
 The kernels never hold tile sizes in code: :func:`pallas_kernels.forward.default_block_sizes`,
 :func:`~pallas_kernels.forward.default_stats_block_sizes` and
-:func:`pallas_kernels.backward.default_config` name a *case* (what the problem carries: a per-query
-scale ``c``, a key bias ``b``, a mask, ...) and read its entry from the table of the device they
-run on (:func:`table`, by ``jax.devices()[0].device_kind``).
+:func:`pallas_kernels.backward.default_backward_block_sizes` name a *case* (what the problem
+carries: a per-query scale ``c``, a key bias ``b``, a mask, ...) and read its entry from the
+table of the device they run on (:func:`table`, by ``jax.devices()[0].device_kind``).
 
 Both kinds in :data:`TABLES` are sm90 (the same 227 KiB of shared memory per block, the same
 65536 registers per SM); the H200 differs in memory (141 GB of HBM3e, 4.8 TB/s against 3.35).
@@ -15,7 +15,7 @@ GPU, the CPU that runs the interpreter) gets it too. A kind that needs other til
 table here. The measurements behind each entry: ``docs/kernels.md``.
 
 Entries are plain dicts of :class:`~pallas_kernels.forward.BlockSizes` /
-:class:`~pallas_kernels.backward.BackwardConfig` fields (fields left out keep the dataclass
+:class:`~pallas_kernels.backward.BackwardBlockSizes` fields (fields left out keep the dataclass
 default). Keys are ``(padded head dim, case)``; a case missing for a head dim falls back along
 :data:`FALLBACK` (e.g. ``"cb"`` -> ``"b"`` -> ``"plain"``).
 """
@@ -27,7 +27,7 @@ __all__ = ["SM90", "TABLES", "FALLBACK", "table", "lookup"]
 # Forward cases (default_block_sizes): "plain" (no c, no b); "short_causal" (plain, causal over at
 # most `forward_short_causal_keys` keys); "c" (a per-query scale); "c_row_max" (c, given the exact
 # row max, no mask hides keys); "b" (a key bias); "cb" (both).
-# Backward cases (default_config): "plain"; "c" (a per-query scale); "c_masked_dc" (c, a mask,
+# Backward cases (default_backward_block_sizes): "plain"; "c" (a per-query scale); "c_masked_dc" (c, a mask,
 # and the dq kernel sums dc).
 FALLBACK = {"short_causal": "plain", "c": "plain", "c_row_max": "c", "b": "plain", "cb": "b",
             "c_masked_dc": "c", "plain": None}

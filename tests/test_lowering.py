@@ -131,17 +131,17 @@ def test_stats_sweep_without_v_frees_its_smem(reduction_scratch, skip_v, fits):
 
 
 def test_heavy_first_lowers(reduction_scratch):
-    """The causal launch order (``BlockSizes.heavy_first``, ``BackwardConfig.dq_heavy_first``)
+    """The causal launch order (``BlockSizes.heavy_first``, ``BackwardBlockSizes.dq_heavy_first``)
     lowers for sm90: the reversed tile index is plain scalar arithmetic on the grid index."""
     import dataclasses
 
-    from pallas_kernels.backward import default_config
+    from pallas_kernels.backward import default_backward_block_sizes
     from pallas_kernels.forward import default_block_sizes, default_stats_block_sizes
     x, row = _operands(64)
     mask = MaskSpec(is_causal=True)
     fwd_cfg = dataclasses.replace(default_block_sizes(64), heavy_first=True)
     stats_cfg = dataclasses.replace(default_stats_block_sizes(64), heavy_first=True)
-    bwd_cfg = dataclasses.replace(default_config(64, True), dq_heavy_first=True)
+    bwd_cfg = dataclasses.replace(default_backward_block_sizes(64, True), dq_heavy_first=True)
     _lower(lambda q, k, v: flash_forward(q, k, v, logit_scale=0.1, mask=mask, config=fwd_cfg,
                                          interpret=False), x, x, x)
     _lower(lambda q, k: flash_stats(q, k, logit_scale=0.1, mask=mask, config=stats_cfg,

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import backward
-from pallas_kernels.backward import BackwardConfig, default_config
+from pallas_kernels.backward import BackwardBlockSizes, default_backward_block_sizes
 from pallas_kernels.common import MaskSpec, flash_reference, visible
 from tests.interpreter import blocking, needs_interpreter_threads
 
@@ -178,7 +178,7 @@ def test_bias_paths_with_codes(mma_db):
     seg = np.sort(rng.integers(0, 3, (B, T)), axis=1)
     spec = MaskSpec(q_lengths=i32([100, 128]), kv_lengths=i32([128, 90]), q_segment_ids=i32(seg),
                     kv_segment_ids=i32(seg[:, :S]), is_causal=True, num_registers=R)
-    cfg = dataclasses.replace(default_config(H, True), mma_bias=True, mma_db=mma_db)
+    cfg = dataclasses.replace(default_backward_block_sizes(H, True), mma_bias=True, mma_db=mma_db)
     _compare(q, k, v, dout, c, b, spec, config=cfg)
 
 
@@ -201,7 +201,7 @@ def test_gqa_equals_repeated_heads():
 def test_window_skips_tiles():
     """A window without registers: both kernels skip key/query tiles outside the band (64-wide tiles)."""
     q, k, v, dout, c, b = _inputs(5, 1, 256, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
-    cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64)
+    cfg = BackwardBlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64)
     _compare(q, k, v, dout, c, b, MaskSpec(local_window_size=(20, 5)), config=cfg)
 
 
@@ -293,7 +293,7 @@ def test_edge_masks_match_reference(name):
     """Edge-only masks in both kernels: masks only on edge tiles (64-wide tiles, several per row)."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
     q, k, v, dout, c, b = _inputs(1, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
-    cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+    cfg = BackwardBlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
                          dq_edge_masks=True, dkv_edge_masks=True)
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
@@ -312,7 +312,7 @@ def test_bias_paths_match_reference(name, mma, mma_db):
     q, k, v, dout, c, _ = _inputs(4, B, T, S + R, N, K, H, Hv, dtype, use_c, False)
     kf = k.astype(jnp.float32)
     b = 30.0 - jnp.transpose(jnp.sum(kf * kf, -1), (0, 2, 1)) / np.sqrt(H)
-    cfg = dataclasses.replace(default_config(max(H, Hv), use_c), mma_bias=mma, mma_db=mma_db)
+    cfg = dataclasses.replace(default_backward_block_sizes(max(H, Hv), use_c), mma_bias=mma, mma_db=mma_db)
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
@@ -320,12 +320,12 @@ def test_bias_paths_match_reference(name, mma, mma_db):
     ("plain_mqa4_scale_bias", True, True), ("causal_ragged_gqa2", False, False),
     ("window_registers_f16", False, False), ("d128_causal_ragged_kv", True, False)])
 def test_overlap_matches_reference(name, mma_bias, mma_db):
-    """``BackwardConfig.overlap`` (each tile's math traced between a wgmma's issue and its wait)
+    """``BackwardBlockSizes.overlap`` (each tile's math traced between a wgmma's issue and its wait)
     gives the reference's gradients, with ``c`` (the dc sums) and both ways of adding the bias."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
     q, k, v, dout, c, b = _inputs(6, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
-    cfg = dataclasses.replace(default_config(max(H, Hv), use_c), overlap=True, mma_bias=mma_bias,
-                              mma_db=mma_db)
+    cfg = dataclasses.replace(default_backward_block_sizes(max(H, Hv), use_c), overlap=True,
+                              mma_bias=mma_bias, mma_db=mma_db)
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
 
@@ -333,13 +333,13 @@ def test_overlap_matches_reference(name, mma_bias, mma_db):
     ("plain_mqa4_scale_bias", True, False), ("causal_ragged_gqa2", True, True),
     ("causal_ragged_gqa2", False, False), ("window_registers_f16", False, True)])
 def test_dc_mma_matches_reference(name, use_b, overlap):
-    """``BackwardConfig.dc_mma`` (dc's dZ sums from the dq accumulator and a wgmma against the
+    """``BackwardBlockSizes.dc_mma`` (dc's dZ sums from the dq accumulator and a wgmma against the
     bias parts and ones): the reference's dc at the same tolerance as dq, with an mma_bias key bias
     (a ones column beside its parts) and without one (a ones tile; float16 too)."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, _ = CASES[name]
     assert use_c
     q, k, v, dout, c, b = _inputs(8, B, T, S + R, N, K, H, Hv, dtype, True, use_b)
-    cfg = dataclasses.replace(default_config(max(H, Hv), True), dc_mma=True, mma_bias=True,
+    cfg = dataclasses.replace(default_backward_block_sizes(max(H, Hv), True), dc_mma=True, mma_bias=True,
                               overlap=overlap)
     _compare(q, k, v, dout, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
 
@@ -355,7 +355,7 @@ def test_dc_centered_with_16bit_out(dc_mma, center_lse):
     c = 3.0 * c + 2.0  # sharp rows: SSMax's s log n of a few units
     spec = MaskSpec(**mask_kw)
     out, lse, refs = _reference(q, k, v, dout, c, None, spec, 0.3)
-    cfg = dataclasses.replace(default_config(H, True), dc_mma=dc_mma, dc_center_lse=center_lse)
+    cfg = dataclasses.replace(default_backward_block_sizes(H, True), dc_mma=dc_mma, dc_center_lse=center_lse)
     dc = flash_backward(q, k, v, out.astype(dtype), lse, dout, logit_scale=0.3, query_scale=c,
                         mask=spec, config=cfg)[3]
     err = np.linalg.norm(np.asarray(dc - refs[3])) / np.linalg.norm(np.asarray(refs[3]))
@@ -363,13 +363,13 @@ def test_dc_centered_with_16bit_out(dc_mma, center_lse):
 
 
 def test_dq_heavy_first_same_tiles_reversed():
-    """BackwardConfig.dq_heavy_first (causal: the dq kernel's last query tiles launch first):
+    """BackwardBlockSizes.dq_heavy_first (causal: the dq kernel's last query tiles launch first):
     the reference's gradients, bit for bit those of the usual order (T = 200: two dq CTAs, one
     ragged)."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, _, _ = CASES["causal_ragged_gqa2"]
     q, k, v, dout, c, b = _inputs(10, B, T, S, N, K, H, Hv, dtype, True, True)
     spec = MaskSpec(**mask_kw)
-    cfg = default_config(H, True)
+    cfg = default_backward_block_sizes(H, True)
     got = _compare(q, k, v, dout, c, b, spec, config=dataclasses.replace(cfg, dq_heavy_first=True))
     out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
     usual = flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c, key_bias=b,
@@ -383,15 +383,15 @@ def test_dq_heavy_first_same_tiles_reversed():
     ("window_registers_f16", True, False, False), ("head_dims_80_48_f16", False, False, False),
     ("d128_causal_ragged_kv", True, True, False)])
 def test_dkv_split_matches_reference(name, overlap, mma_bias, mma_db):
-    """``BackwardConfig.dkv_split`` (dk / db and dv from two kernels): the reference's gradients,
+    """``BackwardBlockSizes.dkv_split`` (dk / db and dv from two kernels): the reference's gradients,
     bit for bit those of the fused dkv kernel (the same P, dP and dZ tiles), over both bias paths,
     both db sums, overlap on and off, registers, GQA, ragged tails, and H != Hv (the dv kernel
     then keeps a V-sized staging buffer)."""
     B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
     q, k, v, dout, c, b = _inputs(14, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
     spec = MaskSpec(num_registers=R, **mask_kw)
-    cfg = dataclasses.replace(default_config(max(H, Hv), use_c), overlap=overlap, mma_bias=mma_bias,
-                              mma_db=mma_db)
+    cfg = dataclasses.replace(default_backward_block_sizes(max(H, Hv), use_c), overlap=overlap,
+                              mma_bias=mma_bias, mma_db=mma_db)
     got = _compare(q, k, v, dout, c, b, spec, config=dataclasses.replace(cfg, dkv_split=True))
     out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
     fused = flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c, key_bias=b,
@@ -407,7 +407,7 @@ def test_compute_warpgroup_configs(wgs):
     """Non-default configs (1 or 3 compute warpgroups, 3 stages, 128-key dkv tiles; T = 200 leaves
     ragged tiles) give the reference's gradients."""
     q, k, v, dout, c, b = _inputs(3, 1, 200, 256, 2, 1, 64, 64, jnp.bfloat16, True, True)
-    cfg = BackwardConfig(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=128,
+    cfg = BackwardBlockSizes(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=128,
                          compute_wgs=wgs, max_concurrent_steps=3)
     _compare(q, k, v, dout, c, b, MaskSpec(is_causal=True), config=cfg, jit=True)
 
@@ -453,7 +453,7 @@ def _bad_call(**overrides):
     (dict(mask=MaskSpec(q_segment_ids=jnp.zeros((1, 64), jnp.int32))), ValueError, "together"),
     (dict(mask=MaskSpec(kv_lengths=jnp.ones((2,), jnp.int32))), ValueError, "kv_lengths"),
     (dict(mask={"is_causal": True}), TypeError, "MaskSpec"),
-    (dict(config=dataclasses.replace), TypeError, "BackwardConfig"),
+    (dict(config=dataclasses.replace), TypeError, "BackwardBlockSizes"),
     (dict(interpret="yes"), TypeError, "interpret"),
     (dict(k=jnp.ones((1, 0, 1, 64), jnp.bfloat16), v=jnp.ones((1, 0, 1, 64), jnp.bfloat16),
           key_bias=None), ValueError, "S > 0"),
@@ -477,23 +477,24 @@ def test_unsupported_raises_not_implemented():
                                     dict(overlap=0), dict(dc_mma=None),
                                     dict(dkv_split=1)])
 def test_config_validation(kwargs):
-    with pytest.raises(ValueError, match="BackwardConfig"):
-        BackwardConfig(**kwargs)
+    with pytest.raises(ValueError, match="BackwardBlockSizes"):
+        BackwardBlockSizes(**kwargs)
 
 
 def test_default_config_per_head_dim():
-    assert default_config(48) == default_config(64)
-    assert default_config(256).compute_wgs == 1
-    assert default_config(256).dkv_split and not default_config(128).dkv_split
-    assert default_config(128, query_scale=True).block_kv_dq == 64
-    assert default_config(128, query_scale=True, masked=False).block_kv_dq == 128
+    assert default_backward_block_sizes(48) == default_backward_block_sizes(64)
+    assert default_backward_block_sizes(256).compute_wgs == 1
+    assert default_backward_block_sizes(256).dkv_split and not default_backward_block_sizes(128).dkv_split
+    assert default_backward_block_sizes(128, query_scale=True).block_kv_dq == 64
+    assert default_backward_block_sizes(128, query_scale=True, masked=False).block_kv_dq == 128
     # without the dc sums (a constant SSMax s, a stopped beta) the masked dq kernel keeps 128 keys
-    assert default_config(128, query_scale=True, query_scale_grad=False).block_kv_dq == 128
-    assert default_config(64, True, query_scale_grad=False) == default_config(64, True)
-    assert default_config(64, query_scale=True, masked=False) == default_config(64, True)
-    assert default_config(128).dkv_edge_masks and not default_config(128).dq_edge_masks
+    assert default_backward_block_sizes(128, query_scale=True, query_scale_grad=False).block_kv_dq == 128
+    dflt = default_backward_block_sizes
+    assert dflt(64, True, query_scale_grad=False) == dflt(64, True)
+    assert dflt(64, query_scale=True, masked=False) == dflt(64, True)
+    assert dflt(128).dkv_edge_masks and not dflt(128).dq_edge_masks
     with pytest.raises(NotImplementedError):
-        default_config(257)
+        default_backward_block_sizes(257)
 
 
 @pytest.mark.parametrize("mma_db, dkv_split", [(False, False), (True, False), (False, True)])
@@ -506,7 +507,7 @@ def test_bias_key_grad_adds_the_norm_term_to_dk(mma_db, dkv_split):
     b = jnp.transpose(g * jnp.sum(k.astype(jnp.float32) ** 2, axis=-1), (0, 2, 1))  # [B, K, S]
     spec = MaskSpec(is_causal=True)
     out, lse, _ = _reference(q, k, v, dout, c, b, spec, 0.3)
-    cfg = dataclasses.replace(default_config(64, True), mma_db=mma_db, dkv_split=dkv_split)
+    cfg = dataclasses.replace(default_backward_block_sizes(64, True), mma_db=mma_db, dkv_split=dkv_split)
     run = lambda grad: flash_backward(q, k, v, out, lse, dout, logit_scale=0.3, query_scale=c,
                                       key_bias=b, mask=spec, config=cfg, bias_key_grad=grad)
     plain, fused = run(None), run(2 * g)

@@ -2,7 +2,7 @@
 they became data: every head dim and flag combination against a literal table (no kernel runs).
 
 The expected values below were taken from the selection code as it was before the tables moved
-(``default_block_sizes`` / ``default_stats_block_sizes`` / ``default_config`` with their tile
+(``default_block_sizes`` / ``default_stats_block_sizes`` / ``default_backward_block_sizes`` with their tile
 tables in ``forward.py`` and ``backward.py``); a change of a tuned entry must change them here too.
 """
 
@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from pallas_kernels import tuning
-from pallas_kernels.backward import BackwardConfig, default_config
+from pallas_kernels.backward import BackwardBlockSizes, default_backward_block_sizes
 from pallas_kernels.forward import (
     DEFAULT_BLOCK_SIZES,
     BlockSizes,
@@ -44,7 +44,7 @@ FWD = {
     "256x3f": (64, 256, 3, True, False, 2, True, False, False, True),
 }
 # Names: dq64 / dq128 the dq kernel's key tile, db mma_db, split dkv_split (one warpgroup).
-# Field order of BackwardConfig: block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv, compute_wgs,
+# Field order of BackwardBlockSizes: block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv, compute_wgs,
 # max_concurrent_steps, dq_edge_masks, dkv_edge_masks, mma_bias, mma_db, overlap, dc_mma,
 # dc_center_lse, dq_heavy_first, dkv_split.
 BWD = {
@@ -150,7 +150,8 @@ STATS = {
     192: ("64x2", "64x2", "64x2", "64x2"),
     256: ("128x2/s2", "128x2/s2", "128x2f/s2", "128x2/s2"),
 }
-# default_config(H, c, masked, grad) for (c, masked, grad) in itertools.product((F, T), repeat=3).
+# default_backward_block_sizes(H, c, masked, grad) for (c, masked, grad) in
+# itertools.product((F, T), repeat=3).
 BACKWARD = {
     32: "dq128db",
     48: "dq128db",
@@ -169,11 +170,11 @@ def _fwd(name):
 
 
 def _bwd(name):
-    return BackwardConfig(*BWD[name])
+    return BackwardBlockSizes(*BWD[name])
 
 
 def test_literal_field_order():
-    assert len(dataclasses.fields(BlockSizes)) == 10 and len(dataclasses.fields(BackwardConfig)) == 15
+    assert len(dataclasses.fields(BlockSizes)) == 10 and len(dataclasses.fields(BackwardBlockSizes)) == 15
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -209,7 +210,7 @@ def test_backward_defaults(kind):
     for H, row in BACKWARD.items():
         row = row if isinstance(row, tuple) else (row,) * 8
         for (c, masked, grad), name in zip(itertools.product(FT, repeat=3), row, strict=True):
-            got = default_config(H, c, masked, grad, device_kind=kind)
+            got = default_backward_block_sizes(H, c, masked, grad, device_kind=kind)
             assert got == _bwd(name), (kind, H, c, masked, grad)
 
 
@@ -221,7 +222,7 @@ def test_tables():
     with pytest.raises(KeyError):
         default_block_sizes(96)
     with pytest.raises(NotImplementedError):
-        default_config(257)
+        default_backward_block_sizes(257)
     for section in ("forward", "backward"):
         for (_, case) in tuning.SM90[section]:
             assert case in tuning.FALLBACK
