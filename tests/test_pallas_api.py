@@ -192,8 +192,8 @@ def test_entropy_gradient_with_key_bias_raises():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(variant="hardmax"), "softmax variants only"),
-    (dict(variant=variants.TopK(3)), "softmax variants only"),
+    (dict(variant="hardmax", mask=jnp.ones((1, 1, T, S), bool)), "mask array"),
+    (dict(variant=variants.TopK(3)), "softmax and hardmax variants"),
     (dict(bias=jnp.zeros((1, 1, T, S))), "bias array"),
     (dict(mask=jnp.ones((1, 1, T, S), bool)), "mask array"),
 ])
