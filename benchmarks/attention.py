@@ -4,9 +4,10 @@ Measures, bf16, ``B * N = 16384`` tokens, ``H = 16`` heads, head dims D and sequ
 
 * ours: ``jaxattn.attention(..., implementation="pallas")`` for every variant the kernels run,
   each with its default options (:data:`ROWS` says what each row runs): softmax, temperature
-  (``Softmax(temperature=0.7)``, the variant's one option), scalable_softmax, rbf and
-  adaptive_temperature (the default: the gradient flows through beta); rows with a non-default
-  option are named for it: ``adaptive_sg`` (``stop_gradient_beta=True``, faster backward) and
+  (``Softmax(temperature=0.7)``, the variant's one option), scalable_softmax, rbf,
+  adaptive_temperature (the default: the gradient flows through beta) and hardmax (forward-only:
+  forward cells only); rows with a non-default option are named for it: ``adaptive_sg``
+  (``stop_gradient_beta=True``, faster backward) and
   ``ssmax_learned`` (scalable_softmax with ``s`` a traced argument, one value per head, as a
   model learns it; forward+backward also differentiates ``s``);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (no mask array);
@@ -55,6 +56,7 @@ OURS = {
     "rbf": variants.RBF(),
     "adaptive": variants.AdaptiveTemperature(),
     "adaptive_sg": variants.AdaptiveTemperature(stop_gradient_beta=True),
+    "hardmax": variants.Hardmax(),  # forward-only: no forward+backward cells
 }
 
 # What each row runs, as the summary table shows it; also the table's row order.
@@ -66,6 +68,7 @@ ROWS = {
     "rbf": "ours: `RBF()`",
     "adaptive": "ours: `AdaptiveTemperature()` (default: gradient through beta)",
     "adaptive_sg": "ours: `AdaptiveTemperature(stop_gradient_beta=True)` (non-default)",
+    "hardmax": "ours: `Hardmax()` (forward only)",
     "cudnn": "`jax.nn.dot_product_attention(implementation=\"cudnn\")`",
     "xla": "`jax.nn.dot_product_attention(implementation=\"xla\")`",
     "mgpu": "jax's Pallas `attention_mgpu` (float16)",
@@ -177,7 +180,7 @@ def main(argv=None):
     parser.add_argument("--causal", default="0,1")
     parser.add_argument("--modes", default="fwd,fwdbwd")
     parser.add_argument("--impls", default="softmax,temperature,ssmax,ssmax_learned,rbf,adaptive,"
-                                           "adaptive_sg,cudnn,cudnn_rbf",
+                                           "adaptive_sg,hardmax,cudnn,cudnn_rbf",
                         help=f"rows to time, from {','.join(ROWS)}")
     parser.add_argument("--rounds", type=int, default=7,
                         help="timed rounds per cell (benchmarks/timing.py)")
@@ -283,6 +286,8 @@ def candidate(impl, D, N, causal, mode, q, k, v):
         make, init = LEARNED[impl]
         return _jitted(_ours_learned(make), causal, mode, num_args=4), (q, k, v, init())
     if impl in OURS:
+        if mode == "fwdbwd" and not OURS[impl].differentiable:
+            return None
         f = _ours(OURS[impl])
     elif impl == "mgpu":
         if causal and mode == "fwdbwd":
@@ -387,7 +392,7 @@ def memory_check(names, N=131072, D=128):
     q, k, v = _random_qkv(0, 1, N, D)
     dev = jax.devices()[0]
     for name in names:
-        for mode in ("fwd", "fwdbwd"):
+        for mode in ("fwd", "fwdbwd") if OURS[name].differentiable else ("fwd",):
             f = _ours(OURS[name])
             fn = f if mode == "fwd" else _fwd_bwd(f)
             try:
