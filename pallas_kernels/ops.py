@@ -81,6 +81,16 @@ def _fold(mask, q, k):
     return spec, no_keys and not spec.num_registers
 
 
+def _no_keys(q, k, v, logit_scale, return_stats):
+    """What the forward kernel gives when no row sees a key: zero output and statistics (the
+    inputs still checked)."""
+    _check_inputs(q, k, v, logit_scale)
+    B, T, N, _ = q.shape
+    out = jnp.zeros((B, T, N, v.shape[3]), q.dtype)
+    zeros = jnp.zeros((B, N, T), jnp.float32)
+    return (out, zeros, zeros, zeros) if return_stats else (out, zeros)
+
+
 def _is_zero(ct):
     return ct is None or isinstance(ct, _SymbolicZero)
 
@@ -176,11 +186,7 @@ def flash_attention(q, k, v, *, logit_scale: float, query_scale=None, key_bias=N
     """
     mask, empty = _fold(mask, q, k)
     if empty:  # constants: their gradient to every input is zero
-        _check_inputs(q, k, v, logit_scale)
-        B, T, N, _ = q.shape
-        out = jnp.zeros((B, T, N, v.shape[3]), q.dtype)
-        zeros = jnp.zeros((B, N, T), jnp.float32)
-        return (out, zeros, zeros, zeros) if return_stats else (out, zeros)
+        return _no_keys(q, k, v, logit_scale, return_stats)
     out, lse, ent, mw = _flash(q, k, v, query_scale, key_bias, mask, row_max, float(logit_scale),
                                bool(return_stats), bool(query_scale_nonnegative), bias_key_grad,
                                None if logits_soft_cap is None else float(logits_soft_cap))
@@ -325,11 +331,7 @@ def flash_hardmax(q, k, v, *, logit_scale: float, query_scale=None, key_bias=Non
     """
     mask, empty = _fold(mask, q, k)
     if empty:
-        _check_inputs(q, k, v, logit_scale)
-        B, T, N, _ = q.shape
-        out = jnp.zeros((B, T, N, v.shape[3]), q.dtype)
-        zeros = jnp.zeros((B, N, T), jnp.float32)
-        return (out, zeros, zeros, zeros) if return_stats else (out, zeros)
+        return _no_keys(q, k, v, logit_scale, return_stats)
     out, lse, ent, mw = _hardmax(q, k, v, query_scale, key_bias, mask, float(logit_scale),
                                  bool(return_stats),
                                  None if logits_soft_cap is None else float(logits_soft_cap))
