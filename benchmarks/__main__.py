@@ -9,6 +9,8 @@ Commands that time or check on a GPU (each exits at once with a message on a mac
 * ``tune``: the forward block-size sweep whose winners fill :mod:`pallas_kernels.tuning`.
 * ``kernels``: per-kernel times (forward, dq, dk/dv, statistics sweep) per configuration.
 * ``profile``: per-kernel GPU times of one call from a profiler trace.
+* ``ab --base OTHER_CHECKOUT``: every variant's default timed in this tree and in another checkout,
+  one process, interleaved rounds (:mod:`benchmarks.ab`): the no-speed-lost check of a change.
 * ``check``: the GPU correctness checks (forward and backward kernels, and the API), fresh random
   inputs against float32 references.
 
@@ -28,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import require_gpu  # noqa: E402
 
-GPU_COMMANDS = ("speed", "memory", "tune", "kernels", "profile", "check")
+GPU_COMMANDS = ("speed", "memory", "tune", "kernels", "profile", "check", "ab")
 COMMANDS = GPU_COMMANDS + ("summary", "readme", "targets")
 
 
@@ -76,6 +78,9 @@ def main(argv=None):
         return profile.main(rest)
     if args.command == "check":
         return _check(rest)
+    if args.command == "ab":
+        from benchmarks import ab
+        return ab.main(rest)
     if args.command == "summary":
         from benchmarks import summary
         return summary.main(rest)

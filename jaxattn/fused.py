@@ -13,10 +13,14 @@ temperature), the keys through ``b`` and register keys/values through XLA autodi
 (a learned scale) is folded into ``c`` and ``b`` (``c a (q.k + b / a)``), keeping the kernel's ``a``
 a python float.
 
-Adaptive temperature runs the statistics sweep first (:func:`pallas_kernels.flash_entropy`, no
-P @ V) for the entropy ``H_i`` of ``softmax(z / c)``, then the main sweep with ``c = beta(H)``. The
-streamed entropy is exact; the paper's ``-sum p log(p + eps)`` is smaller by at most ``n_i * eps``
-nats (``p log(1 + eps / p) <= eps`` per key), i.e. <= 1.6e-5 nats at n = 16384 and eps = 1e-9.
+Adaptive temperature runs the statistics sweep first (no P @ V) for the entropy ``H_i`` of
+``softmax(z / c)``, then the main sweep with ``c = beta(H)``. With its default (gradient through
+beta), a static logit scale and no key bias or soft cap, both sweeps and the backward are one op,
+:func:`pallas_kernels.flash_entropy_scaled`, whose backward fuses the gradient through beta into the
+backward kernels; otherwise :func:`pallas_kernels.flash_entropy` gives ``H`` and XLA forms ``c``
+(the entropy's gradient then costs a second backward pass). The streamed entropy is exact;
+the paper's ``-sum p log(p + eps)`` is smaller by at most ``n_i * eps`` nats
+(``p log(1 + eps / p) <= eps`` per key), i.e. <= 1.6e-5 nats at n = 16384 and eps = 1e-9.
 """
 
 import dataclasses
@@ -86,6 +90,35 @@ def _bias_key_grad(plan: Plan, a_traced, dtype):
     return 2.0 * float(g) if g is not None and _is_static(g) else None
 
 
+@dataclasses.dataclass(frozen=True)
+class _EntropyScale:
+    """``c_i = query_scale(n_i, H_i)`` of a statistics variant, as the kernel op's ``scale_fn``
+    (hashable: a frozen variant)."""
+
+    variant: object
+
+    def __call__(self, entropy, num_visible):
+        return self.variant.query_scale(num_visible, entropy)
+
+
+def _entropy_scaled(query, key, value, plan: Plan, num_visible, a_static, b, return_stats):
+    """Adaptive temperature's two sweeps and fused backward in one kernel op, or None when the
+    plan has terms that op does not take (then the two-op path runs)."""
+    variant = plan.variant
+    if (not variant.needs_stats or not variant.stats_gradient() or b is not None
+            or plan.logits_soft_cap is not None or plan.sink_logits is not None
+            or plan.query_offset(query) is not None):
+        return None
+    result = pk.flash_entropy_scaled(query, key, value, logit_scale=a_static,
+                                     scale_fn=_EntropyScale(variant), scale_operands=(num_visible,),
+                                     mask=plan.mask, return_stats=return_stats,
+                                     query_scale_nonnegative=variant.query_scale_nonnegative())
+    if not return_stats:
+        return result[0]
+    out, lse, ent, max_weight = result
+    return out, (lse, ent, max_weight)
+
+
 def _with_registers(key, value, registers):
     if registers is None:
         return key, value
@@ -130,6 +163,10 @@ def attention(query, key, value, plan: Plan, *, return_stats=False):
         if a_traced is not None:
             b = b / a_traced
     num_visible = jnp.broadcast_to(pk.count_visible(spec, B, T, S)[:, None, :], (B, N, T))
+    if a_traced is None:
+        fused = _entropy_scaled(query, key, value, plan, num_visible, a_static, b, return_stats)
+        if fused is not None:
+            return fused
     entropy = None
     if variant.needs_stats:
         c0 = None if a_traced is None else jnp.broadcast_to(a_traced, (B, N, T))

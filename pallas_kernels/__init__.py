@@ -12,15 +12,15 @@ a per-key float32 array. This package knows no attention variant and imports not
 ``jaxattn``: the library turns each variant's plan into ``a``, ``b`` and ``c``
 (``jaxattn.fused``).
 
-* :func:`flash_attention`, :func:`flash_entropy` -- differentiable ops (``jax.custom_vjp``);
-  :func:`flash_hardmax` -- hardmax on the forward kernel (forward-only);
+* :func:`flash_attention`, :func:`flash_entropy`, :func:`flash_entropy_scaled` -- differentiable
+  ops (``jax.custom_vjp``); :func:`flash_hardmax` -- hardmax on the forward kernel (forward-only);
 * :func:`flash_forward`, :func:`flash_stats`, :func:`flash_backward` -- the kernels themselves;
 * :class:`MaskSpec`, :func:`visible`, :func:`count_visible` -- the mask description and the one
   visibility rule; :func:`flash_reference` -- the pure-jnp oracle of the kernel-level problem.
 """
 
 from pallas_kernels.backward import BackwardBlockSizes, flash_backward
-from pallas_kernels.common import MaskSpec, flash_reference, visible
+from pallas_kernels.common import BaseEntropy, MaskSpec, flash_reference, visible
 from pallas_kernels.forward import (
     BlockSizes,
     count_visible,
@@ -29,15 +29,17 @@ from pallas_kernels.forward import (
     row_max_from_stats,
     scale_row_max,
 )
-from pallas_kernels.ops import flash_attention, flash_entropy, flash_hardmax
+from pallas_kernels.ops import flash_attention, flash_entropy, flash_entropy_scaled, flash_hardmax
 
 __all__ = [
     "MaskSpec",
+    "BaseEntropy",
     "visible",
     "count_visible",
     "flash_reference",
     "flash_attention",
     "flash_entropy",
+    "flash_entropy_scaled",
     "flash_hardmax",
     "flash_forward",
     "flash_stats",

@@ -44,6 +44,7 @@ from pallas_kernels import tuning
 from pallas_kernels.common import (
     MMA_BIAS_TERMS,
     MMA_BIAS_WIDTH,
+    BaseEntropy,
     MaskSpec,
     band,
     bias_ones,
@@ -67,6 +68,10 @@ Q_INVALID = -(2**31)  # query row beyond q_lengths (or padding): sees nothing
 K_INVALID = -(2**31) + 1  # key beyond kv_lengths (or padding): seen by nobody
 K_REGISTER = -(2**31) + 2  # register key: seen by every valid query
 HEAD_DIMS = (64, 128, 256)  # the compiled head dims (common.padded_head_dim)
+# Rows of the per-query statistics both kernels stream ([B, N, rows, Tp]): the base-2 lse, delta
+# and c; with the entropy term (common.BaseEntropy) also the base lse (base 2) and the base p-mean
+# of s = q . k, then f'(H0) and g_bar (dq kernel) or a g (dkv kernel, g from the dq kernel's dc).
+LSE2, DELTA, SCALE, BASE_LSE2, BASE_MEAN, SCALE_GRAD, ENTROPY_GRAD, COTANGENT = 0, 1, 2, 3, 4, 5, 5, 6
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a vector indexed by the rows of a WGMMA tile
 COL = plgpu.Layout.WGMMA.reduce(0)  # a vector indexed by the columns of a WGMMA tile
 
@@ -161,7 +166,8 @@ class BackwardBlockSizes:
 
 
 def default_backward_block_sizes(head_dim: int, query_scale: bool = False, masked: bool = True,
-                   query_scale_grad: bool = True, *, device_kind: str | None = None) -> BackwardBlockSizes:
+                                 query_scale_grad: bool = True, *, entropy_grad: bool = False,
+                                 device_kind: str | None = None) -> BackwardBlockSizes:
     """The default :class:`BackwardBlockSizes` for a head dim (rounded up to 64, 128 or 256).
 
     Read from the device's table in :mod:`pallas_kernels.tuning` (``device_kind`` None: the first
@@ -175,12 +181,16 @@ def default_backward_block_sizes(head_dim: int, query_scale: bool = False, maske
         live registers).
       query_scale_grad: whether the dq kernel sums ``dc`` (``flash_backward``'s
         ``query_scale_grad``); without the sums the masked D = 128 dq kernel keeps 128-key tiles.
+      entropy_grad: whether the kernels fuse the entropy term (``flash_backward``'s
+        ``base_entropy``: one more float32 accumulator in the dq kernel).
       device_kind: the ``jax.Device.device_kind`` whose table to read.
     """
     D = padded_head_dim(head_dim, HEAD_DIMS, "backward")
     case = "plain"
     if query_scale:
         case = "c_masked_dc" if masked and query_scale_grad else "c"
+        if entropy_grad:
+            case = "c_entropy"
     return BackwardBlockSizes(**tuning.lookup("backward", D, case, device_kind))
 
 
@@ -218,6 +228,22 @@ def _mma_accs(products, interpret: bool):
             plgpu.wgmma(ref, lhs, rhs)
 
     return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in products))
+
+
+def _mma_accs_while(products, work, interpret: bool):
+    """``(_mma_accs(products), work())`` with ``work``'s register math between the wgmmas' issue
+    and their wait (as :func:`_mma_while`, for several register-operand products)."""
+    if interpret:
+        return _mma_accs(products, True), work()
+
+    def body(*acc_refs):
+        for ref, (acc, lhs, rhs) in zip(acc_refs, products, strict=True):
+            ref[...] = acc
+            plgpu.wgmma(ref, lhs, rhs)
+        out = work()
+        return tuple(ref[...] for ref in acc_refs), out
+
+    return pl.run_scoped(body, *(plgpu.ACC(acc.shape, jnp.float32) for acc, _, _ in products))
 
 
 def _mm_smem(lhs_smem, rhs_smem_t, shape, extra=None):
@@ -294,6 +320,7 @@ class _Plan:
     dtype: object
     interpret: bool
     soft_cap: float | None = None  # cap log2(e): the base-2 logits are soft-capped (d: 1 - t^2)
+    entropy_grad: bool = False  # c = f(H0) of the base entropy: its term fused (common.BaseEntropy)
 
 
 def _visible(plan: _Plan, qi, kj, qcode=None, kcode=None):
@@ -455,9 +482,10 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
                                         barriers.at[wg])
             plgpu.barrier_wait(barriers.at[wg])
             aux = _zeros((bq, MMA_BIAS_WIDTH)) if plan.dc_mma else None
+            ent_acc = _zeros((bq, H)) if plan.entropy_grad else None
             carry = (_zeros((bq, H)), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW), _zeros_vec(bq, ROW),
-                     aux)
-            dq_acc, dc, dz_sum, pu_sum, aux = pipeline_callback(carry)
+                     aux, ent_acc)
+            dq_acc, dc, dz_sum, pu_sum, aux, ent_acc = pipeline_callback(carry)
             if plan.dc_mma:  # sum_j dZ s = q . dq_acc (+ the bias parts' column sums)
                 dc = jnp.sum(q_smem[...].astype(jnp.float32) * dq_acc, axis=1)
                 col = plgpu.broadcasted_iota(jnp.int32, aux.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -480,6 +508,10 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
             if plan.has_c:
                 scale = plgpu.load(stats_smem.at[2], layout=ROW) * a
                 dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
+                if plan.entropy_grad:  # - a^2 g_i sum_j p0_ij (s_ij - m_i) k_j, g = f'(H) dc + g_bar
+                    g = (dc * plgpu.load(stats_smem.at[SCALE_GRAD], layout=ROW)
+                         + plgpu.load(stats_smem.at[COTANGENT], layout=ROW))
+                    dq = dq - lax.broadcast_in_dim(g * (a * a), (bq, H), [0]) * ent_acc
             else:
                 dq = dq_acc * a
             q_smem[...] = dq.astype(plan.dtype)
@@ -499,7 +531,7 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
             kb_smem = extra.pop(0) if strip else None
             kc_smem = extra.pop(0) if plan.has_codes else None
             kbm_smem = extra.pop(0) if plan.mma_bias else None
-            dq_acc, dc, dz_sum, pu_sum, aux = carry
+            dq_acc, dc, dz_sum, pu_sum, aux, ent_acc = carry
             q0 = tile_start + wg * bq
             k0 = (lo + indices[0]) * bkv
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -545,19 +577,25 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
                 p = _apply_mask(plan, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
                 pu = plan.need_dc and not cfg.dc_center_lse
                 pgu = p * u if g is None else p * g * u
-                return u, p, (jnp.sum(pgu, axis=1) if pu else None), g
+                w16 = None
+                if plan.entropy_grad:  # p0 (s - m): the base weights times the centred logits
+                    p0 = jnp.exp2(s * (a * LOG2E) - row(stats_smem_row(BASE_LSE2)))
+                    p0 = _apply_mask(plan, cfg.dq_edge_masks, p0, visible, q0, bq, k0, bkv)
+                    w16 = (p0 * (s - row(stats_smem_row(BASE_MEAN)))).astype(plan.dtype)
+                return u, p, (jnp.sum(pgu, axis=1) if pu else None), g, w16
 
             def dc_sums(dz, dzc):  # dc_i = sum_j dZ_ij u_ij and sum_j dZc_ij (centered at the end)
                 if not plan.need_dc or plan.dc_mma:
                     return dc, dz_sum
                 return dc + jnp.sum(dz * u, axis=1), dz_sum + jnp.sum(dzc, axis=1)
 
+            stats_smem_row = lambda r: plgpu.load(stats_smem.at[r], layout=ROW)
             if cfg.overlap:  # the softmax runs while the tensor cores form dP
-                dp, (u, p, pu, g) = _mma_while(None, do_smem, v_smem.transpose((1, 0)), softmax,
-                                               plan.interpret, lhs_in_registers=False,
-                                               shape=(bq, bkv))
+                dp, (u, p, pu, g, w16) = _mma_while(None, do_smem, v_smem.transpose((1, 0)),
+                                                    softmax, plan.interpret,
+                                                    lhs_in_registers=False, shape=(bq, bkv))
             else:
-                u, p, pu, g = softmax()
+                u, p, pu, g, w16 = softmax()
                 dp = _mm_smem(do_smem, v_smem.transpose((1, 0)), (bq, bkv))
             plgpu.barrier_arrive(consumed[1])
             # dZc: the capped logits' gradient (its row sum is the delta error dc centres away);
@@ -565,7 +603,18 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
             dzc = p * (dp - lax.broadcast_in_dim(delta, (bq, bkv), [0]))
             dz = dzc if g is None else dzc * g
             dz16 = dz.astype(plan.dtype)
-            if plan.dc_mma:  # [sum_j dZ t1, t2, t3, 1, ..] (mma_bias) or sum_j dZ (ones)
+            if plan.entropy_grad:  # dq and the entropy term's sum_j p0 (s - m) k_j, one wait
+                products = [(dq_acc, dz16, k_smem), (ent_acc, w16, k_smem)]
+                if plan.dc_mma:
+                    products.append((aux, dz16, kbm_smem if plan.mma_bias else kv_ones_smem2.at[wg]))
+                    dq_acc, ent_acc, aux = _mma_accs(tuple(products), plan.interpret)
+                elif cfg.overlap:
+                    (dq_acc, ent_acc), (dc, dz_sum) = _mma_accs_while(
+                        tuple(products), lambda: dc_sums(dz, dzc), plan.interpret)
+                else:
+                    dc, dz_sum = dc_sums(dz, dzc)
+                    dq_acc, ent_acc = _mma_accs(tuple(products), plan.interpret)
+            elif plan.dc_mma:  # [sum_j dZ t1, t2, t3, 1, ..] (mma_bias) or sum_j dZ (ones)
                 rhs = kbm_smem if plan.mma_bias else kv_ones_smem2.at[wg]
                 dq_acc, aux = _mma_accs(((dq_acc, dz16, k_smem), (aux, dz16, rhs)), plan.interpret)
             elif cfg.overlap:  # the dc sums run while the tensor cores accumulate dq
@@ -579,7 +628,7 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
             plgpu.barrier_arrive(consumed[0])
             if plan.mma_bias and plan.dc_mma:
                 plgpu.barrier_arrive(consumed[-1])
-            return dq_acc, dc, dz_sum, pu_sum, aux
+            return dq_acc, dc, dz_sum, pu_sum, aux, ent_acc
 
         tf = _transforms()
         in_specs = [
@@ -731,6 +780,10 @@ def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, 
             lse2 = plgpu.load(stats_smem.at[0], layout=COL)
             delta = plgpu.load(stats_smem.at[1], layout=COL)
             crow = plgpu.load(stats_smem.at[2], layout=COL) if plan.has_c else None
+            ent_rows = None
+            if plan.entropy_grad and want_dk:  # base lse2, base p-mean of s, a g
+                ent_rows = [plgpu.load(stats_smem.at[r], layout=COL)
+                            for r in (BASE_LSE2, BASE_MEAN, ENTROPY_GRAD)]
             plgpu.barrier_arrive(consumed[2])
             qc = kc = None
             if plan.has_codes:
@@ -761,15 +814,23 @@ def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, 
                     z2, t = soft_cap_base2(z2, plan.soft_cap)
                     g_t = 1.0 - t * t
                 p_t = jnp.exp2(z2 - col(lse2))
-                return _apply_mask(plan, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv), g_t
+                p_t = _apply_mask(plan, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv)
+                w_t = None
+                if ent_rows is not None:  # a g_i p0 (s - m_i): the entropy term of c dZ
+                    p0 = jnp.exp2(s_t * (a * LOG2E) - col(ent_rows[0]))
+                    p0 = _apply_mask(plan, cfg.dkv_edge_masks, p0, visible, q0, bq, k0, bkv)
+                    w_t = p0 * (s_t - col(ent_rows[1])) * col(ent_rows[2])
+                return p_t, g_t, w_t
 
-            def dz_of(p_t, dp_t, g_t):
+            def dz_of(p_t, dp_t, g_t, w_t):
                 if plan.has_c:  # c (dP - delta) as one FMA
                     dz_t = p_t * (dp_t * col(crow) - col(delta * crow))
                 else:
                     dz_t = p_t * (dp_t - col(delta))
                 if g_t is not None:
                     dz_t = dz_t * g_t
+                if w_t is not None:
+                    dz_t = dz_t - w_t
                 return dz_t, dz_t.astype(plan.dtype)
 
             def db_sum(db, dz_t):
@@ -777,11 +838,12 @@ def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, 
 
             def p_and_dp():  # the softmax runs while the tensor cores form dP (overlap)
                 if cfg.overlap:
-                    dp_t, (p_t, g_t) = _mma_while(None, v_smem, do_smem.transpose((1, 0)), softmax,
-                                                  plan.interpret, lhs_in_registers=False, shape=shape)
-                    return p_t, g_t, dp_t
-                p_t, g_t = softmax()
-                return p_t, g_t, _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
+                    dp_t, (p_t, g_t, w_t) = _mma_while(None, v_smem, do_smem.transpose((1, 0)),
+                                                       softmax, plan.interpret,
+                                                       lhs_in_registers=False, shape=shape)
+                    return p_t, g_t, w_t, dp_t
+                p_t, g_t, w_t = softmax()
+                return p_t, g_t, w_t, _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
 
             def dk_step(dk_acc, db, dz_t, dz16):  # dk += dZ^T Q, and db's sum of dZ
                 if plan.mma_db:
@@ -793,25 +855,25 @@ def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, 
                 return _mma_acc(dk_acc, dz16, q_smem, plan.interpret), db
 
             if part == "dv":  # P only: no dP, dZ or dk
-                p_t, _ = softmax()
+                p_t, _, _ = softmax()
                 dv_acc = _mma_acc(dv_acc, p_t.astype(plan.dtype), do_smem, plan.interpret)
                 plgpu.barrier_arrive(consumed[1])
             elif part == "dk":  # P, dP and dZ, no dv
-                p_t, g_t, dp_t = p_and_dp()
+                p_t, g_t, w_t, dp_t = p_and_dp()
                 plgpu.barrier_arrive(consumed[1])
-                dz_t, dz16 = dz_of(p_t, dp_t, g_t)
+                dz_t, dz16 = dz_of(p_t, dp_t, g_t, w_t)
             elif cfg.overlap:  # dZ formed while the tensor cores accumulate dv
-                p_t, g_t, dp_t = p_and_dp()
+                p_t, g_t, w_t, dp_t = p_and_dp()
                 dv_acc, (dz_t, dz16) = _mma_while(dv_acc, p_t.astype(plan.dtype), do_smem,
-                                                  lambda: dz_of(p_t, dp_t, g_t), plan.interpret,
-                                                  lhs_in_registers=True)
+                                                  lambda: dz_of(p_t, dp_t, g_t, w_t),
+                                                  plan.interpret, lhs_in_registers=True)
                 plgpu.barrier_arrive(consumed[1])
             else:
-                p_t, g_t = softmax()
+                p_t, g_t, w_t = softmax()
                 dv_acc = _mma_acc(dv_acc, p_t.astype(plan.dtype), do_smem, plan.interpret)
                 dp_t = _mm_smem(v_smem, do_smem.transpose((1, 0)), shape)
                 plgpu.barrier_arrive(consumed[1])
-                dz_t, dz16 = dz_of(p_t, dp_t, g_t)
+                dz_t, dz16 = dz_of(p_t, dp_t, g_t, w_t)
             if want_dk:
                 dk_acc, db = dk_step(dk_acc, db, dz_t, dz16)
             plgpu.barrier_arrive(consumed[0])
@@ -988,7 +1050,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
                    mask: MaskSpec | None = None, config: BackwardBlockSizes | None = None, interpret=None,
                    kernels: tuple[str, ...] = ("dq", "dkv"), query_scale_grad: bool = True,
                    bias_key_grad: float | None = None, lse_cotangent=None,
-                   logits_soft_cap: float | None = None):
+                   logits_soft_cap: float | None = None, base_entropy: BaseEntropy | None = None):
     """Gradients of the kernel-level attention problem, with two fused Mosaic GPU kernels.
 
     .. math::
@@ -1031,6 +1093,12 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         recomputed from the capped logits and dZ goes through the cap's derivative
         ``1 - tanh^2``; ``dc``'s centring sums the capped logits' dZ (whose row sum is the delta
         error) against ``sum_j p_ij (1 - t_ij^2) u_ij``.
+      base_entropy: a :class:`~pallas_kernels.common.BaseEntropy` when ``query_scale`` is
+        ``c_i = f(H_i)`` of the base softmax's entropy (adaptive temperature): dq and dk then
+        include the gradient through ``f`` (the dq kernel sums ``sum_j p0_ij (s_ij - m_i) k_j``
+        beside dq and finishes it with ``g_i = f'(H_i) dc_i + g_bar_i``; the dk/dv kernel
+        subtracts ``a g_i p0_ij (s_ij - m_i)`` from its ``c dZ`` tile). Needs ``query_scale``,
+        ``query_scale_grad`` and both kernels; not with a key bias or a soft cap.
 
     Returns:
       ``(dq, dk, dv, dquery_scale, dkey_bias)``: dq/dk/dv in the input dtype; dquery_scale
@@ -1054,6 +1122,9 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         if key_bias is None:
             raise ValueError("bias_key_grad needs a key_bias (b_j = g ||k_j||^2)")
         bias_key_grad = _check_python_float("bias_key_grad", bias_key_grad)
+    if base_entropy is not None:
+        _check_base_entropy(base_entropy, q, query_scale, query_scale_grad, key_bias,
+                            logits_soft_cap, kernels)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     if interpret is True:
@@ -1066,8 +1137,9 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     S, K, Hv0 = k.shape[1], k.shape[2], v.shape[-1]
     H, Hv = (padded_head_dim(d, HEAD_DIMS, "backward") for d in (H0, Hv0))
     masked = is_masked(mask)
-    cfg = config if config is not None else default_backward_block_sizes(max(H, Hv), query_scale is not None,
-                                                           masked, bool(query_scale_grad))
+    cfg = config if config is not None else default_backward_block_sizes(
+        max(H, Hv), query_scale is not None, masked, bool(query_scale_grad),
+        entropy_grad=base_entropy is not None)
     if not isinstance(cfg, BackwardBlockSizes):
         raise TypeError(f"config must be a BackwardBlockSizes, got {type(cfg).__name__}")
     R = mask.num_registers
@@ -1088,7 +1160,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         bias_key_grad=bias_key_grad,
         soft_cap=None if logits_soft_cap is None else check_soft_cap(logits_soft_cap) * LOG2E,
         T=T, S=S, Tp=Tp, Sp=Sp, group=N // K, H=H, Hv=Hv, dtype=q.dtype,
-        interpret=interpret is not None)
+        interpret=interpret is not None, entropy_grad=base_entropy is not None)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
     # python ints, which fails under jax_enable_x64.
     lse = lse.astype(jnp.float32)
@@ -1110,7 +1182,29 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         lse_cotangent = jnp.broadcast_to(lse_cotangent, lse.shape).astype(jnp.float32)
     with interpret_context(plan.interpret), jax.enable_x64(False):
         return _flash_backward(plan, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
-                               kernels, lse_cotangent)
+                               kernels, lse_cotangent, base_entropy)
+
+
+def _check_base_entropy(base, q, query_scale, query_scale_grad, key_bias, cap, kernels):
+    if not isinstance(base, BaseEntropy):
+        raise TypeError(f"base_entropy must be a pallas_kernels.BaseEntropy, got {type(base).__name__}")
+    if query_scale is None or not query_scale_grad:
+        raise ValueError("base_entropy needs the query_scale c = f(H) and query_scale_grad=True "
+                         "(its gradient dc feeds the entropy term)")
+    if key_bias is not None or cap is not None:
+        raise NotImplementedError("base_entropy with a key_bias or a soft cap (the fused entropy "
+                                  "term takes the base logits a q . k)")
+    if "dq" not in kernels or "dkv" not in kernels:
+        raise ValueError("base_entropy needs both kernels (the dq kernel's dc feeds the dk/dv "
+                         f"kernel), got kernels={kernels!r}")
+    B, T, N, _ = q.shape
+    for name in ("lse", "entropy", "scale_grad", "cotangent"):
+        x = getattr(base, name)
+        if x is None and name == "cotangent":
+            continue
+        if not hasattr(x, "shape") or x.shape != (B, N, T):
+            raise ValueError(f"base_entropy.{name} must have shape {(B, N, T)}, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
 
 
 def _check_python_float(name, x):
@@ -1134,7 +1228,7 @@ def _delta(out, dout):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 11, 12))
 def _flash_backward(plan: _Plan, cfg, q, k, v, out, lse, dout, query_scale, key_bias, mask, interpret,
-                    kernels, lse_cotangent=None):
+                    kernels, lse_cotangent=None, base_entropy=None):
     B, T, N, H0 = q.shape
     S, Hv0 = k.shape[1], v.shape[-1]
     delta = _delta(out, dout)
@@ -1143,6 +1237,12 @@ def _flash_backward(plan: _Plan, cfg, q, k, v, out, lse, dout, query_scale, key_
     stats = [lse.astype(jnp.float32) * LOG2E, delta]
     if plan.has_c:
         stats.append(query_scale.astype(jnp.float32))
+    if plan.entropy_grad:  # BASE_LSE2, BASE_MEAN, SCALE_GRAD, COTANGENT
+        base = jax.tree.map(lambda x: x.astype(jnp.float32), base_entropy)
+        g_bar = jnp.zeros_like(base.lse) if base.cotangent is None else base.cotangent
+        # m_i = sum_j p0_ij s_ij = (lse0_i - H_i) / a (u = a s, H = lse0 - sum_j p0 u)
+        stats += [base.lse * LOG2E, (base.lse - base.entropy) / plan.logit_scale,
+                  base.scale_grad, g_bar]
     qstats = _pad_axis(jnp.stack(stats, axis=2), 3, plan.Tp)  # [B, N, n_stats, Tp]
     qp = _pad_axis(_pad_axis(q, 3, plan.H), 1, plan.Tp)
     kp = _pad_axis(_pad_axis(k, 3, plan.H), 1, plan.Sp)
@@ -1163,8 +1263,12 @@ def _flash_backward(plan: _Plan, cfg, q, k, v, out, lse, dout, query_scale, key_
     if "dq" in kernels:
         dq, dc = _dq_call(plan, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones,
                           interpret)
+        dc_padded = dc
         dq = dq[:, :T, :, :H0]
         dc = None if dc is None else dc[:, :, :T]
+    if plan.entropy_grad:  # the dk/dv kernel's row: a g = a (f'(H) dc + g_bar), from dq's dc
+        g = dc_padded * qstats[:, :, SCALE_GRAD] + qstats[:, :, COTANGENT]
+        qstats = qstats[:, :, :COTANGENT].at[:, :, ENTROPY_GRAD].set(plan.logit_scale * g)
     if "dkv" in kernels:
         args = (plan, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones, interpret)
         if cfg.dkv_split:  # one float32 accumulator per kernel (D = 256)

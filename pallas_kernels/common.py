@@ -30,6 +30,7 @@ the group), ``dv_j = sum_i p_ij dO_i`` (same), ``dc_i = sum_j dZ_ij u_ij``,
 import contextlib
 import dataclasses
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = ["MaskSpec", "visible", "fold_offset", "flash_reference", "soft_cap", "soft_cap_base2",
            "split_bias", "bias_ones", "narrow_transforms", "segment_ranks", "tile_index", "interpret_context",
-           "MMA_BIAS_WIDTH", "MMA_BIAS_TERMS"]
+           "MMA_BIAS_WIDTH", "MMA_BIAS_TERMS", "BaseEntropy"]
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -78,6 +79,35 @@ class MaskSpec:
         default=None, metadata=dict(static=True))
     num_registers: int = dataclasses.field(default=0, metadata=dict(static=True))
     offset: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+
+class BaseEntropy(typing.NamedTuple):
+    """The base softmax's statistics when the per-query scale is a function of its entropy.
+
+    For ``c_i = f(H_i)``, ``H_i`` the entropy of ``softmax_j(u_ij)`` over the base logits
+    ``u_ij = a q_i . k_j`` (adaptive temperature's ``beta(H)``), the gradient through ``f`` adds
+    to the logits' gradient
+
+    .. math::
+
+      \\frac{\\partial L}{\\partial u_{ij}} \\mathrel{+}= -g_i \\, p^0_{ij}
+      (u_{ij} - \\text{lse}^0_i + H_i), \\quad g_i = f'(H_i) \\, dc_i + \\bar g_i,
+
+    ``p0 = exp(u - lse0)`` and ``dc_i = sum_j dZ_ij u_ij`` the query scale's own gradient. The
+    backward kernels take these rows (float32 ``[B, N, T]``) and fuse the term.
+
+    Attributes:
+      lse: ``lse0_i``, the base logsumexp (natural log; 0 on rows with no visible key).
+      entropy: ``H_i`` (nats).
+      scale_grad: ``f'(H_i)``.
+      cotangent: ``g_bar_i``, what else reaches ``H_i`` (e.g. ``f'(H_i)`` times a part of ``c``'s
+        cotangent formed outside the kernels), or None for 0.
+    """
+
+    lse: jax.Array
+    entropy: jax.Array
+    scale_grad: jax.Array
+    cotangent: jax.Array | None = None
 
 
 def has_codes(mask: MaskSpec) -> bool:

@@ -17,6 +17,9 @@ ops know nothing of attention variants: the library (``jaxattn.fused``) turns a 
   its VJP is the backward kernel pair, with gradients to ``q, k, v, c, b``.
 * :func:`flash_entropy` -- the statistics sweep: each row's entropy and base-2 row max, without
   P @ V; its VJP reuses the attention backward kernels (see :func:`flash_entropy`).
+* :func:`flash_entropy_scaled` -- attention whose per-query scale is a function of each row's
+  base entropy, ``c_i = f(H_i)`` (adaptive temperature): the statistics sweep, then the main sweep;
+  its VJP fuses the gradient through ``f`` into the backward kernel pair.
 * :func:`flash_hardmax` -- hardmax attention (uniform weights over each row's maximal logits) on
   the forward kernel; forward-only.
 
@@ -31,16 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common import MaskSpec, fold_offset
+from pallas_kernels.common import BaseEntropy, MaskSpec, fold_offset
 from pallas_kernels.forward import (
     MASKED,
     _check_inputs,
     flash_forward,
     flash_stats,
     row_max_from_stats,
+    scale_row_max,
 )
 
-__all__ = ["flash_attention", "flash_entropy", "flash_hardmax"]
+__all__ = ["flash_attention", "flash_entropy", "flash_entropy_scaled", "flash_hardmax"]
 
 _SymbolicZero = jax.custom_derivatives.SymbolicZero
 
@@ -273,6 +277,124 @@ def flash_entropy(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
                            key_bias=key_bias, mask=mask, return_row_max=True,
                            logits_soft_cap=logits_soft_cap)[1:]
     return _entropy(q, k, query_scale, key_bias, mask, float(logit_scale))
+
+
+def _scale_and_grad(scale_fn, entropy, operands):
+    """``(c, f'(H))``: the scale and its elementwise derivative in the entropy, float32."""
+    f = lambda h: jnp.broadcast_to(jnp.asarray(scale_fn(h, *operands), jnp.float32), h.shape)
+    return jax.jvp(f, (entropy,), (jnp.ones_like(entropy),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _scaled(q, k, v, spec, operands, scale_fn, a, stats, c_nonneg):
+    return _scaled_forward(q, k, v, spec, operands, scale_fn, a, stats, c_nonneg)[0]
+
+
+def _scaled_fwd(q, k, v, spec, operands, scale_fn, a, stats, c_nonneg):
+    q, k, v = (_value(x) for x in (q, k, v))
+    spec, operands = (jax.tree.map(_value, x) for x in (spec, operands))
+    return _scaled_forward(q, k, v, spec, operands, scale_fn, a, stats, c_nonneg)
+
+
+def _scaled_forward(q, k, v, spec, operands, scale_fn, a, stats, c_nonneg):
+    lse0, ent0, row_max0 = flash_stats(q, k, logit_scale=a, mask=spec, return_row_max=True)
+    c, _ = _scale_and_grad(scale_fn, ent0, operands)
+    # the main logits are c (>= 0) times the sweep's: their max is c times its max
+    row_max = scale_row_max(row_max0, c) if c_nonneg else None
+    out, lse, *rest = flash_forward(q, k, v, logit_scale=a, query_scale=c, mask=spec,
+                                    return_stats=stats, query_scale_nonnegative=c_nonneg,
+                                    row_max=row_max)
+    ent, mw = rest if stats else (None, None)
+    return (out, lse, ent, mw), (q, k, v, spec, operands, c, out, lse, ent, lse0, ent0)
+
+
+def _scaled_bwd(scale_fn, a, stats, c_nonneg, res, cts):
+    del stats, c_nonneg
+    q, k, v, spec, operands, c, out, lse, ent, lse0, ent0 = res
+    dout, dlse, dent, dmw = cts
+    for name, ct in (("entropy", dent), ("max_weight", dmw)):
+        if not _is_zero(ct):
+            raise NotImplementedError(
+                f"differentiating the kernel's {name} statistic is not implemented; "
+                "differentiate the output and the logsumexp, or use implementation='xla'")
+    dout = jnp.zeros(out.shape, out.dtype) if isinstance(dout, _SymbolicZero) else dout
+    dlse = None if _is_zero(dlse) else dlse
+    _, scale_grad = _scale_and_grad(scale_fn, ent0, operands)
+    dc_lse = None  # the lse cotangent's part of dc, d lse_i / d c_i = sum_j p_ij u_ij
+    if dlse is not None:
+        if ent is None:
+            ent = flash_stats(q, k, logit_scale=a, query_scale=c, mask=spec)[1]
+        ok = c != 0
+        dc_lse = jnp.where(ok, dlse * (lse - ent) / jnp.where(ok, c, 1.0), 0.0)
+    from pallas_kernels.backward import flash_backward
+    base = BaseEntropy(lse0, ent0, scale_grad, None if dc_lse is None else scale_grad * dc_lse)
+    dq, dk, dv, dc, _ = flash_backward(q, k, v, out, lse, dout.astype(out.dtype), logit_scale=a,
+                                       query_scale=c, mask=spec, lse_cotangent=dlse,
+                                       base_entropy=base)
+    if dc_lse is not None:
+        dc = dc + dc_lse
+    # the operands' gradient: f's VJP at the forward's entropy, against c's whole cotangent
+    f = lambda *ops: jnp.broadcast_to(jnp.asarray(scale_fn(ent0, *ops), jnp.float32), ent0.shape)
+    d_operands = jax.vjp(f, *operands)[1](dc)
+    return dq, dk, dv, _zeros_like_spec(spec), tuple(d_operands)
+
+
+_scaled.defvjp(_scaled_fwd, _scaled_bwd, symbolic_zeros=True)
+
+
+def flash_entropy_scaled(q, k, v, *, logit_scale: float, scale_fn, scale_operands=(),
+                         mask: MaskSpec | None = None, return_stats: bool = False,
+                         query_scale_nonnegative: bool = False):
+    """Fused attention whose per-query scale is a function of each row's base entropy.
+
+    .. math::
+
+      H_i = -\\sum_j p^0_{ij} \\log p^0_{ij}, \\quad p^0_i = \\text{softmax}_j(a \\, q_i \\cdot k_j),
+      \\quad c_i = f(H_i), \\quad
+      o_i = \\sum_j \\text{softmax}_j(c_i a \\, q_i \\cdot k_j) \\, v_j
+
+    over the keys ``mask`` leaves visible: adaptive temperature (Velickovic et al., 2025, "softmax
+    is not enough") at the kernel level. The forward is the statistics sweep
+    (:func:`~pallas_kernels.forward.flash_stats`) and the main sweep, handed the row max when
+    ``c >= 0``. The backward is one pass of the backward kernel pair with the gradient through
+    ``f`` fused (:class:`~pallas_kernels.common.BaseEntropy`): ``dH_i / du_ij = -p0_ij (u_ij -
+    lse0_i + H_i)`` enters dq as a second accumulator and dk as a term of its ``dZ`` tile.
+
+    Args:
+      q, k, v, logit_scale, mask: as :func:`flash_attention`.
+      scale_fn: ``f(entropy, *scale_operands)``, elementwise in the entropy (float32 ``[B, N, T]``,
+        nats) and broadcastable to it: the kernels take its derivative ``f'(H_i)`` per row. A
+        hashable callable (a module-level function, a method of a frozen dataclass).
+      scale_operands: arrays ``f`` also reads; they get ``f``'s VJP of ``c``'s cotangent.
+      return_stats: also return the main softmax's entropy and max weight.
+      query_scale_nonnegative: the caller guarantees ``f >= 0`` (the main sweep then takes the
+        row max from the statistics sweep).
+
+    Returns:
+      ``(out [B, T, N, Hv], lse [B, N, T])`` of the main softmax (with ``return_stats`` also its
+      entropy and max weight); differentiable in ``q, k, v`` (and the operands) through the
+      output and the logsumexp.
+
+    Raises:
+      NotImplementedError: what the kernels cannot run (see :func:`flash_attention`).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from pallas_kernels import flash_entropy_scaled
+      >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 64, 2, 64), jnp.bfloat16)
+      >>> beta = lambda h: 1.0 + 0.5 * h  # sharper where the base weights are dispersed
+      >>> out, lse = flash_entropy_scaled(q, k, v, logit_scale=0.125, scale_fn=beta)
+      >>> jax.grad(lambda q: jnp.sum(flash_entropy_scaled(
+      ...     q, k, v, logit_scale=0.125, scale_fn=beta)[0].astype(jnp.float32)))(q).shape
+      (1, 64, 2, 64)
+    """
+    mask, empty = _fold(mask, q, k)
+    if empty:
+        return _no_keys(q, k, v, logit_scale, return_stats)
+    out, lse, ent, mw = _scaled(q, k, v, mask, tuple(scale_operands), scale_fn,
+                                float(logit_scale), bool(return_stats),
+                                bool(query_scale_nonnegative))
+    return (out, lse, ent, mw) if return_stats else (out, lse)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))

@@ -28,9 +28,9 @@ __all__ = ["SM90", "TABLES", "FALLBACK", "table", "lookup"]
 # most `forward_short_causal_keys` keys); "c" (a per-query scale); "c_row_max" (c, given the exact
 # row max, no mask hides keys); "b" (a key bias); "cb" (both).
 # Backward cases (default_backward_block_sizes): "plain"; "c" (a per-query scale); "c_masked_dc" (c, a mask,
-# and the dq kernel sums dc).
+# and the dq kernel sums dc); "c_entropy" (c = f(H0), the entropy term fused: a second dq accumulator).
 FALLBACK = {"short_causal": "plain", "c": "plain", "c_row_max": "c", "b": "plain", "cb": "b",
-            "c_masked_dc": "c", "plain": None}
+            "c_masked_dc": "c", "c_entropy": "c_masked_dc", "plain": None}
 
 # Regenerate with `python3 -m benchmarks tune` (the forward tiles; `python3 -m benchmarks kernels`
 # times the statistics-sweep layouts and the backward configs); bf16, B = 4, H = 16, N = 4096.
