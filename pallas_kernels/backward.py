@@ -19,7 +19,8 @@ Two deterministic kernels (no atomics) compute the gradients of the kernel-level
 
 P is recomputed in float32 from the forward's logsumexp. Visibility comes from indices (causal,
 window, registers, padded tails) and from two small int32 "codes" vectors built in XLA from the
-lengths and segment ids (never a ``T x S`` array). Fully masked key/query tiles are skipped by
+lengths and segment ids (never a ``T x S`` array), the forward's codes
+(:func:`~pallas_kernels.common.visibility_codes`, :func:`~pallas_kernels.common.codes_visible`). Fully masked key/query tiles are skipped by
 running each pipeline over the tile range that causal/window masks leave visible.
 
 Interpreter: the CPU interpreter (``plgpu.InterpretGPUParams``) cannot run a wgmma whose left
@@ -49,6 +50,7 @@ from pallas_kernels.common import (
     band,
     bias_ones,
     check_soft_cap,
+    codes_visible,
     has_codes,
     interpret_context,
     is_masked,
@@ -58,15 +60,12 @@ from pallas_kernels.common import (
     soft_cap_base2,
     split_bias,
     tile_index,
+    visibility_codes,
 )
 
 __all__ = ["BackwardBlockSizes", "default_backward_block_sizes", "flash_backward"]
 
 LOG2E = math.log2(math.e)
-# Codes of the int32 visibility vectors; segment ids enter as dense ranks >= 0 (see _codes).
-Q_INVALID = -(2**31)  # query row beyond q_lengths (or padding): sees nothing
-K_INVALID = -(2**31) + 1  # key beyond kv_lengths (or padding): seen by nobody
-K_REGISTER = -(2**31) + 2  # register key: seen by every valid query
 HEAD_DIMS = (64, 128, 256)  # the compiled head dims (common.padded_head_dim)
 # Rows of the per-query statistics both kernels stream ([B, N, rows, Tp]): the base-2 lse, delta
 # and c; with the entropy term (common.BaseEntropy) also the base lse (base 2) and the base p-mean
@@ -337,8 +336,7 @@ def _visible(plan: _Plan, qi, kj, qcode=None, kcode=None):
     if plan.Tp != plan.T:
         ok = conj(ok, qi < plan.T)
     if plan.has_codes:
-        code_ok = (qcode != Q_INVALID) & ((kcode == qcode) | (kcode == K_REGISTER))
-        ok = conj(ok, code_ok)
+        ok = conj(ok, codes_visible(qcode, kcode))
     return ok
 
 
@@ -970,34 +968,6 @@ def _launch(plan, kernel, out_type, scratch, *, n_copies, grid, tile_axis, wgs, 
 # ------------------------------------------------------------------------------------------ entry
 
 
-def _codes(mask: MaskSpec, B, T, S, Tp, Sp, R):
-    """int32 visibility codes ``[B, Tp]`` (queries) and ``[B, Sp]`` (keys incl. registers).
-
-    ``mask``'s segment ids must be the forward's dense ranks
-    (:func:`~pallas_kernels.forward.segment_ranks`, in ``[0, T + S)``, as :func:`flash_backward`
-    passes them), never raw ids: a raw id could equal one of the markers (``Q_INVALID``,
-    ``K_INVALID``, ``K_REGISTER``, all below ``-2**30``) or, for int64 ids cast to int32, wrap onto
-    another segment's id (0 and ``2**32``), and the backward would then see other keys than the
-    forward did.
-    """
-    i = jnp.arange(Tp)[None, :]
-    q_rank, k_rank = mask.q_segment_ids, mask.kv_segment_ids
-    qcode = (jnp.zeros((B, Tp), jnp.int32) if q_rank is None else _pad_axis(q_rank, 1, Tp))
-    valid_q = i < T
-    if mask.q_lengths is not None:
-        valid_q = valid_q & (i < mask.q_lengths.astype(jnp.int32)[:, None])
-    qcode = jnp.where(valid_q, qcode, Q_INVALID)
-    pos = jnp.arange(Sp - R)[None, :]
-    kcode = (jnp.zeros((B, Sp - R), jnp.int32) if k_rank is None
-             else _pad_axis(k_rank, 1, Sp - R))
-    valid_k = pos < S - R
-    if mask.kv_lengths is not None:
-        valid_k = valid_k & (pos < mask.kv_lengths.astype(jnp.int32)[:, None])
-    kcode = jnp.where(valid_k, kcode, K_INVALID)
-    kcode = jnp.concatenate([jnp.full((B, R), K_REGISTER, jnp.int32), kcode], axis=1)
-    return qcode, kcode
-
-
 def _check_inputs(q, k, v, out, lse, dout, query_scale, key_bias, mask):
     for name, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("out", out, 4), ("dout", dout, 4),
                         ("lse", lse, 3)):
@@ -1071,7 +1041,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
       query_scale: ``[B, N, T]`` float32 ``c`` or None (= 1).
       key_bias: ``[B, K, S]`` float32 ``b`` or None (= 0).
       mask: the :class:`~pallas_kernels.common.MaskSpec` of the forward (None: no mask). Segment ids
-        must be larger than ``-2**31 + 2`` (the three smallest int32 values code invalid rows/keys).
+        may be any integers (ranked before the kernels: :func:`~pallas_kernels.common.visibility_codes`).
       config: block sizes; :func:`default_backward_block_sizes` of the head dim when None.
       interpret: a ``plgpu.InterpretGPUParams`` or a bool (None: interpret iff the default backend
         is cpu).
@@ -1168,7 +1138,7 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
     key_bias = None if key_bias is None else key_bias.astype(jnp.float32)
     if mask.q_segment_ids is not None:
         # the forward's dense ranks, formed before the int32 cast below: int64 ids cast to int32
-        # would wrap (2**32 onto 0), raw int32 ids could equal _codes's markers
+        # would wrap (2**32 onto 0), raw int32 ids could equal the codes' markers
         q_rank, k_rank = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
         mask = dataclasses.replace(mask, q_segment_ids=q_rank, kv_segment_ids=k_rank)
     mask = jax.tree.map(lambda x: x.astype(jnp.int32), mask)
@@ -1258,7 +1228,7 @@ def _flash_backward(plan: _Plan, cfg, q, k, v, out, lse, dout, query_scale, key_
         ones = bias_ones(max(cfg.block_q_dq, cfg.block_q_dkv, cfg.block_kv_dq), q.dtype)
     qcode = kcode = None
     if plan.has_codes:
-        qcode, kcode = _codes(mask, B, T, S, plan.Tp, plan.Sp, plan.num_registers)
+        qcode, kcode = visibility_codes(mask, B, T, S, plan.Tp, plan.Sp, ranked=True)
     dq = dk = dv = dc = db = None
     if "dq" in kernels:
         dq, dc = _dq_call(plan, cfg, qp, kp, vp, dop, qstats, qcode, kbias, kcode, kbm, ones,

@@ -39,7 +39,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = ["MaskSpec", "visible", "fold_offset", "flash_reference", "soft_cap", "soft_cap_base2",
            "split_bias", "bias_ones", "narrow_transforms", "segment_ranks", "tile_index", "interpret_context",
-           "MMA_BIAS_WIDTH", "MMA_BIAS_TERMS", "BaseEntropy"]
+           "MMA_BIAS_WIDTH", "MMA_BIAS_TERMS", "BaseEntropy", "visibility_codes", "codes_visible",
+           "INVALID_QUERY", "INVALID_KEY", "REGISTER_KEY"]
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -365,6 +366,64 @@ def segment_ranks(q_segment_ids, kv_segment_ids):
     ranks = jax.vmap(lambda x: jnp.searchsorted(jnp.sort(x), x, side="left"))(both)
     ranks = ranks.astype(jnp.int32)
     return ranks[:, :T], ranks[:, T:]
+
+
+# The visibility codes both kernels stream for lengths and segment ids, one per query row and one
+# per key: a code >= 0 is the segment's dense rank (segment_ranks; 0 without segment ids), and
+# three negative markers that no rank can equal. All are exact in int32 and in float32 (the
+# forward stacks its codes with float32 row / key vectors; ranks below 2**24).
+INVALID_QUERY = -1  # a query row past its length, or padding: sees nothing
+INVALID_KEY = -2  # a key past its length, or padding: seen by nobody
+REGISTER_KEY = -3  # a register key: seen by every valid query
+MAX_EXACT_RANK = 2**24  # float32 holds every integer below it
+
+
+def visibility_codes(mask: MaskSpec, B: int, T: int, S: int, Tp: int, Sp: int, dtype=jnp.int32,
+                     ranked: bool = False):
+    """``(query codes [B, Tp], key codes [B, Sp])`` of ``mask``'s lengths and segment ids.
+
+    ``S`` counts the registers (the first ``mask.num_registers`` keys); ``Tp >= T`` and ``Sp >= S``
+    are the kernels' padded lengths. The segment ids are ranked here (:func:`segment_ranks`):
+    raw ids could equal a marker, or wrap when int64 ids are cast; ``ranked``: they already are
+    such ranks (int32, in ``[0, T + S)``).
+
+    Raises:
+      NotImplementedError: float32 codes with segment ids over ``T + S >= 2**24`` tokens (their
+        ranks would not all be exact).
+    """
+    R = mask.num_registers
+    q_rank = k_rank = None
+    if mask.q_segment_ids is not None:
+        if jnp.dtype(dtype) == jnp.float32 and T + S >= MAX_EXACT_RANK:
+            raise NotImplementedError(f"segment ids over T + S = {T + S} >= 2**24 tokens: their "
+                                      "ranks are not exact as the forward kernel's float32 codes")
+        q_rank, k_rank = mask.q_segment_ids, mask.kv_segment_ids
+        if not ranked:
+            q_rank, k_rank = segment_ranks(q_rank, k_rank)
+    i = jnp.arange(Tp, dtype=jnp.int32)[None, :]
+    qcode = jnp.zeros((B, Tp), jnp.int32) if q_rank is None else jnp.pad(q_rank, ((0, 0), (0, Tp - T)))
+    valid_q = i < T
+    if mask.q_lengths is not None:
+        valid_q = valid_q & (i < mask.q_lengths.astype(jnp.int32)[:, None])
+    qcode = jnp.where(valid_q, qcode, INVALID_QUERY)
+    pos = jnp.arange(Sp - R, dtype=jnp.int32)[None, :]
+    kcode = (jnp.zeros((B, Sp - R), jnp.int32) if k_rank is None
+             else jnp.pad(k_rank, ((0, 0), (0, Sp - S))))
+    valid_k = pos < S - R
+    if mask.kv_lengths is not None:
+        valid_k = valid_k & (pos < mask.kv_lengths.astype(jnp.int32)[:, None])
+    kcode = jnp.where(valid_k, kcode, INVALID_KEY)
+    kcode = jnp.concatenate([jnp.full((B, R), REGISTER_KEY, jnp.int32), kcode], axis=1)
+    return qcode.astype(dtype), kcode.astype(dtype)
+
+
+def codes_visible(qcode, kcode):
+    """The codes' part of the visibility rule (broadcast tiles): a key of the query's segment, or
+    a register seen by a valid query. ``qcode`` None: every query row is valid and in one segment
+    (only key lengths), so a key is visible unless it is invalid."""
+    if qcode is None:
+        return (kcode >= 0) | (kcode == REGISTER_KEY)
+    return (kcode == qcode) | ((kcode == REGISTER_KEY) & (qcode >= 0))
 
 
 def tile_index(reverse: bool, axis: str, num_tiles: int):

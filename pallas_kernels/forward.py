@@ -60,14 +60,15 @@ from pallas_kernels.common import (
     band,
     bias_ones,
     check_soft_cap,
+    codes_visible,
     interpret_context,
     is_masked,
     narrow_transforms,
     padded_head_dim,
-    segment_ranks,
     soft_cap_base2,
     split_bias,
     tile_index,
+    visibility_codes,
 )
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "default_block_sizes", "default_stats_block_sizes",
@@ -95,9 +96,6 @@ def _compute_registers(compute_wgs):
 
 
 _COMPUTE_REGISTERS = {n: _compute_registers(n) for n in (2, 3, 4)}
-_REG_ID = -3.0  # key id of a register: visible to every valid query
-_PAD_ID = -2.0  # key id of a padded / out-of-length key: visible to none
-_BAD_Q_ID = -1.0  # query id of a row past its length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,12 +334,8 @@ def _visible(plan, q0, step, kid, qid):
         ok = ok | (cols < R)
     if plan.has_kid:
         kid = lax.broadcast_in_dim(kid, shape, [1])
-        if plan.has_qid:
-            qid = lax.broadcast_in_dim(qid, shape, [0])
-            key_ok = (kid == qid) | ((kid == _REG_ID) & (qid >= 0))
-        else:
-            key_ok = (kid >= 0) | (kid == _REG_ID)
-        ok = ok & key_ok
+        qid = lax.broadcast_in_dim(qid, shape, [0]) if plan.has_qid else None
+        ok = ok & codes_visible(qid, kid)
     return ok
 
 
@@ -922,15 +916,9 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     else:
         c = jnp.broadcast_to(jnp.asarray(query_scale, jnp.float32), (B, N, T))
         row_vecs.append(jnp.pad(c * (logit_scale * LOG2E), ((0, 0), (0, 0), (0, Tp - T))))
-    q_seg = kv_seg = None
-    if mask.q_segment_ids is not None:
-        q_seg, kv_seg = segment_ranks(mask.q_segment_ids, mask.kv_segment_ids)
+    if has_kid:  # float32 codes: they ride in the float32 row / key vector stacks
+        qid, kid = visibility_codes(mask, B, T, S, Tp, Sp, jnp.float32)
     if has_qid:
-        qid = jnp.zeros((B, T), jnp.float32) if q_seg is None else q_seg.astype(jnp.float32)
-        if mask.q_lengths is not None:
-            q_len = mask.q_lengths.astype(jnp.int32)[:, None]
-            qid = jnp.where(jnp.arange(T, dtype=jnp.int32)[None] < q_len, qid, _BAD_Q_ID)
-        qid = jnp.pad(qid, ((0, 0), (0, Tp - T)), constant_values=_BAD_Q_ID)
         row_vecs.append(jnp.broadcast_to(qid[:, None], (B, N, Tp)))
     if row_max is not None:
         m = jnp.broadcast_to(jnp.asarray(row_max, jnp.float32), (B, N, T))
@@ -939,12 +927,6 @@ def _prepare(q, k, v, logit_scale, query_scale, key_bias, mask, config, interpre
     if kb is not None and not mma:
         key_vecs.append(kb)
     if has_kid:
-        pos = jnp.arange(S - R, dtype=jnp.int32)[None]
-        kid = jnp.zeros((B, S - R), jnp.float32) if kv_seg is None else kv_seg.astype(jnp.float32)
-        if mask.kv_lengths is not None:
-            kid = jnp.where(pos < mask.kv_lengths.astype(jnp.int32)[:, None], kid, _PAD_ID)
-        kid = jnp.pad(kid, ((0, 0), (R, Sp - S)), constant_values=_PAD_ID)
-        kid = kid.at[:, :R].set(_REG_ID)
         key_vecs.append(jnp.broadcast_to(kid[:, None], (B, K, Sp)))
     stack = lambda xs: jnp.stack(xs, axis=2) if xs else None
     if interpret is None:
