@@ -20,8 +20,9 @@ Two deterministic kernels (no atomics) compute the gradients of the kernel-level
 P is recomputed in float32 from the forward's logsumexp. Visibility comes from indices (causal,
 window, registers, padded tails) and from two small int32 "codes" vectors built in XLA from the
 lengths and segment ids (never a ``T x S`` array), the forward's codes
-(:func:`~pallas_kernels.common.visibility_codes`, :func:`~pallas_kernels.common.codes_visible`). Fully masked key/query tiles are skipped by
-running each pipeline over the tile range that causal/window masks leave visible.
+(:func:`~pallas_kernels.common.visibility_codes`, :func:`~pallas_kernels.common.codes_visible`).
+Fully masked key/query tiles are skipped by running each pipeline over the tile range that
+causal/window masks leave visible.
 
 Interpreter: the CPU interpreter (``plgpu.InterpretGPUParams``) cannot run a wgmma whose left
 operand lives in registers, and the GPU compiler rejects ``jnp.dot`` on registers: the three
