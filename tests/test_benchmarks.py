@@ -215,3 +215,33 @@ def test_check_runs_the_three_gpu_checks_correctness_only(monkeypatch):
     assert calls == [["checks.forward", "--cases", "0"],
                      ["checks.backward", "--only", "check", "--cases", "0"],
                      ["checks.api", "--cases", "0"]]
+
+
+def test_ab_installs_each_build_and_restores_none_of_the_other(tmp_path):
+    """``benchmarks.ab.installed``: inside each context the importable ``jaxattn`` and
+    ``pallas_kernels`` are that build's (a marked copy of this tree as the base), a second use
+    reuses the same module objects, and the other build's modules are not left installed."""
+    import shutil
+    import sys
+
+    from benchmarks import ab
+    saved = {n: m for n, m in sys.modules.items() if n.split(".")[0] in ab.PACKAGES}
+    for pkg in ab.PACKAGES:
+        shutil.copytree(f"{ab.HERE}/{pkg}", tmp_path / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tmp_path / "pallas_kernels" / "__init__.py", "a") as f:
+        f.write("\nBUILD_MARK = 'base'\n")
+    base, new = {}, {}
+    try:
+        with ab.installed(str(tmp_path), base) as jaxattn:
+            assert jaxattn.__file__.startswith(str(tmp_path))
+            assert sys.modules["pallas_kernels"].BUILD_MARK == "base"
+        with ab.installed(ab.HERE, new) as jaxattn:
+            assert jaxattn.__file__.startswith(ab.HERE)
+            assert not hasattr(sys.modules["pallas_kernels"], "BUILD_MARK")
+        with ab.installed(str(tmp_path), base) as jaxattn:
+            assert jaxattn is base["jaxattn"]
+            assert sys.modules["pallas_kernels"] is base["pallas_kernels"]
+        assert not any(n.split(".")[0] in ab.PACKAGES for n in sys.modules)
+    finally:
+        sys.modules.update(saved)
