@@ -103,11 +103,14 @@ class _EntropyScale:
 
 def _entropy_scaled(query, key, value, plan: Plan, num_visible, a_static, b, return_stats):
     """Adaptive temperature's two sweeps and fused backward in one kernel op, or None when the
-    plan has terms that op does not take (then the two-op path runs)."""
+    plan has terms that op does not take or the kernels' tuning says its backward is the slower
+    one here (:func:`pallas_kernels.fuses_entropy_grad`; then the two-op path runs)."""
     variant = plan.variant
     if (not variant.needs_stats or not variant.stats_gradient() or b is not None
             or plan.logits_soft_cap is not None or plan.sink_logits is not None
-            or plan.query_offset(query) is not None):
+            or plan.query_offset(query) is not None
+            or not pk.fuses_entropy_grad(max(query.shape[-1], value.shape[-1]),
+                                         pk.common.is_masked(plan.mask))):
         return None
     result = pk.flash_entropy_scaled(query, key, value, logit_scale=a_static,
                                      scale_fn=_EntropyScale(variant), scale_operands=(num_visible,),

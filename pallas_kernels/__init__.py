@@ -19,7 +19,7 @@ a per-key float32 array. This package knows no attention variant and imports not
   visibility rule; :func:`flash_reference` -- the pure-jnp oracle of the kernel-level problem.
 """
 
-from pallas_kernels.backward import BackwardBlockSizes, flash_backward
+from pallas_kernels.backward import BackwardBlockSizes, flash_backward, fuses_entropy_grad
 from pallas_kernels.common import BaseEntropy, MaskSpec, flash_reference, visible
 from pallas_kernels.forward import (
     BlockSizes,
@@ -44,6 +44,7 @@ __all__ = [
     "flash_forward",
     "flash_stats",
     "flash_backward",
+    "fuses_entropy_grad",
     "BlockSizes",
     "BackwardBlockSizes",
     "scale_row_max",

@@ -64,7 +64,8 @@ from pallas_kernels.common import (
     visibility_codes,
 )
 
-__all__ = ["BackwardBlockSizes", "default_backward_block_sizes", "flash_backward"]
+__all__ = ["BackwardBlockSizes", "default_backward_block_sizes", "flash_backward",
+           "fuses_entropy_grad"]
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128, 256)  # the compiled head dims (common.padded_head_dim)
@@ -190,8 +191,19 @@ def default_backward_block_sizes(head_dim: int, query_scale: bool = False, maske
     if query_scale:
         case = "c_masked_dc" if masked and query_scale_grad else "c"
         if entropy_grad:
-            case = "c_entropy"
+            case = "c_entropy_masked" if masked else "c_entropy"
     return BackwardBlockSizes(**tuning.lookup("backward", D, case, device_kind))
+
+
+def fuses_entropy_grad(head_dim: int, masked: bool, *, device_kind: str | None = None) -> bool:
+    """Whether the backward is faster with the entropy term fused (``flash_backward``'s
+    ``base_entropy``) than with the entropy sweep's own VJP as a second pass, on this device, for
+    a head dim (the larger of qk and v) and whether a mask exists: the ``entropy_fused`` entry
+    of :mod:`pallas_kernels.tuning` (measurements there)."""
+    if head_dim > HEAD_DIMS[-1]:
+        return False
+    D = padded_head_dim(head_dim, HEAD_DIMS, "backward")
+    return tuning.table(device_kind).get("entropy_fused", {}).get((D, bool(masked)), False)
 
 
 def _cdiv(a, b):

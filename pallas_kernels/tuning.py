@@ -28,9 +28,11 @@ __all__ = ["SM90", "TABLES", "FALLBACK", "table", "lookup"]
 # most `forward_short_causal_keys` keys); "c" (a per-query scale); "c_row_max" (c, given the exact
 # row max, no mask hides keys); "b" (a key bias); "cb" (both).
 # Backward cases (default_backward_block_sizes): "plain"; "c" (a per-query scale); "c_masked_dc" (c, a mask,
-# and the dq kernel sums dc); "c_entropy" (c = f(H0), the entropy term fused: a second dq accumulator).
+# and the dq kernel sums dc); "c_entropy" / "c_entropy_masked" (c = f(H0), the entropy term fused: a
+# second dq accumulator; without / with a mask).
 FALLBACK = {"short_causal": "plain", "c": "plain", "c_row_max": "c", "b": "plain", "cb": "b",
-            "c_masked_dc": "c", "c_entropy": "c_masked_dc", "plain": None}
+            "c_masked_dc": "c", "c_entropy": "c_masked_dc", "c_entropy_masked": "c_entropy",
+            "plain": None}
 
 # Regenerate with `python3 -m benchmarks tune` (the forward tiles; `python3 -m benchmarks kernels`
 # times the statistics-sweep layouts and the backward configs); bf16, B = 4, H = 16, N = 4096.
@@ -102,12 +104,27 @@ SM90 = {
         (128, "c_masked_dc"): dict(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
                                    compute_wgs=2, max_concurrent_steps=2, dkv_edge_masks=True,
                                    mma_bias=True, overlap=True),
+        # The entropy term fused (adaptive temperature's gradient through beta), D = 64, causal:
+        # 64-key dq tiles without overlap or dc_mma 2.54 ms against the plain tiles' 2.98 and the
+        # unfused two passes' 2.76 (B = 4, N = 4096, fwd+bwd, H100); without a mask the plain
+        # tiles win (3.90 against 4.13; two passes 4.86).
+        (64, "c_entropy_masked"): dict(block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
+                                       block_kv_dkv=64, compute_wgs=2, max_concurrent_steps=2,
+                                       dkv_edge_masks=True, mma_bias=True, mma_db=True),
         # D = 256: the fused dkv kernel's two [64, 256] float32 accumulators take 256 registers a
         # thread (115 TFLOP/s against the dq kernel's 456, H200): dkv_split; one warpgroup.
         (256, "plain"): dict(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
                              compute_wgs=1, max_concurrent_steps=2, dkv_split=True),
     },
 }
+
+# Where the backward fuses the entropy term (flash_backward's base_entropy) rather than running
+# the entropy sweep's VJP as a second pass: (padded head dim, masked) -> bool, False where absent.
+# H100, B = 4, N = 4096, fwd+bwd ms fused / two passes: D = 64 causal 2.54 / 2.76, not 3.90 /
+# 4.86; D = 128 not 6.76 / 8.09, causal 5.27 / 4.22 (every tile choice tried spills: the masked
+# dq kernel's two [64, 128] float32 accumulators); D = 256 untimed (two [64, 256] accumulators).
+SM90["entropy_fused"] = {(64, False): True, (64, True): True, (128, False): True,
+                         (128, True): False}
 
 # Device kind substrings (``jax.devices()[0].device_kind``, e.g. "NVIDIA H100 80GB HBM3",
 # "NVIDIA H200"), first match wins; anything else gets SM90.
