@@ -200,3 +200,18 @@ def test_base_entropy_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         backward.flash_backward(q, k, v, dout.astype(q.dtype), rows, dout.astype(q.dtype), **args)
+
+
+def test_library_keeps_two_passes_where_tuning_says_fused_is_slower(monkeypatch):
+    """Where :func:`pallas_kernels.fuses_entropy_grad` is False (D = 128 with a mask on sm90),
+    the library runs the statistics sweep's own VJP instead of the fused op."""
+    import jaxattn
+    from jaxattn import variants
+    assert not pk.fuses_entropy_grad(128, True) and pk.fuses_entropy_grad(128, False)
+    monkeypatch.setattr(pk, "fuses_entropy_grad", lambda head_dim, masked: False)
+    calls = []
+    monkeypatch.setattr(pk, "flash_entropy_scaled", lambda *a, **kw: calls.append(1))
+    q, k, v, _, _ = _inputs(5, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
+    out = jax.block_until_ready(jax.jit(lambda q, k, v: jaxattn.attention(
+        q, k, v, variant=variants.AdaptiveTemperature(), implementation="pallas"))(q, k, v))
+    assert not calls and out.shape == q.shape
