@@ -99,18 +99,32 @@ def _is_zero(ct):
     return ct is None or isinstance(ct, _SymbolicZero)
 
 
-def _flash_bwd(a, stats, c_nonneg, bias_key_grad, cap, res, cts):
-    del stats, c_nonneg
-    q, k, v, c, b, spec, out, lse, ent, want_dc = res
+def _output_cotangents(cts, out):
+    """``(dout, dlse or None)`` of an op's ``(out, lse, entropy, max_weight)`` cotangents; the
+    statistics' cotangents raise (their gradients are not implemented)."""
     dout, dlse, dent, dmw = cts
     for name, ct in (("entropy", dent), ("max_weight", dmw)):
         if not _is_zero(ct):
             raise NotImplementedError(
                 f"differentiating the kernel's {name} statistic is not implemented; "
                 "differentiate the output and the logsumexp, or use implementation='xla'")
-    dlse = None if _is_zero(dlse) else dlse
-    if isinstance(dout, _SymbolicZero):
-        dout = jnp.zeros(out.shape, out.dtype)
+    dout = jnp.zeros(out.shape, out.dtype) if isinstance(dout, _SymbolicZero) else dout
+    return dout, (None if _is_zero(dlse) else dlse)
+
+
+def _lse_scale_grad(dlse, lse, ent, c):
+    """The logsumexp cotangent's part of ``dc``: ``dlse_i d lse_i / d c_i = dlse_i sum_j p_ij u_ij
+    = dlse_i (lse_i - H_i) / c_i`` (``z = c u`` and ``sum_j p z = lse - H``); the dq kernel leaves
+    it out. Rows with ``c_i = 0`` get none (there p is uniform and the mean of u is not in the
+    statistics; SSMax's c = 0 at n_i = 1, where dc/ds = 0)."""
+    ok = c != 0
+    return jnp.where(ok, dlse * (lse - ent) / jnp.where(ok, c, 1.0), 0.0)
+
+
+def _flash_bwd(a, stats, c_nonneg, bias_key_grad, cap, res, cts):
+    del stats, c_nonneg
+    q, k, v, c, b, spec, out, lse, ent, want_dc = res
+    dout, dlse = _output_cotangents(cts, out)
     from pallas_kernels.backward import flash_backward
     dq, dk, dv, dc, db = flash_backward(q, k, v, out, lse, dout.astype(out.dtype), logit_scale=a,
                                         query_scale=c, key_bias=b, mask=spec,
@@ -121,13 +135,9 @@ def _flash_bwd(a, stats, c_nonneg, bias_key_grad, cap, res, cts):
         if cap is not None:
             raise NotImplementedError("the logsumexp's gradient to a per-query scale under a soft "
                                       "cap (d lse / dc = sum p (1 - t^2) u is not in the statistics)")
-        # d lse_i / d c_i = sum_j p_ij u_ij = (lse_i - H_i) / c_i (z = c u, and sum_j p z = lse - H);
-        # the dq kernel leaves this term out. Rows with c_i = 0 get none (there p is uniform and
-        # the mean of u is not in the statistics; SSMax's c = 0 at n_i = 1, where dc/ds = 0).
         if ent is None:
             ent = flash_stats(q, k, logit_scale=a, query_scale=c, key_bias=b, mask=spec)[1]
-        ok = c != 0
-        dc = dc + jnp.where(ok, dlse * (lse - ent) / jnp.where(ok, c, 1.0), 0.0)
+        dc = dc + _lse_scale_grad(dlse, lse, ent, c)
     if c is not None and dc is None:  # c's gradient is not wanted (not perturbed)
         dc = jnp.zeros(c.shape, c.dtype)
     return dq, dk, dv, dc, db, _zeros_like_spec(spec), None  # row_max: a shift, zero cotangent
@@ -311,21 +321,13 @@ def _scaled_forward(q, k, v, spec, operands, scale_fn, a, stats, c_nonneg):
 def _scaled_bwd(scale_fn, a, stats, c_nonneg, res, cts):
     del stats, c_nonneg
     q, k, v, spec, operands, c, out, lse, ent, lse0, ent0 = res
-    dout, dlse, dent, dmw = cts
-    for name, ct in (("entropy", dent), ("max_weight", dmw)):
-        if not _is_zero(ct):
-            raise NotImplementedError(
-                f"differentiating the kernel's {name} statistic is not implemented; "
-                "differentiate the output and the logsumexp, or use implementation='xla'")
-    dout = jnp.zeros(out.shape, out.dtype) if isinstance(dout, _SymbolicZero) else dout
-    dlse = None if _is_zero(dlse) else dlse
+    dout, dlse = _output_cotangents(cts, out)
     _, scale_grad = _scale_and_grad(scale_fn, ent0, operands)
-    dc_lse = None  # the lse cotangent's part of dc, d lse_i / d c_i = sum_j p_ij u_ij
+    dc_lse = None
     if dlse is not None:
         if ent is None:
             ent = flash_stats(q, k, logit_scale=a, query_scale=c, mask=spec)[1]
-        ok = c != 0
-        dc_lse = jnp.where(ok, dlse * (lse - ent) / jnp.where(ok, c, 1.0), 0.0)
+        dc_lse = _lse_scale_grad(dlse, lse, ent, c)
     from pallas_kernels.backward import flash_backward
     base = BaseEntropy(lse0, ent0, scale_grad, None if dc_lse is None else scale_grad * dc_lse)
     dq, dk, dv, dc, _ = flash_backward(q, k, v, out, lse, dout.astype(out.dtype), logit_scale=a,
