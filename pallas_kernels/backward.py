@@ -509,15 +509,15 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
                 # low-precision output it is not, and dc_i = sum_j dZ_ij u_ij inherits that error
                 # times the row mean of u. Centering u on its p-mean removes it.
                 if cfg.dc_center_lse:  # lse_i in u's units: lse2 / (c_i log2(e) [a])
-                    lse2 = plgpu.load(stats_smem.at[0], layout=ROW)
-                    zc = plgpu.load(stats_smem.at[2], layout=ROW) * (LOG2E if strip else LOG2E * a)
+                    lse2 = plgpu.load(stats_smem.at[LSE2], layout=ROW)
+                    zc = plgpu.load(stats_smem.at[SCALE], layout=ROW) * (LOG2E if strip else LOG2E * a)
                     ok = (zc > 0) & (lse2 > -1e30)  # (fully masked rows: dz_sum = 0)
                     pu_sum = jnp.where(ok, lse2 / jnp.where(ok, zc, 1.0), 0.0)
                 dc = dc - pu_sum * dz_sum
                 if not strip:
                     dc = dc * a  # u = a s (s holds b / a with mma_bias): sum dZ u = a sum dZ s
             if plan.has_c:
-                scale = plgpu.load(stats_smem.at[2], layout=ROW) * a
+                scale = plgpu.load(stats_smem.at[SCALE], layout=ROW) * a
                 dq = dq_acc * lax.broadcast_in_dim(scale, (bq, H), [0])
                 if plan.entropy_grad:  # - a^2 g_i sum_j p0_ij (s_ij - m_i) k_j, g = f'(H) dc + g_bar
                     g = (dc * plgpu.load(stats_smem.at[SCALE_GRAD], layout=ROW)
@@ -547,8 +547,8 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
             k0 = (lo + indices[0]) * bkv
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
             stats_smem = stats_smem2.at[wg]
-            lse2 = plgpu.load(stats_smem.at[0], layout=ROW)
-            delta = plgpu.load(stats_smem.at[1], layout=ROW)
+            lse2 = plgpu.load(stats_smem.at[LSE2], layout=ROW)
+            delta = plgpu.load(stats_smem.at[DELTA], layout=ROW)
 
             bias_mm = None
             if plan.mma_bias:  # s = q . k + b / a
@@ -557,7 +557,7 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
             if plan.mma_bias and not plan.dc_mma:  # (dc_mma reads the bias parts again for dc)
                 plgpu.barrier_arrive(consumed[-1])
             row = lambda x: lax.broadcast_in_dim(x, (bq, bkv), [0])
-            crow = plgpu.load(stats_smem.at[2], layout=ROW) * LOG2E if plan.has_c else None
+            crow = plgpu.load(stats_smem.at[SCALE], layout=ROW) * LOG2E if plan.has_c else None
             kb = None
             if strip:
                 kb = plgpu.load(kb_smem, layout=COL)
@@ -572,6 +572,8 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
                 qi = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 return _visible(plan, qi, kj, qc, kc)
+
+            stats_smem_row = lambda r: plgpu.load(stats_smem.at[r], layout=ROW)
 
             def softmax():  # (u, p, sum_j p g u, g): the logits' u, the probabilities, the cap's g
                 if strip:
@@ -600,7 +602,6 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
                     return dc, dz_sum
                 return dc + jnp.sum(dz * u, axis=1), dz_sum + jnp.sum(dzc, axis=1)
 
-            stats_smem_row = lambda r: plgpu.load(stats_smem.at[r], layout=ROW)
             if cfg.overlap:  # the softmax runs while the tensor cores form dP
                 dp, (u, p, pu, g, w16) = _mma_while(None, do_smem, v_smem.transpose((1, 0)),
                                                     softmax, plan.interpret,
@@ -788,9 +789,9 @@ def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, 
             q0 = (lo + indices[1]) * bq
             shape = (bkv, bq)
 
-            lse2 = plgpu.load(stats_smem.at[0], layout=COL)
-            delta = plgpu.load(stats_smem.at[1], layout=COL)
-            crow = plgpu.load(stats_smem.at[2], layout=COL) if plan.has_c else None
+            lse2 = plgpu.load(stats_smem.at[LSE2], layout=COL)
+            delta = plgpu.load(stats_smem.at[DELTA], layout=COL)
+            crow = plgpu.load(stats_smem.at[SCALE], layout=COL) if plan.has_c else None
             ent_rows = None
             if plan.entropy_grad and want_dk:  # base lse2, base p-mean of s, a g
                 ent_rows = [plgpu.load(stats_smem.at[r], layout=COL)

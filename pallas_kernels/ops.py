@@ -289,10 +289,14 @@ def flash_entropy(q, k, *, logit_scale: float, query_scale=None, key_bias=None,
     return _entropy(q, k, query_scale, key_bias, mask, float(logit_scale))
 
 
+def _scale(scale_fn, entropy, operands):
+    """``c = f(H, *operands)`` as float32 of the entropy's shape."""
+    return jnp.broadcast_to(jnp.asarray(scale_fn(entropy, *operands), jnp.float32), entropy.shape)
+
+
 def _scale_and_grad(scale_fn, entropy, operands):
     """``(c, f'(H))``: the scale and its elementwise derivative in the entropy, float32."""
-    f = lambda h: jnp.broadcast_to(jnp.asarray(scale_fn(h, *operands), jnp.float32), h.shape)
-    return jax.jvp(f, (entropy,), (jnp.ones_like(entropy),))
+    return jax.jvp(lambda h: _scale(scale_fn, h, operands), (entropy,), (jnp.ones_like(entropy),))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -336,8 +340,7 @@ def _scaled_bwd(scale_fn, a, stats, c_nonneg, res, cts):
     if dc_lse is not None:
         dc = dc + dc_lse
     # the operands' gradient: f's VJP at the forward's entropy, against c's whole cotangent
-    f = lambda *ops: jnp.broadcast_to(jnp.asarray(scale_fn(ent0, *ops), jnp.float32), ent0.shape)
-    d_operands = jax.vjp(f, *operands)[1](dc)
+    d_operands = jax.vjp(lambda *ops: _scale(scale_fn, ent0, ops), *operands)[1](dc)
     return dq, dk, dv, _zeros_like_spec(spec), tuple(d_operands)
 
 
@@ -378,6 +381,7 @@ def flash_entropy_scaled(q, k, v, *, logit_scale: float, scale_fn, scale_operand
       output and the logsumexp.
 
     Raises:
+      TypeError: ``scale_fn`` is not callable.
       NotImplementedError: what the kernels cannot run (see :func:`flash_attention`).
 
     Examples:
@@ -390,6 +394,9 @@ def flash_entropy_scaled(q, k, v, *, logit_scale: float, scale_fn, scale_operand
       ...     q, k, v, logit_scale=0.125, scale_fn=beta)[0].astype(jnp.float32)))(q).shape
       (1, 64, 2, 64)
     """
+    if not callable(scale_fn):
+        raise TypeError(f"scale_fn must be a callable f(entropy, *scale_operands), got "
+                        f"{type(scale_fn).__name__}")
     mask, empty = _fold(mask, q, k)
     if empty:
         return _no_keys(q, k, v, logit_scale, return_stats)

@@ -215,3 +215,9 @@ def test_library_keeps_two_passes_where_tuning_says_fused_is_slower(monkeypatch)
     out = jax.block_until_ready(jax.jit(lambda q, k, v: jaxattn.attention(
         q, k, v, variant=variants.AdaptiveTemperature(), implementation="pallas"))(q, k, v))
     assert not calls and out.shape == q.shape
+
+
+def test_entropy_scaled_rejects_a_scale_that_is_not_callable():
+    q, k, v, _, _ = _inputs(6, 1, 64, 64, 2, 1, 64, jnp.bfloat16)
+    with pytest.raises(TypeError, match="scale_fn must be a callable"):
+        pk.flash_entropy_scaled(q, k, v, logit_scale=A, scale_fn=2.0)
