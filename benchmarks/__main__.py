@@ -19,6 +19,9 @@ Commands that read results (any machine):
 * ``summary RAW.json [RAW.json ...] --out benchmarks/summary.json``: the summary of speed runs.
 * ``readme``: rewrites the README's speed table from ``benchmarks/summary.json``.
 * ``targets RAW.json ...``: the kernels' speed targets, cell by cell.
+* ``same --base OTHER_CHECKOUT``: which cells of ``ab`` lower to the same GPU program and kernels
+  in both checkouts (:mod:`benchmarks.same_kernels`; no GPU needed): the cells a change leaves
+  alone, and the ones a GPU A/B must time.
 """
 
 import argparse
@@ -31,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import require_gpu  # noqa: E402
 
 GPU_COMMANDS = ("speed", "memory", "tune", "kernels", "profile", "check", "ab")
-COMMANDS = GPU_COMMANDS + ("summary", "readme", "targets")
+COMMANDS = GPU_COMMANDS + ("summary", "readme", "targets", "same")
 
 
 def _check(argv):
@@ -87,6 +90,9 @@ def main(argv=None):
     if args.command == "readme":
         from benchmarks import summary
         return summary.readme_main(rest)
+    if args.command == "same":
+        from benchmarks import same_kernels
+        return same_kernels.main(rest)
     from benchmarks import targets
     return targets.main(rest)
 

@@ -245,3 +245,31 @@ def test_ab_installs_each_build_and_restores_none_of_the_other(tmp_path):
         assert not any(n.split(".")[0] in ab.PACKAGES for n in sys.modules)
     finally:
         sys.modules.update(saved)
+
+
+def test_same_kernels_digest_sees_kernel_changes_and_ignores_source_lines():
+    """The no-speed-lost check on the CPU: two lowerings of one call agree (the process's kernel
+    counter and the source locations are left out), and a kernel built with other block sizes or a
+    program with other glue differs."""
+    import jax.numpy as jnp
+
+    from benchmarks.same_kernels import lowering_digest
+    from pallas_kernels.forward import BlockSizes, flash_forward
+
+    x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+
+    def fwd(config, glue=1.0):
+        return jax.jit(lambda q, k, v: glue * flash_forward(q, k, v, logit_scale=0.125,
+                                                            config=config, interpret=False)[0])
+
+    base = lowering_digest(fwd(BlockSizes(block_q=64, block_kv=64)), x, x, x)
+    assert len(base[1]) == 1
+    assert lowering_digest(fwd(BlockSizes(block_q=64, block_kv=64)), x, x, x) == base
+    # the same call written on another source line
+    again = jax.jit(lambda q, k, v: 1.0 * flash_forward(
+        q, k, v, logit_scale=0.125, config=BlockSizes(block_q=64, block_kv=64), interpret=False)[0])
+    assert lowering_digest(again, x, x, x) == base
+    other = lowering_digest(fwd(BlockSizes(block_q=64, block_kv=128)), x, x, x)
+    assert other[1] != base[1] and other[0] != base[0]
+    glue = lowering_digest(fwd(BlockSizes(block_q=64, block_kv=64), glue=2.0), x, x, x)
+    assert glue[1] == base[1] and glue[0] != base[0]
