@@ -7,7 +7,10 @@ and its dk/dv kernel -- for the three shapes of the kernel-level problem
 
 * ``plain``: no ``c``, no ``b`` (softmax, temperature);
 * ``c``: a per-query scale (scalable-softmax, adaptive temperature), ``c ~ U(0.5, 1.5)``;
-* ``b``: a per-key bias (RBF), ``b_j = -||k_j||^2 / 2``.
+* ``b``: a per-key bias (RBF), ``b_j = -||k_j||^2 / 2``;
+* ``ce``: ``c`` a function of the base softmax's entropy with the entropy term fused in the
+  backward (adaptive temperature's gradient through beta: ``flash_backward(base_entropy=)``, the
+  base statistics from :func:`~pallas_kernels.forward.flash_stats`).
 
 Each backward configuration of ``--bwd-configs`` is timed (``default`` = :func:`default_backward_block_sizes`,
 ``first`` = untuned tiles, ``edge`` / ``noedge`` = edge-only masks in both / no
@@ -43,16 +46,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import require_gpu  # noqa: E402
 from benchmarks.timing import compare, warm_device  # noqa: E402
 from pallas_kernels.backward import BackwardBlockSizes, default_backward_block_sizes, flash_backward  # noqa: E402
-from pallas_kernels.common import MaskSpec  # noqa: E402
+from pallas_kernels.common import BaseEntropy, MaskSpec  # noqa: E402
 from pallas_kernels.forward import default_block_sizes, default_stats_block_sizes, flash_forward, flash_stats  # noqa: E402
 
 HEADS = 16
 TOKENS = 16384
 
 
-def bwd_configs(D, query_scale=False, masked=True):
+def bwd_configs(D, query_scale=False, masked=True, entropy_grad=False):
     """Named backward configs to compare at padded head dim ``D``."""
-    base = default_backward_block_sizes(D, query_scale, masked)
+    base = default_backward_block_sizes(D, query_scale, masked, entropy_grad=entropy_grad)
     return {
         "default": base,
         "first": BackwardBlockSizes(64, 128 if D < 256 else 64, 64, 64, 2 if D < 256 else 1, 2),
@@ -68,6 +71,10 @@ def bwd_configs(D, query_scale=False, masked=True):
         "wgs3": dataclasses.replace(base, compute_wgs=3),
         "wgs3kv64": dataclasses.replace(base, compute_wgs=3, block_kv_dq=64),
         "overlap": dataclasses.replace(base, overlap=True),
+        "nooverlap": dataclasses.replace(base, overlap=False),
+        "dkvsplitnooverlap": dataclasses.replace(base, dkv_split=True, overlap=False),
+        "dkvsplitkv128": dataclasses.replace(base, dkv_split=True, block_kv_dq=128),
+        "dkvsplitkv64": dataclasses.replace(base, dkv_split=True, block_kv_dq=64),
         "overlapkv64": dataclasses.replace(base, overlap=True, block_kv_dq=64),
         "dcmma": dataclasses.replace(base, dc_mma=True),
         "nodcmma": dataclasses.replace(base, dc_mma=False),
@@ -193,17 +200,26 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
             fixed["fixedmax256"] = dataclasses.replace(base, block_kv=256, max_concurrent_steps=2)
         for name, cfg in fixed.items():
             candidates[("fwd", name)] = (forward_fn(cfg), (q, k, v, c, b, row_max))
+    base_entropy = None
+    if "e" in flags:  # c = 1 + H0 / 4 of the base softmax's entropy H0, f' = 1 / 4
+        lse0, h0 = jax.jit(lambda q, k: flash_stats(q, k, logit_scale=a, mask=mask))(q, k)
+        c = 1.0 + 0.25 * h0
+        base_entropy = BaseEntropy(lse0, h0, jnp.full_like(h0, 0.25))
     out, lse = jax.jit(lambda q, k, v, c, b: flash_forward(
         q, k, v, logit_scale=a, query_scale=c, key_bias=b, mask=mask))(q, k, v, c, b)
     for part in ("dq", "dkv"):
+        if base_entropy is not None and part == "dkv":  # the dkv kernel needs dq's dc: both run
+            continue
         for name in configs:
-            cfg = bwd_configs(D, c is not None, causal)[name]
-            fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg, part=part: flash_backward(
+            cfg = bwd_configs(D, c is not None, causal, base_entropy is not None)[name]
+            kernels = ("dq", "dkv") if base_entropy is not None else (part,)
+            fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg, kernels=kernels: flash_backward(
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
-                config=cfg, kernels=(part,)))
-            candidates[(part, name)] = (fn, (q, k, v, out, lse, do, c, b))
-    if c is not None:  # the dq kernel without the dc sums (a constant SSMax s, a stopped beta):
-        # its default tiles, and the other dq key tile (64 / 128)
+                config=cfg, kernels=kernels, base_entropy=base_entropy))
+            candidates[(part if base_entropy is None else "dq+dkv", name)] = (
+                fn, (q, k, v, out, lse, do, c, b))
+    if c is not None and base_entropy is None:  # the dq kernel without the dc sums (a constant
+        # SSMax s, a stopped beta): its default tiles, and the other dq key tile (64 / 128)
         dq_base = default_backward_block_sizes(D, True, causal, query_scale_grad=False)
         other = 64 if dq_base.block_kv_dq == 128 else 128
         nodc = {"nodc": dq_base, f"nodckv{other}": dataclasses.replace(dq_base, block_kv_dq=other)}
@@ -226,7 +242,7 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
     for (kernel, config), (t, outs, err) in results.items():
         outs = None if outs is None else [x for x in jax.tree.leaves(outs) if x is not None]
         refs.setdefault(kernel, outs)
-        flops = fwd_flops if kernel in ("fwd", "stats") else 1.25 * fwd_flops
+        flops = {"fwd": 1.0, "stats": 1.0, "dq+dkv": 2.5}.get(kernel, 1.25) * fwd_flops
         rows.append(dict(D=D, N=N, causal=causal, flags=flags, kernel=kernel, config=config,
                          ms=None if t is None else t * 1e3,
                          tflops=None if t is None else flops / t / 1e12, error=err,
