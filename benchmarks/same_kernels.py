@@ -56,7 +56,56 @@ def _kernel_text(module_bytes):
         ctx.allow_unregistered_dialects = True
         text = ir.Module.parse(module_bytes).operation.get_asm(enable_debug_info=False)
     # the dump name counts the kernels lowered so far in the process
-    return re.sub(r'mosaic_gpu\.dump_basename = "[^"]*"', "", text)
+    return _canonical(re.sub(r'mosaic_gpu\.dump_basename = "[^"]*"', "", text))
+
+
+_DEFINITION = re.compile(r"^\s*(%\d+)(?::\d+)? = ")
+_CONSTANT = re.compile(r'^\s*(%\d+) = "[\w.]*arith\.constant"\(\) \{value = (.*)\} : \(\) -> (.*)$')
+_VALUE = re.compile(r"%\d+\b")
+
+
+def _canonical(text):
+    """``text`` with every constant written at its uses and the other values renamed in order.
+
+    The lowering hoists a kernel's constants in the order its Python code first asks for them, so
+    two orders of the same scalar arithmetic give the same instructions but other value names.
+    Here each use is resolved to its definition as MLIR scopes it (the innermost open region
+    that defines the name: nested isolated regions number their values afresh), a constant's
+    uses become its value, and every other value is named by the order of its definition: an
+    alpha-renaming, so two texts are equal only for the same program."""
+    scopes, count, out = [{}], [0], []
+
+    def lookup(m):
+        for scope in reversed(scopes):
+            if m.group(0) in scope:
+                return scope[m.group(0)]
+        return m.group(0)  # not defined in this text (cannot happen in a verified module)
+
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith("})"):
+            scopes.pop()
+        elif stripped.startswith("}, {"):
+            scopes[-1] = {}
+        constant = _CONSTANT.match(line)
+        if constant:
+            scopes[-1][constant.group(1)] = f"const<{constant.group(2)} : {constant.group(3)}>"
+            continue
+        definition = _DEFINITION.match(line)
+        head, body = "", line
+        if definition:  # rename the result before the uses (an op never uses its own result)
+            name = definition.group(1)
+            renamed = f"%v{count[0]}"
+            count[0] += 1
+            head = line[:definition.end()].replace(name, renamed, 1)
+            body = line[definition.end():]
+        body = _VALUE.sub(lookup, body)
+        if definition:
+            scopes[-1][name] = renamed
+        out.append(head + body)
+        if line.rstrip().endswith("({"):
+            scopes.append({})
+    return "\n".join(out)
 
 
 def lowering_digest(fn, *args):

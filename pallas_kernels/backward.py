@@ -48,10 +48,9 @@ from pallas_kernels.common import (
     MMA_BIAS_WIDTH,
     BaseEntropy,
     MaskSpec,
-    band,
+    TileMask,
     bias_ones,
     check_soft_cap,
-    codes_visible,
     has_codes,
     interpret_context,
     is_masked,
@@ -334,97 +333,25 @@ class _Plan:
     soft_cap: float | None = None  # cap log2(e): the base-2 logits are soft-capped (d: 1 - t^2)
     entropy_grad: bool = False  # c = f(H0) of the base entropy: its term fused (common.BaseEntropy)
 
-
-def _visible(plan: _Plan, qi, kj, qcode=None, kcode=None):
-    """Bool tile: key index ``kj`` visible from query index ``qi`` (int32 tiles, broadcast)."""
-
-    def conj(a, b):
-        return b if a is None else a & b
-
-    ok = band(qi, kj - plan.num_registers, plan.causal, plan.window)
-    if ok is not None and plan.num_registers:
-        ok = ok | (kj < plan.num_registers)
-    if plan.Sp != plan.S:
-        ok = conj(ok, kj < plan.S)
-    if plan.Tp != plan.T:
-        ok = conj(ok, qi < plan.T)
-    if plan.has_codes:
-        ok = conj(ok, codes_visible(qcode, kcode))
-    return ok
-
-
-def _tile_is_full(plan: _Plan, q0, bq, k0, bkv):
-    """Scalar bool: every query of ``[q0, q0 + bq)`` sees every key of ``[k0, k0 + bkv)``.
-
-    Conservative (False may still be a full tile); only the index masks, not the codes.
-    """
-    full = jnp.bool_(True)
-    first, last = k0 - plan.num_registers, k0 + (bkv - 1 - plan.num_registers)  # key positions
-    if plan.causal:
-        full = full & (last <= q0)
-    if plan.window is not None:
-        left, right = plan.window
-        full = full & (first >= q0 + (bq - 1 - left)) & (last <= q0 + right)
-    if plan.Sp != plan.S:
-        full = full & (k0 + bkv <= plan.S)
-    if plan.Tp != plan.T:
-        full = full & (q0 + bq <= plan.T)
-    return full
+    @property
+    def tiles(self):
+        # padded keys and query rows are hidden where the lengths were padded (dk / dv sum over rows)
+        return TileMask(self.num_registers, self.causal, self.window, self.S,
+                        hide_padded_keys=self.Sp != self.S,
+                        queries=self.T if self.Tp != self.T else None, has_codes=self.has_codes)
 
 
 def _apply_mask(plan: _Plan, edge: bool, p, visible, q0, bq, k0, bkv):
     """``p`` with hidden entries zeroed; ``visible()`` builds the bool tile.
 
-    With ``edge`` (and no codes), tiles that :func:`_tile_is_full` clears skip the mask.
+    With ``edge`` (and no codes), tiles that :meth:`TileMask.tile_is_full` clears skip the mask.
     """
-    if not (plan.causal or plan.window is not None or plan.Sp != plan.S or plan.Tp != plan.T
-            or plan.has_codes):
+    if not plan.tiles.masks_tiles:
         return p
     masked = lambda p: jnp.where(visible(), p, 0.0)
     if not edge or plan.has_codes:
         return masked(p)
-    return lax.cond(_tile_is_full(plan, q0, bq, k0, bkv), lambda p: p, masked, p)
-
-
-def _kv_range(plan: _Plan, q_start, q_stop, block_kv):
-    """Tiles ``[lo, hi)`` of keys that queries ``[q_start, q_stop)`` may see (causal/window skipping)."""
-    R = plan.num_registers
-    n_tiles = plan.Sp // block_kv
-    hi_key = jnp.int32(plan.Sp)
-    lo_key = jnp.int32(0)
-    if plan.causal:
-        hi_key = jnp.minimum(hi_key, q_stop + R)
-    if plan.window is not None:
-        left, right = plan.window
-        hi_key = jnp.minimum(hi_key, q_stop + right + R)
-        if R == 0:
-            lo_key = jnp.maximum(lo_key, q_start - left)
-    lo = lax.div(lo_key, jnp.int32(block_kv))
-    hi = jnp.minimum(lax.div(hi_key + block_kv - 1, jnp.int32(block_kv)), n_tiles)
-    return lo, jnp.maximum(hi - lo, 0)
-
-
-def _q_range(plan: _Plan, k_start, k_stop, block_q):
-    """Tiles ``[lo, hi)`` of queries that may see keys ``[k_start, k_stop)``."""
-    R = plan.num_registers
-    n_tiles = plan.Tp // block_q
-    lo_q = jnp.int32(0)
-    hi_q = jnp.int32(plan.Tp)
-    p_start, p_last = k_start - R, k_stop - 1 - R
-    if plan.causal:
-        lo_q = jnp.maximum(lo_q, p_start)
-    if plan.window is not None:
-        left, right = plan.window
-        lo_q = jnp.maximum(lo_q, p_start - right)
-        hi_q = jnp.minimum(hi_q, p_last + left + 1)
-    if R:
-        has_register = k_start < R
-        lo_q = jnp.where(has_register, 0, lo_q)
-        hi_q = jnp.where(has_register, plan.Tp, hi_q)
-    lo_q = jnp.clip(lo_q, 0, plan.Tp)
-    lo = lax.div(lo_q, jnp.int32(block_q))
-    hi = jnp.minimum(lax.div(jnp.maximum(hi_q, 0) + block_q - 1, jnp.int32(block_q)), n_tiles)
-    return lo, jnp.maximum(hi - lo, 0)
+    return lax.cond(plan.tiles.tile_is_full(q0, bq, k0, bkv), lambda p: p, masked, p)
 
 
 def _transforms():
@@ -472,7 +399,8 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
         kv_head = lax.div(head, jnp.int32(G))
         wg = lax.axis_index("wg")
         tile_start = tile_index(plan.causal and cfg.dq_heavy_first, "q_seq", num_q_tiles) * (wgs * bq)
-        lo, n_kv = _kv_range(plan, tile_start, tile_start + wgs * bq, bkv)
+        lo, _, _, hi = plan.tiles.key_tiles(tile_start, wgs * bq, bkv)
+        n_kv = hi - lo
 
         def compute_thread(pipeline_callback):
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -571,7 +499,7 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
             def visible():
                 qi = q0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                return _visible(plan, qi, kj, qc, kc)
+                return plan.tiles.visible(qi, kj, qc, kc)
 
             stats_smem_row = lambda r: plgpu.load(stats_smem.at[r], layout=ROW)
 
@@ -726,7 +654,7 @@ def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, 
         kv_head = lax.axis_index("heads")
         wg = lax.axis_index("wg")
         tile_start = lax.axis_index("kv_seq") * (wgs * bkv)
-        lo, n_q = _q_range(plan, tile_start, tile_start + wgs * bkv, bq)
+        lo, n_q = plan.tiles.query_tiles(tile_start, wgs * bkv, bq, Tp // bq)
 
         def compute_thread(pipeline_callback):
             k_smem = k_smem2.at[wg]
@@ -813,7 +741,7 @@ def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, 
             def visible():
                 kj = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
                 qi = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                return _visible(plan, qi, kj, qc, kc)
+                return plan.tiles.visible(qi, kj, qc, kc)
 
             def softmax():
                 if strip:

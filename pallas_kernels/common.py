@@ -40,7 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 __all__ = ["MaskSpec", "visible", "fold_offset", "flash_reference", "soft_cap", "soft_cap_base2",
            "split_bias", "bias_ones", "narrow_transforms", "segment_ranks", "tile_index", "interpret_context",
            "MMA_BIAS_WIDTH", "MMA_BIAS_TERMS", "BaseEntropy", "visibility_codes", "codes_visible",
-           "INVALID_QUERY", "INVALID_KEY", "REGISTER_KEY"]
+           "INVALID_QUERY", "INVALID_KEY", "REGISTER_KEY", "TileMask"]
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -424,6 +424,133 @@ def codes_visible(qcode, kcode):
     if qcode is None:
         return (kcode >= 0) | (kcode == REGISTER_KEY)
     return (kcode == qcode) | ((kcode == REGISTER_KEY) & (qcode >= 0))
+
+
+def _conj(a, b):
+    return b if a is None else a & b
+
+
+@dataclasses.dataclass(frozen=True)
+class TileMask:
+    """The visibility rule on a kernel's tiles, and the key / query tile ranges it implies.
+
+    The kernels' one form of :func:`visible` for an offset-free :class:`MaskSpec`: keys are
+    indexed with the registers first (index ``j < num_registers`` is a register, seen by every
+    valid query; else sequence position ``j - num_registers``), queries by position; causal and
+    window bounds from :func:`band`; lengths and segments from the per-row / per-key codes of
+    :func:`visibility_codes`, which the kernel loads beside its tiles.
+
+    Attributes:
+      num_registers: register keys at the front of the keys.
+      causal, window: the band (``MaskSpec.is_causal`` / ``local_window_size``).
+      keys: keys with the registers (``S``); tiles past it are padding.
+      hide_padded_keys: whether the tiles reach past ``keys`` so that the rule must hide the
+        padding (the forward keeps the check on every masked tile; the backward only where its
+        padded length differs).
+      queries: the query rows to keep (``T``) where the kernel must hide padded rows (the
+        backward's dk / dv sum over them), or None where their results are dropped.
+      has_codes: lengths or segments: every tile is masked (no tile is known full).
+    """
+
+    num_registers: int
+    causal: bool
+    window: tuple[int, int] | None
+    keys: int
+    hide_padded_keys: bool
+    queries: int | None = None
+    has_codes: bool = False
+
+    @property
+    def masks_tiles(self):
+        """Whether any tile can hold a hidden (query, key) pair."""
+        return (self.causal or self.window is not None or self.hide_padded_keys
+                or self.queries is not None or self.has_codes)
+
+    def visible(self, qi, kj, qcode=None, kcode=None):
+        """Bool tile: key index ``kj`` visible from query ``qi`` (int32 tiles that broadcast,
+        ``qcode`` / ``kcode`` the codes' tiles); None when every pair is visible."""
+        R = self.num_registers
+        ok = band(qi, kj - R, self.causal, self.window)
+        if ok is not None and R:
+            ok = ok | (kj < R)
+        if self.hide_padded_keys:
+            ok = _conj(ok, kj < self.keys)
+        if self.queries is not None:
+            ok = _conj(ok, qi < self.queries)
+        if self.has_codes:
+            ok = _conj(ok, codes_visible(qcode, kcode))
+        return ok
+
+    def key_tiles(self, q_start, rows, block_kv):
+        """Key tiles ``(lo, full_lo, full_hi, hi)`` for queries ``[q_start, q_start + rows)``
+        (traced int32 scalars): tiles outside ``[lo, hi)`` are hidden from every row, tiles in
+        ``[full_lo, full_hi)`` visible to every row (no mask needed). Conservative: a tile
+        outside the full range may still be full."""
+        R, S = self.num_registers, self.keys
+        last = q_start + (rows - 1)
+        hi_j = fh_j = jnp.int32(S)
+        lo_j = fl_j = jnp.int32(0)
+        if self.causal:
+            hi_j = jnp.minimum(hi_j, R + last + 1)
+            fh_j = jnp.minimum(fh_j, R + q_start + 1)
+        if self.window is not None:
+            left, right = self.window
+            hi_j = jnp.minimum(hi_j, R + last + right + 1)
+            fh_j = jnp.minimum(fh_j, R + q_start + right + 1)
+            fl_j = R + jnp.maximum(last - left, 0)
+            if R == 0:
+                lo_j = jnp.maximum(q_start - left, 0)
+        lo = lax.div(lo_j, jnp.int32(block_kv))
+        hi = jnp.maximum(_cdiv(hi_j, block_kv), lo)
+        if self.has_codes or self.queries is not None:  # no tile is known full
+            return lo, hi, hi, hi
+        full_lo = jnp.clip(_cdiv(fl_j, block_kv), lo, hi)
+        full_hi = jnp.clip(lax.div(fh_j, jnp.int32(block_kv)), full_lo, hi)
+        return lo, full_lo, full_hi, hi
+
+    def query_tiles(self, k_start, cols, block_q, num_tiles):
+        """Query tiles ``(lo, count)`` of ``num_tiles`` that may see keys ``[k_start, k_start +
+        cols)`` (traced int32 scalars)."""
+        R = self.num_registers
+        n_queries = num_tiles * block_q
+        lo_q = jnp.int32(0)
+        hi_q = jnp.int32(n_queries)
+        p_start, p_last = k_start - R, k_start + (cols - 1) - R
+        if self.causal:
+            lo_q = jnp.maximum(lo_q, p_start)
+        if self.window is not None:
+            left, right = self.window
+            lo_q = jnp.maximum(lo_q, p_start - right)
+            hi_q = jnp.minimum(hi_q, p_last + left + 1)
+        if R:
+            has_register = k_start < R
+            lo_q = jnp.where(has_register, 0, lo_q)
+            hi_q = jnp.where(has_register, n_queries, hi_q)
+        lo_q = jnp.clip(lo_q, 0, n_queries)
+        lo = lax.div(lo_q, jnp.int32(block_q))
+        hi = jnp.minimum(lax.div(jnp.maximum(hi_q, 0) + block_q - 1, jnp.int32(block_q)), num_tiles)
+        return lo, jnp.maximum(hi - lo, 0)
+
+    def tile_is_full(self, q0, bq, k0, bkv):
+        """Scalar bool: every query of ``[q0, q0 + bq)`` sees every key of ``[k0, k0 + bkv)``.
+        Conservative (False may still be a full tile); the band and the padding only, not the
+        codes."""
+        full = jnp.bool_(True)
+        first, last = k0 - self.num_registers, k0 + (bkv - 1 - self.num_registers)  # positions
+        if self.causal:
+            full = full & (last <= q0)
+        if self.window is not None:
+            left, right = self.window
+            full = full & (first >= q0 + (bq - 1 - left)) & (last <= q0 + right)
+        if self.hide_padded_keys:
+            full = full & (k0 + bkv <= self.keys)
+        if self.queries is not None:
+            full = full & (q0 + bq <= self.queries)
+        return full
+
+
+def _cdiv(x, d):
+    return lax.div(x + (d - 1), jnp.int32(d))
 
 
 def tile_index(reverse: bool, axis: str, num_tiles: int):

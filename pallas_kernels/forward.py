@@ -57,10 +57,9 @@ from pallas_kernels import tuning
 from pallas_kernels.common import (
     MMA_BIAS_WIDTH,
     MaskSpec,
-    band,
+    TileMask,
     bias_ones,
     check_soft_cap,
-    codes_visible,
     interpret_context,
     is_masked,
     narrow_transforms,
@@ -265,43 +264,11 @@ class _Plan:
         return int(self.has_bias) + int(self.has_kid)
 
     @property
-    def always_masked(self):
-        return self.has_kid
-
-
-def _cdiv(x, d):
-    return lax.div(x + (d - 1), jnp.int32(d))
-
-
-def _key_range(plan, q0, rows):
-    """Key-block steps ``(lo, full_lo, full_hi, hi)`` for queries ``[q0, q0 + rows)``.
-
-    Blocks outside ``[lo, hi)`` are hidden from every row; blocks in ``[full_lo, full_hi)`` are
-    visible to every row (no mask needed).
-    """
-    bkv, R, S = plan.blocks.block_kv, plan.num_registers, plan.seq_kv
-    last = q0 + (rows - 1)
-    hi_j = jnp.int32(R + S)
-    fh_j = jnp.int32(R + S)
-    lo_j = jnp.int32(0)
-    fl_j = jnp.int32(0)
-    if plan.causal:
-        hi_j = jnp.minimum(hi_j, R + last + 1)
-        fh_j = jnp.minimum(fh_j, R + q0 + 1)
-    if plan.window is not None:
-        left, right = plan.window
-        hi_j = jnp.minimum(hi_j, R + last + right + 1)
-        fh_j = jnp.minimum(fh_j, R + q0 + right + 1)
-        fl_j = R + jnp.maximum(last - left, 0)
-        if R == 0:
-            lo_j = jnp.maximum(q0 - left, 0)
-    lo = lax.div(lo_j, jnp.int32(bkv))
-    hi = jnp.maximum(_cdiv(hi_j, bkv), lo)
-    if plan.always_masked:
-        return lo, hi, hi, hi
-    full_lo = jnp.clip(_cdiv(fl_j, bkv), lo, hi)
-    full_hi = jnp.clip(lax.div(fh_j, jnp.int32(bkv)), full_lo, hi)
-    return lo, full_lo, full_hi, hi
+    def tiles(self):
+        # padded query rows are dropped, not hidden
+        keys = self.num_registers + self.seq_kv
+        return TileMask(self.num_registers, self.causal, self.window, keys,
+                        hide_padded_keys=keys % self.blocks.block_kv != 0, has_codes=self.has_kid)
 
 
 def _pv(acc, p16, v_smem, interpret):
@@ -321,22 +288,13 @@ def _pv(acc, p16, v_smem, interpret):
 
 def _visible(plan, q0, step, kid, qid):
     """Bool ``[block_q, block_kv]`` visibility of the tile at key step ``step``."""
-    bq, bkv, R = plan.blocks.block_q, plan.blocks.block_kv, plan.num_registers
+    bq, bkv = plan.blocks.block_q, plan.blocks.block_kv
     shape = (bq, bkv)
     rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + q0
     cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + step * bkv
-    pos = cols - R
-    ok = pos < plan.seq_kv
-    in_band = band(rows, pos, plan.causal, plan.window)
-    if in_band is not None:
-        ok = ok & in_band
-    if R:
-        ok = ok | (cols < R)
-    if plan.has_kid:
-        kid = lax.broadcast_in_dim(kid, shape, [1])
-        qid = lax.broadcast_in_dim(qid, shape, [0]) if plan.has_qid else None
-        ok = ok & codes_visible(qid, kid)
-    return ok
+    kcode = lax.broadcast_in_dim(kid, shape, [1]) if plan.has_kid else None
+    qcode = lax.broadcast_in_dim(qid, shape, [0]) if plan.has_qid else None
+    return plan.tiles.visible(rows, cols, qcode, kcode)
 
 
 def _shifted_logits(plan, s, kb, r, m, masked, visible):
@@ -353,12 +311,16 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     new_max = lambda tile_max: m if plan.fixed_max else jnp.maximum(m, tile_max())
     rc = plan.row_const
     shift = (lambda z, m: z) if plan.hardmax else (lambda z, m: z - row(m))
+
+    def hide(z):  # hidden logits to MASKED on a masked tile (visible() is None: none hidden)
+        ok = visible() if masked else None
+        return z if ok is None else jnp.where(ok, z, MASKED)
+
     if plan.soft_cap is not None:  # no folding: the cap comes between the scale and the max
         if kb is not None:
             s = s + col(kb)
         z = soft_cap_base2(s * rc if r is None else s * row(r), plan.soft_cap)[0]
-        if masked:
-            z = jnp.where(visible(), z, MASKED)
+        z = hide(z)
         m_new = new_max(lambda: z.max(axis=1))
         return m_new, shift(z, m_new)
     # hardmax compares z with the row max exactly: not the folded forms, which never form z
@@ -377,8 +339,7 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
     if kb is not None:
         s = s + col(kb)
     z = s * rc if r is None else s * row(r)
-    if masked:
-        z = jnp.where(visible(), z, MASKED)
+    z = hide(z)
     m_new = new_max(lambda: z.max(axis=1))
     return m_new, shift(z, m_new)
 
@@ -408,7 +369,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
     cw = plan.blocks.compute_wgs
     cta_q0 = tile_index(plan.causal and plan.blocks.heavy_first, "q_seq",
                         q_ref.shape[1] // (cw * bq)) * (cw * bq)
-    lo, _, _, hi = _key_range(plan, cta_q0, cw * bq)
+    lo, _, _, hi = plan.tiles.key_tiles(cta_q0, cw * bq, bkv)
 
     def slot_of(step):
         return lax.rem(step - lo, jnp.int32(steps))
@@ -593,7 +554,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
         if overlap:  # + (P of the previous step, its slot, whether there is one)
             p0 = plgpu.layout_cast(jnp.zeros((bq, bkv), plan.dtype), plgpu.Layout.WGMMA)
             carry = carry + (p0, jnp.int32(0), jnp.int32(0))
-        my_lo, full_lo, full_hi, my_hi = _key_range(plan, q0, bq)
+        my_lo, full_lo, full_hi, my_hi = plan.tiles.key_tiles(q0, bq, bkv)
         my_lo = jnp.clip(my_lo, lo, hi)
         my_hi = jnp.clip(my_hi, my_lo, hi)
         full_lo = jnp.clip(full_lo, my_lo, my_hi)

@@ -273,3 +273,23 @@ def test_same_kernels_digest_sees_kernel_changes_and_ignores_source_lines():
     assert other[1] != base[1] and other[0] != base[0]
     glue = lowering_digest(fwd(BlockSizes(block_q=64, block_kv=64), glue=2.0), x, x, x)
     assert glue[1] == base[1] and glue[0] != base[0]
+
+
+def test_same_kernels_canonical_form_ignores_constant_order_only():
+    """Two kernels that hoist the same constants in another order print the same; another
+    constant value, or another use of one, does not."""
+    from benchmarks.same_kernels import _canonical
+
+    def kernel(constants, mul, add):
+        lines = ['  "stable_mosaic_gpu.func.func"() ({']
+        lines += [f'    %{i} = "stable_mosaic_gpu.arith.constant"() {{value = {v} : i32}} : () -> i32'
+                  for i, v in enumerate(constants)]
+        lines += [f'    %2 = "stable_mosaic_gpu.arith.muli"(%arg0, {mul}) : (i32, i32) -> i32',
+                  f'    %3 = "stable_mosaic_gpu.arith.addi"(%2, {add}) : (i32, i32) -> i32', "  })"]
+        return "\n".join(lines)
+
+    base = _canonical(kernel([64, 1], mul="%0", add="%1"))  # (x * 64) + 1
+    assert _canonical(kernel([1, 64], mul="%1", add="%0")) == base  # the same, hoisted 1 first
+    assert _canonical(kernel([1, 64], mul="%0", add="%1")) != base  # (x * 1) + 64
+    assert _canonical(kernel([64, 2], mul="%0", add="%1")) != base
+    assert _canonical(kernel([64, 1], mul="%0", add="%2")) != base  # (x * 64) + (x * 64)

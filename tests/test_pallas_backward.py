@@ -100,14 +100,6 @@ def _compare(q, k, v, dout, c, b, spec, a=0.3, config=None, jit=False):
     return got
 
 
-def _index_static(**fields):
-    """A ``backward._Plan`` for the tile-range helpers: no c, b or codes; ``fields`` override."""
-    base = dict(logit_scale=1.0, num_registers=0, causal=False, window=None, has_codes=False,
-                has_c=False, need_dc=False, has_bias=False, mma_bias=False, mma_db=False, dc_mma=False,
-                bias_key_grad=None, group=1, H=64, Hv=64, dtype=jnp.bfloat16, interpret=True)
-    return backward._Plan(**{**base, **fields})
-
-
 def _no_key_rows(spec, B, T, S):
     vis = visible(spec, jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None],
                   jnp.arange(S)[None, None, :])
@@ -205,79 +197,10 @@ def test_window_skips_tiles():
     _compare(q, k, v, dout, c, b, MaskSpec(local_window_size=(20, 5)), config=cfg)
 
 
-@hypothesis.settings(deadline=None, max_examples=20)
-@hypothesis.example(causal=True, window=None, registers=1, T=384, S=256)  # see test_causal_one_register
-@hypothesis.given(
-    causal=st.booleans(),
-    window=st.one_of(st.none(), st.tuples(st.integers(0, 300), st.integers(0, 300))),
-    registers=st.sampled_from([0, 1, 3]),
-    T=st.sampled_from([128, 384, 512]),
-    S=st.sampled_from([128, 256, 640]),
-)
-def test_tile_ranges_cover_visible_keys(causal, window, registers, T, S):
-    """Block skipping never drops a visible (query, key) pair: ranges vs the dense ``visible``."""
-    bq, bkv = 128, 64
-    spec = MaskSpec(is_causal=causal, local_window_size=window, num_registers=registers)
-    vis = np.asarray(visible(spec, 0, jnp.arange(T)[:, None], jnp.arange(S)[None, :]))
-    stt = _index_static(num_registers=registers, causal=causal, window=window, T=T, S=S, Tp=T,
-                        Sp=S)
-    with jax.enable_x64(False):
-        for start in range(0, T, bq):
-            lo, n = (int(x) for x in backward._kv_range(stt, jnp.int32(start), jnp.int32(start + bq), bkv))
-            keys = np.nonzero(vis[start:start + bq].any(0))[0]
-            assert keys.size == 0 or (lo * bkv <= keys.min() and keys.max() < (lo + n) * bkv)
-        for start in range(0, S, bkv):
-            lo, n = (int(x) for x in backward._q_range(stt, jnp.int32(start), jnp.int32(start + bkv), bq))
-            queries = np.nonzero(vis[:, start:start + bkv].any(1))[0]
-            assert queries.size == 0 or (lo * bq <= queries.min() and queries.max() < (lo + n) * bq)
-
-
-def test_causal_ranges_skip_tiles():
-    """Causal: the dq kernel visits the lower triangle of tiles only, the dkv kernel likewise."""
-    stt = _index_static(causal=True, T=512, S=512, Tp=512, Sp=512)
-    with jax.enable_x64(False):
-        dq_tiles = [int(backward._kv_range(stt, jnp.int32(s), jnp.int32(s + 128), 64)[1])
-                    for s in range(0, 512, 128)]
-        dkv_tiles = [int(backward._q_range(stt, jnp.int32(s), jnp.int32(s + 64), 128)[1])
-                     for s in range(0, 512, 64)]
-    assert dq_tiles == [2, 4, 6, 8]
-    assert dkv_tiles == [4, 4, 3, 3, 2, 2, 1, 1]
-
-
-@hypothesis.settings(deadline=None, max_examples=30)
-@hypothesis.given(
-    causal=st.booleans(),
-    window=st.one_of(st.none(), st.tuples(st.integers(0, 200), st.integers(0, 200))),
-    registers=st.sampled_from([0, 3]),
-    T=st.sampled_from([128, 200, 384]),
-    S=st.sampled_from([128, 190, 256]),
-    bq=st.sampled_from([64, 128]),
-    bkv=st.sampled_from([64, 128]),
-)
-def test_full_tiles_see_every_key(causal, window, registers, T, S, bq, bkv):
-    """``_tile_is_full`` never clears a tile holding a hidden (query, key) pair, and clears some."""
-    spec = MaskSpec(is_causal=causal, local_window_size=window, num_registers=registers)
-    Tp, Sp = -(-T // bq) * bq, -(-(S + registers) // bkv) * bkv
-    vis = np.zeros((Tp, Sp), bool)
-    vis[:T, :S + registers] = np.asarray(visible(spec, 0, jnp.arange(T)[:, None],
-                                                 jnp.arange(S + registers)[None, :]))
-    stt = _index_static(num_registers=registers, causal=causal, window=window, T=T,
-                        S=S + registers, Tp=Tp, Sp=Sp)
-    cleared = 0
-    with jax.enable_x64(False):
-        for q0 in range(0, Tp, bq):
-            for k0 in range(0, Sp, bkv):
-                if bool(backward._tile_is_full(stt, jnp.int32(q0), bq, jnp.int32(k0), bkv)):
-                    assert vis[q0:q0 + bq, k0:k0 + bkv].all(), (q0, k0)
-                    cleared += 1
-    if not causal and window is None and T % bq == 0 and (S + registers) % bkv == 0:
-        assert cleared == (Tp // bq) * (Sp // bkv)
-
-
 def test_causal_one_register():
     """Causal with one register: the dkv kernel's second key tile (keys 128..255, positions
     127..254) is seen by query 127 alone, in the query tile before the one its first key index
-    points at (``_q_range`` must start there). T = 128 makes that pair key 128's whole gradient;
+    points at (``TileMask.query_tiles`` must start there). T = 128 makes that pair key 128's whole gradient;
     key 128 is built to take about half of query 127's weight (head 0: a logit of 8, near the
     log-sum of the row's other logits) and a value along dO, so that its dk / dv rows are ~10 %
     of the arrays' norms (a skipped tile is seen far above the tolerance)."""

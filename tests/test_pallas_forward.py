@@ -115,7 +115,7 @@ def test_intra_overlap_window_skips_and_fixed_max():
 @pytest.mark.parametrize("window, registers", [((126, 62), 0), ((129, 60), 3)])
 def test_window_wider_than_a_tile_takes_full_tiles(window, registers):
     """A window wider than a key tile with no lengths or segments (the usual GPU case): key tiles
-    inside every row's band run unmasked (``_key_range``'s ``[full_lo, full_hi)``). The windows put
+    inside every row's band run unmasked (``TileMask.key_tiles``' ``[full_lo, full_hi)``). The windows put
     each band's edges one key inside a tile edge (64-wide tiles, registers shifting the keys), so
     a full range one key too wide takes a tile holding a hidden key as full."""
     q, k, v, c, b = _inputs(4, 1, 256, 256 + registers, 2, 1, 64, 64, jnp.bfloat16, True, True)
