@@ -111,6 +111,14 @@ SM90 = {
         (64, "c_entropy_masked"): dict(block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
                                        block_kv_dkv=64, compute_wgs=2, max_concurrent_steps=2,
                                        dkv_edge_masks=True, mma_bias=True, mma_db=True),
+        # The entropy term fused, D = 128: the dk/dv kernel's two [64, 128] float32 accumulators
+        # beside the tile's p, p0 (s - m) and dP spill; split into a dv and a dk kernel (one
+        # accumulator each, one more Q K^T a tile): dq + dk/dv 5.54 -> 4.71 ms, causal 6.86 ->
+        # 3.56 (no overlap: 5.62, 4.62), B = 4, N = 4096, H100. Causal stays unfused
+        # (entropy_fused): the two passes' backward kernels take about 2.98 ms there.
+        (128, "c_entropy"): dict(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+                                 compute_wgs=2, max_concurrent_steps=2, dkv_edge_masks=True,
+                                 mma_bias=True, overlap=True, dkv_split=True),
         # D = 256: the fused dkv kernel's two [64, 256] float32 accumulators take 256 registers a
         # thread (115 TFLOP/s against the dq kernel's 456, H200): dkv_split; one warpgroup.
         (256, "plain"): dict(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,

@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from pallas_kernels import tuning
-from pallas_kernels.backward import BackwardBlockSizes, default_backward_block_sizes
+from pallas_kernels.backward import BackwardBlockSizes, default_backward_block_sizes, fuses_entropy_grad
 from pallas_kernels.forward import (
     DEFAULT_BLOCK_SIZES,
     BlockSizes,
@@ -52,7 +52,14 @@ BWD = {
     "dq64": (64, 64, 64, 64, 2, 2, False, True, True, False, True, False, False, True, False),
     "dq128": (64, 128, 64, 64, 2, 2, False, True, True, False, True, True, False, True, False),
     "dq128db": (64, 128, 64, 64, 2, 2, False, True, True, True, True, True, False, True, False),
+    "dq64db": (64, 64, 64, 64, 2, 2, False, True, True, True, False, False, False, True, False),
+    "dq64split": (64, 64, 64, 64, 2, 2, False, True, True, False, True, False, False, True, True),
 }
+# default_backward_block_sizes(H, True, masked, entropy_grad=True) for masked in (F, T), and
+# fuses_entropy_grad(H, masked).
+ENTROPY = {64: (("dq128db", True), ("dq64db", True)),
+           128: (("dq64split", True), ("dq64split", False)),
+           256: (("split", False), ("split", False))}
 CAUSAL_KEYS = (0, 1024, 2048, 2049, 4096)
 # default_block_sizes(D, c, b, fixed_max=fm, masked=m, causal_keys=k) for k in CAUSAL_KEYS.
 FORWARD = {
@@ -212,6 +219,16 @@ def test_backward_defaults(kind):
         for (c, masked, grad), name in zip(itertools.product(FT, repeat=3), row, strict=True):
             got = default_backward_block_sizes(H, c, masked, grad, device_kind=kind)
             assert got == _bwd(name), (kind, H, c, masked, grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_entropy_defaults(kind):
+    """The backward's tiles with the entropy term fused, and where the library fuses it."""
+    for H, row in ENTROPY.items():
+        for masked, (name, fused) in zip(FT, row, strict=True):
+            got = default_backward_block_sizes(H, True, masked, entropy_grad=True, device_kind=kind)
+            assert got == _bwd(name), (kind, H, masked)
+            assert fuses_entropy_grad(H, masked, device_kind=kind) is fused, (kind, H, masked)
 
 
 def test_tables():
