@@ -88,61 +88,77 @@ def _fn(jaxattn, name, causal, mode):
                             argnums=(0, 1, 2)))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python3 -m benchmarks ab", description=__doc__.split("\n\n")[0])
+def cell_parser(prog, description):
+    """The argument parser of the A/B's cells (``--base`` and the grid), shared with
+    :mod:`benchmarks.same_kernels`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--base", required=True, help="the other checkout's root")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--dims", default="64,128,256")
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--causal", default="0,1")
     parser.add_argument("--modes", default="fwd,fwdbwd")
-    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None, help="JSON of the rows")
+    return parser
+
+
+def parse_cells(parser, argv):
+    """``(args, cells)``: the parsed arguments and the grid's cells ``(D, N, B, causal, mode,
+    variant)`` in the order they are run (head dim, length, causal, mode, variant)."""
     args = parser.parse_args(argv)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    cells = [(D, N, max(1, TOKENS // N), causal, mode, name)
+             for D in map(int, args.dims.split(",")) for N in map(int, args.lengths.split(","))
+             for causal in map(bool, map(int, args.causal.split(",")))
+             for mode in args.modes.split(",") for name in names]
+    return args, cells
+
+
+def main(argv=None):
+    parser = cell_parser("python3 -m benchmarks ab", __doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args, cells = parse_cells(parser, argv)
     builds = {"new": (HERE, {}), "base": (os.path.abspath(args.base), {})}
     print(f"device {jax.devices()[0].device_kind}, new {HERE}, base {builds['base'][0]}", flush=True)
     if jax.default_backend() == "gpu":
         warm_device()
-    rows = []
-    for D in map(int, args.dims.split(",")):
-        for N in map(int, args.lengths.split(",")):
-            B = max(1, TOKENS // N)
+    rows, inputs = [], {}
+    for D, N, B, causal, mode, name in cells:
+        if (D, N) not in inputs:
+            inputs.clear()
             ks = jax.random.split(jax.random.key(N + D), 3)
-            q, k, v = (jax.random.normal(x, (B, N, HEADS, D), jnp.float32).astype(jnp.bfloat16)
-                       for x in ks)
-            for causal in map(bool, map(int, args.causal.split(","))):
-                for mode in args.modes.split(","):
-                    for name in names:
-                        cands = {}
-                        for build, (root, modules) in builds.items():
-                            with installed(root, modules) as jaxattn:
-                                fn = _fn(jaxattn, name, causal, mode)
-                                jax.block_until_ready(fn(q, k, v))  # traced and compiled here
-                            cands[build] = (fn, (q, k, v))
-                        per_round = {}
-                        res = compare(cands, rounds=args.rounds, rounds_out=per_round)
-                        errs = {b: r[2] for b, r in res.items() if r[2]}
-                        row = dict(variant=name, D=D, N=N, B=B, causal=causal, mode=mode,
-                                   new_s=res["new"][0], base_s=res["base"][0], errors=errs)
-                        if not errs:
-                            ratios = [n / b for n, b in zip(per_round["new"], per_round["base"],
-                                                            strict=True)]
-                            row.update(ratio=paired_ratio(per_round["new"], per_round["base"]),
-                                       spread=max(ratios) - min(ratios),
-                                       round_ratios=ratios)
-                        rows.append(row)
-                        text = (f"ratio {row['ratio']:.3f} spread {row['spread']:.3f}" if not errs
-                                else f"error {errs}")
-                        print(f"{name:<12} D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {text}",
-                              flush=True)
-                        if args.out:
-                            with open(args.out, "w") as f:
-                                json.dump(dict(device=jax.devices()[0].device_kind, rows=rows), f,
-                                          indent=1)
+            inputs[(D, N)] = tuple(jax.random.normal(x, (B, N, HEADS, D), jnp.float32)
+                                   .astype(jnp.bfloat16) for x in ks)
+        q, k, v = inputs[(D, N)]
+        cands = {}
+        for build, (root, modules) in builds.items():
+            with installed(root, modules) as jaxattn:
+                fn = _fn(jaxattn, name, causal, mode)
+                jax.block_until_ready(fn(q, k, v))  # traced and compiled here
+            cands[build] = (fn, (q, k, v))
+        per_round = {}
+        res = compare(cands, rounds=args.rounds, rounds_out=per_round)
+        errs = {b: r[2] for b, r in res.items() if r[2]}
+        row = dict(variant=name, D=D, N=N, B=B, causal=causal, mode=mode,
+                   new_s=res["new"][0], base_s=res["base"][0], errors=errs)
+        if not errs:
+            ratios = [n / b for n, b in zip(per_round["new"], per_round["base"],
+                                            strict=True)]
+            row.update(ratio=paired_ratio(per_round["new"], per_round["base"]),
+                       spread=max(ratios) - min(ratios),
+                       round_ratios=ratios)
+        rows.append(row)
+        text = (f"ratio {row['ratio']:.3f} spread {row['spread']:.3f}" if not errs
+                else f"error {errs}")
+        print(f"{name:<12} D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {text}",
+              flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(device=jax.devices()[0].device_kind, rows=rows), f,
+                          indent=1)
     ok = [r for r in rows if "ratio" in r]
     if ok:
         worst = max(ok, key=lambda r: r["ratio"] - r["spread"])

@@ -16,7 +16,6 @@ library picks its kernels (not the interpreter, not the XLA fallback), and the t
 read for a CPU device kind, which selects the Hopper table as on the H100 and H200.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.ab import HEADS, HERE, TOKENS, VARIANTS, _fn, installed  # noqa: E402
+from benchmarks.ab import HEADS, HERE, _fn, cell_parser, installed, parse_cells  # noqa: E402
 
 __all__ = ["lowering_digest", "main"]
 
@@ -140,56 +139,33 @@ def _changed(new, base):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python3 -m benchmarks same",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="the other checkout's root")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--dims", default="64,128,256")
-    parser.add_argument("--lengths", default="1024,4096,16384")
-    parser.add_argument("--causal", default="0,1")
-    parser.add_argument("--modes", default="fwd,fwdbwd")
-    parser.add_argument("--out", default=None, help="JSON of the rows")
-    args = parser.parse_args(argv)
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    parser = cell_parser("python3 -m benchmarks same", __doc__.split("\n\n")[0])
+    args, cells = parse_cells(parser, argv)
     # the library picks the GPU kernels when it believes it runs on a GPU
     jax.default_backend = lambda: "gpu"
     builds = {"new": (HERE, {}), "base": (os.path.abspath(args.base), {})}
     print(f"new {HERE}, base {builds['base'][0]}", flush=True)
     rows = []
-    for D in map(int, args.dims.split(",")):
-        for N in map(int, args.lengths.split(",")):
-            B = max(1, TOKENS // N)
-            x = jax.ShapeDtypeStruct((B, N, HEADS, D), jnp.bfloat16)
-            for causal in map(bool, map(int, args.causal.split(","))):
-                for mode in args.modes.split(","):
-                    for name in names:
-                        got, errors = {}, {}
-                        for build, (root, modules) in builds.items():
-                            with installed(root, modules) as jaxattn:
-                                try:
-                                    got[build] = lowering_digest(_fn(jaxattn, name, causal, mode),
-                                                                 x, x, x)
-                                except Exception as e:  # noqa: BLE001 - reported as the cell's result
-                                    errors[build] = f"{type(e).__name__}: {str(e)[:200]}"
-                                    got[build] = (None, [])
-                        (p_new, k_new), (p_base, k_base) = got["new"], got["base"]
-                        row = dict(variant=name, D=D, N=N, B=B, causal=causal, mode=mode,
-                                   errors=errors,
-                                   same_program=not errors and p_new == p_base,
-                                   kernels_new=len(k_new),
-                                   kernels_base=len(k_base),
-                                   kernels_changed=_changed(k_new, k_base))
-                        row["same"] = row["same_program"] and row["kernels_changed"] == []
-                        rows.append(row)
-                        what = (f"ERROR {errors}" if errors else "same" if row["same"] else
-                                f"DIFFERENT (program {'same' if row['same_program'] else 'differs'}, "
-                                f"kernels {len(k_new)} vs {len(k_base)}, changed "
-                                f"{row['kernels_changed']})")
-                        print(f"{name:<12} D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {what}",
-                              flush=True)
+    for D, N, B, causal, mode, name in cells:
+        x = jax.ShapeDtypeStruct((B, N, HEADS, D), jnp.bfloat16)
+        got, errors = {}, {}
+        for build, (root, modules) in builds.items():
+            with installed(root, modules) as jaxattn:
+                try:
+                    got[build] = lowering_digest(_fn(jaxattn, name, causal, mode), x, x, x)
+                except Exception as e:  # noqa: BLE001 - reported as the cell's result
+                    errors[build] = f"{type(e).__name__}: {str(e)[:200]}"
+                    got[build] = (None, [])
+        (p_new, k_new), (p_base, k_base) = got["new"], got["base"]
+        row = dict(variant=name, D=D, N=N, B=B, causal=causal, mode=mode, errors=errors,
+                   same_program=not errors and p_new == p_base, kernels_new=len(k_new),
+                   kernels_base=len(k_base), kernels_changed=_changed(k_new, k_base))
+        row["same"] = row["same_program"] and row["kernels_changed"] == []
+        rows.append(row)
+        what = (f"ERROR {errors}" if errors else "same" if row["same"] else
+                f"DIFFERENT (program {'same' if row['same_program'] else 'differs'}, "
+                f"kernels {len(k_new)} vs {len(k_base)}, changed {row['kernels_changed']})")
+        print(f"{name:<12} D={D:<4} N={N:<6} causal={int(causal)} {mode:<7} {what}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(rows=rows), f, indent=1)
