@@ -341,6 +341,40 @@ class _Plan:
                         queries=self.T if self.Tp != self.T else None, has_codes=self.has_codes)
 
 
+def _tile_probabilities(plan: _Plan, s, query, bias, u_scale, z_scale, lse2, mask):
+    """``(u, p, g)`` of one recomputed tile: the logit form both backward kernels share.
+
+    The base-2 logits are ``z2 = u c log2(e)`` with ``u = a s + b`` where the key bias comes from
+    a float32 strip (``bias``), else ``z2 = s (c a log2(e))`` (one FMA with the exponent's shift;
+    ``u = s``, and dc takes the ``a`` later); then soft-capped, ``g = 1 - t^2`` the cap's
+    derivative factor (None without a cap); ``p = 2^(z2 - lse2)`` with the hidden entries zeroed
+    by ``mask``. ``query`` broadcasts a per-query vector over the tile (the dq tile's rows, the
+    dk/dv tile's columns); ``bias``, ``u_scale`` and ``z_scale`` are thunks of the tiles or
+    factors (each kernel forms its per-query factor its own way), called where the form uses them.
+    """
+    if bias is not None:
+        u = s * plan.logit_scale + bias()
+        z2 = u * u_scale()
+    else:
+        u = s
+        z2 = s * z_scale()
+    g = None
+    if plan.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
+        z2, t = soft_cap_base2(z2, plan.soft_cap)
+        g = 1.0 - t * t
+    p = mask(jnp.exp2(z2 - query(lse2)))
+    return u, p, g
+
+
+def _base_weights(plan: _Plan, s, query, base_lse2, base_mean, mask):
+    """``p0 (s - m)`` of one tile: the base softmax's weights ``p0 = 2^(a s log2(e) - lse0 log2(e))``
+    (hidden entries zeroed by ``mask``) times the logits centred on the base p-mean ``m`` of ``s``:
+    the entropy term's tile (``common.BaseEntropy``). ``base_lse2`` / ``base_mean``: thunks of the
+    row vectors."""
+    p0 = mask(jnp.exp2(s * (plan.logit_scale * LOG2E) - query(base_lse2())))
+    return p0 * (s - query(base_mean()))
+
+
 def _apply_mask(plan: _Plan, edge: bool, p, visible, q0, bq, k0, bkv):
     """``p`` with hidden entries zeroed; ``visible()`` builds the bool tile.
 
@@ -504,25 +538,17 @@ def _dq_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, k
             stats_smem_row = lambda r: plgpu.load(stats_smem.at[r], layout=ROW)
 
             def softmax():  # (u, p, sum_j p g u, g): the logits' u, the probabilities, the cap's g
-                if strip:
-                    u = s * a + lax.broadcast_in_dim(kb, (bq, bkv), [1])
-                    z2 = u * (row(crow) if plan.has_c else LOG2E)
-                else:  # one FMA per logit with the exponent's shift; dc pairs dZ with s, times a later
-                    u = s
-                    z2 = s * (row(crow * a) if plan.has_c else a * LOG2E)
-                g = None
-                if plan.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
-                    z2, t = soft_cap_base2(z2, plan.soft_cap)
-                    g = 1.0 - t * t
-                p = jnp.exp2(z2 - row(lse2))
-                p = _apply_mask(plan, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
+                mask = lambda p: _apply_mask(plan, cfg.dq_edge_masks, p, visible, q0, bq, k0, bkv)
+                u, p, g = _tile_probabilities(
+                    plan, s, row, (lambda: lax.broadcast_in_dim(kb, (bq, bkv), [1])) if strip else None,
+                    lambda: row(crow) if plan.has_c else LOG2E,
+                    lambda: row(crow * a) if plan.has_c else a * LOG2E, lse2, mask)
                 pu = plan.need_dc and not cfg.dc_center_lse
                 pgu = p * u if g is None else p * g * u
                 w16 = None
-                if plan.entropy_grad:  # p0 (s - m): the base weights times the centred logits
-                    p0 = jnp.exp2(s * (a * LOG2E) - row(stats_smem_row(BASE_LSE2)))
-                    p0 = _apply_mask(plan, cfg.dq_edge_masks, p0, visible, q0, bq, k0, bkv)
-                    w16 = (p0 * (s - row(stats_smem_row(BASE_MEAN)))).astype(plan.dtype)
+                if plan.entropy_grad:  # the entropy term's tile, rounded for its wgmma
+                    w16 = _base_weights(plan, s, row, lambda: stats_smem_row(BASE_LSE2),
+                                        lambda: stats_smem_row(BASE_MEAN), mask).astype(plan.dtype)
                 return u, p, (jnp.sum(pgu, axis=1) if pu else None), g, w16
 
             def dc_sums(dz, dzc):  # dc_i = sum_j dZ_ij u_ij and sum_j dZc_ij (centered at the end)
@@ -744,22 +770,15 @@ def _dkv_call(plan: _Plan, cfg: BackwardBlockSizes, q, k, v, do, qstats, qcode, 
                 return plan.tiles.visible(qi, kj, qc, kc)
 
             def softmax():
-                if strip:
-                    u_t = s_t * a + lax.broadcast_in_dim(kb, shape, [0])
-                    z2 = u_t * (col(crow * LOG2E) if plan.has_c else LOG2E)
-                else:  # one FMA per logit with the exponent's shift
-                    z2 = s_t * (col(crow * (a * LOG2E)) if plan.has_c else a * LOG2E)
-                g_t = None
-                if plan.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
-                    z2, t = soft_cap_base2(z2, plan.soft_cap)
-                    g_t = 1.0 - t * t
-                p_t = jnp.exp2(z2 - col(lse2))
-                p_t = _apply_mask(plan, cfg.dkv_edge_masks, p_t, visible, q0, bq, k0, bkv)
+                mask = lambda p: _apply_mask(plan, cfg.dkv_edge_masks, p, visible, q0, bq, k0, bkv)
+                _, p_t, g_t = _tile_probabilities(
+                    plan, s_t, col, (lambda: lax.broadcast_in_dim(kb, shape, [0])) if strip else None,
+                    lambda: col(crow * LOG2E) if plan.has_c else LOG2E,
+                    lambda: col(crow * (a * LOG2E)) if plan.has_c else a * LOG2E, lse2, mask)
                 w_t = None
                 if ent_rows is not None:  # a g_i p0 (s - m_i): the entropy term of c dZ
-                    p0 = jnp.exp2(s_t * (a * LOG2E) - col(ent_rows[0]))
-                    p0 = _apply_mask(plan, cfg.dkv_edge_masks, p0, visible, q0, bq, k0, bkv)
-                    w_t = p0 * (s_t - col(ent_rows[1])) * col(ent_rows[2])
+                    w_t = _base_weights(plan, s_t, col, lambda: ent_rows[0], lambda: ent_rows[1],
+                                        mask) * col(ent_rows[2])
                 return p_t, g_t, w_t
 
             def dz_of(p_t, dp_t, g_t, w_t):
