@@ -72,7 +72,7 @@ def _canonical(text):
     that defines the name: nested isolated regions number their values afresh), a constant's
     uses become its value, and every other value is named by the order of its definition: an
     alpha-renaming, so two texts are equal only for the same program."""
-    scopes, count, out = [{}], [0], []
+    scopes, count, out = [{}], 0, []
 
     def lookup(m):
         for scope in reversed(scopes):
@@ -94,8 +94,8 @@ def _canonical(text):
         head, body = "", line
         if definition:  # rename the result before the uses (an op never uses its own result)
             name = definition.group(1)
-            renamed = f"%v{count[0]}"
-            count[0] += 1
+            renamed = f"%v{count}"
+            count += 1
             head = line[:definition.end()].replace(name, renamed, 1)
             body = line[definition.end():]
         body = _VALUE.sub(lookup, body)

@@ -444,9 +444,8 @@ class TileMask:
       num_registers: register keys at the front of the keys.
       causal, window: the band (``MaskSpec.is_causal`` / ``local_window_size``).
       keys: keys with the registers (``S``); tiles past it are padding.
-      hide_padded_keys: whether the tiles reach past ``keys`` so that the rule must hide the
-        padding (the forward keeps the check on every masked tile; the backward only where its
-        padded length differs).
+      hide_padded_keys: whether the tiles reach past ``keys`` (the kernel padded them to its
+        tile multiple), so that the rule must hide the padding.
       queries: the query rows to keep (``T``) where the kernel must hide padded rows (the
         backward's dk / dv sum over them), or None where their results are dropped.
       has_codes: lengths or segments: every tile is masked (no tile is known full).
