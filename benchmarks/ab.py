@@ -5,7 +5,9 @@ Loads ``jaxattn`` (and the ``pallas_kernels`` it calls) twice, once from this tr
 variants with its default options, cell by cell, both builds in the same interleaved rounds of
 :func:`benchmarks.timing.compare`. Prints each cell's paired ratio ``new / base`` (median over
 rounds of the per-round ratio: > 1 is slower) and its round-to-round spread (the range of the
-per-round ratios), which is what a ratio must leave to count as a change.
+per-round ratios), which is what a ratio must leave to count as a change. ``--variants`` also
+takes the option cells (``softcap``, ``sinks``, ``hardmax``: the soft cap, sink
+logits and hardmax on the fused path), which the default grid leaves out.
 
 Why one process: two processes on one card see different clocks and thermal states (a 2-5 % drift
 between runs on the H100), which is larger than what the A/B must resolve.
@@ -40,6 +42,13 @@ VARIANTS = {
     "ssmax": lambda v: v.ScalableSoftmax(),
     "rbf": lambda v: v.RBF(),
     "adaptive": lambda v: v.AdaptiveTemperature(),
+}
+# cells of the options every variant composes with: not in the default grid (the GPU A/B times
+# the variants' defaults), named with --variants to check a change of the shared tile step
+OPTION_CELLS = {
+    "softcap": (lambda v: v.Softmax(), dict(logits_soft_cap=30.0)),
+    "sinks": (lambda v: v.Softmax(), dict(sink_logits=0.5)),
+    "hardmax": (lambda v: v.Hardmax(), {}),  # forward only (the fused path has no backward)
 }
 HEADS, TOKENS = 16, 16384
 
@@ -76,11 +85,14 @@ def installed(root, modules):
 
 
 def _fn(jaxattn, name, causal, mode):
-    variant = VARIANTS[name](sys.modules["jaxattn.variants"])
+    make, options = (VARIANTS[name], {}) if name in VARIANTS else OPTION_CELLS[name]
+    variant = make(sys.modules["jaxattn.variants"])
+    if "sink_logits" in options:  # one sink logit per query head
+        options = dict(options, sink_logits=jnp.full((HEADS,), options["sink_logits"], jnp.float32))
 
     def fwd(q, k, v):
         return jaxattn.attention(q, k, v, variant=variant, is_causal=causal,
-                                 implementation="pallas")
+                                 implementation="pallas", **options)
 
     if mode == "fwd":
         return jax.jit(fwd)
@@ -107,13 +119,15 @@ def parse_cells(parser, argv):
     variant)`` in the order they are run (head dim, length, causal, mode, variant)."""
     args = parser.parse_args(argv)
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and n not in OPTION_CELLS]
     if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+        parser.error(f"--variants: unknown {unknown}; choose from "
+                     f"{','.join([*VARIANTS, *OPTION_CELLS])}")
     cells = [(D, N, max(1, TOKENS // N), causal, mode, name)
              for D in map(int, args.dims.split(",")) for N in map(int, args.lengths.split(","))
              for causal in map(bool, map(int, args.causal.split(",")))
-             for mode in args.modes.split(",") for name in names]
+             for mode in args.modes.split(",") for name in names
+             if not (name == "hardmax" and mode != "fwd")]
     return args, cells
 
 

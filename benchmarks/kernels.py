@@ -22,7 +22,10 @@ the forward with ``fold_scale`` off and on, with ``intra_overlap`` (``overlap``)
 flipped (a key bias), with ``heavy_first`` off (``ascending``) and given the exact row max (``fixedmax``);
 each config's outputs are compared
 with the first config's (relative norm of the difference: a config that breaks the kernel shows up);
-``--stats-configs`` adds the statistics sweep (:func:`stats_configs`). bf16, H = 16, B * N = 16384
+``--stats-configs`` adds the statistics sweep (:func:`stats_configs`), and ``--fma-cols 16,32``
+the forward, the fixed-max forward and the default sweep with that many columns of each tile
+exponentiated on the FMA pipe (:attr:`BlockSizes.exp2_fma_cols`: ``fma<n>``, ``fixedmaxfma<n>``,
+``defaultfma<n>``). bf16, H = 16, B * N = 16384
 tokens (``--tokens``); timed by :func:`benchmarks.timing.compare` (every candidate of one problem in
 interleaved rounds of back-to-back calls, after a warm-up). FLOPs as :mod:`benchmarks.attention`:
 forward ``4 B H N^2 D`` (halved when causal), and each backward kernel counted at half the
@@ -153,14 +156,17 @@ def _baseline_candidates(pkg, D, mask, a, fwd_args, bwd_args):
     return out
 
 
-def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, stats=(), forward=True):
+def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, stats=(), forward=True,
+            fma_cols=()):
     """Rows ``dict(kernel, config, ms, tflops, error, rel_diff_to_first)`` for one problem.
 
     ``c`` here is positive, so the forward is called with ``query_scale_nonnegative=True`` (as
     the dispatcher does for SSMax and adaptive temperature). ``baseline``: a package name whose
     kernels are timed beside these (config ``base``). ``stats``: names of
     :func:`stats_configs` to time the statistics sweep with (kernel ``stats``). ``forward``:
-    False leaves the forward candidates out (``--no-forward``).
+    False leaves the forward candidates out (``--no-forward``). ``fma_cols``: column counts of
+    :attr:`BlockSizes.exp2_fma_cols` to time the forward (``fma<n>``), the fixed-max forward
+    (``fixedmaxfma<n>``) and the default statistics sweep (``defaultfma<n>``) with.
     """
     B = max(1, tokens // N)
     q, k, v, do, c, b = _inputs(N + D + len(flags), B, N, D, flags)
@@ -182,6 +188,8 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
                        "overlap": dataclasses.replace(base, pingpong=False, intra_overlap=True),
                        # causal: query tiles launched in ascending order (heavy_first off)
                        "ascending": dataclasses.replace(base, heavy_first=False)}
+        configs_fwd.update({f"fma{n}": dataclasses.replace(base, exp2_fma_cols=n)
+                            for n in fma_cols})
         for name, cfg in configs_fwd.items():
             candidates[("fwd", name)] = (forward_fn(cfg), (q, k, v, c, b, None))
         # with the statistics (lse, entropy, max weight): what a forward that hands the backward
@@ -198,6 +206,10 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
         fixed = {"fixedmax": None}
         if D == 64:
             fixed["fixedmax256"] = dataclasses.replace(base, block_kv=256, max_concurrent_steps=2)
+        fixed_base = default_block_sizes(D, c is not None, b is not None, fixed_max=True,
+                                         masked=causal)
+        fixed.update({f"fixedmaxfma{n}": dataclasses.replace(fixed_base, exp2_fma_cols=n)
+                      for n in fma_cols})
         for name, cfg in fixed.items():
             candidates[("fwd", name)] = (forward_fn(cfg), (q, k, v, c, b, row_max))
     base_entropy = None
@@ -228,8 +240,11 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
                 kernels=("dq",), query_scale_grad=False))
             candidates[("dq", name)] = (fn, (q, k, v, out, lse, do, c, b))
-    for name in stats:
-        cfg = stats_configs(D, c is not None, b is not None)[name]
+    sweeps = stats_configs(D, c is not None, b is not None)
+    sweeps.update({f"defaultfma{n}": dataclasses.replace(sweeps["default"], exp2_fma_cols=n)
+                   for n in fma_cols})
+    for name in list(stats) + [f"defaultfma{n}" for n in fma_cols]:
+        cfg = sweeps[name]
         fn = jax.jit(lambda q, k, c, b, cfg=cfg: flash_stats(
             q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             query_scale_nonnegative=c is not None))
@@ -280,6 +295,9 @@ def main(argv=None):
     parser.add_argument("--bwd-configs", default="default,first,edge,kv64")
     parser.add_argument("--stats-configs", default="",
                         help="statistics-sweep configs to time too (stats_configs)")
+    parser.add_argument("--fma-cols", default="",
+                        help="BlockSizes.exp2_fma_cols values to time the forward, the fixed-max "
+                             "forward and the default statistics sweep with (e.g. 16,32)")
     parser.add_argument("--no-forward", action="store_true", help="time the backward kernels only")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (benchmarks/timing.py)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="B * N")
@@ -306,7 +324,8 @@ def main(argv=None):
             for causal in ints(args.causal):
                 for flags in args.flags.split(","):
                     rows += measure(D, N, bool(causal), flags, args.rounds, configs, args.tokens,
-                                    args.baseline, stats, not args.no_forward)
+                                    args.baseline, stats, not args.no_forward,
+                                    ints(args.fma_cols))
                     if args.out:
                         with open(args.out, "w") as f:
                             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,

@@ -57,9 +57,9 @@ from pallas_kernels.common import (
     narrow_transforms,
     padded_head_dim,
     segment_ranks,
-    soft_cap_base2,
     split_bias,
     tile_index,
+    tile_logits,
     visibility_codes,
 )
 
@@ -342,26 +342,22 @@ class _Plan:
 
 
 def _tile_probabilities(plan: _Plan, s, query, bias, u_scale, z_scale, lse2, mask):
-    """``(u, p, g)`` of one recomputed tile: the logit form both backward kernels share.
+    """``(u, p, g)`` of one recomputed tile, from the logit form every kernel shares
+    (:func:`~pallas_kernels.common.tile_logits`).
 
     The base-2 logits are ``z2 = u c log2(e)`` with ``u = a s + b`` where the key bias comes from
     a float32 strip (``bias``), else ``z2 = s (c a log2(e))`` (one FMA with the exponent's shift;
-    ``u = s``, and dc takes the ``a`` later); then soft-capped, ``g = 1 - t^2`` the cap's
-    derivative factor (None without a cap); ``p = 2^(z2 - lse2)`` with the hidden entries zeroed
-    by ``mask``. ``query`` broadcasts a per-query vector over the tile (the dq tile's rows, the
-    dk/dv tile's columns); ``bias``, ``u_scale`` and ``z_scale`` are thunks of the tiles or
-    factors (each kernel forms its per-query factor its own way), called where the form uses them.
+    ``u = s``, and dc takes the ``a`` later); soft-capped, ``g`` the cap's derivative factor
+    (None without a cap); ``p = 2^(z2 - lse2)`` with the hidden entries zeroed by ``mask``.
+    ``query`` broadcasts a per-query vector over the tile (the dq tile's rows, the dk/dv tile's
+    columns); ``bias``, ``u_scale`` and ``z_scale`` are thunks of the tiles or factors (each
+    kernel forms its per-query factor its own way), called where the form uses them.
     """
     if bias is not None:
-        u = s * plan.logit_scale + bias()
-        z2 = u * u_scale()
+        u, z2, g = tile_logits(s, u_scale, logit_scale=plan.logit_scale, bias=bias,
+                               soft_cap=plan.soft_cap, cap_grad=True)
     else:
-        u = s
-        z2 = s * z_scale()
-    g = None
-    if plan.soft_cap is not None:  # z2 -> cap2 t, dz2_capped / dz2 = 1 - t^2
-        z2, t = soft_cap_base2(z2, plan.soft_cap)
-        g = 1.0 - t * t
+        u, z2, g = tile_logits(s, z_scale, soft_cap=plan.soft_cap, cap_grad=True)
     p = mask(jnp.exp2(z2 - query(lse2)))
     return u, p, g
 

@@ -60,13 +60,14 @@ from pallas_kernels.common import (
     TileMask,
     bias_ones,
     check_soft_cap,
+    exp2_split,
     interpret_context,
     is_masked,
     narrow_transforms,
     padded_head_dim,
-    soft_cap_base2,
     split_bias,
     tile_index,
+    tile_logits,
     visibility_codes,
 )
 
@@ -146,6 +147,11 @@ class BlockSizes:
         axis, for K/V reuse in L2); no effect without a causal mask. On by default: on the H200
         it made the causal forward 2-8 % and the statistics sweep 5-8 % faster at D = 64 / 128,
         N = 4096 / 16384; off launches each head's query tiles in ascending order.
+      exp2_fma_cols: the first this many columns of each tile take their exponentials from a
+        polynomial on the FMA pipe (:func:`~pallas_kernels.common.exp2_fma`, relative error
+        1.8e-7) instead of the exponent unit, which bounds the softmax at D = 64 (16 ``ex2`` a
+        clock per SM against 128 FMAs). A multiple of 8 (one column tile of the wgmma layout),
+        at most ``block_kv``; 0: every exponential on the exponent unit.
     """
 
     block_q: int = 64
@@ -158,6 +164,7 @@ class BlockSizes:
     intra_overlap: bool = False
     sweep_skips_v: bool = False
     heavy_first: bool = True
+    exp2_fma_cols: int = 0
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -171,6 +178,11 @@ class BlockSizes:
                      "heavy_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        cols = self.exp2_fma_cols
+        if not isinstance(cols, int) or isinstance(cols, bool) or not 0 <= cols <= self.block_kv \
+                or cols % 8:
+            raise ValueError(f"exp2_fma_cols must be a multiple of 8 in [0, block_kv = "
+                             f"{self.block_kv}], got {cols!r}")
         if self.compute_wgs not in _COMPUTE_REGISTERS:
             raise ValueError(f"compute_wgs must be one of {sorted(_COMPUTE_REGISTERS)}, got "
                              f"{self.compute_wgs!r}")
@@ -300,8 +312,11 @@ def _visible(plan, q0, step, kid, qid):
 def _shifted_logits(plan, s, kb, r, m, masked, visible):
     """``(m_new, d)``: the running row max and ``d = z - m_new`` of one tile (base 2).
 
-    ``z = r (s + b)`` with ``r`` the row factor (``plan.row_const`` or the row vector ``r``) and
-    ``b`` the key bias ``kb`` (or none); hidden logits are ``MASKED`` on masked tiles. With
+    ``z = r (s + b)`` (soft-capped), the logit form every kernel shares
+    (:func:`~pallas_kernels.common.tile_logits`), with ``r`` the row factor (``plan.row_const``
+    or the row vector ``r``) and ``b`` the key bias ``kb`` (or none); hidden logits are
+    ``MASKED`` on masked tiles. Without a cap or a mask the folded forms below are the same
+    logits in fewer operations. With
     ``plan.fixed_max`` ``m`` is the row's final max already and stays. With ``plan.hardmax``,
     ``d`` is ``z`` itself: the argmax set is ``z >= m_new`` on this one value (a ``z - m_new``
     may be contracted into an FMA with z's multiply, and is then not 0 at the max).
@@ -316,15 +331,10 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
         ok = visible() if masked else None
         return z if ok is None else jnp.where(ok, z, MASKED)
 
-    if plan.soft_cap is not None:  # no folding: the cap comes between the scale and the max
-        if kb is not None:
-            s = s + col(kb)
-        z = soft_cap_base2(s * rc if r is None else s * row(r), plan.soft_cap)[0]
-        z = hide(z)
-        m_new = new_max(lambda: z.max(axis=1))
-        return m_new, shift(z, m_new)
-    # hardmax compares z with the row max exactly: not the folded forms, which never form z
-    fold = plan.blocks.fold_scale and not masked and not plan.hardmax
+    # hardmax compares z with the row max exactly: not the folded forms, which never form z; the
+    # soft cap comes between the scale and the max
+    fold = (plan.blocks.fold_scale and not masked and not plan.hardmax
+            and plan.soft_cap is None)
     if fold and rc is None and (plan.row_nonneg or plan.row_flip) and kb is None:
         # max_j (r_i s_ij) = r_i max_j s_ij for r_i >= 0; d = r s - m is one FMA
         m_new = new_max(lambda: s.max(axis=1) * r)
@@ -336,9 +346,8 @@ def _shifted_logits(plan, s, kb, r, m, masked, visible):
         z = s * rc + col(kb * rc)  # one FMA per logit
         m_new = new_max(lambda: z.max(axis=1))
         return m_new, z - row(m_new)
-    if kb is not None:
-        s = s + col(kb)
-    z = s * rc if r is None else s * row(r)
+    _, z, _ = tile_logits(s, (lambda: rc) if r is None else (lambda: row(r)),
+                          bias=None if kb is None else lambda: col(kb), soft_cap=plan.soft_cap)
     z = hide(z)
     m_new = new_max(lambda: z.max(axis=1))
     return m_new, shift(z, m_new)
@@ -430,7 +439,7 @@ def _kernel(plan, q_ref, k_ref, v_ref, rv_ref, kv_ref, kb_ref, ones_ref, out_ref
                 p = (d >= lax.broadcast_in_dim(m_new, d.shape, [0])).astype(jnp.float32)
                 alpha = (m >= m_new).astype(jnp.float32)
             else:
-                p = jnp.exp2(d)
+                p, d = exp2_split(d, plan.blocks.exp2_fma_cols)
                 alpha = None if plan.fixed_max else jnp.exp2(m - m_new)
             if plan.stats and not plan.hardmax:  # hardmax: sum_j p d = 0, so H = ln(count)
                 ent = (p * d).sum(axis=1) + (

@@ -293,3 +293,19 @@ def test_same_kernels_canonical_form_ignores_constant_order_only():
     assert _canonical(kernel([1, 64], mul="%0", add="%1")) != base  # (x * 1) + 64
     assert _canonical(kernel([64, 2], mul="%0", add="%1")) != base
     assert _canonical(kernel([64, 1], mul="%0", add="%2")) != base  # (x * 64) + (x * 64)
+
+
+def test_ab_cells_take_the_option_cells():
+    """The A/B grid: the variants' defaults unless named; the option cells by name, hardmax
+    forward only (its fused path has no backward); an unknown name is refused."""
+    from benchmarks.ab import OPTION_CELLS, VARIANTS, cell_parser, parse_cells
+    parser = lambda: cell_parser("ab", "")
+    _, cells = parse_cells(parser(), ["--base", "x", "--dims", "64", "--lengths", "1024"])
+    assert {c[5] for c in cells} == set(VARIANTS) and not set(OPTION_CELLS) & set(VARIANTS)
+    _, cells = parse_cells(parser(), ["--base", "x", "--dims", "64", "--lengths", "1024",
+                                      "--variants", "softcap,hardmax"])
+    assert sorted((c[3], c[4], c[5]) for c in cells) == sorted(
+        (causal, mode, name) for causal in (False, True) for mode, name in
+        (("fwd", "softcap"), ("fwdbwd", "softcap"), ("fwd", "hardmax")))
+    with pytest.raises(SystemExit):
+        parse_cells(parser(), ["--base", "x", "--variants", "nope"])

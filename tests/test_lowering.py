@@ -169,3 +169,32 @@ def test_row_flip_lowers(reduction_scratch, D, causal):
     _lower(lambda q, k, c: flash_stats(q, k, logit_scale=0.1, query_scale=c, mask=mask,
                                        interpret=False), x, x, row)
     assert not reduction_scratch
+
+
+@pytest.mark.parametrize("cols", [16, 24, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_exp2_on_the_fma_pipe_lowers(reduction_scratch, cols, causal):
+    """``BlockSizes.exp2_fma_cols`` (the polynomial's bit casts, integer shift and barrier on a
+    column slice of the WGMMA layout) lowers for sm90 in the forward and the statistics sweep,
+    and changes the kernel: a flag the lowering dropped would leave it as without it."""
+    import dataclasses
+
+    from benchmarks.same_kernels import lowering_digest
+    from pallas_kernels.forward import default_block_sizes, default_stats_block_sizes
+    x, row = _operands(64)
+    mask = MaskSpec(is_causal=causal)
+    fwd_cfg = default_block_sizes(64, True, False, masked=causal)
+    sweep_cfg = default_stats_block_sizes(64, True, False)
+    digests = []
+    for n in (0, cols):
+        f_cfg = dataclasses.replace(fwd_cfg, exp2_fma_cols=n)
+        s_cfg = dataclasses.replace(sweep_cfg, exp2_fma_cols=n)
+        forward = jax.jit(lambda q, k, v, c, f_cfg=f_cfg: flash_forward(
+            q, k, v, logit_scale=0.1, query_scale=c, mask=mask, config=f_cfg,
+            query_scale_nonnegative=True, interpret=False))
+        stats = jax.jit(lambda q, k, c, s_cfg=s_cfg: flash_stats(
+            q, k, logit_scale=0.1, query_scale=c, mask=mask, config=s_cfg,
+            query_scale_nonnegative=True, interpret=False))
+        digests.append((lowering_digest(forward, x, x, x, row)[1], lowering_digest(stats, x, x, row)[1]))
+    assert len(digests) == 2 and digests[0][0] != digests[1][0] and digests[0][1] != digests[1][1]
+    assert not reduction_scratch

@@ -86,6 +86,17 @@ OVERLAP = BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2, pingpong=F
                      intra_overlap=True)
 
 
+@pytest.mark.parametrize("name", ["causal_scale_bias_ragged", "window_registers_f16"])
+def test_exp2_fma_cols_matches_reference(name):
+    """BlockSizes.exp2_fma_cols: 24 of each tile's 64 columns from the polynomial (relative error
+    3.3e-7 a weight, far inside the tolerances): the reference's outputs and statistics, with
+    hidden keys (causal, window, ragged S) in those columns and registers."""
+    B, T, S, N, K, H, Hv, dtype, mask_kw, R, use_c, use_b = CASES[name]
+    q, k, v, c, b = _inputs(2, B, T, S + R, N, K, H, Hv, dtype, use_c, use_b)
+    cfg = dataclasses.replace(BLOCKS, exp2_fma_cols=24)
+    _compare(q, k, v, c, b, MaskSpec(num_registers=R, **mask_kw), config=cfg)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_intra_overlap_matches_reference(name):
     """BlockSizes.intra_overlap (P carried to the next step, V slots released a step late, one
@@ -303,6 +314,9 @@ STATS_CONFIGS = {
     "pingpong_skipv": dataclasses.replace(BLOCKS, sweep_skips_v=True),
     "free3_skipv": BlockSizes(block_q=64, block_kv=64, compute_wgs=3, pingpong=False,
                               sweep_skips_v=True),
+    # part or all of each tile's exponentials on the FMA pipe (BlockSizes.exp2_fma_cols)
+    "free2_fma16": BlockSizes(block_q=64, block_kv=64, pingpong=False, exp2_fma_cols=16),
+    "pingpong_fma64": dataclasses.replace(BLOCKS, exp2_fma_cols=64),
 }
 
 
@@ -345,6 +359,9 @@ def test_unsupported_inputs_raise():
         BlockSizes(intra_overlap=True)
     with pytest.raises(ValueError, match="intra_overlap must be a bool"):
         BlockSizes(intra_overlap=1, pingpong=False)
+    for cols in (12, 72, -8, 8.0, True):
+        with pytest.raises(ValueError, match=r"exp2_fma_cols must be a multiple of 8 in \[0, block_kv"):
+            BlockSizes(block_q=64, block_kv=64, exp2_fma_cols=cols)
     with pytest.raises(ValueError, match=r"row_max must broadcast to \[B, N, T\]"):
         flash_forward(q, k, v, logit_scale=0.1, row_max=jnp.zeros((1, 64, 1)))
     with pytest.raises(TypeError, match="row_max must be a float array"):
@@ -511,7 +528,8 @@ def test_gpu_check_case_runs_in_the_interpreter(monkeypatch):
     assert res["pass"], res
 
 
-@pytest.mark.parametrize("config", [BLOCKS, MMA], ids=["strip", "mma_bias"])
+@pytest.mark.parametrize("config", [BLOCKS, MMA, dataclasses.replace(BLOCKS, exp2_fma_cols=32)],
+                         ids=["strip", "mma_bias", "fma32"])
 def test_fixed_row_max(config):
     """The forward given the exact row max (the statistics sweep's, times a per-query factor
     beta >= 0, as adaptive temperature runs it) skips the online max: same results as the

@@ -29,7 +29,7 @@ FT = (False, True)
 # Names: key tile x stages, f fold_scale, m mma_bias; /s2, /s4 the statistics sweep's layout
 # (2 or 4 free-running warpgroups, no V stream). Field order of BlockSizes: block_q, block_kv,
 # max_concurrent_steps, fold_scale, mma_bias, compute_wgs, pingpong, intra_overlap, sweep_skips_v,
-# heavy_first.
+# heavy_first (exp2_fma_cols, last, is 0 in every entry).
 FWD = {
     "64x2": (64, 64, 2, False, False, 2, True, False, False, True),
     "64x2f": (64, 64, 2, True, False, 2, True, False, False, True),
@@ -181,7 +181,10 @@ def _bwd(name):
 
 
 def test_literal_field_order():
-    assert len(dataclasses.fields(BlockSizes)) == 10 and len(dataclasses.fields(BackwardBlockSizes)) == 15
+    fields = dataclasses.fields(BlockSizes)
+    # FWD's rows name the first 10; the last keeps its default (0: no exponentials on the FMA pipe)
+    assert len(fields) == 11 and fields[-1].name == "exp2_fma_cols" and fields[-1].default == 0
+    assert len(dataclasses.fields(BackwardBlockSizes)) == 15
 
 
 @pytest.mark.parametrize("kind", KINDS)
