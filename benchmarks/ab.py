@@ -46,9 +46,10 @@ VARIANTS = {
 # cells of the options every variant composes with: not in the default grid (the GPU A/B times
 # the variants' defaults), named with --variants to check a change of the shared tile step
 OPTION_CELLS = {
-    "softcap": (lambda v: v.Softmax(), dict(logits_soft_cap=30.0)),
-    "sinks": (lambda v: v.Softmax(), dict(sink_logits=0.5)),
-    "hardmax": (lambda v: v.Hardmax(), {}),  # forward only (the fused path has no backward)
+    "softcap": (lambda v: v.Softmax(), lambda: dict(logits_soft_cap=30.0)),
+    # one sink logit per query head
+    "sinks": (lambda v: v.Softmax(), lambda: dict(sink_logits=jnp.full((HEADS,), 0.5, jnp.float32))),
+    "hardmax": (lambda v: v.Hardmax(), dict),  # forward only (the fused path has no backward)
 }
 HEADS, TOKENS = 16, 16384
 
@@ -85,10 +86,8 @@ def installed(root, modules):
 
 
 def _fn(jaxattn, name, causal, mode):
-    make, options = (VARIANTS[name], {}) if name in VARIANTS else OPTION_CELLS[name]
-    variant = make(sys.modules["jaxattn.variants"])
-    if "sink_logits" in options:  # one sink logit per query head
-        options = dict(options, sink_logits=jnp.full((HEADS,), options["sink_logits"], jnp.float32))
+    make, options = (VARIANTS[name], dict) if name in VARIANTS else OPTION_CELLS[name]
+    variant, options = make(sys.modules["jaxattn.variants"]), options()
 
     def fwd(q, k, v):
         return jaxattn.attention(q, k, v, variant=variant, is_causal=causal,

@@ -206,8 +206,9 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
         fixed = {"fixedmax": None}
         if D == 64:
             fixed["fixedmax256"] = dataclasses.replace(base, block_kv=256, max_concurrent_steps=2)
+        # the tiles the "fixedmax" row gets (flash_forward's own choice given a row max)
         fixed_base = default_block_sizes(D, c is not None, b is not None, fixed_max=True,
-                                         masked=causal)
+                                         masked=causal, causal_keys=N if causal else 0)
         fixed.update({f"fixedmaxfma{n}": dataclasses.replace(fixed_base, exp2_fma_cols=n)
                       for n in fma_cols})
         for name, cfg in fixed.items():
