@@ -23,14 +23,14 @@ flipped (a key bias), with ``heavy_first`` off (``ascending``) and given the exa
 each config's outputs are compared
 with the first config's (relative norm of the difference: a config that breaks the kernel shows up);
 ``--stats-configs`` adds the statistics sweep (:func:`stats_configs`), and ``--fma-cols 16,32``
-the forward, the fixed-max forward and the default sweep with that many columns of each tile
-exponentiated on the FMA pipe (:attr:`BlockSizes.exp2_fma_cols`: ``fma<n>``, ``fixedmaxfma<n>``,
-``defaultfma<n>``). bf16, H = 16, B * N = 16384
-tokens (``--tokens``); timed by :func:`benchmarks.timing.compare` (every candidate of one problem in
-interleaved rounds of back-to-back calls, after a warm-up). FLOPs as :mod:`benchmarks.attention`:
-forward ``4 B H N^2 D`` (halved when causal), and each backward kernel counted at half the
-backward's ``2.5 x fwd``, so the two rates compare kernel against kernel. Prints one table;
-``--out`` writes the rows as JSON.
+the forward, the fixed-max forward, the default sweep and the default backward kernels with that
+many columns of each tile exponentiated on the FMA pipe (:attr:`BlockSizes.exp2_fma_cols`,
+:attr:`BackwardBlockSizes.exp2_fma_cols`: ``fma<n>``, ``fixedmaxfma<n>``, ``defaultfma<n>``).
+bf16, H = 16, B * N = 16384 tokens (``--tokens``); timed by :func:`benchmarks.timing.compare`
+(every candidate of one problem in interleaved rounds of back-to-back calls, after a warm-up).
+FLOPs as :mod:`benchmarks.attention`: forward ``4 B H N^2 D`` (halved when causal), and each
+backward kernel counted at half the backward's ``2.5 x fwd``, so the two rates compare kernel
+against kernel. Prints one table; ``--out`` writes the rows as JSON.
 """
 
 import argparse
@@ -166,7 +166,8 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
     :func:`stats_configs` to time the statistics sweep with (kernel ``stats``). ``forward``:
     False leaves the forward candidates out (``--no-forward``). ``fma_cols``: column counts of
     :attr:`BlockSizes.exp2_fma_cols` to time the forward (``fma<n>``), the fixed-max forward
-    (``fixedmaxfma<n>``) and the default statistics sweep (``defaultfma<n>``) with.
+    (``fixedmaxfma<n>``), the default statistics sweep and the default backward kernels
+    (``defaultfma<n>``, :attr:`BackwardBlockSizes.exp2_fma_cols` where ``n`` fits its tiles) with.
     """
     B = max(1, tokens // N)
     q, k, v, do, c, b = _inputs(N + D + len(flags), B, N, D, flags)
@@ -223,8 +224,12 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
     for part in ("dq", "dkv"):
         if base_entropy is not None and part == "dkv":  # the dkv kernel needs dq's dc: both run
             continue
-        for name in configs:
-            cfg = bwd_configs(D, c is not None, causal, base_entropy is not None)[name]
+        table = bwd_configs(D, c is not None, causal, base_entropy is not None)
+        widest = min(table["default"].block_kv_dq, table["default"].block_q_dkv)
+        table.update({f"defaultfma{n}": dataclasses.replace(table["default"], exp2_fma_cols=n)
+                      for n in fma_cols if n <= widest})
+        for name in list(configs) + [f"defaultfma{n}" for n in fma_cols if n <= widest]:
+            cfg = table[name]
             kernels = ("dq", "dkv") if base_entropy is not None else (part,)
             fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg, kernels=kernels: flash_backward(
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
@@ -297,8 +302,8 @@ def main(argv=None):
     parser.add_argument("--stats-configs", default="",
                         help="statistics-sweep configs to time too (stats_configs)")
     parser.add_argument("--fma-cols", default="",
-                        help="BlockSizes.exp2_fma_cols values to time the forward, the fixed-max "
-                             "forward and the default statistics sweep with (e.g. 16,32)")
+                        help="exp2_fma_cols values to time the forward, the fixed-max forward, "
+                             "the default statistics sweep and backward kernels with (e.g. 16,32)")
     parser.add_argument("--no-forward", action="store_true", help="time the backward kernels only")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (benchmarks/timing.py)")
     parser.add_argument("--tokens", type=int, default=TOKENS, help="B * N")

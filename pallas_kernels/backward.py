@@ -51,6 +51,7 @@ from pallas_kernels.common import (
     TileMask,
     bias_ones,
     check_soft_cap,
+    exp2_split,
     has_codes,
     interpret_context,
     is_masked,
@@ -126,6 +127,11 @@ class BackwardBlockSizes:
         the most keys first (``BlockSizes.heavy_first``; the dkv kernel's causal order, first key
         tiles first, already is). On by default: 1-10 % faster causal dq kernels on the H200
         (D = 128 N = 16384 with ``c``: 3.43 -> 3.07 ms).
+      exp2_fma_cols: the first this many columns of each recomputed tile (the dq kernel's keys,
+        the dk/dv kernel's queries) take ``p`` (and the entropy term's ``p0``) from the FMA pipe's
+        polynomial (:func:`~pallas_kernels.common.exp2_fma`) instead of the exponent unit, as the
+        forward's ``BlockSizes.exp2_fma_cols``. A multiple of 8 at most ``min(block_kv_dq,
+        block_q_dkv)``; 0: every exponential on the exponent unit.
     """
 
     block_q_dq: int = 64
@@ -143,6 +149,7 @@ class BackwardBlockSizes:
     dc_center_lse: bool = False
     dq_heavy_first: bool = True
     dkv_split: bool = False
+    exp2_fma_cols: int = 0
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -159,6 +166,10 @@ class BackwardBlockSizes:
                      "dc_center_lse", "dq_heavy_first", "dkv_split"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardBlockSizes.{name} must be a bool, got {getattr(self, name)!r}")
+        cols, widest = self.exp2_fma_cols, min(self.block_kv_dq, self.block_q_dkv)
+        if not isinstance(cols, int) or isinstance(cols, bool) or not 0 <= cols <= widest or cols % 8:
+            raise ValueError("BackwardBlockSizes.exp2_fma_cols must be a multiple of 8 in [0, "
+                             f"min(block_kv_dq, block_q_dkv) = {widest}], got {cols!r}")
 
 
 # The tuned configs are data: pallas_kernels.tuning holds one table per device kind (the
@@ -332,6 +343,7 @@ class _Plan:
     interpret: bool
     soft_cap: float | None = None  # cap log2(e): the base-2 logits are soft-capped (d: 1 - t^2)
     entropy_grad: bool = False  # c = f(H0) of the base entropy: its term fused (common.BaseEntropy)
+    fma_cols: int = 0  # BackwardBlockSizes.exp2_fma_cols
 
     @property
     def tiles(self):
@@ -358,7 +370,7 @@ def _tile_probabilities(plan: _Plan, s, query, bias, u_scale, z_scale, lse2, mas
                                soft_cap=plan.soft_cap, cap_grad=True)
     else:
         u, z2, g = tile_logits(s, z_scale, soft_cap=plan.soft_cap, cap_grad=True)
-    p = mask(jnp.exp2(z2 - query(lse2)))
+    p = mask(exp2_split(z2 - query(lse2), plan.fma_cols)[0])
     return u, p, g
 
 
@@ -367,7 +379,7 @@ def _base_weights(plan: _Plan, s, query, base_lse2, base_mean, mask):
     (hidden entries zeroed by ``mask``) times the logits centred on the base p-mean ``m`` of ``s``:
     the entropy term's tile (``common.BaseEntropy``). ``base_lse2`` / ``base_mean``: thunks of the
     row vectors."""
-    p0 = mask(jnp.exp2(s * (plan.logit_scale * LOG2E) - query(base_lse2())))
+    p0 = mask(exp2_split(s * (plan.logit_scale * LOG2E) - query(base_lse2()), plan.fma_cols)[0])
     return p0 * (s - query(base_mean()))
 
 
@@ -1087,7 +1099,8 @@ def flash_backward(q, k, v, out, lse, dout, *, logit_scale: float, query_scale=N
         bias_key_grad=bias_key_grad,
         soft_cap=None if logits_soft_cap is None else check_soft_cap(logits_soft_cap) * LOG2E,
         T=T, S=S, Tp=Tp, Sp=Sp, group=N // K, H=H, Hv=Hv, dtype=q.dtype,
-        interpret=interpret is not None, entropy_grad=base_entropy is not None)
+        interpret=interpret is not None, entropy_grad=base_entropy is not None,
+        fma_cols=cfg.exp2_fma_cols)
     # 32-bit side inputs, and 32-bit tracing: jax's pipeline emitter mixes int32 grid indices with
     # python ints, which fails under jax_enable_x64.
     lse = lse.astype(jnp.float32)

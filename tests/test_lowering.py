@@ -198,3 +198,27 @@ def test_exp2_on_the_fma_pipe_lowers(reduction_scratch, cols, causal):
         digests.append((lowering_digest(forward, x, x, x, row)[1], lowering_digest(stats, x, x, row)[1]))
     assert len(digests) == 2 and digests[0][0] != digests[1][0] and digests[0][1] != digests[1][1]
     assert not reduction_scratch
+
+
+@pytest.mark.parametrize("cols", [16, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_exp2_on_the_fma_pipe_lowers(reduction_scratch, cols, causal):
+    """``BackwardBlockSizes.exp2_fma_cols`` lowers for sm90 in the dq and dk/dv kernels with the
+    entropy term fused (``p`` and ``p0`` on the polynomial) and changes the lowered kernels."""
+    import dataclasses
+
+    from benchmarks.same_kernels import lowering_digest
+    from pallas_kernels.backward import default_backward_block_sizes
+    from pallas_kernels.common import BaseEntropy
+    x, row = _operands(64)
+    mask = MaskSpec(is_causal=causal)
+    base = default_backward_block_sizes(64, True, causal, entropy_grad=True)
+    digests = []
+    for n in (0, cols):
+        cfg = dataclasses.replace(base, exp2_fma_cols=n)
+        backward = jax.jit(lambda q, k, v, o, lse, do, c, h, cfg=cfg: flash_backward(
+            q, k, v, o, lse, do, logit_scale=0.1, query_scale=c, mask=mask, config=cfg,
+            base_entropy=BaseEntropy(lse, h, c), interpret=False))
+        digests.append(lowering_digest(backward, x, x, x, x, row, x, row, row)[1])
+    assert digests[0] != digests[1]
+    assert not reduction_scratch

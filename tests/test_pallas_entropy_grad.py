@@ -79,6 +79,8 @@ CASES = {
                            dict(overlap=True, dkv_edge_masks=True, dq_edge_masks=True)),
     "serial_dkv_split": (1, 128, 128, 2, 1, 64, jnp.bfloat16, dict(is_causal=True), 0,
                          dict(dkv_split=True)),
+    # p and p0 of the first 24 columns of each tile from the FMA pipe's polynomial
+    "fma24_lengths": (2, 128, 130, 2, 1, 64, jnp.bfloat16, "lengths", 2, dict(exp2_fma_cols=24)),
 }
 
 

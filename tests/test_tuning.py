@@ -184,7 +184,9 @@ def test_literal_field_order():
     fields = dataclasses.fields(BlockSizes)
     # FWD's rows name the first 10; the last keeps its default (0: no exponentials on the FMA pipe)
     assert len(fields) == 11 and fields[-1].name == "exp2_fma_cols" and fields[-1].default == 0
-    assert len(dataclasses.fields(BackwardBlockSizes)) == 15
+    # BWD's rows name the first 15; exp2_fma_cols (last) keeps its default in every entry
+    bwd = dataclasses.fields(BackwardBlockSizes)
+    assert len(bwd) == 16 and bwd[-1].name == "exp2_fma_cols" and bwd[-1].default == 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
