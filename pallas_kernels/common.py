@@ -299,9 +299,10 @@ _ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: x + it holds round(x) in its low mantis
 def exp2_fma(x):
     """``2^x`` for ``EXP2_FMA_MIN <= x < 2^22`` on the FMA pipe, not the exponent unit.
 
-    At head dim 64 the softmax sweeps are bound by the SM's exponent unit (16 ``ex2`` a clock
-    against 128 FMAs), so moving part of a tile's exponentials onto the FMA pipe (as
-    FlashAttention-4 does on Blackwell) shortens the bound. Cody-Waite reduction without a
+    Moving part of a tile's exponentials onto the FMA pipe (as FlashAttention-4 does on
+    Blackwell) helps a kernel bound by the SM's exponent unit (16 ``ex2`` a clock against 128
+    FMAs) with issue slots to spare; on the H100 our sweeps have none, and it measured slower
+    (docs/kernels.md). Cody-Waite reduction without a
     rounding instruction: ``t = x + 1.5 * 2^23`` rounds ``x`` to ``n`` in ``t``'s low bits, ``f =
     x - n`` lies in ``[-1/2, 1/2]``, ``2^f`` is :data:`EXP2_FMA_COEFFS` by Horner's rule, and
     ``n`` is added to its exponent field as ``bits(t) << 23`` (the shift keeps only ``n``'s low

@@ -149,9 +149,10 @@ class BlockSizes:
         N = 4096 / 16384; off launches each head's query tiles in ascending order.
       exp2_fma_cols: the first this many columns of each tile take their exponentials from a
         polynomial on the FMA pipe (:func:`~pallas_kernels.common.exp2_fma`, relative error
-        1.8e-7) instead of the exponent unit, which bounds the softmax at D = 64 (16 ``ex2`` a
-        clock per SM against 128 FMAs). A multiple of 8 (one column tile of the wgmma layout),
-        at most ``block_kv``; 0: every exponential on the exponent unit.
+        1.8e-7) instead of the exponent unit (16 ``ex2`` a clock per SM against 128 FMAs). On
+        the H100 every kernel measured slower with it (the sweeps are issue-bound; docs/kernels.md),
+        so no tuning entry sets it. A multiple of 8 (one column tile of the wgmma layout), at
+        most ``block_kv``; 0: every exponential on the exponent unit.
     """
 
     block_q: int = 64
