@@ -225,11 +225,10 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
         if base_entropy is not None and part == "dkv":  # the dkv kernel needs dq's dc: both run
             continue
         table = bwd_configs(D, c is not None, causal, base_entropy is not None)
-        widest = min(table["default"].block_kv_dq, table["default"].block_q_dkv)
-        table.update({f"defaultfma{n}": dataclasses.replace(table["default"], exp2_fma_cols=n)
-                      for n in fma_cols if n <= widest})
-        for name in list(configs) + [f"defaultfma{n}" for n in fma_cols if n <= widest]:
-            cfg = table[name]
+        default = table["default"]
+        fma = {f"defaultfma{n}": dataclasses.replace(default, exp2_fma_cols=n) for n in fma_cols
+               if n <= min(default.block_kv_dq, default.block_q_dkv)}
+        for name, cfg in [(name, table[name]) for name in configs] + list(fma.items()):
             kernels = ("dq", "dkv") if base_entropy is not None else (part,)
             fn = jax.jit(lambda q, k, v, o, s, d, c, b, cfg=cfg, kernels=kernels: flash_backward(
                 q, k, v, o, s, d, logit_scale=a, query_scale=c, key_bias=b, mask=mask,
@@ -247,10 +246,9 @@ def measure(D, N, causal, flags, rounds, configs, tokens=TOKENS, baseline=None, 
                 kernels=("dq",), query_scale_grad=False))
             candidates[("dq", name)] = (fn, (q, k, v, out, lse, do, c, b))
     sweeps = stats_configs(D, c is not None, b is not None)
-    sweeps.update({f"defaultfma{n}": dataclasses.replace(sweeps["default"], exp2_fma_cols=n)
-                   for n in fma_cols})
-    for name in list(stats) + [f"defaultfma{n}" for n in fma_cols]:
-        cfg = sweeps[name]
+    fma = {f"defaultfma{n}": dataclasses.replace(sweeps["default"], exp2_fma_cols=n)
+           for n in fma_cols}
+    for name, cfg in [(name, sweeps[name]) for name in stats] + list(fma.items()):
         fn = jax.jit(lambda q, k, c, b, cfg=cfg: flash_stats(
             q, k, logit_scale=a, query_scale=c, key_bias=b, mask=mask, config=cfg,
             query_scale_nonnegative=c is not None))

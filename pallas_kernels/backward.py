@@ -50,6 +50,7 @@ from pallas_kernels.common import (
     MaskSpec,
     TileMask,
     bias_ones,
+    check_exp2_fma_cols,
     check_soft_cap,
     exp2_split,
     has_codes,
@@ -167,10 +168,8 @@ class BackwardBlockSizes:
                      "dc_center_lse", "dq_heavy_first", "dkv_split"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackwardBlockSizes.{name} must be a bool, got {getattr(self, name)!r}")
-        cols, widest = self.exp2_fma_cols, min(self.block_kv_dq, self.block_q_dkv)
-        if not isinstance(cols, int) or isinstance(cols, bool) or not 0 <= cols <= widest or cols % 8:
-            raise ValueError("BackwardBlockSizes.exp2_fma_cols must be a multiple of 8 in [0, "
-                             f"min(block_kv_dq, block_q_dkv) = {widest}], got {cols!r}")
+        check_exp2_fma_cols("BackwardBlockSizes.exp2_fma_cols", self.exp2_fma_cols,
+                            min(self.block_kv_dq, self.block_q_dkv), "min(block_kv_dq, block_q_dkv)")
 
 
 # The tuned configs are data: pallas_kernels.tuning holds one table per device kind (the

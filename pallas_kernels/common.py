@@ -301,7 +301,7 @@ def exp2_fma(x):
 
     Moving part of a tile's exponentials onto the FMA pipe (as FlashAttention-4 does on
     Blackwell) helps a kernel bound by the SM's exponent unit (16 ``ex2`` a clock against 128
-    FMAs) with issue slots to spare; on the H100 our sweeps have none, and it measured slower
+    FMAs) with issue slots to spare; on the H100 every kernel of ours measured slower with it
     (docs/kernels.md). Cody-Waite reduction without a
     rounding instruction: ``t = x + 1.5 * 2^23`` rounds ``x`` to ``n`` in ``t``'s low bits, ``f =
     x - n`` lies in ``[-1/2, 1/2]``, ``2^f`` is :data:`EXP2_FMA_COEFFS` by Horner's rule, and
@@ -325,6 +325,15 @@ def exp2_fma(x):
     bits = (lax.bitcast_convert_type(p, jnp.int32)
             + lax.shift_left(lax.bitcast_convert_type(t, jnp.int32), jnp.int32(23)))
     return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def check_exp2_fma_cols(name, cols, widest, widest_name):
+    """Raises ValueError unless ``cols`` (the config field ``name``) is an int multiple of 8 (one
+    column tile of the wgmma layout) in ``[0, widest]``, ``widest`` the narrowest tile it splits
+    (``widest_name`` says which): :func:`exp2_split`'s column count."""
+    if not isinstance(cols, int) or isinstance(cols, bool) or not 0 <= cols <= widest or cols % 8:
+        raise ValueError(f"{name} must be a multiple of 8 in [0, {widest_name} = {widest}], "
+                         f"got {cols!r}")
 
 
 def exp2_split(d, fma_cols):

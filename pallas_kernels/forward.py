@@ -59,6 +59,7 @@ from pallas_kernels.common import (
     MaskSpec,
     TileMask,
     bias_ones,
+    check_exp2_fma_cols,
     check_soft_cap,
     exp2_split,
     interpret_context,
@@ -150,8 +151,8 @@ class BlockSizes:
       exp2_fma_cols: the first this many columns of each tile take their exponentials from a
         polynomial on the FMA pipe (:func:`~pallas_kernels.common.exp2_fma`, relative error
         1.8e-7) instead of the exponent unit (16 ``ex2`` a clock per SM against 128 FMAs). On
-        the H100 every kernel measured slower with it (the sweeps are issue-bound; docs/kernels.md),
-        so no tuning entry sets it. A multiple of 8 (one column tile of the wgmma layout), at
+        the H100 every kernel measured slower with it (docs/kernels.md), so no tuning entry
+        sets it. A multiple of 8 (one column tile of the wgmma layout), at
         most ``block_kv``; 0: every exponential on the exponent unit.
     """
 
@@ -179,11 +180,7 @@ class BlockSizes:
                      "heavy_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        cols = self.exp2_fma_cols
-        if not isinstance(cols, int) or isinstance(cols, bool) or not 0 <= cols <= self.block_kv \
-                or cols % 8:
-            raise ValueError(f"exp2_fma_cols must be a multiple of 8 in [0, block_kv = "
-                             f"{self.block_kv}], got {cols!r}")
+        check_exp2_fma_cols("exp2_fma_cols", self.exp2_fma_cols, self.block_kv, "block_kv")
         if self.compute_wgs not in _COMPUTE_REGISTERS:
             raise ValueError(f"compute_wgs must be one of {sorted(_COMPUTE_REGISTERS)}, got "
                              f"{self.compute_wgs!r}")
